@@ -1,0 +1,3 @@
+from sipo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Model families: a closed registry, one adapter module per family."""
+
+from __future__ import annotations
+
+import importlib
+
+from sipo.errors import SipoError
+from sipo.models.base import DiffusionAdapter, EncodedPairs, lora_disabled
+
+# family name -> "module:class" inside sipo.models; imported on use so `sipo --help` stays fast.
+FAMILIES: dict[str, str] = {
+    "sd15": "sipo.models.sd15:SD15Adapter",
+    "digits": "sipo.models.digits:DigitsAdapter",
+}
+
+
+def adapter_class(family: str) -> type[DiffusionAdapter]:
+    """The adapter class of ``family``; an unknown name stops with the list of known ones."""
+    if family not in FAMILIES:
+        raise SipoError(
+            f"unknown model family {family!r}; set model.family to one of {sorted(FAMILIES)}"
+        )
+    module_name, class_name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_adapter(family: str, path: str, **options) -> DiffusionAdapter:
+    """Load ``family`` from ``path`` after checking the directory holds that family."""
+    cls = adapter_class(family)
+    return cls.from_pretrained(path, **options)
+
+
+__all__ = ["FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]

@@ -1,0 +1,141 @@
+"""The small protocol every model family implements.
+
+An adapter knows how to load its family from a local diffusers directory, turn a batch of
+preference pairs into clean model inputs ``x0`` (VAE latents, or pixels for the demo) plus
+conditioning, and run the denoiser. It returns the raw prediction in the model's own target
+space; the schedule (``sipo.schedules``) and the objectives (``sipo.objectives``) do all the math.
+Adding a family is one file in this folder, one entry in ``FAMILIES`` and one YAML in configs/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from sipo.errors import SipoError
+from sipo.schedules import GaussianSchedule
+
+Conditioning = dict[str, Tensor]
+
+
+@dataclass
+class EncodedPairs:
+    """A batch of preference pairs in model space: ``x0`` for winner and loser, shared conditioning."""
+
+    x0_winner: Tensor
+    x0_loser: Tensor
+    conditioning: Conditioning
+
+
+def concat_conditioning(first: Conditioning, second: Conditioning) -> Conditioning:
+    """Stack two conditioning dicts along the batch so winner and loser share one forward pass."""
+    return {key: torch.cat([first[key], second[key]], dim=0) for key in first}
+
+
+def read_model_index(path: str | Path) -> dict[str, Any]:
+    """The ``model_index.json`` of a diffusers pipeline directory, with a clear error if absent."""
+    index = Path(path) / "model_index.json"
+    if not Path(path).is_dir():
+        raise SipoError(
+            f"model directory {path} does not exist; set model.pretrained_path to a local diffusers "
+            "pipeline directory (the one containing model_index.json)"
+        )
+    if not index.is_file():
+        raise SipoError(
+            f"{path} has no model_index.json; point model.pretrained_path at a diffusers pipeline "
+            "directory saved with save_pretrained"
+        )
+    return json.loads(index.read_text())
+
+
+class DiffusionAdapter(ABC):
+    """One model family behind the interface the trainer, analysis and evaluation use."""
+
+    family: ClassVar[str]
+    #: ``_class_name`` values of ``model_index.json`` this family accepts.
+    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    #: default LoRA target modules of the denoiser.
+    lora_target_modules: ClassVar[tuple[str, ...]] = ()
+
+    schedule: GaussianSchedule
+    denoiser: nn.Module
+
+    @classmethod
+    def check_family(cls, path: str | Path) -> None:
+        """Stop with one sentence when ``path`` holds another family's pipeline."""
+        class_name = read_model_index(path).get("_class_name", "?")
+        if class_name not in cls.pipeline_class_names:
+            raise SipoError(
+                f"{path} holds a {class_name}, not a {cls.family} model "
+                f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching "
+                "family or model.pretrained_path to a matching model"
+            )
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path, **options: Any) -> "DiffusionAdapter":
+        """Load every component from a local diffusers directory (or a hub id where online)."""
+
+    @abstractmethod
+    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor) -> EncodedPairs:
+        """Images/videos in ``[-1, 1]`` (``[B, C, H, W]`` or ``[B, F, C, H, W]``) -> ``x0`` + conditioning.
+
+        Runs frozen encoders only, under ``no_grad``.
+        """
+
+    @abstractmethod
+    def predict(
+        self, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning, denoiser: nn.Module | None = None
+    ) -> Tensor:
+        """The denoiser's output at ``(x_t, t)`` in its own target space (eps, v or flow u).
+
+        ``denoiser`` defaults to ``self.denoiser``; the trainer passes a frozen copy for the
+        reference model of a full fine-tune.
+        """
+
+    @abstractmethod
+    def save_lora(self, output_dir: str | Path, lora_state_dict: dict[str, Tensor]) -> None:
+        """Write LoRA weights so the family's diffusers pipeline loads them with ``load_lora_weights``."""
+
+    def save_full(self, output_dir: str | Path) -> None:
+        """Write the fine-tuned denoiser in diffusers format (``save_pretrained``, safetensors)."""
+        self.denoiser.save_pretrained(Path(output_dir) / "unet", safe_serialization=True)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules that never train (VAE, text encoders); the trainer freezes and casts them."""
+        return []
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def to(self, device: torch.device | str) -> "DiffusionAdapter":
+        self.denoiser.to(device)
+        for module in self.frozen_modules():
+            module.to(device)
+        return self
+
+
+@contextlib.contextmanager
+def lora_disabled(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` as its base model: every peft LoRA layer switched off, then back on.
+
+    This is the LoRA reference model of Diffusion-DPO without a second copy of the weights.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

@@ -1,0 +1,286 @@
+"""The objectives of SPEC 2-5 as pure functions on tensors.
+
+Per-pair quantities come first (``dpo_logits``, ``log_importance_weight``, ``pair_log_weight``);
+turning them into one scalar is a separate, named step (``importance_mask``, ``clip_weight``,
+``reduce_pair_losses``, composed by ``preference_loss``). Nothing here reads a config, a file or
+a clock, and nothing draws random numbers: the caller draws ``t``, ``eps`` and ``x_prev``.
+
+Shapes: batch first; per-pair results are float32 ``[B]``. Passing ``[B]`` where ``[B]`` is
+expected and ``[B, 1]`` elsewhere raises instead of silently broadcasting to ``[B, B]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sipo.schedules import expand_like
+
+PAIR_WEIGHT_MODES = ("product", "min", "mean")
+WEIGHT_NORMS = ("mean", "sum")
+NORMALIZE_MODES = ("self", "batch")
+
+
+def _check_pair_shapes(**tensors: Tensor) -> int:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != 1 or any(shape != first for shape in shapes.values()):
+        raise ValueError(f"expected 1-d per-pair tensors of one shape [B], got {shapes}")
+    return first[0]
+
+
+def per_sample_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """``err = mean over the D elements of (prediction - target)^2``, float32 ``[B]`` (SPEC 2)."""
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape"
+        )
+    diff = prediction.float() - target.float()
+    return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+
+
+def dpo_logits(
+    err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, beta: float
+) -> Tensor:
+    """Diffusion-DPO logits (SPEC 2), the official Diffusion-DPO scaling.
+
+    ``delta = (err_w - err_l) - (ref_err_w - ref_err_l)``; ``z = -0.5 * beta * delta``.
+    The per-pair loss is ``-logsigmoid(z)`` (:func:`dpo_loss_per_pair`); swapping winner and
+    loser negates ``z``. diffusers' SD1.5 DPO example's beta equals 0.5x this one.
+    """
+    _check_pair_shapes(err_w=err_w, err_l=err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
+    delta = (err_w.float() - err_l.float()) - (ref_err_w.float() - ref_err_l.float())
+    return -0.5 * float(beta) * delta
+
+
+def dpo_loss_per_pair(z: Tensor) -> Tensor:
+    """``loss_pair = -logsigmoid(z)`` (SPEC 2), unreduced ``[B]``; stable for large ``|z|``."""
+    return -F.logsigmoid(z)
+
+
+def _posterior_coefficients(a_t, b_t, a_s, b_s, like: Tensor):
+    """Coefficients of ``q(x_s | x_t, x0)`` in float64 (they are per-sample scalars).
+
+    ``r = a_t / a_s``, ``s2_ts = b_t^2 - r^2 b_s^2``;
+    ``mu = (r b_s^2 / b_t^2) x_t + (a_s s2_ts / b_t^2) x0``; ``var = s2_ts b_s^2 / b_t^2``.
+    """
+
+    def as64(value):
+        return torch.as_tensor(value, dtype=torch.float64, device=like.device)
+
+    a_t, b_t, a_s, b_s = (as64(v) for v in (a_t, b_t, a_s, b_s))
+    r = a_t / a_s
+    s2_ts = b_t**2 - r**2 * b_s**2
+    coef_xt = r * b_s**2 / b_t**2
+    coef_x0 = a_s * s2_ts / b_t**2
+    var = s2_ts * b_s**2 / b_t**2
+    return coef_xt, coef_x0, var
+
+
+def _per_sample(value: Tensor, batch: int) -> Tensor:
+    return value.expand(batch) if value.ndim == 0 else value
+
+
+def gaussian_posterior(
+    x_t: Tensor, x0: Tensor, a_t, b_t, a_s, b_s
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance of ``q(x_s | x_t, x0)`` for ``s < t`` (SPEC 3, VDM form).
+
+    With ``r = a_t / a_s`` and ``s2_ts = b_t^2 - r^2 b_s^2``:
+    ``mean = (r b_s^2 / b_t^2) x_t + (a_s s2_ts / b_t^2) x0`` and ``var = s2_ts b_s^2 / b_t^2``.
+    ``a``/``b`` are floats or ``[B]`` tensors; ``var`` is returned per sample, float32 ``[B]``.
+    """
+    coef_xt, coef_x0, var = _posterior_coefficients(a_t, b_t, a_s, b_s, x_t)
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    mean = (
+        expand_like(coef_xt.to(dtype), x_t) * x_t.to(dtype)
+        + expand_like(coef_x0.to(dtype), x0) * x0.to(dtype)
+    )
+    return mean, _per_sample(var, x_t.shape[0]).float()
+
+
+@torch.no_grad()
+def log_importance_weight(
+    x_prev: Tensor,
+    x_t: Tensor,
+    x0: Tensor,
+    x0_hat: Tensor,
+    a_t,
+    b_t,
+    a_s,
+    b_s,
+    reduction: str = "mean",
+) -> Tensor:
+    """Step-wise log importance weight ``log p_theta(x_s|x_t) - log q(x_s|x_t,x0)`` (SPEC 3).
+
+    Both densities are Gaussians with the posterior variance ``s2``; ``p_theta`` has the
+    posterior mean with ``x0_hat`` in place of ``x0``. Written without cancellation as
+    ``log w = sum(d * (2e - d)) / (2 s2)`` with ``e = x_prev - mu(x_t, x0)`` and
+    ``d = (a_s s2_ts / b_t^2) (x0_hat - x0)``; ``reduction="mean"`` divides by the number of
+    elements ``D`` (the project default, ``weight_norm: mean``), ``"sum"`` does not.
+
+    Returns float32 ``[B]``, detached. Where ``s2 == 0`` (``b_s == 0``: the last inference
+    step) the weight is undefined and the result is NaN; callers count such pairs as masked.
+    """
+    if reduction not in WEIGHT_NORMS:
+        raise ValueError(f"reduction must be one of {WEIGHT_NORMS}, got {reduction!r}")
+    if not (x_prev.shape == x_t.shape == x0.shape == x0_hat.shape):
+        raise ValueError(
+            "x_prev, x_t, x0 and x0_hat must share one shape, got "
+            f"{[tuple(t.shape) for t in (x_prev, x_t, x0, x0_hat)]}"
+        )
+    batch = x_t.shape[0]
+    coef_xt, coef_x0, var = _posterior_coefficients(a_t, b_t, a_s, b_s, x_t)
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    x_prev, x_t, x0, x0_hat = (t.detach().to(dtype) for t in (x_prev, x_t, x0, x0_hat))
+    mean = expand_like(coef_xt.to(dtype), x_t) * x_t + expand_like(coef_x0.to(dtype), x0) * x0
+    e = x_prev - mean
+    d = expand_like(coef_x0.to(dtype), x0) * (x0_hat - x0)
+    total = (d * (2.0 * e - d)).reshape(batch, -1).sum(dim=1).double()
+    if reduction == "mean":
+        total = total / x_t[0].numel()
+    var = _per_sample(var, batch)
+    log_w = torch.where(var > 0, total / (2.0 * var.clamp(min=torch.finfo(torch.float64).tiny)),
+                        torch.full_like(total, float("nan")))
+    return log_w.float()
+
+
+def pair_log_weight(log_w_winner: Tensor, log_w_loser: Tensor, mode: str = "product") -> Tensor:
+    """Combine both trajectories' log weights into one per pair (SPEC 3, ``pair_weight``).
+
+    ``product``: ``log w_w + log w_l``; ``min``: ``min(log w_w, log w_l)``;
+    ``mean``: ``log((w_w + w_l) / 2)``, computed as ``logaddexp - log 2``.
+    """
+    _check_pair_shapes(log_w_winner=log_w_winner, log_w_loser=log_w_loser)
+    if mode == "product":
+        return log_w_winner + log_w_loser
+    if mode == "min":
+        return torch.minimum(log_w_winner, log_w_loser)
+    if mode == "mean":
+        return torch.logaddexp(log_w_winner, log_w_loser) - math.log(2.0)
+    raise ValueError(f"pair_weight must be one of {PAIR_WEIGHT_MODES}, got {mode!r}")
+
+
+def importance_mask(
+    weight: Tensor, timesteps: Tensor, tau: float, t_min: int | None = None, t_max: int | None = None
+) -> Tensor:
+    """``mask = (w >= tau) & (t_min <= t <= t_max)`` (SPEC 4); undefined (NaN) weights are masked."""
+    _check_pair_shapes(weight=weight, timesteps=timesteps)
+    keep = torch.isfinite(weight) & (weight >= tau)
+    if t_min is not None:
+        keep &= timesteps >= t_min
+    if t_max is not None:
+        keep &= timesteps <= t_max
+    return keep
+
+
+def clip_weight(weight: Tensor, w_floor: float = 0.0, w_clip: float | None = None) -> Tensor:
+    """``w_c = clamp(w, min=w_floor, max=w_clip)`` (SPEC 4); NaN stays NaN."""
+    return weight.clamp(min=w_floor, max=w_clip)
+
+
+def reduce_pair_losses(
+    loss_pair: Tensor,
+    mask: Tensor | None = None,
+    weight: Tensor | None = None,
+    normalize: str = "self",
+    eps: float = 1e-8,
+) -> Tensor:
+    """Reduce per-pair losses to one scalar (SPEC 4-5).
+
+    - no weight (DPO, C&M): ``sum(mask * loss) / max(1, sum(mask))``; with no mask, the mean.
+    - weight, ``normalize="self"`` (SIPO): ``sum(mask * w * loss) / max(eps, sum(mask * w))``.
+    - weight, ``normalize="batch"``: ``sum(mask * w * loss) / B``.
+
+    Masked entries contribute exactly zero even if their loss or weight is NaN, so a batch in
+    which every pair is masked gives a loss of 0 with finite (zero) gradients.
+    """
+    batch = loss_pair.shape[0]
+    if mask is None:
+        mask = torch.ones(batch, dtype=torch.bool, device=loss_pair.device)
+    _check_pair_shapes(loss_pair=loss_pair, mask=mask)
+    zero = torch.zeros((), dtype=loss_pair.dtype, device=loss_pair.device)
+    if weight is None:
+        total = torch.where(mask, loss_pair, zero).sum()
+        return total / mask.sum().clamp(min=1).to(loss_pair.dtype)
+    _check_pair_shapes(loss_pair=loss_pair, weight=weight)
+    weight = torch.where(mask, weight.detach().to(loss_pair.dtype), zero)
+    total = (weight * torch.where(mask, loss_pair, zero)).sum()
+    if normalize == "self":
+        return total / weight.sum().clamp(min=eps)
+    if normalize == "batch":
+        return total / batch
+    raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+
+
+def preference_loss(
+    loss_pair: Tensor,
+    weight: Tensor,
+    timesteps: Tensor,
+    *,
+    mask: bool = False,
+    clip: bool = False,
+    reweight: bool = False,
+    tau: float = 0.0,
+    t_min: int | None = None,
+    t_max: int | None = None,
+    w_floor: float = 0.0,
+    w_clip: float | None = None,
+    normalize: str = "self",
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The one code path behind DPO, +mask, +clip, +reweight, C&M and SIPO (SPEC 4-5).
+
+    ``weight`` is the per-pair importance weight ``w`` (``exp(log_w_pair)``, or its timestep EMA).
+    Switches: ``mask`` keeps pairs with ``w >= tau`` inside ``[t_min, t_max]``; ``clip`` bounds
+    ``w`` to ``[w_floor, w_clip]``; ``reweight`` multiplies each kept pair's loss by its (clipped)
+    weight and normalises per ``normalize``. Clipping changes only the weights that reweighting
+    uses: with ``reweight`` off (C&M) the loss is the masked mean. All switches off is the
+    Diffusion-DPO mean.
+
+    Returns ``(loss, keep [B] bool, effective_weight [B])``; ``effective_weight`` is the clipped
+    weight (or ``w`` itself when ``clip`` is off), for logging.
+    """
+    _check_pair_shapes(loss_pair=loss_pair, weight=weight, timesteps=timesteps)
+    weight = weight.detach().float()
+    effective_weight = clip_weight(weight, w_floor, w_clip) if clip else weight
+    if mask:
+        keep = importance_mask(weight, timesteps, tau, t_min, t_max)
+    else:
+        keep = torch.ones_like(weight, dtype=torch.bool)
+    if reweight:
+        keep = keep & torch.isfinite(effective_weight)
+        loss = reduce_pair_losses(loss_pair, keep, effective_weight, normalize, eps)
+    else:
+        loss = reduce_pair_losses(loss_pair, keep)
+    return loss, keep, effective_weight
+
+
+def timestep_bucket(timesteps: Tensor, num_train_timesteps: int, num_buckets: int) -> Tensor:
+    """Bucket index ``floor(t * K / T)`` in ``[0, K)`` for ``K`` equal buckets over ``[0, T)``."""
+    return (timesteps.long() * num_buckets // num_train_timesteps).clamp(0, num_buckets - 1)
+
+
+def update_timestep_ema(
+    ema: Tensor, seen: Tensor, buckets: Tensor, weight: Tensor, decay: float
+) -> tuple[Tensor, Tensor]:
+    """One update of the per-bucket exponential moving average of ``w`` (SPEC 5, ``timestep_ema``).
+
+    For each bucket with finite weights in this batch, with ``m`` their batch mean:
+    ``ema <- decay * ema + (1 - decay) * m``, or ``ema <- m`` the first time the bucket is seen.
+    Returns new ``(ema, seen)`` tensors; the inputs are not modified.
+    """
+    _check_pair_shapes(buckets=buckets, weight=weight)
+    finite = torch.isfinite(weight)
+    idx = buckets[finite].long()
+    values = weight[finite].to(ema.dtype)
+    sums = torch.zeros_like(ema).index_add_(0, idx, values)
+    counts = torch.zeros_like(ema).index_add_(0, idx, torch.ones_like(values))
+    observed = counts > 0
+    batch_mean = sums / counts.clamp(min=1)
+    blended = torch.where(seen, decay * ema + (1.0 - decay) * batch_mean, batch_mean)
+    new_ema = torch.where(observed, blended, ema)
+    return new_ema, seen | observed

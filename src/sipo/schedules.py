@@ -1,0 +1,204 @@
+"""The Gaussian view of every noise schedule the project supports (SPEC 1).
+
+Every family writes its forward process as ``x_t = a_t * x0 + b_t * eps`` with ``eps ~ N(0, I)``:
+
+- DDPM / SD1.5 / SDXL (``epsilon``) and CogVideoX (``v_prediction``): ``a_t = sqrt(abar_t)``,
+  ``b_t = sqrt(1 - abar_t)``.
+- Wan2.1 (``flow``, rectified flow): ``a = 1 - sigma``, ``b = sigma``.
+
+A :class:`GaussianSchedule` holds ``a`` and ``b`` for each integer training timestep ``t`` in
+``[0, T)`` plus the inference grid that defines the "previous" timestep ``s`` of SPEC 3. The
+functions below are pure tensor math; loading a diffusers scheduler and turning it into a
+``GaussianSchedule`` is the adapters' business (``sipo.models``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}"
+        )
+
+
+def expand_like(coefficient: Tensor | float, like: Tensor) -> Tensor | float:
+    """Reshape a per-sample coefficient ``[B]`` to ``[B, 1, ..., 1]`` so it broadcasts over ``like``.
+
+    Floats and 0-d tensors pass through unchanged.
+    """
+    if not isinstance(coefficient, Tensor) or coefficient.ndim == 0:
+        return coefficient
+    if coefficient.ndim != 1 or coefficient.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"per-sample coefficient of shape {tuple(coefficient.shape)} does not match batch "
+            f"size {like.shape[0]}"
+        )
+    return coefficient.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+@dataclass(frozen=True)
+class GaussianSchedule:
+    """``x_t = a[t] * x0 + b[t] * eps`` for integer training timesteps ``t`` in ``[0, T)``.
+
+    ``num_inference_steps`` fixes the inference grid: the previous timestep of ``t`` is
+    ``s = t - T // num_inference_steps`` (SPEC 3). ``s < 0`` means ``x0`` itself (``a_s = 1``,
+    ``b_s = 0``), where the step-wise importance weight is undefined.
+    """
+
+    a: Tensor
+    b: Tensor
+    prediction_type: str
+    num_inference_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _check_prediction_type(self.prediction_type)
+        if self.a.shape != self.b.shape or self.a.ndim != 1:
+            raise ValueError("a and b must be 1-d tensors of the same length")
+        if not 1 <= self.num_inference_steps <= self.a.shape[0]:
+            raise ValueError(
+                f"num_inference_steps must be in [1, {self.a.shape[0]}], got {self.num_inference_steps}"
+            )
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def step_stride(self) -> int:
+        return self.num_train_timesteps // self.num_inference_steps
+
+    def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a_t, b_t)`` as float32 ``[B]`` for integer timesteps ``t`` ``[B]``."""
+        t = t.long().cpu()
+        return self.a[t].float(), self.b[t].float()
+
+    def previous_timestep(self, t: Tensor) -> Tensor:
+        """``s = t - T // num_inference_steps``; negative where ``t`` is on the last step."""
+        return t.long() - self.step_stride
+
+    def previous_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a_s, b_s)`` at the previous inference timestep; ``(1, 0)`` where ``s < 0``."""
+        s = self.previous_timestep(t).cpu()
+        valid = s >= 0
+        s_safe = s.clamp(min=0)
+        a_s = torch.where(valid, self.a[s_safe], torch.ones_like(self.a[s_safe]))
+        b_s = torch.where(valid, self.b[s_safe], torch.zeros_like(self.b[s_safe]))
+        return a_s.float(), b_s.float()
+
+
+def ddpm_alphas_cumprod(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+) -> Tensor:
+    """``abar_t = prod_{i<=t} (1 - beta_i)`` in float64, as diffusers' DDPMScheduler defines beta_i.
+
+    ``linear``: beta evenly spaced; ``scaled_linear`` (SD1.5/SDXL): sqrt(beta) evenly spaced;
+    ``squaredcos_cap_v2``: the cosine schedule of Nichol & Dhariwal (2021), beta capped at 0.999.
+    """
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = (
+            torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64)
+            ** 2
+        )
+    elif beta_schedule == "squaredcos_cap_v2":
+
+        def alpha_bar(time: float) -> float:
+            return math.cos((time + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor(
+            [
+                min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), 0.999)
+                for i in range(num_train_timesteps)
+            ],
+            dtype=torch.float64,
+        )
+    else:
+        raise ValueError(
+            f"unknown beta_schedule {beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2"
+        )
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def vp_schedule(
+    alphas_cumprod: Tensor, prediction_type: str = "epsilon", num_inference_steps: int = 50
+) -> GaussianSchedule:
+    """Variance-preserving view: ``a_t = sqrt(abar_t)``, ``b_t = sqrt(1 - abar_t)`` (SPEC 1)."""
+    alphas_cumprod = alphas_cumprod.double()
+    return GaussianSchedule(
+        a=alphas_cumprod.sqrt(),
+        b=(1.0 - alphas_cumprod).sqrt(),
+        prediction_type=prediction_type,
+        num_inference_steps=num_inference_steps,
+    )
+
+
+def flow_sigmas(num_train_timesteps: int = 1000, shift: float = 1.0) -> Tensor:
+    """Rectified-flow noise levels for training index ``t``: ``sigma = (t + 1) / T``, then shifted.
+
+    The shift is the one Wan2.1 and SD3 use: ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)``.
+    """
+    sigma = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def flow_schedule(
+    num_train_timesteps: int = 1000, shift: float = 1.0, num_inference_steps: int = 50
+) -> GaussianSchedule:
+    """Rectified-flow view: ``a = 1 - sigma``, ``b = sigma`` (SPEC 1)."""
+    sigma = flow_sigmas(num_train_timesteps, shift)
+    return GaussianSchedule(
+        a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps
+    )
+
+
+def add_noise(x0: Tensor, eps: Tensor, a_t: Tensor | float, b_t: Tensor | float) -> Tensor:
+    """``x_t = a_t * x0 + b_t * eps``; per-sample coefficients broadcast over the sample."""
+    return expand_like(a_t, x0) * x0 + expand_like(b_t, x0) * eps
+
+
+def training_target(
+    x0: Tensor, eps: Tensor, a_t: Tensor | float, b_t: Tensor | float, prediction_type: str
+) -> Tensor:
+    """What the network regresses, in its own target space (SPEC 1).
+
+    ``epsilon``: ``eps``; ``v_prediction``: ``v = a_t * eps - b_t * x0``; ``flow``: ``u = eps - x0``.
+    """
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return expand_like(a_t, x0) * eps - expand_like(b_t, x0) * x0
+    return eps - x0
+
+
+def predicted_x0_and_eps(
+    prediction: Tensor, x_t: Tensor, a_t: Tensor | float, b_t: Tensor | float, prediction_type: str
+) -> tuple[Tensor, Tensor]:
+    """Convert a network output to ``(x0_hat, eps_hat)`` (SPEC 1).
+
+    - ``epsilon``: ``x0_hat = (x_t - b * eps_hat) / a``.
+    - ``v_prediction``: ``x0_hat = a * x_t - b * v_hat``, ``eps_hat = b * x_t + a * v_hat``
+      (valid when ``a^2 + b^2 = 1``).
+    - ``flow`` (``b = sigma``): ``x0_hat = x_t - sigma * u_hat``, ``eps_hat = x_t + (1 - sigma) * u_hat``.
+    """
+    _check_prediction_type(prediction_type)
+    a = expand_like(a_t, x_t)
+    b = expand_like(b_t, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - b * prediction) / a, prediction
+    if prediction_type == "v_prediction":
+        return a * x_t - b * prediction, b * x_t + a * prediction
+    return x_t - b * prediction, x_t + (1.0 - b) * prediction

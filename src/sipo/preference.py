@@ -1,0 +1,133 @@
+"""One forward pass over a batch of preference pairs -> every per-pair term of SPEC 2-3.
+
+Shared by the trainer and the analysis, so both compute exactly the same ``z``, loss and
+importance weights. The caller draws the randomness (``draw_pair_noise``) so winner and loser
+share ``t``, ``eps`` and the posterior noise by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from sipo import objectives
+from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, concat_conditioning
+from sipo.schedules import add_noise, predicted_x0_and_eps, training_target
+
+ReferencePredict = Callable[[Tensor, Tensor, Conditioning], Tensor]
+
+
+@dataclass
+class PairNoise:
+    """The randomness of one step: timesteps ``[B]``, forward noise and posterior noise ``[B, ...]``."""
+
+    timesteps: Tensor
+    eps: Tensor
+    posterior_noise: Tensor
+
+
+@dataclass
+class PairTerms:
+    """Per-pair results of one step; every tensor is ``[B]``."""
+
+    timesteps: Tensor
+    z: Tensor
+    loss_pair: Tensor
+    err_winner: Tensor
+    err_loser: Tensor
+    ref_err_winner: Tensor
+    ref_err_loser: Tensor
+    log_w_winner: Tensor
+    log_w_loser: Tensor
+    log_w_pair: Tensor
+
+
+def draw_pair_noise(
+    x0_shape: torch.Size,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+    t_low: int = 0,
+    t_high: int | None = None,
+) -> PairNoise:
+    """Draw ``t ~ U{t_low..t_high-1}`` and Gaussian noise on the CPU generator.
+
+    Drawing on the CPU keeps the stream identical across devices, which is what makes a
+    resumed run continue exactly.
+    """
+    t_high = num_train_timesteps if t_high is None else t_high
+    batch = x0_shape[0]
+    timesteps = torch.randint(t_low, t_high, (batch,), generator=generator)
+    eps = torch.randn(tuple(x0_shape), generator=generator)
+    posterior_noise = torch.randn(tuple(x0_shape), generator=generator)
+    return PairNoise(timesteps, eps, posterior_noise)
+
+
+def compute_pair_terms(
+    adapter: DiffusionAdapter,
+    encoded: EncodedPairs,
+    noise: PairNoise,
+    *,
+    beta: float,
+    reference_predict: ReferencePredict,
+    denoiser: nn.Module | None = None,
+    weight_norm: str = "mean",
+    pair_weight: str = "product",
+    weight_model: str = "policy",
+) -> PairTerms:
+    """Run policy and reference on winner and loser in one batch of ``2B`` and return the terms.
+
+    The importance weight uses ``x_prev = mu(x_t, x0) + sqrt(s2) * posterior_noise``, a draw from
+    ``q(x_s | x_t, x0)`` (SPEC 3), and the prediction of ``weight_model``; it carries no gradient.
+    """
+    schedule = adapter.schedule
+    device = encoded.x0_winner.device
+    x0 = torch.cat([encoded.x0_winner, encoded.x0_loser], dim=0)
+    dtype = x0.dtype
+    timesteps = noise.timesteps.to(device).repeat(2)
+    eps = noise.eps.to(device=device, dtype=dtype).repeat(2, *([1] * (x0.ndim - 1)))
+    posterior_noise = noise.posterior_noise.to(device=device, dtype=torch.float32).repeat(
+        2, *([1] * (x0.ndim - 1))
+    )
+    a_t, b_t = (c.to(device) for c in schedule.coefficients(timesteps))
+    a_s, b_s = (c.to(device) for c in schedule.previous_coefficients(timesteps))
+
+    x_t = add_noise(x0, eps, a_t.to(dtype), b_t.to(dtype))
+    target = training_target(x0, eps, a_t.to(dtype), b_t.to(dtype), schedule.prediction_type)
+    conditioning = concat_conditioning(encoded.conditioning, encoded.conditioning)
+
+    prediction = adapter.predict(x_t, timesteps, conditioning, denoiser=denoiser)
+    with torch.no_grad():
+        ref_prediction = reference_predict(x_t, timesteps, conditioning)
+
+    err_winner, err_loser = objectives.per_sample_error(prediction, target).chunk(2)
+    ref_err_winner, ref_err_loser = objectives.per_sample_error(ref_prediction, target).chunk(2)
+    z = objectives.dpo_logits(err_winner, err_loser, ref_err_winner, ref_err_loser, beta)
+
+    with torch.no_grad():
+        weight_prediction = prediction if weight_model == "policy" else ref_prediction
+        x_t32, x0_32 = x_t.float(), x0.float()
+        x0_hat, _ = predicted_x0_and_eps(
+            weight_prediction.detach().float(), x_t32, a_t, b_t, schedule.prediction_type
+        )
+        mean, var = objectives.gaussian_posterior(x_t32, x0_32, a_t, b_t, a_s, b_s)
+        std = var.sqrt().reshape(-1, *([1] * (x0.ndim - 1)))
+        x_prev = mean + std * posterior_noise
+        log_w = objectives.log_importance_weight(
+            x_prev, x_t32, x0_32, x0_hat, a_t, b_t, a_s, b_s, reduction=weight_norm
+        )
+    log_w_winner, log_w_loser = log_w.chunk(2)
+    return PairTerms(
+        timesteps=noise.timesteps.to(device),
+        z=z,
+        loss_pair=objectives.dpo_loss_per_pair(z),
+        err_winner=err_winner,
+        err_loser=err_loser,
+        ref_err_winner=ref_err_winner,
+        ref_err_loser=ref_err_loser,
+        log_w_winner=log_w_winner,
+        log_w_loser=log_w_loser,
+        log_w_pair=objectives.pair_log_weight(log_w_winner, log_w_loser, pair_weight),
+    )

@@ -1,0 +1,547 @@
+"""The training loop: read it top to bottom.
+
+config -> adapter + dataset -> (per micro-batch) encode, draw t/eps, per-pair terms, weights,
+reduce -> backward -> (per optimizer step) guard against non-finite values, clip, step, log,
+checkpoint. One code path serves DPO, +mask, +clip, +reweight, C&M and SIPO: the objective
+switches only change how ``objectives.preference_loss`` reduces the per-pair losses.
+
+Multi-GPU runs go through ``accelerate launch -m sipo train ...``: accelerate wraps the denoiser
+(DDP/FSDP/DeepSpeed), each process reads its own shard of every global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sipo import objectives
+from sipo.config import SipoConfig, config_from_dict, save_config
+from sipo.errors import SipoError
+from sipo.models import DiffusionAdapter, load_adapter, lora_disabled
+from sipo.preference import PairTerms, compute_pair_terms, draw_pair_noise
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+StepCallback = Callable[[int, DiffusionAdapter], None]
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    micro_batches: int = 0  # global micro-batches consumed: the data position
+    consecutive_bad_steps: int = 0
+    bad_steps: int = 0
+    all_masked_batches: int = 0
+    skipped_rows: int = 0
+    ema: Tensor | None = None
+    ema_seen: Tensor | None = None
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    adapter: DiffusionAdapter | None = None
+
+
+# ----------------------------------------------------------------------------- data order
+def batch_indices(micro_batch: int, batch_size: int, dataset_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Dataset indices of one process's share of global micro-batch ``micro_batch``.
+
+    The stream is a fresh permutation of the dataset per epoch, seeded by ``(seed, epoch)``, so
+    the data position is one integer and a resumed run reads exactly what the original would.
+    """
+    start = (micro_batch * world + rank) * batch_size
+    indices = []
+    permutations: dict[int, Tensor] = {}
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, dataset_size)
+        if epoch not in permutations:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            permutations[epoch] = torch.randperm(dataset_size, generator=generator)
+        indices.append(int(permutations[epoch][offset]))
+    return indices
+
+
+class _ResumableBatchSampler(torch.utils.data.Sampler):
+    def __init__(self, dataset_size: int, batch_size: int, seed: int, start: int, rank: int, world: int):
+        self.args = (batch_size, dataset_size, seed, rank, world)
+        self.start = start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro_batch = self.start
+        while True:
+            batch_size, dataset_size, seed, rank, world = self.args
+            yield batch_indices(micro_batch, batch_size, dataset_size, seed, rank, world)
+            micro_batch += 1
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Half-written ones live under a ``.tmp-`` name and never match."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(
+    output_dir: Path, trainable: dict[str, Tensor], optimizer, lr_scheduler, state: TrainState,
+    generator: torch.Generator, keep_last: int,
+) -> Path:
+    """Write a checkpoint atomically: fill ``.tmp-step-N``, fsync, then rename to ``step-N``."""
+    root = output_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+    tensors = {"generator_state": generator.get_state()}
+    if state.ema is not None:
+        tensors["ema"] = state.ema.cpu()
+        tensors["ema_seen"] = state.ema_seen.cpu().to(torch.uint8)
+    save_file(tensors, tmp / "rng_and_ema.safetensors")
+    plain = {k: v for k, v in state.__dict__.items() if k not in ("ema", "ema_seen")}
+    (tmp / "state.json").write_text(json.dumps(plain, indent=2))  # written last: marks completeness
+    for child in tmp.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, trainable_module_params: dict[str, nn.Parameter], optimizer, lr_scheduler,
+                    generator: torch.Generator) -> TrainState:
+    """Restore weights, optimizer, lr schedule, RNG, EMA and counters; loads tensors only (no pickle code)."""
+    weights = load_file(path / "trainable.safetensors")
+    missing = set(trainable_module_params) - set(weights)
+    if missing:
+        raise SipoError(
+            f"checkpoint {path} does not match this model ({len(missing)} trainable tensors missing); "
+            "resume with the config the run was started with"
+        )
+    with torch.no_grad():
+        for name, param in trainable_module_params.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    tensors = load_file(path / "rng_and_ema.safetensors")
+    generator.set_state(tensors["generator_state"])
+    state = TrainState(**json.loads((path / "state.json").read_text()))
+    if "ema" in tensors:
+        state.ema = tensors["ema"]
+        state.ema_seen = tensors["ema_seen"].bool()
+    return state
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+def add_lora(adapter: DiffusionAdapter, config: SipoConfig) -> None:
+    """Inject trainable LoRA layers (peft) into the denoiser; everything else is frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = config.train.lora_target_modules or list(adapter.lora_target_modules)
+    lora_config = LoraConfig(
+        r=config.train.lora_rank,
+        lora_alpha=config.train.lora_alpha,
+        target_modules=targets,
+        init_lora_weights="gaussian",
+    )
+    adapter.denoiser.requires_grad_(False)
+    try:
+        inject_adapter_in_model(lora_config, adapter.denoiser)
+    except ValueError as error:
+        raise SipoError(
+            f"LoRA target modules {targets} were not found in the {adapter.family} denoiser; "
+            "set train.lora_target_modules to module names it has"
+        ) from error
+    for name, param in adapter.denoiser.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path) -> SipoConfig:
+    """Put a finished or interrupted run's trained weights into ``adapter`` (LoRA injected if needed).
+
+    Reads the run's saved config and its latest checkpoint (safetensors only). Returns that config.
+    """
+    import yaml
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    checkpoints = list_checkpoints(run_dir)
+    if not saved.is_file() or not checkpoints:
+        raise SipoError(f"{run_dir} is not a sipo run directory (needs config.yaml and checkpoints/step-*); pass the train.output_dir of a run")
+    run_config = config_from_dict(yaml.safe_load(saved.read_text()))
+    if run_config.model.family != adapter.family:
+        raise SipoError(f"{run_dir} was trained on a {run_config.model.family} model, not {adapter.family}; pass a matching config")
+    if run_config.train.finetune == "lora" and not any("lora_" in n for n, _ in adapter.denoiser.named_parameters()):
+        add_lora(adapter, run_config)
+    weights = load_file(checkpoints[-1] / "trainable.safetensors")
+    params = dict(adapter.denoiser.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise SipoError(f"{checkpoints[-1]} holds weights this model lacks (e.g. {unknown[0]}); pass the config the run was trained with")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return run_config
+
+
+def _lr_scheduler(config: SipoConfig, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[config.train.lr_scheduler]
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=config.train.lr_warmup_steps, num_training_steps=config.train.max_steps
+    )
+
+
+def _write_model_card(output_dir: Path, config: SipoConfig, state: TrainState) -> None:
+    switches = config.objective.switches()
+    weights = "pytorch_lora_weights.safetensors (load with pipe.load_lora_weights(dir))" if config.train.finetune == "lora" else "unet/ (diffusers format)"
+    text = f"""---
+library_name: diffusers
+tags: [sipo, diffusion-dpo, preference-optimization, {config.model.family}]
+base_model: {config.model.pretrained_path}
+---
+# {config.objective.name} fine-tune of `{config.model.pretrained_path}`
+
+Trained with [sipo](https://github.com/) ({config.objective.name}: mask={switches['mask']},
+clip={switches['clip']}, reweight={switches['reweight']}, beta={config.objective.beta}) for
+{state.step} optimizer steps on `{config.data.path}` ({config.data.format}).
+
+- weights: {weights}
+- resolved config: config.yaml
+- non-finite steps skipped: {state.bad_steps}; batches with every pair masked: {state.all_masked_batches};
+  malformed rows skipped: {state.skipped_rows}
+"""
+    (output_dir / "README.md").write_text(text)
+
+
+def _trainable_named(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(
+    config: SipoConfig,
+    resume: bool = False,
+    step_callback: StepCallback | None = None,
+    progress: bool = True,
+    adapter: DiffusionAdapter | None = None,
+) -> TrainResult:
+    """Train per ``config``; with ``resume`` continue from the latest complete checkpoint."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from sipo.data import collate_pairs, open_preference_dataset
+
+    tc, oc = config.train, config.objective
+    output_dir = Path(tc.output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    if resume and not checkpoints:
+        raise SipoError(f"--resume found no checkpoint under {output_dir}/checkpoints; start without --resume")
+    if resume:
+        saved = output_dir / "config.yaml"
+        if saved.is_file():
+            import yaml
+
+            previous = config_from_dict(yaml.safe_load(saved.read_text()))
+            if previous.objective != config.objective or previous.model != config.model:
+                raise SipoError(
+                    f"the config differs from the one saved in {saved} (model or objective); "
+                    "resume with the same config, or start a new output_dir"
+                )
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=str(output_dir)
+    )
+    torch.manual_seed(tc.seed)
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+        accelerator.init_trackers("logs", config={k: str(v) for k, v in _flat(config.to_dict()).items()})
+
+    # Model: policy, and the frozen reference (LoRA: the same weights with adapters switched off).
+    if adapter is None:
+        adapter = load_adapter(
+            config.model.family, config.model.pretrained_path,
+            num_inference_steps=config.model.num_inference_steps,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    for module in adapter.frozen_modules():
+        module.requires_grad_(False).eval()
+    reference_denoiser = None
+    if tc.finetune == "lora":
+        add_lora(adapter, config)
+    else:
+        adapter.denoiser.requires_grad_(True)
+        reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
+    if tc.gradient_checkpointing and hasattr(adapter.denoiser, "enable_gradient_checkpointing"):
+        adapter.denoiser.enable_gradient_checkpointing()
+    adapter.to(accelerator.device)
+    if reference_denoiser is not None:
+        reference_denoiser.to(accelerator.device)
+    adapter.denoiser.train()
+
+    trainable = _trainable_named(adapter.denoiser)
+    optimizer = torch.optim.AdamW(
+        list(trainable.values()), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+        weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon,
+    )
+    lr_scheduler = _lr_scheduler(config, optimizer)
+    model, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
+
+    def reference_predict(x_t: Tensor, t: Tensor, cond) -> Tensor:
+        if reference_denoiser is not None:
+            return adapter.predict(x_t, t, cond, denoiser=reference_denoiser)
+        with lora_disabled(model):
+            return adapter.predict(x_t, t, cond, denoiser=model)
+
+    # Randomness of t and eps: one CPU generator per process, saved in every checkpoint.
+    generator = torch.Generator().manual_seed(tc.seed * 1009 + accelerator.process_index)
+    state = TrainState()
+    num_buckets = oc.ema_buckets
+    state.ema = torch.full((num_buckets,), float("nan"), dtype=torch.float64)
+    state.ema_seen = torch.zeros(num_buckets, dtype=torch.bool)
+    history: list[dict[str, float]] = []
+    metrics_path = output_dir / "metrics.jsonl"
+    if resume:
+        state = load_checkpoint(checkpoints[-1], trainable, optimizer, lr_scheduler, generator)
+        if metrics_path.is_file():
+            history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= state.step]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        accelerator.print(f"resumed from {checkpoints[-1]} at step {state.step}")
+    elif accelerator.is_main_process and metrics_path.exists():
+        metrics_path.unlink()
+
+    dataset = open_preference_dataset(config.data, config.model.resolution)
+    sampler = _ResumableBatchSampler(
+        len(dataset), tc.batch_size, tc.seed, state.micro_batches, accelerator.process_index, accelerator.num_processes
+    )
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=config.data.num_workers
+    ))
+    switches = oc.switches()
+    num_train_timesteps = adapter.schedule.num_train_timesteps
+
+    window: list[dict[str, float]] = []
+    weight_log: list[tuple[Tensor, Tensor]] = []
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"{oc.name} train", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    while state.step < tc.max_steps:
+        step_terms: list[PairTerms] = []
+        step_keep: list[Tensor] = []
+        step_weights: list[Tensor] = []
+        losses: list[float] = []
+        for micro in range(tc.gradient_accumulation_steps):
+            batch = next(loader)
+            state.micro_batches += 1
+            state.skipped_rows += len(batch["skipped"])
+            if not batch["prompts"]:
+                continue  # every row of this micro-batch was malformed; counted above
+            with torch.no_grad():
+                encoded = adapter.encode(
+                    batch["prompts"], batch["chosen"].to(accelerator.device), batch["rejected"].to(accelerator.device)
+                )
+            noise = draw_pair_noise(encoded.x0_winner.shape, num_train_timesteps, generator)
+            last_micro = micro == tc.gradient_accumulation_steps - 1
+            # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    terms = compute_pair_terms(
+                        adapter, encoded, noise, beta=oc.beta, reference_predict=reference_predict,
+                        denoiser=model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                        weight_model=oc.weight_model,
+                    )
+                    weight = _pair_weight(terms, state, oc.weight_source, num_train_timesteps, oc.ema_decay)
+                    loss, keep, effective_weight = objectives.preference_loss(
+                        terms.loss_pair, weight, terms.timesteps, **switches, tau=oc.tau, t_min=oc.t_min,
+                        t_max=oc.t_max, w_floor=oc.w_floor, w_clip=oc.w_clip, normalize=oc.normalize,
+                    )
+                accelerator.backward(loss / tc.gradient_accumulation_steps)
+            if not keep.any():
+                state.all_masked_batches += 1
+            losses.append(float(loss.detach()))
+            step_terms.append(terms)
+            step_keep.append(keep)
+            step_weights.append(effective_weight)
+
+        grad_norm = accelerator.clip_grad_norm_(
+            list(trainable.values()), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+        ) if step_terms else torch.tensor(0.0)
+        finite = all(math.isfinite(v) for v in losses) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:
+            optimizer.step()
+            state.consecutive_bad_steps = 0
+        else:
+            state.bad_steps += 1
+            state.consecutive_bad_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        state.step += 1
+        bar.update(1)
+
+        if not finite and state.consecutive_bad_steps >= tc.max_bad_steps:
+            bucket = _worst_bucket(step_terms, num_train_timesteps)
+            raise SipoError(
+                f"stopped at step {state.step}: {state.consecutive_bad_steps} optimizer steps in a row had a "
+                f"non-finite loss or gradient (timesteps {bucket}); lower objective.beta or "
+                "train.learning_rate, or turn on objective.mask; the last good checkpoint is intact"
+            )
+        weight_log.extend((t.timesteps.cpu(), t.log_w_pair.cpu()) for t in step_terms)
+        if step_terms:
+            window.append(_step_metrics(step_terms, step_keep, step_weights, losses, float(grad_norm), finite))
+        if step_callback is not None:
+            step_callback(state.step, adapter)
+        if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+            record = _summarise(window, state, lr_scheduler.get_last_lr()[0])
+            window = []
+            if accelerator.is_main_process and weight_log:
+                _log_weight_histogram(accelerator, weight_log, num_train_timesteps, oc.ema_buckets, state.step)
+            weight_log = []
+            history.append(record)
+            if accelerator.is_main_process:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
+                                masked=f"{record.get('masked_fraction', float('nan')):.2f}")
+        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:
+            if accelerator.is_main_process:
+                save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last)
+        unwrapped = accelerator.unwrap_model(model)
+        if tc.finetune == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            adapter.save_lora(output_dir, get_peft_model_state_dict(unwrapped))
+        else:
+            adapter.save_full(output_dir)
+        _write_model_card(output_dir, config, state)
+        report = getattr(dataset, "report", None)
+        if report is not None:
+            (output_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    accelerator.end_training()
+    return TrainResult(output_dir=output_dir, steps=state.step, history=history, adapter=adapter)
+
+
+def _pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_train_timesteps: int, decay: float) -> Tensor:
+    """``w = exp(log_w_pair)``, or its per-timestep-bucket EMA (SPEC 5); undefined weights stay NaN."""
+    weight = terms.log_w_pair.double().exp()
+    if weight_source == "sample":
+        return weight.float()
+    buckets = objectives.timestep_bucket(terms.timesteps.cpu(), num_train_timesteps, state.ema.shape[0])
+    state.ema, state.ema_seen = objectives.update_timestep_ema(state.ema, state.ema_seen, buckets, weight.cpu(), decay)
+    smoothed = state.ema[buckets].to(weight.device)
+    return torch.where(torch.isfinite(weight), smoothed, weight).float()
+
+
+def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[float],
+                  grad_norm: float, finite: bool) -> dict[str, Any]:
+    cat = lambda name: torch.cat([getattr(t, name).detach().float().cpu() for t in terms])  # noqa: E731
+    z = cat("z")
+    keep = torch.cat([k.cpu() for k in keeps])
+    weight = torch.cat([w.detach().cpu() for w in weights])
+    finite_weight = weight[torch.isfinite(weight)]
+    return {
+        "loss": sum(losses) / len(losses),
+        "implicit_acc": float((z > 0).float().mean()),
+        "reward_margin": float(z.mean()),
+        "err_winner": float(cat("err_winner").mean()),
+        "err_loser": float(cat("err_loser").mean()),
+        "ref_err_winner": float(cat("ref_err_winner").mean()),
+        "ref_err_loser": float(cat("ref_err_loser").mean()),
+        "kl_proxy": float(((cat("err_winner") + cat("err_loser")) - (cat("ref_err_winner") + cat("ref_err_loser"))).mean() / 2),
+        "masked_fraction": float(1.0 - keep.float().mean()),
+        "mean_weight": float(finite_weight.mean()) if finite_weight.numel() else float("nan"),
+        "mean_log_w_pair": float(cat("log_w_pair")[torch.isfinite(cat("log_w_pair"))].mean()) if torch.isfinite(cat("log_w_pair")).any() else float("nan"),
+        "grad_norm": grad_norm,
+        "finite": float(finite),
+    }
+
+
+def _summarise(window: list[dict[str, Any]], state: TrainState, lr: float) -> dict[str, float]:
+    record: dict[str, float] = {"step": state.step}
+    if window:
+        for key in window[0]:
+            values = [w[key] for w in window if math.isfinite(w[key])]
+            record[key] = sum(values) / len(values) if values else float("nan")
+    record.update(lr=lr, bad_steps=state.bad_steps, all_masked_batches=state.all_masked_batches,
+                  skipped_rows=state.skipped_rows)
+    return record
+
+
+def _log_weight_histogram(accelerator, weight_log, num_train_timesteps: int, num_buckets: int, step: int) -> None:
+    """TensorBoard: histogram of log w over the window, and its mean per timestep bucket (SPEC 4)."""
+    timesteps = torch.cat([t for t, _ in weight_log])
+    log_w = torch.cat([w for _, w in weight_log])
+    finite = torch.isfinite(log_w)
+    if not finite.any():
+        return
+    try:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    except (ValueError, KeyError):
+        return
+    writer.add_histogram("weights/log_w_pair", log_w[finite].numpy(), step)
+    buckets = objectives.timestep_bucket(timesteps, num_train_timesteps, num_buckets)
+    for bucket in buckets[finite].unique().tolist():
+        selected = finite & (buckets == bucket)
+        writer.add_scalar(f"weights_by_bucket/log_w_t{bucket * num_train_timesteps // num_buckets:04d}",
+                          float(log_w[selected].mean()), step)
+
+
+def _worst_bucket(terms: list[PairTerms], num_train_timesteps: int) -> str:
+    if not terms:
+        return "unknown: every row of the batch was skipped"
+    timesteps = torch.cat([t.timesteps.cpu() for t in terms])
+    bad = torch.cat([~torch.isfinite(t.loss_pair.detach().cpu()) for t in terms])
+    chosen = timesteps[bad] if bad.any() else timesteps
+    low = int(chosen.min()) * 20 // num_train_timesteps * num_train_timesteps // 20
+    return f"{int(chosen.min())}-{int(chosen.max())}, bucket starting at t={low}"
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -216,9 +216,9 @@ def test_all_pairs_masked_gives_zero_loss_and_finite_gradients():
     # a zero loss value, but autograd multiplies 0 by NaN on its way back: that case belongs to
     # the trainer's non-finite step guard, not to the reduction.)
     z = torch.tensor([1.0, -2.0, 30.0], requires_grad=True)
-    loss_pair = O.dpo_loss_per_pair(z)
     weight = torch.tensor([0.01, 0.02, float("nan")])
     for reweight in (False, True):
+        loss_pair = O.dpo_loss_per_pair(z)
         loss, keep, _ = O.preference_loss(loss_pair, weight, torch.tensor([1, 2, 3]), mask=True, clip=True, reweight=reweight, tau=0.5)
         assert not keep.any() and loss.item() == 0.0
         (grad,) = torch.autograd.grad(loss, z)

@@ -1,0 +1,66 @@
+"""Preference-pair datasets: Pick-a-Pic parquet shards and JSONL manifests (docs/data.md).
+
+    ds = open_preference_dataset(config.data, resolution=config.model.resolution, seed=config.train.seed)
+    loader = DataLoader(ds, batch_size=..., collate_fn=collate_pairs, num_workers=config.data.num_workers)
+    for batch in loader:
+        ds.report.record(batch)          # keeps the counts right when workers load the rows
+        if batch["chosen"] is None:      # every row of this batch was malformed
+            continue
+
+``ds[i]`` is ``dict(prompt, chosen, rejected, index)`` with pictures in [-1, 1] (``[3, r, r]``,
+or ``[F, 3, r, r]`` for videos), or a `SkippedRow` when the row is malformed (a `SipoError`
+instead when ``data.strict``).
+"""
+
+from __future__ import annotations
+
+from sipo.config import DataConfig
+from sipo.data.decode import MalformedRow, decode_file, decode_image, decode_video
+from sipo.data.jsonl import JsonlDataset
+from sipo.data.pairs import PreferenceDataset, collate_pairs, flip_decision
+from sipo.data.pickapic import PickapicDataset
+from sipo.data.report import DataReport, SkippedRow
+from sipo.errors import SipoError
+
+#: data.format -> dataset class (DataConfig already checks the name; this is the one dispatch)
+FORMATS: dict[str, type[PreferenceDataset]] = {
+    "pickapic": PickapicDataset,
+    "jsonl": JsonlDataset,
+}
+
+
+def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0) -> PreferenceDataset:
+    """Index the pairs that ``cfg`` names and return a map-style dataset of them.
+
+    ``resolution`` is the square side of every returned picture; ``seed`` (the run's seed)
+    decides which pairs ``cfg.random_flip`` mirrors. Opening reads labels or the manifest only,
+    never the pictures; user-fixable problems (missing path, missing column, only ties, no
+    valid pair) raise `SipoError`.
+    """
+    if cfg.format not in FORMATS:
+        raise SipoError(f"data.format={cfg.format!r} is not valid; choose one of {list(FORMATS)}")
+    return FORMATS[cfg.format](
+        cfg.path,
+        resolution,
+        max_pairs=cfg.max_pairs,
+        strict=cfg.strict,
+        random_flip=cfg.random_flip,
+        seed=seed,
+    )
+
+
+__all__ = [
+    "FORMATS",
+    "DataReport",
+    "JsonlDataset",
+    "MalformedRow",
+    "PickapicDataset",
+    "PreferenceDataset",
+    "SkippedRow",
+    "collate_pairs",
+    "decode_file",
+    "decode_image",
+    "decode_video",
+    "flip_decision",
+    "open_preference_dataset",
+]

@@ -1,0 +1,208 @@
+"""Image and video decoding shared by every dataset format: bytes or a file -> tensor in [-1, 1].
+
+One path for all pixels: PIL decodes, the mode is mapped to 8-bit RGB (transparency composited
+on white; 16-bit and float greyscale rescaled, not clipped), the shorter side is resized to the
+training resolution with bicubic filtering and the centre is cropped, the same geometry as
+``torchvision.transforms.Resize(r) + CenterCrop(r)`` that Diffusion-DPO's training script uses.
+
+Anything wrong with the pixels raises `MalformedRow` carrying one of the reason strings of
+``sipo.data.report``; the dataset turns it into a `SkippedRow` (or a `SipoError` when strict).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence
+
+from sipo.data.report import (
+    CORRUPT_IMAGE,
+    IMAGE_TOO_LARGE,
+    IMAGE_TOO_SMALL,
+    MISSING_FILE,
+    UNREADABLE_VIDEO,
+    UNSUPPORTED_MODE,
+    VIDEO_NEEDS_AV,
+)
+
+#: images with a side below this many pixels are skipped: upscaling them invents the picture
+MIN_IMAGE_SIDE = 8
+#: file suffixes read as videos; .gif through PIL, the others through PyAV
+GIF_SUFFIXES = (".gif",)
+AV_VIDEO_SUFFIXES = (".mp4", ".webm", ".mov")
+
+_TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class MalformedRow(Exception):
+    """A row's content cannot be used; ``reason`` is one of the strings in ``sipo.data.report``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(source: bytes | str | os.PathLike[str], resolution: int) -> torch.Tensor:
+    """Decode an encoded image (bytes or a file path) to a float tensor ``[3, r, r]`` in [-1, 1].
+
+    Raises `MalformedRow` for corrupt bytes, images beyond PIL's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``), images with a side below 8 px and unconvertible modes.
+    """
+    data = _read_bytes(source)
+    with warnings.catch_warnings():
+        # PIL warns between 1x and 2x MAX_IMAGE_PIXELS and raises beyond; both mean "too large".
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                _check_size(image.size)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_tensor(_resize_center_crop(_to_rgb8(image), resolution))
+        except MalformedRow:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise MalformedRow(IMAGE_TOO_LARGE, str(error)) from None
+        except Exception as error:  # noqa: BLE001 - PIL raises a zoo of types on untrusted bytes
+            raise MalformedRow(CORRUPT_IMAGE, f"{type(error).__name__}: {error}") from None
+
+
+def decode_video(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
+    """Decode a .gif (PIL) or .mp4/.webm/.mov (PyAV, when installed) to ``[F, 3, r, r]`` in [-1, 1]."""
+    suffix = Path(path).suffix.lower()
+    if suffix in GIF_SUFFIXES:
+        return _decode_gif(_read_bytes(path), resolution)
+    if suffix in AV_VIDEO_SUFFIXES:
+        return _decode_with_av(path, resolution)
+    raise ValueError(f"{path} is not a video suffix: {GIF_SUFFIXES + AV_VIDEO_SUFFIXES}")
+
+
+def is_video_path(path: str) -> bool:
+    """True when ``path`` names a video by its suffix (so `decode_video` reads it)."""
+    return path.lower().endswith(GIF_SUFFIXES + AV_VIDEO_SUFFIXES)
+
+
+def decode_file(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
+    """Decode a file by its suffix: an image to ``[3, r, r]``, a video to ``[F, 3, r, r]``."""
+    if is_video_path(os.fspath(path)):
+        return decode_video(path, resolution)
+    return decode_image(path, resolution)
+
+
+# --- helpers -------------------------------------------------------------------------------
+def _read_bytes(source: bytes | str | os.PathLike[str]) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    try:
+        return Path(source).read_bytes()
+    except FileNotFoundError:
+        raise MalformedRow(MISSING_FILE, os.fspath(source)) from None
+    except OSError as error:  # a directory, a permission problem, a broken disk
+        raise MalformedRow(MISSING_FILE, f"{os.fspath(source)}: {error.strerror}") from None
+
+
+def _check_size(size: tuple[int, int]) -> None:
+    width, height = size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise MalformedRow(IMAGE_TOO_SMALL, f"{width}x{height} px, need at least {MIN_IMAGE_SIDE}")
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        raise MalformedRow(IMAGE_TOO_LARGE, f"{width}x{height} px > PIL.Image.MAX_IMAGE_PIXELS")
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    """Map any PIL mode to 8-bit RGB without losing the picture."""
+    mode = image.mode
+    if mode in _TRANSPARENT_MODES or "transparency" in image.info:
+        # Composite on white: converting RGBA straight to RGB drops alpha and shows whatever
+        # colour the transparent pixels happen to store (often black).
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return image
+    if mode == "I" or mode.startswith("I;16"):
+        # 16-bit greyscale; "I" (32-bit) is what older Pillows and TIFF give for 16-bit data.
+        # PIL's own convert("L") clips at 255, which turns a 16-bit image all white.
+        levels = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
+        return _grey_to_rgb(levels)
+    if mode == "F":
+        # Float images follow the [0, 1] convention of numpy/tifffile pipelines.
+        levels = np.nan_to_num(np.asarray(image, dtype=np.float64)) * 255.0
+        return _grey_to_rgb(levels)
+    try:
+        return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, HSV, ...
+    except (ValueError, OSError) as error:
+        raise MalformedRow(UNSUPPORTED_MODE, f"{mode}: {error}") from None
+
+
+def _grey_to_rgb(levels: np.ndarray) -> Image.Image:
+    grey = np.clip(np.rint(levels), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side -> ``resolution`` (bicubic), then the centred square, as torchvision does."""
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = resolution, int(resolution * height / width)
+    else:
+        new_width, new_height = int(resolution * width / height), resolution
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left = int(round((new_width - resolution) / 2.0))
+    top = int(round((new_height - resolution) / 2.0))
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3], a writable copy
+    return pixels.permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
+
+
+def _decode_gif(data: bytes, resolution: int) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                _check_size(image.size)
+                frames = [
+                    _to_tensor(_resize_center_crop(_to_rgb8(frame.copy()), resolution))
+                    for frame in ImageSequence.Iterator(image)
+                ]
+        except MalformedRow:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise MalformedRow(IMAGE_TOO_LARGE, str(error)) from None
+        except Exception as error:  # noqa: BLE001 - untrusted bytes, see decode_image
+            raise MalformedRow(UNREADABLE_VIDEO, f"{type(error).__name__}: {error}") from None
+    if not frames:
+        raise MalformedRow(UNREADABLE_VIDEO, "no frames")
+    return torch.stack(frames)
+
+
+def _decode_with_av(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
+    try:
+        import av  # optional: only video manifests need it
+    except ImportError:
+        raise MalformedRow(VIDEO_NEEDS_AV, os.fspath(path)) from None
+    if not Path(path).is_file():
+        raise MalformedRow(MISSING_FILE, os.fspath(path))
+    frames = []
+    try:
+        with av.open(os.fspath(path)) as container:
+            for frame in container.decode(video=0):
+                image = frame.to_image()
+                _check_size(image.size)
+                frames.append(_to_tensor(_resize_center_crop(_to_rgb8(image), resolution)))
+    except MalformedRow:
+        raise
+    except Exception as error:  # noqa: BLE001 - PyAV/FFmpeg errors on untrusted files
+        raise MalformedRow(UNREADABLE_VIDEO, f"{type(error).__name__}: {error}") from None
+    if not frames:
+        raise MalformedRow(UNREADABLE_VIDEO, "no frames")
+    return torch.stack(frames)

@@ -1,0 +1,170 @@
+"""JSONL manifests: one ``{"prompt": str, "chosen": path, "rejected": path}`` object per line.
+
+Paths are relative to the manifest's directory, the dataset root, and may never leave it: a path
+that is absolute outside the root, climbs out with ``..`` or goes through a symlink that points
+outside is skipped ("path escapes dataset root"), so a manifest from elsewhere cannot make
+training read arbitrary files. ``.gif`` paths load as videos through PIL; ``.mp4``, ``.webm`` and
+``.mov`` through PyAV when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sipo.data.decode import MalformedRow, decode_file
+from sipo.data.pairs import PreferenceDataset
+from sipo.data.report import (
+    INVALID_PATH,
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    PATH_ESCAPES_ROOT,
+    WRONG_FIELD_TYPE,
+)
+from sipo.errors import SipoError
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class _PackedStrings:
+    """Many strings in one byte buffer plus offsets.
+
+    A list of a million Python strings gets copied page by page into every forked DataLoader
+    worker as reference counts change; one numpy buffer is shared untouched.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+        self._buffer = np.zeros(0, dtype=np.uint8)
+        self._offsets = np.zeros(1, dtype=np.int64)
+
+    def append(self, text: str) -> None:
+        self._pending.append(text.encode("utf-8", "surrogatepass"))
+
+    def freeze(self) -> None:
+        self._offsets = np.concatenate([[0], np.cumsum([len(b) for b in self._pending], dtype=np.int64)])
+        self._buffer = np.frombuffer(b"".join(self._pending), dtype=np.uint8)
+        self._pending = []
+
+    def __getitem__(self, index: int) -> str:
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return self._buffer[start:end].tobytes().decode("utf-8", "surrogatepass")
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+class JsonlDataset(PreferenceDataset):
+    """Preference pairs listed in a JSONL manifest (see the module docstring)."""
+
+    format = "jsonl"
+
+    def __init__(
+        self,
+        path: str,
+        resolution: int,
+        *,
+        max_pairs: int | None = None,
+        strict: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(path, resolution, strict=strict, random_flip=random_flip, seed=seed)
+        if not path:
+            raise SipoError("data.path is empty; set data.path to a JSONL manifest of prompt/chosen/rejected rows")
+        manifest = Path(path)
+        if not manifest.is_file():
+            what = "is a directory" if manifest.is_dir() else "does not exist"
+            raise SipoError(f"data.path {path} {what}; set data.path to a JSONL manifest file")
+        self._manifest = os.fspath(manifest)
+        self._root = os.path.realpath(manifest.parent)
+        self._prompts, self._chosen, self._rejected = _PackedStrings(), _PackedStrings(), _PackedStrings()
+        lines: list[int] = []
+        with manifest.open("rb") as handle:  # bytes: one line of bad UTF-8 is one bad row
+            for line_number, raw in enumerate(handle, start=1):
+                if max_pairs is not None and len(lines) >= max_pairs:
+                    break
+                if not raw.strip():
+                    continue
+                self.report.rows_seen += 1
+                row = self._parse(raw, f"line {line_number} of {self._manifest}")
+                if row is not None:
+                    lines.append(line_number)
+                    for column, text in zip((self._prompts, self._chosen, self._rejected), row):
+                        column.append(text)
+        for column in (self._prompts, self._chosen, self._rejected):
+            column.freeze()
+        self._lines = np.asarray(lines, dtype=np.int64)
+        self.report.set_pairs(len(lines))
+        if not lines:
+            raise SipoError(
+                f"no valid pairs in {path} ({self.report.rows_seen} non-empty lines, "
+                f"{self.report.skip_summary()}); write one {{\"prompt\", \"chosen\", \"rejected\"}} "
+                "object per line with paths relative to the manifest"
+            )
+
+    def _parse(self, raw: bytes, where: str) -> tuple[str, str, str] | None:
+        """The row's (prompt, chosen, rejected), or None after counting why it is unusable."""
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
+            self._raise_or_count(MALFORMED_JSON, where)
+            return None
+        if not isinstance(record, dict):
+            self._raise_or_count(MALFORMED_JSON, f"{where} (not a JSON object)")
+            return None
+        missing = [name for name in FIELDS if name not in record]
+        if missing:
+            self._raise_or_count(MISSING_FIELD, f"{where} (no {', '.join(missing)})")
+            return None
+        wrong = [name for name in FIELDS if not isinstance(record[name], str)]
+        if wrong:
+            self._raise_or_count(WRONG_FIELD_TYPE, f"{where} ({', '.join(wrong)} must be strings)")
+            return None
+        for name in ("chosen", "rejected"):
+            problem = self._path_problem(record[name])
+            if problem is not None:
+                self._raise_or_count(problem, f"{where} ({name}: {record[name]!r})")
+                return None
+        return record["prompt"], record["chosen"], record["rejected"]
+
+    def _path_problem(self, relative: str) -> str | None:
+        """Lexical checks, done once at open; symlinks are checked again when the file is read."""
+        if not relative or "\x00" in relative:
+            return INVALID_PATH
+        try:
+            os.fsencode(relative)
+        except UnicodeEncodeError:
+            return INVALID_PATH
+        if not _inside(os.path.normpath(os.path.join(self._root, relative)), self._root):
+            return PATH_ESCAPES_ROOT
+        return None
+
+    # --- per-pair reading ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def _where(self, index: int) -> str:
+        return f"line {self._lines[index]} of {self._manifest}"
+
+    def _load(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        chosen = self._read(self._chosen[index], "chosen")
+        rejected = self._read(self._rejected[index], "rejected")
+        return self._prompts[index], chosen, rejected
+
+    def _read(self, relative: str, which: str) -> torch.Tensor:
+        real = os.path.realpath(os.path.join(self._root, relative))
+        if not _inside(real, self._root):
+            raise MalformedRow(PATH_ESCAPES_ROOT, f"{which} {relative!r} resolves to {real}")
+        try:
+            return decode_file(real, self.resolution)
+        except MalformedRow as problem:
+            raise MalformedRow(problem.reason, f"{which} {relative!r}: {problem.detail}") from None

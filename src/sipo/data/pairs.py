@@ -1,0 +1,140 @@
+"""The map-style dataset every format shares, and `collate_pairs`.
+
+A format subclass only says where a pair's prompt and two pictures live (`_locate`) and how to
+read them (`_load`); this base class turns problems into `SkippedRow`s (or a `SipoError` when
+strict), applies the reproducible flip and keeps the `DataReport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from sipo.data.decode import MalformedRow
+from sipo.data.report import PAIR_KIND_MISMATCH, DataReport, SkippedRow
+from sipo.errors import SipoError
+
+Item = dict[str, Any] | SkippedRow
+
+_MASK64 = (1 << 64) - 1
+
+
+def flip_decision(seed: int, epoch: int, index: int) -> bool:
+    """Whether pair ``index`` is mirrored in ``epoch``: a fixed hash, no global RNG.
+
+    SplitMix64 (Steele et al., 2014) of the three numbers; the same answer in every process,
+    so a resumed run or another DataLoader worker flips exactly the same pairs.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + index) & _MASK64
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return bool(x >> 63)
+
+
+class PreferenceDataset(Dataset):
+    """Pairs ``dict(prompt, chosen, rejected, index)`` with pictures in [-1, 1], or `SkippedRow`s.
+
+    ``chosen``/``rejected`` are ``[3, r, r]`` for images and ``[F, 3, r, r]`` for videos.
+    """
+
+    format: str = ""
+
+    def __init__(self, source: str, resolution: int, *, strict: bool, random_flip: bool, seed: int) -> None:
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.source = source
+        self.resolution = resolution
+        self.strict = strict
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+        self.report = DataReport(source, self.format)
+
+    # --- what a format provides ------------------------------------------------------------
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _where(self, index: int) -> str:
+        """Where pair ``index`` lives in the user's files, for messages."""
+        raise NotImplementedError
+
+    def _load(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """(prompt, chosen, rejected) of pair ``index``; raises `MalformedRow`."""
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Change which pairs ``random_flip`` mirrors (call it before each epoch, like DDP samplers)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> Item:
+        length = len(self)
+        if index < 0:
+            index += length
+        if not 0 <= index < length:
+            raise IndexError(f"pair index {index} out of range for {length} pairs")
+        try:
+            prompt, chosen, rejected = self._load(index)
+            if chosen.shape != rejected.shape:
+                raise MalformedRow(PAIR_KIND_MISMATCH, f"{tuple(chosen.shape)} vs {tuple(rejected.shape)}")
+        except MalformedRow as problem:
+            where = self._where(index)
+            if problem.detail:
+                where = f"{where}: {problem.detail}"
+            if self.strict:
+                raise SipoError(
+                    f"{where} is malformed ({problem.reason}); fix or remove it, "
+                    "or set data.strict=false to skip and count such rows"
+                ) from None
+            skipped = SkippedRow(index=index, reason=problem.reason, where=where)
+            self.report.record([skipped])
+            return skipped
+        if self.random_flip and flip_decision(self.seed, self.epoch, index):
+            # Both pictures together: a flip must not become a difference between them.
+            chosen, rejected = chosen.flip(-1), rejected.flip(-1)
+        item = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": index}
+        self.report.record([item])
+        return item
+
+    def _raise_or_count(self, reason: str, where: str) -> None:
+        """A row dropped while indexing: stop when strict, else count it in the report."""
+        if self.strict:
+            raise SipoError(
+                f"{where} is malformed ({reason}); fix or remove it, "
+                "or set data.strict=false to skip and count such rows"
+            )
+        self.report.skip_at_index_time(reason, where)
+
+
+def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
+    """Stack dataset items into a batch, setting aside the skipped ones.
+
+    Returns ``dict(prompts=list[str], chosen=Tensor[B, ...], rejected=Tensor[B, ...],
+    skipped=list[SkippedRow], indices=list[int])``. When every item was skipped (B == 0),
+    ``chosen`` and ``rejected`` are None: the caller skips the step rather than running the
+    model on an empty batch.
+    """
+    pairs = [item for item in items if not isinstance(item, SkippedRow)]
+    skipped = [item for item in items if isinstance(item, SkippedRow)]
+    chosen = rejected = None
+    if pairs:
+        shapes = {tuple(pair["chosen"].shape) for pair in pairs}
+        if len(shapes) > 1:
+            raise SipoError(
+                f"pairs in one batch have different shapes {sorted(shapes)} (videos of different "
+                "lengths); use clips with the same frame count or set train.batch_size=1"
+            )
+        chosen = torch.stack([pair["chosen"] for pair in pairs])
+        rejected = torch.stack([pair["rejected"] for pair in pairs])
+    return {
+        "prompts": [pair["prompt"] for pair in pairs],
+        "chosen": chosen,
+        "rejected": rejected,
+        "skipped": skipped,
+        "indices": [pair["index"] for pair in pairs],
+    }

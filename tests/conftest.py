@@ -43,3 +43,14 @@ def image_pairs():
     """Two preference pairs at the tiny SD1.5 resolution: ``(prompts, winners, losers)``."""
     return make_image_pairs()
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models spend their time in per-op overhead; one thread is faster on 2 shared cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -197,6 +197,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return [_coerce(v, item_type, key) for v in value]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-5` (no dot) as a string; users write learning rates that way.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if annotation in (bool, int, float, str) and (

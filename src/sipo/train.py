@@ -284,6 +284,8 @@ def train(
                     f"the config differs from the one saved in {saved} (model or objective); "
                     "resume with the same config, or start a new output_dir"
                 )
+    # Open the data before loading a model: a bad path should fail in a second, not a minute.
+    dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     accelerator = Accelerator(
@@ -347,7 +349,6 @@ def train(
     elif accelerator.is_main_process and metrics_path.exists():
         metrics_path.unlink()
 
-    dataset = open_preference_dataset(config.data, config.model.resolution)
     sampler = _ResumableBatchSampler(
         len(dataset), tc.batch_size, tc.seed, state.micro_batches, accelerator.process_index, accelerator.num_processes
     )
@@ -369,7 +370,8 @@ def train(
             batch = next(loader)
             state.micro_batches += 1
             state.skipped_rows += len(batch["skipped"])
-            if not batch["prompts"]:
+            dataset.report.record(batch)
+            if batch["chosen"] is None:
                 continue  # every row of this micro-batch was malformed; counted above
             with torch.no_grad():
                 encoded = adapter.encode(
@@ -438,7 +440,9 @@ def train(
                     handle.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
                                 masked=f"{record.get('masked_fraction', float('nan')):.2f}")
-        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:
+        # No checkpoint while steps are failing: the last good one must stay the newest.
+        if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps
+                and state.consecutive_bad_steps == 0):
             if accelerator.is_main_process:
                 save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last)
             accelerator.wait_for_everyone()
@@ -455,9 +459,8 @@ def train(
         else:
             adapter.save_full(output_dir)
         _write_model_card(output_dir, config, state)
-        report = getattr(dataset, "report", None)
-        if report is not None:
-            (output_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        (output_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
+        accelerator.print(f"data: {dataset.report}")
     accelerator.end_training()
     return TrainResult(output_dir=output_dir, steps=state.step, history=history, adapter=adapter)
 

@@ -74,6 +74,10 @@ def png_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+# A PNG signature followed by a 5-byte IHDR chunk (13 bytes are required), CRC correct.
+SHORT_IHDR_PNG = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 5) + b"IHDR" + bytes(5) + struct.pack(">I", zlib.crc32(b"IHDR" + bytes(5)))
+
+
 def write_shard(path: Path, rows, row_group_size: int | None = None) -> Path:
     """rows: (caption, jpg_0, jpg_1, label_0) tuples."""
     captions, first, second, labels = (list(column) for column in zip(*rows))
@@ -205,8 +209,10 @@ def test_jpeg_decodes_close_to_its_colour():
         (solid(RED, (32, 32), "JPEG")[:200], reasons.CORRUPT_IMAGE),  # truncated JPEG
         (solid(RED, (7, 40)), reasons.IMAGE_TOO_SMALL),
         (png_declaring(100_000, 100_000), reasons.IMAGE_TOO_LARGE),  # past PIL's bomb limit
+        (png_declaring(10_000, 10_000), reasons.IMAGE_TOO_LARGE),  # 1x-2x the limit: PIL only warns
+        (SHORT_IHDR_PNG, reasons.CORRUPT_IMAGE),  # PIL raises ValueError, not OSError
     ],
-    ids=["garbage", "empty", "truncated-png", "truncated-jpeg", "too-small", "bomb"],
+    ids=["garbage", "empty", "truncated-png", "truncated-jpeg", "too-small", "bomb", "bomb-warning", "short-ihdr"],
 )
 def test_bad_images_raise_malformed_row(data, reason):
     with pytest.raises(MalformedRow) as problem:

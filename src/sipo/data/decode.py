@@ -56,8 +56,7 @@ def decode_image(source: bytes | str | os.PathLike[str], resolution: int) -> tor
     """
     data = _read_bytes(source)
     with warnings.catch_warnings():
-        # PIL warns between 1x and 2x MAX_IMAGE_PIXELS and raises beyond; both mean "too large".
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        _quiet_pil_warnings()
         try:
             with Image.open(io.BytesIO(data)) as image:
                 _check_size(image.size)
@@ -104,6 +103,17 @@ def _read_bytes(source: bytes | str | os.PathLike[str]) -> bytes:
         raise MalformedRow(MISSING_FILE, os.fspath(source)) from None
     except OSError as error:  # a directory, a permission problem, a broken disk
         raise MalformedRow(MISSING_FILE, f"{os.fspath(source)}: {error.strerror}") from None
+
+
+def _quiet_pil_warnings() -> None:
+    """Inside ``warnings.catch_warnings()``: bomb warnings become errors, per-file chatter is muted.
+
+    PIL warns between 1x and 2x ``MAX_IMAGE_PIXELS`` and raises beyond; both mean "too large".
+    Its UserWarnings about odd metadata ("Corrupt EXIF data", "Tag data larger than file") would
+    repeat for every bad row of a large dataset; a row that cannot be used is counted instead.
+    """
+    warnings.simplefilter("ignore", UserWarning)
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 def _check_size(size: tuple[int, int]) -> None:
@@ -166,7 +176,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 def _decode_gif(data: bytes, resolution: int) -> torch.Tensor:
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        _quiet_pil_warnings()
         try:
             with Image.open(io.BytesIO(data)) as image:
                 _check_size(image.size)

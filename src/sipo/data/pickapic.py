@@ -193,6 +193,21 @@ class PickapicDataset(PreferenceDataset):
     def __len__(self) -> int:
         return len(self._row)
 
+    def row_group_ids(self) -> np.ndarray:
+        """One id per pair naming the (shard, row group) its bytes live in, in index order.
+
+        Reading a pair reads its whole row group (Pick-a-Pic row groups hold many images), so a
+        uniformly random order reads a row group per pair. A sampler that shuffles these blocks
+        and then the pairs inside each block reads every row group once per epoch.
+        """
+        ids = np.zeros(len(self._row), dtype=np.int64)
+        base = 0
+        for shard, starts in enumerate(self._row_group_starts):
+            in_shard = self._shard == shard
+            ids[in_shard] = base + np.searchsorted(starts, self._row[in_shard], side="right") - 1
+            base += len(starts) - 1
+        return ids
+
     def _where(self, index: int) -> str:
         return f"row {self._row[index]} of shard {self._shard_paths[self._shard[index]]}"
 

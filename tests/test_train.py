@@ -79,6 +79,14 @@ def test_all_masked_batches_are_counted_not_hidden(tiny_sd15_dir, manifest, tmp_
     assert result.history[-1]["all_masked_batches"] == 2
     assert result.history[-1]["masked_fraction"] == 1.0
     assert result.history[-1]["loss"] == 0.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = set()
+    for events in (tmp_path / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert {"loss", "implicit_acc", "reward_margin", "masked_fraction", "mean_weight", "grad_norm", "all_masked_batches"} <= scalars
 
 
 def test_resume_after_interruption_continues_exactly(tiny_sd15_dir, manifest, tmp_path):

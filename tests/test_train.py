@@ -191,3 +191,31 @@ def test_strict_mode_error_from_a_worker_process_is_still_one_sentence(tiny_sd15
                                **{"data.strict": True, "data.num_workers": 1, "train.batch_size": 4})
     err = _cli_error(capsys, ["train", "--config", str(config), "--no-progress"])
     assert "malformed" in err and "data.strict" in err
+
+
+def test_trains_from_pickapic_parquet_with_ties_dropped(tiny_sd15_dir, tmp_path):
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((40, 48, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    table = pa.table({
+        "caption": [f"caption {i}" for i in range(6)],
+        "jpg_0": [png(20 * i) for i in range(6)],
+        "jpg_1": [png(255 - 20 * i) for i in range(6)],
+        "label_0": [1.0, 0.0, 0.5, 1.0, 0.0, 0.5],
+    })
+    pq.write_table(table, tmp_path / "shard-000.parquet", row_group_size=2)
+    overrides = tiny_overrides(tiny_sd15_dir, tmp_path / "unused.jsonl", tmp_path / "run",
+                               **{"data.format": "pickapic", "data.path": str(tmp_path), "train.max_steps": 3})
+    result = train(load_config(None, overrides), progress=False)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["ties_dropped"] == 2 and report["pairs"] == 4
+    assert result.steps == 3 and all(math.isfinite(r["loss"]) for r in result.history)

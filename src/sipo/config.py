@@ -72,9 +72,15 @@ class DataConfig:
     strict: bool = _help("stop at the first malformed row instead of skipping and counting it", default=False)
     random_flip: bool = _help("horizontally flip both images of a pair at random", default=False)
     num_workers: int = _help("DataLoader worker processes", default=0)
+    shuffle: str = _help(
+        "block: shuffle parquet row groups, then pairs inside each (reads each row group once per epoch); "
+        "full: one uniform permutation (reads a row group per pair); JSONL manifests always use full",
+        default="block",
+    )
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("pickapic", "jsonl"))
+        _choice("data.shuffle", self.shuffle, ("block", "full"))
         if self.max_pairs is not None and self.max_pairs <= 0:
             raise SipoError("data.max_pairs must be a positive integer or null")
 

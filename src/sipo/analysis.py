@@ -456,18 +456,24 @@ def tau_curve_at(all_log_w: np.ndarray, tau: float) -> float:
 def masked_fraction_curve(all_log_w: np.ndarray, tau: float, points: int = 61) -> list[dict[str, float]]:
     """Masked fraction over all (pair, bucket) draws for a log-spaced grid of ``tau``.
 
-    The grid spans the observed range of ``log w_pair`` (and the configured ``tau``), so it fits both
-    ``weight_norm: mean`` (w near 1) and ``sum`` (w over many decades); computed in log space.
+    The grid runs from ``min(ln 0.01, ln tau, 1% quantile of log w_pair)`` to the largest observed
+    ``log w_pair`` (or ``ln tau`` if larger), plus 5% of the span on each side: the range where the
+    choice of ``tau`` matters, for ``weight_norm: mean`` (w near 1) and ``sum`` (w over many decades)
+    alike. The extreme low tail below the 1% quantile is left out of the axis, not of the fractions.
+    Computed in log space, so weights beyond float range compare exactly.
     """
     finite = all_log_w[np.isfinite(all_log_w)]
-    anchors = list(finite) + ([math.log(tau)] if tau > 0 else [])
-    lo, hi = (min(anchors), max(anchors)) if anchors else (-1.0, 1.0)
+    log_tau = [math.log(tau)] if tau > 0 else []
+    if finite.size:
+        lo = min([math.log(0.01), float(np.quantile(finite, 0.01)), *log_tau])
+        hi = max([float(finite.max()), *log_tau])
+    else:
+        lo, hi = math.log(0.01), max([0.0, *log_tau])
     pad = max(0.05 * (hi - lo), 1e-3)
-    grid = np.linspace(lo - pad, hi + pad, points)
     curve = []
-    for log_tau in grid:
-        curve.append({"tau": float(np.exp(log_tau)), "log_tau": float(log_tau),
-                      "masked_fraction": _masked_fraction_log(all_log_w, float(log_tau))})
+    for value in np.linspace(lo - pad, hi + pad, points):
+        curve.append({"tau": float(np.exp(value)), "log_tau": float(value),
+                      "masked_fraction": _masked_fraction_log(all_log_w, float(value))})
     return curve
 
 
@@ -525,7 +531,10 @@ def findings_paragraph(rows: list[dict[str, float]], T: int, correlation: dict[s
         high = max(defined, key=lambda r: r["log_w_pair_mean"])
         parts.append(
             f"importance weights are lowest in {span(low)}, {_where(low['t_low'], low['t_high'], T)}, with mean "
-            f"log w_pair {low['log_w_pair_mean']:.4g} (5% quantile {low['log_w_pair_q05']:.4g}), and highest in "
+            f"log w_pair {low['log_w_pair_mean']:.4g} (5% quantile {low['log_w_pair_q05']:.4g}"
+            + (f"; {low['n_undefined']} of its {low['n_pairs']} draws undefined, t on the last inference step"
+               if low["n_undefined"] else "")
+            + f"), and highest in "
             f"{span(high)}, {_where(high['t_low'], high['t_high'], T)} (mean {high['log_w_pair_mean']:.4g})."
         )
     if with_var:
@@ -571,6 +580,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _symlog_threshold(values: np.ndarray) -> float | None:
+    """A symlog linear range for the log w axis when the bucket means span over two decades, else None."""
+    magnitude = np.abs(values[np.isfinite(values)])
+    magnitude = magnitude[magnitude > 0]
+    if magnitude.size < 2 or magnitude.max() / np.median(magnitude) < 100:
+        return None
+    return float(10 ** math.floor(math.log10(np.median(magnitude))))
+
+
 def plot_analysis(rows: list[dict[str, float]], tau_curve: list[dict[str, float]], tau: float, T: int,
                   output_dir: Path) -> dict[str, Path]:
     """Three PNGs: w vs t with quantile bands; gradient variance vs t (log axis); masked fraction vs tau."""
@@ -594,6 +612,10 @@ def plot_analysis(rows: list[dict[str, float]], tau_curve: list[dict[str, float]
     ax.set_xlim(0, T)
     ax.set_xlabel("timestep t (0 = clean, T = pure noise)")
     ax.set_ylabel("log w")
+    linthresh = _symlog_threshold(col["log_w_pair_mean"])
+    if linthresh is not None:  # a few buckets far below the rest: keep the others readable
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_ylabel(f"log w (symlog, linear within +-{linthresh:g})")
     ax.set_title("Importance weight vs timestep")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -621,7 +643,7 @@ def plot_analysis(rows: list[dict[str, float]], tau_curve: list[dict[str, float]
     fig, ax = plt.subplots(figsize=(7, 4))
     log_tau = np.array([c["log_tau"] for c in tau_curve])
     fraction = np.array([c["masked_fraction"] for c in tau_curve])
-    ax.plot(log_tau / math.log(10), fraction, "-", color="C0")
+    ax.step(log_tau / math.log(10), fraction, where="post", color="C0")
     if tau > 0:
         ax.axvline(math.log10(tau), color="k", lw=0.8, ls="--", label=f"configured tau={tau:g}")
         ax.legend(fontsize=7)

@@ -327,7 +327,9 @@ def run_analysis(
 
     device = adapter.device
     generator = torch.Generator().manual_seed(seed)
-    welford = [WelfordTrace(grads.num_elements, device=device) for _ in range(num_buckets)]
+    # K running-mean vectors of P elements: float64 while that stays within 2 GiB, float32 beyond.
+    accumulator = torch.float64 if num_buckets * grads.num_elements * 8 <= 2**31 else torch.float32
+    welford = [WelfordTrace(grads.num_elements, device=device, dtype=accumulator) for _ in range(num_buckets)]
     scalars: dict[str, list[list[float]]] = {
         key: [[] for _ in range(num_buckets)]
         for key in ("t", "log_w_winner", "log_w_loser", "log_w_pair", "loss", "z", "err_winner", "err_loser")
@@ -368,7 +370,8 @@ def run_analysis(
     tau_curve = masked_fraction_curve(all_log_w, oc.tau)
     correlation = bucket_correlation(rows)
     gradient = {"kind": grads.kind, "description": grads.describe(), "num_tensors": len(grads.names),
-                "num_elements": grads.num_elements, "names": grads.names}
+                "num_elements": grads.num_elements, "accumulator_dtype": str(accumulator).removeprefix("torch."),
+                "names": grads.names}
     findings = findings_paragraph(rows, T, correlation, used, oc.tau, tau_curve_at(all_log_w, oc.tau), grads.describe())
 
     output_dir = Path(output_dir)

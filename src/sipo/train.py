@@ -487,7 +487,9 @@ def train(
 
 def _pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_train_timesteps: int, decay: float) -> Tensor:
     """``w = exp(log_w_pair)``, or its per-timestep-bucket EMA (SPEC 5); undefined weights stay NaN."""
-    weight = terms.log_w_pair.double().exp()
+    # exp(88) already overflows float32; a weight that large must be clipped, not read as non-finite
+    # and masked (possible with weight_norm=sum, where log w scales with the element count).
+    weight = terms.log_w_pair.double().clamp(max=80.0).exp()
     if weight_source == "sample":
         return weight.float()
     buckets = objectives.timestep_bucket(terms.timesteps.cpu(), num_train_timesteps, state.ema.shape[0])

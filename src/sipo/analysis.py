@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from sipo.config import SipoConfig, config_from_dict
 from sipo.errors import SipoError
-from sipo.models import DiffusionAdapter, load_adapter, lora_disabled
+from sipo.models import DiffusionAdapter, adapter_from_config, lora_disabled
 from sipo.preference import PairNoise, compute_pair_terms, draw_pair_noise
 
 #: quantiles of log w reported per bucket (column suffixes q05 ... q95).
@@ -207,13 +207,8 @@ def prepare_model(
     ``(adapter, reference_predict, gradient_parameters)``.
     """
     if adapter is None:
-        adapter = load_adapter(
-            config.model.family, config.model.pretrained_path,
-            num_inference_steps=config.model.num_inference_steps,
-            trust_remote_code=config.model.trust_remote_code,
-        )
-    for module in adapter.frozen_modules():
-        module.requires_grad_(False).eval()
+        adapter = adapter_from_config(config.model)
+    adapter.freeze_encoders()
     finetune = config.train.finetune
     if checkpoint is not None:
         run_config = _peek_run_config(checkpoint)

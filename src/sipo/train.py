@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from sipo import objectives
 from sipo.config import SipoConfig, config_from_dict, save_config
 from sipo.errors import SipoError
-from sipo.models import DiffusionAdapter, load_adapter, lora_disabled
+from sipo.models import DiffusionAdapter, adapter_from_config, lora_disabled
 from sipo.preference import PairTerms, compute_pair_terms, draw_pair_noise
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -316,13 +316,8 @@ def train(
 
     # Model: policy, and the frozen reference (LoRA: the same weights with adapters switched off).
     if adapter is None:
-        adapter = load_adapter(
-            config.model.family, config.model.pretrained_path,
-            num_inference_steps=config.model.num_inference_steps,
-            trust_remote_code=config.model.trust_remote_code,
-        )
-    for module in adapter.frozen_modules():
-        module.requires_grad_(False).eval()
+        adapter = adapter_from_config(config.model)
+    adapter.freeze_encoders()
     reference_denoiser = None
     if tc.finetune == "lora":
         add_lora(adapter, config)

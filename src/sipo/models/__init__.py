@@ -30,4 +30,16 @@ def load_adapter(family: str, path: str, **options) -> DiffusionAdapter:
     return cls.from_pretrained(path, **options)
 
 
-__all__ = ["FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]
+def adapter_from_config(model_config) -> DiffusionAdapter:
+    """Load the adapter a ``ModelConfig`` names, its encoders frozen: what train and analyze start from."""
+    adapter = load_adapter(
+        model_config.family,
+        model_config.pretrained_path,
+        num_inference_steps=model_config.num_inference_steps,
+        trust_remote_code=model_config.trust_remote_code,
+    )
+    adapter.freeze_encoders()
+    return adapter
+
+
+__all__ = ["adapter_from_config", "FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]

@@ -112,6 +112,11 @@ class DiffusionAdapter(ABC):
         """Modules that never train (VAE, text encoders); the trainer freezes and casts them."""
         return []
 
+    def freeze_encoders(self) -> None:
+        """Freeze the modules that never train and put them in eval mode."""
+        for module in self.frozen_modules():
+            module.requires_grad_(False).eval()
+
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device

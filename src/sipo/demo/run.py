@@ -1,0 +1,370 @@
+"""`sipo demo`: Diffusion-DPO vs DPO-C&M vs SIPO on a task that fits a laptop, measured honestly.
+
+The steps, in order (each a function you can call on its own):
+
+1. pretrain the tiny digits model (cached; :mod:`sipo.demo.pretrain`);
+2. fit the reward, a digit classifier on real handwriting (:mod:`sipo.demo.reward`);
+3. draw off-policy preference pairs from an early checkpoint and real digits, ranked by the reward
+   (:mod:`sipo.demo.pairs`);
+4. measure the base model's w(t) profile on those pairs and on its own samples (:mod:`sipo.demo.profile`);
+5. fine-tune every (method, beta, seed) with :func:`sipo.train.train` from the same base on the
+   same pairs, evaluating reward and win rate vs the base along the way (:mod:`sipo.demo.evaluate`);
+6. write ``report.md`` + plots (:mod:`sipo.demo.report`), print the table and the final line
+   ``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN`` (means over seeds at the default beta).
+
+The fine-tunes run in ``workers`` processes of one torch thread each: on two cores the tiny model
+spends its time in per-op overhead, where two single-threaded processes beat one two-threaded one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import platform
+import queue as queue_module
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sipo.demo.pairs import PairSettings
+from sipo.demo.pretrain import PretrainSettings
+from sipo.errors import SipoError
+
+METHODS = ("dpo", "dpo-cm", "sipo")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs; the fine-tuning hyperparameters themselves live in configs/demo.yaml."""
+
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    pairs: PairSettings = field(default_factory=PairSettings)
+    methods: tuple[str, ...] = METHODS
+    #: the beta sweep (spans 10x); the default beta is configs/demo.yaml's objective.beta
+    betas: tuple[float, ...] = (1000.0, 3000.0, 10000.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    #: None: configs/demo.yaml's train.max_steps
+    max_steps: int | None = None
+    #: evaluate reward and win rate every this many optimizer steps (and at the end)
+    eval_every: int = 25
+    #: evaluation prompts per digit (fixed prompts and initial noise, shared by every model)
+    eval_per_class: int = 20
+    eval_seed: int = 1234
+    #: DDIM steps of every evaluation sample
+    sampling_steps: int = 25
+    #: pairs used for the w(t) profile
+    profile_pairs: int = 200
+    profile_buckets: int = 20
+    reward_seed: int = 0
+    #: fine-tuning processes (one torch thread each)
+    workers: int = 2
+
+
+QUICK = DemoSettings(
+    pretrain=PretrainSettings(steps=200, batch_size=64, early_step=40),
+    pairs=PairSettings(num_pairs=128, sampling_steps=10),
+    betas=(3000.0,),
+    seeds=(0,),
+    max_steps=12,
+    eval_every=6,
+    eval_per_class=4,
+    sampling_steps=10,
+    profile_pairs=16,
+    profile_buckets=10,
+    workers=1,
+)
+
+
+def demo_config_path() -> Path:
+    """configs/demo.yaml: packaged with sipo, or in the source checkout, or under the current directory."""
+    import sipo
+
+    package = Path(sipo.__file__).resolve().parent
+    for candidate in (package / "configs" / "demo.yaml", package.parents[1] / "configs" / "demo.yaml",
+                      Path.cwd() / "configs" / "demo.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise SipoError("configs/demo.yaml was not found; run `sipo demo` from the sipo source checkout")
+
+
+def setup_torch(threads: int = 1) -> None:
+    """One intra-op thread (see the module docstring) and no denormal slow paths on CPU."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+# ----------------------------------------------------------------------------- one fine-tune
+@dataclass
+class RunJob:
+    method: str
+    beta: float
+    seed: int
+    config_path: str
+    overrides: list[str]
+    base_dir: str
+    run_dir: str
+    eval_every: int
+    eval_per_class: int
+    eval_seed: int
+    sampling_steps: int
+    reward_seed: int
+    #: extra label of a variant (the defaults sweep), part of the name
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        prefix = f"{self.variant}-" if self.variant else ""
+        return f"{prefix}{self.method}-beta{self.beta:g}-seed{self.seed}"
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _context(job: RunJob):
+    """Per-process cache of the base model, the reward and the eval set (built once per worker)."""
+    from sipo.demo.evaluate import EvalSet
+    from sipo.demo.reward import DigitReward
+    from sipo.models.digits import DigitsAdapter
+
+    key = (job.base_dir, job.reward_seed, job.eval_per_class, job.eval_seed)
+    if _WORKER.get("key") != key:
+        base = DigitsAdapter.from_pretrained(job.base_dir)
+        _WORKER.update(
+            key=key, base=base, reward=DigitReward(job.reward_seed),
+            eval_set=EvalSet.make(job.eval_per_class, base.resolution, job.eval_seed),
+        )
+    return _WORKER["base"], _WORKER["reward"], _WORKER["eval_set"]
+
+
+def run_one(job: RunJob, tick=None) -> dict[str, Any]:
+    """Fine-tune one (method, beta, seed) from the base and evaluate it; ``tick()`` after each step."""
+    from sipo.config import load_config
+    from sipo.demo.evaluate import sample_and_score
+    from sipo.train import train
+
+    started = time.perf_counter()
+    base, reward, eval_set = _context(job)
+    config = load_config(job.config_path, job.overrides)
+    curve: list[dict[str, float]] = []
+    final: dict[str, Any] = {}
+
+    def on_step(step: int, adapter) -> None:
+        if tick is not None:
+            tick()
+        if step % job.eval_every == 0 or step == config.train.max_steps:
+            images, rewards = sample_and_score(adapter, reward, eval_set, job.sampling_steps)
+            curve.append({"step": step, "mean_reward": float(rewards.mean())})
+            final.update(images=images, rewards=rewards)
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # the trainer's per-run "data: ..." lines go to train.log
+        result = train(config, step_callback=on_step, progress=False, adapter=copy.deepcopy(base))
+    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(job.run_dir) / "train.log").write_text(log.getvalue())
+    return {
+        "method": job.method, "beta": job.beta, "seed": job.seed, "name": job.name, "variant": job.variant,
+        "curve": curve, "rewards": final["rewards"].tolist(), "images": final["images"],
+        "history": result.history, "steps": result.steps, "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def _worker_main(job: RunJob, progress_queue) -> dict[str, Any]:
+    setup_torch(1)
+    _quiet()
+    return run_one(job, tick=(lambda: progress_queue.put(1)) if progress_queue is not None else None)
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    for name in ("diffusers", "accelerate", "peft", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def run_sweep(jobs: list[RunJob], workers: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Every job, in ``workers`` spawned processes (or in this one when ``workers == 1``), with one bar."""
+    from tqdm.auto import tqdm
+
+    total = sum(int(load_steps(job)) for job in jobs)
+    bar = tqdm(total=total, desc=f"fine-tune {len(jobs)} runs", disable=not progress, dynamic_ncols=True, unit="step")
+    results: list[dict[str, Any]] = []
+    if workers <= 1:
+        for job in jobs:
+            bar.set_postfix_str(job.name)
+            results.append(run_one(job, tick=lambda: bar.update(1)))
+        bar.close()
+        return results
+
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        ticks = manager.Queue()
+        pending = {pool.submit(_worker_main, job, ticks) for job in jobs}
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                result = future.result()
+                results.append(result)
+                bar.set_postfix_str(f"done {result['name']}")
+            with contextlib.suppress(queue_module.Empty):
+                while True:
+                    ticks.get_nowait()
+                    bar.update(1)
+    bar.close()
+    order = {job.name: i for i, job in enumerate(jobs)}
+    return sorted(results, key=lambda r: order[r["name"]])
+
+
+def load_steps(job: RunJob) -> int:
+    for override in job.overrides:
+        if override.startswith("train.max_steps="):
+            return int(override.split("=", 1)[1])
+    from sipo.config import load_config
+
+    return load_config(job.config_path).train.max_steps
+
+
+# ----------------------------------------------------------------------------- the whole demo
+def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run the demo into ``output_dir``; prints the table and, last, the machine-readable line."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    settings = settings or (QUICK if quick else DemoSettings())
+    setup_torch(1)
+    _quiet()
+    import torch
+
+    from sipo.config import load_config
+    from sipo.demo import report
+    from sipo.demo.evaluate import EvalSet, sample_and_score
+    from sipo.demo.pairs import make_pairs
+    from sipo.demo.pretrain import load_digit_images, pretrain
+    from sipo.demo.profile import weight_profile
+    from sipo.demo.reward import DigitReward
+    from sipo.models.digits import DigitsAdapter
+
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = demo_config_path()
+    config = load_config(config_path)
+    default_beta = float(config.objective.beta)
+    if default_beta not in settings.betas:
+        raise SipoError(f"the default beta {default_beta:g} of {config_path} is not in the demo's sweep {settings.betas}")
+    max_steps = settings.max_steps or config.train.max_steps
+    timings: dict[str, float] = {}
+
+    # 1. base + early models (cached)
+    phase = time.perf_counter()
+    pretrained = pretrain(settings.pretrain, progress=progress)
+    timings["pretrain"] = time.perf_counter() - phase
+    base_dir = output_dir / "base"
+    shutil.rmtree(base_dir, ignore_errors=True)
+    shutil.copytree(pretrained.base_dir, base_dir)
+    base = DigitsAdapter.from_pretrained(base_dir)
+    early = DigitsAdapter.from_pretrained(pretrained.early_dir)
+
+    # 2. reward, 3. pairs
+    phase = time.perf_counter()
+    reward = DigitReward(settings.reward_seed)
+    real_images, real_labels = load_digit_images(base.resolution)
+    pairs_dir = output_dir / "pairs"
+    shutil.rmtree(pairs_dir, ignore_errors=True)
+    pairs = make_pairs(early, reward, real_images, real_labels, pairs_dir, settings.pairs, progress=progress)
+    timings["pairs"] = time.perf_counter() - phase
+
+    # base and early on the evaluation prompts
+    phase = time.perf_counter()
+    eval_set = EvalSet.make(settings.eval_per_class, base.resolution, settings.eval_seed)
+    base_images, base_rewards = sample_and_score(base, reward, eval_set, settings.sampling_steps)
+    _, early_rewards = sample_and_score(early, reward, eval_set, settings.sampling_steps)
+
+    # 4. w(t) profile: the demo's pairs vs the base model's own samples
+    n = min(settings.profile_pairs, len(pairs.prompts))
+    generator = torch.Generator().manual_seed(settings.eval_seed + 1)
+    labels = pairs.labels[:n]
+    own_w = base.sample(labels, generator=generator, num_inference_steps=settings.sampling_steps)
+    own_l = base.sample(labels, generator=generator, num_inference_steps=settings.sampling_steps)
+    profile_off = weight_profile(base, labels, pairs.chosen[:n], pairs.rejected[:n], settings.profile_buckets, seed=0,
+                                 weight_norm=config.objective.weight_norm, pair_weight=config.objective.pair_weight)
+    profile_on = weight_profile(base, labels, own_w, own_l, settings.profile_buckets, seed=0,
+                                weight_norm=config.objective.weight_norm, pair_weight=config.objective.pair_weight)
+    timings["base eval + w(t) profile"] = time.perf_counter() - phase
+
+    # 5. the sweep
+    phase = time.perf_counter()
+    jobs = []
+    for beta in settings.betas:
+        for seed in settings.seeds:
+            for method in settings.methods:
+                run_dir = output_dir / "runs" / f"{method}-beta{beta:g}-seed{seed}"
+                jobs.append(RunJob(
+                    method=method, beta=beta, seed=seed, config_path=str(config_path),
+                    overrides=[
+                        f"model.pretrained_path={base_dir.resolve()}",
+                        f"data.path={pairs.manifest.resolve()}",
+                        f"objective.name={method}", f"objective.beta={beta}", f"train.seed={seed}",
+                        f"train.max_steps={max_steps}", f"train.output_dir={run_dir.resolve()}",
+                    ],
+                    base_dir=str(base_dir.resolve()), run_dir=str(run_dir), eval_every=settings.eval_every,
+                    eval_per_class=settings.eval_per_class, eval_seed=settings.eval_seed,
+                    sampling_steps=settings.sampling_steps, reward_seed=settings.reward_seed,
+                ))
+    results = run_sweep(jobs, settings.workers, progress=progress)
+    timings["fine-tune + evaluate"] = time.perf_counter() - phase
+
+    # 6. report
+    phase = time.perf_counter()
+    for result in results:
+        result["curve"].insert(0, {"step": 0, "mean_reward": float(base_rewards.mean())})
+    summary = report.summarise(results, base_rewards, settings.methods, settings.betas)
+    timings["report"] = time.perf_counter() - phase
+    wall = time.perf_counter() - started
+    context = {
+        "quick": quick,
+        "settings": _jsonable(asdict(settings)),
+        "config_path": str(config_path),
+        "config": config.to_dict(),
+        "default_beta": default_beta,
+        "max_steps": max_steps,
+        "wall_seconds": wall,
+        "timings": timings,
+        "pretrain_cached": pretrained.cached,
+        "pretrain_info": pretrained.info,
+        "reward_held_out_accuracy": reward.held_out_accuracy(),
+        "pairs": pairs.summary(),
+        "base_mean_reward": float(base_rewards.mean()),
+        "early_mean_reward": float(early_rewards.mean()),
+        "eval_samples": len(eval_set),
+        "machine": {
+            "cpu_count": os.cpu_count(), "torch_threads_per_process": 1, "workers": settings.workers,
+            "load_average_at_start": load_start,
+            "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+            "python": platform.python_version(), "torch": torch.__version__,
+        },
+    }
+    context["report_path"] = str(output_dir / "report.md")
+    report.write_report(output_dir, context, summary, results, base_images, base_rewards, eval_set, profile_off, profile_on)
+    table = report.format_table(summary, context)
+    print(table)
+    line = report.final_line(summary, default_beta, settings.methods)
+    print(line)
+    return {"summary": summary, "context": context, "final_line": line, "report": str(output_dir / "report.md")}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+

@@ -140,8 +140,13 @@ def verdict(summary: dict[str, dict[str, Any]], default_beta: float) -> str:
             outcome = f"SIPO did not beat Diffusion-DPO: {mean:+.3f} win rate vs base"
         else:
             outcome = "SIPO tied with Diffusion-DPO on win rate vs base"
+        spread = summary["dpo"][key]["win_rate_std"]
+        scale = ""
+        if math.isfinite(spread) and mean != 0:
+            scale = (f"; |difference| {'<' if abs(mean) < spread else '>='} Diffusion-DPO's own across-seed std "
+                     f"{spread:.3f}")
         lines.append(
-            f"beta {key}{tag}: {outcome} (per seed {', '.join(f'{d:+.3f}' for d in diffs)}){significance}; "
+            f"beta {key}{tag}: {outcome} (per seed {', '.join(f'{d:+.3f}' for d in diffs)}){significance}{scale}; "
             f"mean reward difference {r_mean:+.4f}."
         )
     return "\n".join(lines)

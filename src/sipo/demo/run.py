@@ -238,8 +238,12 @@ def load_steps(job: RunJob) -> int:
 
 # ----------------------------------------------------------------------------- the whole demo
 def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Run the demo into ``output_dir``; prints the table and, last, the machine-readable line."""
+             progress: bool = True, config_overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the demo into ``output_dir``; prints the table and, last, the machine-readable line.
+
+    ``config_overrides`` (``key=value``) apply to configs/demo.yaml for every fine-tune, e.g.
+    ``["objective.beta=1000"]`` to make 1000 the default beta of a custom ``settings.betas``.
+    """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     settings = settings or (QUICK if quick else DemoSettings())
     setup_torch(1)
@@ -260,7 +264,8 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = demo_config_path()
-    config = load_config(config_path)
+    config_overrides = list(config_overrides or [])
+    config = load_config(config_path, list(config_overrides))
     default_beta = float(config.objective.beta)
     if default_beta not in settings.betas:
         raise SipoError(f"the default beta {default_beta:g} of {config_path} is not in the demo's sweep {settings.betas}")
@@ -314,6 +319,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                 jobs.append(RunJob(
                     method=method, beta=beta, seed=seed, config_path=str(config_path),
                     overrides=[
+                        *config_overrides,
                         f"model.pretrained_path={base_dir.resolve()}",
                         f"data.path={pairs.manifest.resolve()}",
                         f"objective.name={method}", f"objective.beta={beta}", f"train.seed={seed}",
@@ -337,6 +343,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         "quick": quick,
         "settings": _jsonable(asdict(settings)),
         "config_path": str(config_path),
+        "config_overrides": config_overrides,
         "config": config.to_dict(),
         "default_beta": default_beta,
         "max_steps": max_steps,

@@ -180,7 +180,7 @@ def test_report_helpers():
     from sipo.demo.report import final_line, paired_difference, verdict
 
     def entry(values):
-        return {"win_rate": sum(v for v in values) / len(values),
+        return {"win_rate": sum(v for v in values) / len(values), "win_rate_std": 0.05,
                 "per_seed": [{"seed": s, "win_rate": v, "mean_reward": v} for s, v in enumerate(values)]}
 
     summary = {"dpo": {"1000": entry([0.5, 0.6, 0.7])}, "dpo-cm": {"1000": entry([0.55, 0.6, 0.7])},
@@ -188,7 +188,8 @@ def test_report_helpers():
     assert final_line(summary, 1000.0, ("dpo", "dpo-cm", "sipo")) == "win rate vs base: dpo=0.60 dpo-cm=0.62 sipo=0.67"
     mean, std, diffs = paired_difference(summary, "sipo", "dpo", "1000", "win_rate")
     assert diffs == pytest.approx([0.1, 0.1, 0.0]) and mean == pytest.approx(0.2 / 3)
-    assert "SIPO beat Diffusion-DPO by +0.067" in verdict(summary, 1000.0)
+    text = verdict(summary, 1000.0)
+    assert "SIPO beat Diffusion-DPO by +0.067" in text and "|difference| >= Diffusion-DPO's own across-seed std 0.050" in text
 
 
 # ----------------------------------------------------------------------------- end to end

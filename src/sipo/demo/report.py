@@ -140,7 +140,7 @@ def verdict(summary: dict[str, dict[str, Any]], default_beta: float) -> str:
             outcome = f"SIPO did not beat Diffusion-DPO: {mean:+.3f} win rate vs base"
         else:
             outcome = "SIPO tied with Diffusion-DPO on win rate vs base"
-        spread = summary["dpo"][key]["win_rate_std"]
+        spread = summary["dpo"][key].get("win_rate_std", float("nan"))
         scale = ""
         if math.isfinite(spread) and mean != 0:
             scale = (f"; |difference| {'<' if abs(mean) < spread else '>='} Diffusion-DPO's own across-seed std "

@@ -475,7 +475,8 @@ def train(
             adapter.save_full(output_dir)
         _write_model_card(output_dir, config, state)
         (output_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
-        accelerator.print(f"data: {dataset.report}")
+        if progress:
+            accelerator.print(f"data: {dataset.report}")
     accelerator.end_training()
     return TrainResult(output_dir=output_dir, steps=state.step, history=history, adapter=adapter)
 

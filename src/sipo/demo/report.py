@@ -265,7 +265,7 @@ def plot_w_profile(path: Path, off, on, tau: float) -> None:
 
 # ----------------------------------------------------------------------------- report.md
 def write_report(output_dir: Path, context, summary, results, base_images, base_rewards, eval_set,
-                 profile_off, profile_on) -> Path:
+                 profile_off, profile_on, analysis=None) -> Path:
     import torch
 
     methods = list(summary)
@@ -377,6 +377,7 @@ pairs of the base model's own samples (`w_profile.csv`). t = 0 is the clean end.
 tenth of t the mean log w is {float(np.nanmean(off_low)):.3f} on the off-policy pairs (the
 bucket holding t < T/50 has no defined weight: its previous step is x0 itself).
 
+{_analysis_section(output_dir, analysis)}
 ## Per seed
 
 {chr(10).join(per_seed)}
@@ -398,3 +399,24 @@ def _write_profile_csv(path: Path, off, on, tau: float) -> None:
         for i, t in enumerate(profile.t_mid):
             lines.append(f"{t:.1f},{name},{mean[i]:.6g},{q05[i]:.6g},{q50[i]:.6g},{q95[i]:.6g},{masked[i]:.4f}")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _analysis_section(output_dir: Path, analysis) -> str:
+    """The `sipo analyze` study of the base model on the demo's pairs (docs/analysis.md)."""
+    if analysis is None:
+        return ""
+    plots = "\n".join(
+        f"![{name}]({Path(analysis.files[key]).relative_to(output_dir)})"
+        for key, name in (("plot_weights", "log w vs t"), ("plot_variance", "gradient variance vs t"),
+                          ("plot_tau", "masked fraction vs tau"))
+        if key in analysis.files
+    )
+    return f"""## `sipo analyze`: weights and gradient variance per timestep
+
+{plots}
+
+{analysis.findings}
+
+(`analysis/analysis.csv`, `analysis/analysis.json`; the same study `sipo analyze --config
+configs/demo.yaml` runs, on the base model before any fine-tuning.)
+"""

@@ -60,6 +60,8 @@ class DemoSettings:
     #: pairs used for the w(t) profile
     profile_pairs: int = 200
     profile_buckets: int = 20
+    #: pairs for `sipo analyze` on the base model (per-bucket gradient variance; its plots go in the report)
+    analysis_pairs: int = 32
     reward_seed: int = 0
     #: fine-tuning processes (one torch thread each)
     workers: int = 2
@@ -76,6 +78,7 @@ QUICK = DemoSettings(
     sampling_steps=10,
     profile_pairs=16,
     profile_buckets=10,
+    analysis_pairs=4,
     workers=1,
 )
 
@@ -309,6 +312,16 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                                 weight_norm=config.objective.weight_norm, pair_weight=config.objective.pair_weight)
     timings["base eval + w(t) profile"] = time.perf_counter() - phase
 
+    # 4b. `sipo analyze` on the base model and the demo's pairs: the same study a user runs on theirs
+    phase = time.perf_counter()
+    from sipo.analysis import run_analysis
+
+    analysis_config = load_config(config_path, [*config_overrides, f"model.pretrained_path={base_dir.resolve()}",
+                                                f"data.path={pairs.manifest.resolve()}"])
+    analysis = run_analysis(analysis_config, num_pairs=settings.analysis_pairs, num_buckets=settings.profile_buckets,
+                            output_dir=output_dir / "analysis", progress=progress, verbose=False)
+    timings["sipo analyze"] = time.perf_counter() - phase
+
     # 5. the sweep
     phase = time.perf_counter()
     jobs = []
@@ -364,7 +377,8 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         },
     }
     context["report_path"] = str(output_dir / "report.md")
-    report.write_report(output_dir, context, summary, results, base_images, base_rewards, eval_set, profile_off, profile_on)
+    report.write_report(output_dir, context, summary, results, base_images, base_rewards, eval_set, profile_off, profile_on,
+                        analysis=analysis)
     table = report.format_table(summary, context)
     print(table)
     line = report.final_line(summary, default_beta, settings.methods)

@@ -219,3 +219,9 @@ def test_trains_from_pickapic_parquet_with_ties_dropped(tiny_sd15_dir, tmp_path)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["ties_dropped"] == 2 and report["pairs"] == 4
     assert result.steps == 3 and all(math.isfinite(r["loss"]) for r in result.history)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tiny_sd15_dir, manifest, tmp_path):
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path, **{"train.mixed_precision": "bf16", "objective.tau": 0.05}))
+    result = train(config, progress=False)
+    assert result.steps == 2 and all(math.isfinite(r["loss"]) and r["finite"] == 1.0 for r in result.history)

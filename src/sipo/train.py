@@ -306,6 +306,11 @@ def train(
     dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    # A second train() in one process (notebooks, the demo, tests) may ask for another precision;
+    # accelerate keeps a process-wide state that would refuse it. The process group is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=str(output_dir)
     )
@@ -418,10 +423,17 @@ def train(
         grad_norm = accelerator.clip_grad_norm_(
             list(trainable.values()), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
         ) if step_terms else torch.tensor(0.0)
-        finite = all(math.isfinite(v) for v in losses) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        loss_finite = all(math.isfinite(v) for v in losses)
+        grad_finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        finite = loss_finite and grad_finite
         if finite:
             optimizer.step()
             state.consecutive_bad_steps = 0
+        elif loss_finite and accelerator.scaler is not None:
+            # fp16: an overflowing gradient with a finite loss is the loss scaler's normal search for
+            # its scale; its step() skips the update and lowers the scale. Not a divergence.
+            optimizer.step()
+            finite = True
         else:
             state.bad_steps += 1
             state.consecutive_bad_steps += 1

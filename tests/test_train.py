@@ -188,8 +188,8 @@ def test_strict_mode_error_from_a_worker_process_is_still_one_sentence(tiny_sd15
     manifest = write_jsonl_pairs(tmp_path / "pairs", num_pairs=4)
     (tmp_path / "pairs" / "000_chosen.png").write_bytes(b"not a png")
     config = write_tiny_config(tmp_path / "c.yaml", tiny_sd15_dir, manifest, tmp_path / "run",
-                               **{"data.strict": True, "data.num_workers": 1, "train.batch_size": 4})
-    err = _cli_error(capsys, ["train", "--config", str(config), "--no-progress"])
+                               **{"data.num_workers": 1, "train.batch_size": 4})
+    err = _cli_error(capsys, ["train", "--config", str(config), "--no-progress", "--strict"])
     assert "malformed" in err and "data.strict" in err
 
 

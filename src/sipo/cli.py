@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--strict", action="store_true", help="stop at the first malformed data row (same as data.strict=true)")
 
     demo = commands.add_parser("demo", help="the embedded digits task: DPO vs DPO-C&M vs SIPO on CPU")
     demo.add_argument("--quick", action="store_true", help="a small variant that finishes in about a minute")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             from sipo.config import load_config
             from sipo.train import train
 
-            config = load_config(args.config, args.overrides)
+            config = load_config(args.config, args.overrides + (["data.strict=true"] if args.strict else []))
             result = train(config, resume=args.resume, progress=not args.no_progress)
             print(f"trained {result.steps} steps; weights, config and logs in {result.output_dir}")
         elif args.command == "demo":

@@ -225,3 +225,14 @@ def test_bf16_mixed_precision_trains_on_cpu(tiny_sd15_dir, manifest, tmp_path):
     config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path, **{"train.mixed_precision": "bf16", "objective.tau": 0.05}))
     result = train(config, progress=False)
     assert result.steps == 2 and all(math.isfinite(r["loss"]) and r["finite"] == 1.0 for r in result.history)
+
+
+def test_malformed_rows_are_skipped_counted_and_reported(tiny_sd15_dir, tmp_path):
+    manifest = write_jsonl_pairs(tmp_path / "pairs", num_pairs=4)
+    (tmp_path / "pairs" / "001_rejected.png").write_bytes(b"\x89PNG truncated")
+    (tmp_path / "pairs" / "002_chosen.png").unlink()
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path / "run", **{"train.batch_size": 4, "train.max_steps": 1}))
+    result = train(config, progress=False)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["skipped_total"] == 2 and report["used"] == 2
+    assert result.history[-1]["skipped_rows"] == 2

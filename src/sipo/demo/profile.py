@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sipo.analysis import bucket_bounds, draw_bucket_noise
 from sipo.models.base import EncodedPairs
 from sipo.models.digits import DigitsAdapter
-from sipo.preference import PairNoise, compute_pair_terms
+from sipo.preference import compute_pair_terms
 
 
 @dataclass
@@ -55,17 +56,14 @@ def weight_profile(
     T = schedule.num_train_timesteps
     generator = torch.Generator().manual_seed(seed)
     encoded = EncodedPairs(winners.float(), losers.float(), {"class_labels": labels.long()})
-    n = labels.shape[0]
     rows = {"pair": [], "winner": [], "loser": []}
     t_mid = []
     for bucket in range(num_buckets):
-        low, high = bucket * T // num_buckets, (bucket + 1) * T // num_buckets
+        low, high = bucket_bounds(bucket, num_buckets, T)
         t_mid.append((low + high - 1) / 2)
-        timesteps = torch.randint(low, high, (n,), generator=generator)
-        eps = torch.randn(winners.shape, generator=generator)
-        posterior = torch.randn(winners.shape, generator=generator)
+        noise = draw_bucket_noise(winners.shape, T, bucket, num_buckets, generator)
         terms = compute_pair_terms(
-            adapter, encoded, PairNoise(timesteps, eps, posterior), beta=1.0,
+            adapter, encoded, noise, beta=1.0,
             reference_predict=lambda x, t, c: adapter.predict(x, t, c),
             weight_norm=weight_norm, pair_weight=pair_weight,
         )

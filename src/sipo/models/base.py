@@ -112,6 +112,20 @@ class DiffusionAdapter(ABC):
         """Modules that never train (VAE, text encoders); the trainer freezes and casts them."""
         return []
 
+    def lora_config_dict(self) -> dict[str, Any] | None:
+        """The denoiser's peft ``LoraConfig`` as a JSON-safe dict (``None`` without one).
+
+        Saved beside LoRA weights: without ``lora_alpha`` a loader assumes ``alpha == r`` and a
+        LoRA trained with another alpha would load at the wrong scale.
+        """
+        configs = getattr(self.denoiser, "peft_config", None) or {}
+        config = configs.get("default") if "default" in configs else next(iter(configs.values()), None)
+        if config is None:
+            return None
+        # JSON round trip: sets -> lists, enums -> their string values.
+        as_json = json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+        return json.loads(as_json)
+
     def freeze_encoders(self) -> None:
         """Freeze the modules that never train and put them in eval mode."""
         for module in self.frozen_modules():
@@ -126,6 +140,16 @@ class DiffusionAdapter(ABC):
         for module in self.frozen_modules():
             module.to(device)
         return self
+
+
+def check_lora_state_dict(lora_state_dict: dict[str, Tensor]) -> None:
+    """``save_lora`` takes ``peft.utils.get_peft_model_state_dict(denoiser)``: LoRA tensors only."""
+    not_lora = [key for key in lora_state_dict if "lora" not in key]
+    if not lora_state_dict or not_lora:
+        raise ValueError(
+            "save_lora expects peft.utils.get_peft_model_state_dict(unet); "
+            f"got {len(lora_state_dict)} keys, non-LoRA ones: {not_lora[:3]}"
+        )
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs
+from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
 from sipo.schedules import vp_schedule
 
 PIPELINE_CLASS_NAME = "SipoDigitsPipeline"
@@ -177,15 +177,10 @@ class DigitsAdapter(DiffusionAdapter):
         """
         from safetensors.torch import save_file
 
-        not_lora = [key for key in lora_state_dict if "lora" not in key]
-        if not lora_state_dict or not_lora:
-            raise ValueError(
-                "save_lora expects peft.utils.get_peft_model_state_dict(unet); "
-                f"got {len(lora_state_dict)} keys, non-LoRA ones: {not_lora[:3]}"
-            )
+        check_lora_state_dict(lora_state_dict)
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        metadata = {LORA_METADATA_KEY: json.dumps(self._lora_config_dict() or {})}
+        metadata = {LORA_METADATA_KEY: json.dumps(self.lora_config_dict() or {})}
         tensors = {key: value.detach().cpu().contiguous() for key, value in lora_state_dict.items()}
         save_file(tensors, str(output_dir / LORA_WEIGHT_NAME), metadata=metadata)
 
@@ -208,14 +203,6 @@ class DigitsAdapter(DiffusionAdapter):
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise SipoError(f"{file} holds LoRA weights this model lacks (e.g. {unexpected[0]}); use the base model it was trained on")
-
-    def _lora_config_dict(self) -> dict[str, Any] | None:
-        configs = getattr(self.denoiser, "peft_config", None) or {}
-        config = configs.get("default") if "default" in configs else next(iter(configs.values()), None)
-        if config is None:
-            return None
-        as_json = json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v))
-        return json.loads(as_json)
 
     # ------------------------------------------------------------------ encoding
     def labels(self, prompts: list[str]) -> Tensor:

@@ -8,7 +8,6 @@ encoder's last hidden state, exactly as ``StableDiffusionPipeline.encode_prompt`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs
+from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
 from sipo.schedules import vp_schedule
 
 #: subfolder -> what it holds, for the "missing subfolder" error.
@@ -186,28 +185,13 @@ class SD15Adapter(DiffusionAdapter):
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        not_lora = [key for key in lora_state_dict if "lora" not in key]
-        if not lora_state_dict or not_lora:
-            raise ValueError(
-                "save_lora expects peft.utils.get_peft_model_state_dict(unet); "
-                f"got {len(lora_state_dict)} keys, non-LoRA ones: {not_lora[:3]}"
-            )
+        check_lora_state_dict(lora_state_dict)
         StableDiffusionPipeline.save_lora_weights(
             save_directory=str(output_dir),
             unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict),
-            unet_lora_adapter_metadata=self._lora_metadata(),
+            unet_lora_adapter_metadata=self.lora_config_dict(),
             safe_serialization=True,
         )
-
-    def _lora_metadata(self) -> dict[str, Any] | None:
-        """The denoiser's peft ``LoraConfig`` as a JSON-safe dict (``None`` without one)."""
-        configs = getattr(self.denoiser, "peft_config", None) or {}
-        config = configs.get("default") if "default" in configs else next(iter(configs.values()), None)
-        if config is None:
-            return None
-        # JSON round trip: sets -> lists, enums -> their string values.
-        as_json = json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v))
-        return json.loads(as_json)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -510,6 +510,10 @@ def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Ten
                   grad_norm: float, finite: bool) -> dict[str, Any]:
     cat = lambda name: torch.cat([getattr(t, name).detach().float().cpu() for t in terms])  # noqa: E731
     z = cat("z")
+    err_winner, err_loser = cat("err_winner"), cat("err_loser")
+    ref_err_winner, ref_err_loser = cat("ref_err_winner"), cat("ref_err_loser")
+    log_w_pair = cat("log_w_pair")
+    finite_log_w = log_w_pair[torch.isfinite(log_w_pair)]
     keep = torch.cat([k.cpu() for k in keeps])
     weight = torch.cat([w.detach().cpu() for w in weights])
     finite_weight = weight[torch.isfinite(weight)]
@@ -517,14 +521,14 @@ def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Ten
         "loss": sum(losses) / len(losses),
         "implicit_acc": float((z > 0).float().mean()),
         "reward_margin": float(z.mean()),
-        "err_winner": float(cat("err_winner").mean()),
-        "err_loser": float(cat("err_loser").mean()),
-        "ref_err_winner": float(cat("ref_err_winner").mean()),
-        "ref_err_loser": float(cat("ref_err_loser").mean()),
-        "kl_proxy": float(((cat("err_winner") + cat("err_loser")) - (cat("ref_err_winner") + cat("ref_err_loser"))).mean() / 2),
+        "err_winner": float(err_winner.mean()),
+        "err_loser": float(err_loser.mean()),
+        "ref_err_winner": float(ref_err_winner.mean()),
+        "ref_err_loser": float(ref_err_loser.mean()),
+        "kl_proxy": float(((err_winner + err_loser) - (ref_err_winner + ref_err_loser)).mean() / 2),
         "masked_fraction": float(1.0 - keep.float().mean()),
         "mean_weight": float(finite_weight.mean()) if finite_weight.numel() else float("nan"),
-        "mean_log_w_pair": float(cat("log_w_pair")[torch.isfinite(cat("log_w_pair"))].mean()) if torch.isfinite(cat("log_w_pair")).any() else float("nan"),
+        "mean_log_w_pair": float(finite_log_w.mean()) if finite_log_w.numel() else float("nan"),
         "grad_norm": grad_norm,
         "finite": float(finite),
     }

@@ -25,7 +25,7 @@ from sipo import objectives  # noqa: E402
 from sipo.config import OBJECTIVE_PRESETS, load_config  # noqa: E402
 from sipo.models import load_adapter, lora_disabled  # noqa: E402
 from sipo.preference import compute_pair_terms, draw_pair_noise  # noqa: E402
-from sipo.train import add_lora  # noqa: E402
+from sipo.models import add_lora  # noqa: E402
 
 
 def build_model(size: str, directory: Path) -> Path:

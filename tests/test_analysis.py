@@ -43,7 +43,7 @@ def _in_memory_pairs(count: int) -> list[dict]:
 def lora_adapter(tiny_sd15_dir):
     """The tiny SD1.5 with LoRA whose B matrices are random, so policy != reference and z != 0."""
     from sipo.models import load_adapter
-    from sipo.train import add_lora
+    from sipo.models import add_lora
 
     adapter = load_adapter("sd15", str(tiny_sd15_dir))
     torch.manual_seed(0)

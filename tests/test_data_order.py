@@ -2,7 +2,7 @@
 
 import torch
 
-from sipo.train import DataOrder
+from sipo.data.order import DataOrder
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ():

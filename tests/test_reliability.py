@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sipo.train import list_checkpoints
+from sipo.checkpoints import list_checkpoints
 from train_fixtures import write_jsonl_pairs, write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from sipo.cli import main as cli_main
 from sipo.config import OBJECTIVE_PRESETS, load_config
 from sipo.errors import SipoError
-from sipo.train import list_checkpoints, train
+from sipo.checkpoints import list_checkpoints
+from sipo.train import train
 from train_fixtures import tiny_overrides, write_jsonl_pairs, write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

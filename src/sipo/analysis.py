@@ -220,11 +220,11 @@ def prepare_model(
     if finetune == "full":
         reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
     if checkpoint is not None:
-        from sipo.train import load_run_weights
+        from sipo.checkpoints import load_run_weights
 
         load_run_weights(adapter, checkpoint)
     if finetune == "lora" and not has_lora(adapter.denoiser):
-        from sipo.train import add_lora
+        from sipo.models import add_lora
 
         add_lora(adapter, config)
     device = adapter.device if adapter.device.type != "cpu" else torch.device(

@@ -15,39 +15,22 @@ import contextlib
 import copy
 import json
 import math
-import os
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sipo import objectives
+from sipo.checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from sipo.config import SipoConfig, config_from_dict, save_config
+from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError
-from sipo.models import DiffusionAdapter, adapter_from_config, lora_disabled
+from sipo.models import DiffusionAdapter, adapter_from_config, add_lora, lora_disabled
 from sipo.preference import PairTerms, compute_pair_terms, draw_pair_noise
 
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 StepCallback = Callable[[int, DiffusionAdapter], None]
-
-
-@dataclass
-class TrainState:
-    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
-
-    step: int = 0
-    micro_batches: int = 0  # global micro-batches consumed: the data position
-    consecutive_bad_steps: int = 0
-    bad_steps: int = 0
-    all_masked_batches: int = 0
-    skipped_rows: int = 0
-    ema: Tensor | None = None
-    ema_seen: Tensor | None = None
 
 
 @dataclass
@@ -58,185 +41,7 @@ class TrainResult:
     adapter: DiffusionAdapter | None = None
 
 
-# ----------------------------------------------------------------------------- data order
-class DataOrder:
-    """Which dataset indices each process reads at each micro-batch: a pure function of the seed.
-
-    Each epoch is a fresh permutation seeded by ``(seed, epoch)``, so the data position is one
-    integer (micro-batches consumed) and a resumed run reads exactly what the original would.
-    With ``block_ids`` (Pick-a-Pic row groups) the permutation shuffles the blocks and then the
-    pairs inside each block, so an epoch reads every row group once instead of once per pair.
-    """
-
-    def __init__(self, dataset_size: int, seed: int, block_ids: Tensor | None = None):
-        self.dataset_size = dataset_size
-        self.seed = seed
-        self.block_ids = None if block_ids is None else torch.as_tensor(block_ids, dtype=torch.long)
-        self._cached: tuple[int, Tensor] | None = None
-
-    def epoch_order(self, epoch: int) -> Tensor:
-        if self._cached is None or self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            if self.block_ids is None:
-                order = torch.randperm(self.dataset_size, generator=generator)
-            else:
-                num_blocks = int(self.block_ids.max()) + 1
-                block_rank = torch.randperm(num_blocks, generator=generator)[self.block_ids]
-                within = torch.rand(self.dataset_size, generator=generator, dtype=torch.float64)
-                order = torch.argsort(block_rank.double() + within)
-            self._cached = (epoch, order)
-        return self._cached[1]
-
-    def batch(self, micro_batch: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
-        """Indices of process ``rank``'s share of global micro-batch ``micro_batch``."""
-        start = (micro_batch * world + rank) * batch_size
-        indices = []
-        for position in range(start, start + batch_size):
-            epoch, offset = divmod(position, self.dataset_size)
-            indices.append(int(self.epoch_order(epoch)[offset]))
-        return indices
-
-
-class _ResumableBatchSampler(torch.utils.data.Sampler):
-    def __init__(self, order: DataOrder, batch_size: int, start: int, rank: int, world: int):
-        self.order, self.batch_size, self.start, self.rank, self.world = order, batch_size, start, rank, world
-
-    def __iter__(self) -> Iterator[list[int]]:
-        micro_batch = self.start
-        while True:
-            yield self.order.batch(micro_batch, self.batch_size, self.rank, self.world)
-            micro_batch += 1
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ones live under a ``.tmp-`` name and never match."""
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(
-    output_dir: Path, trainable: dict[str, Tensor], optimizer, lr_scheduler, state: TrainState,
-    generator: torch.Generator, keep_last: int,
-) -> Path:
-    """Write a checkpoint atomically: fill ``.tmp-step-N``, fsync, then rename to ``step-N``."""
-    root = output_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:08d}"
-    tmp = root / f".tmp-step-{state.step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-    tensors = {"generator_state": generator.get_state()}
-    if state.ema is not None:
-        tensors["ema"] = state.ema.cpu()
-        tensors["ema_seen"] = state.ema_seen.cpu().to(torch.uint8)
-    save_file(tensors, tmp / "rng_and_ema.safetensors")
-    plain = {k: v for k, v in state.__dict__.items() if k not in ("ema", "ema_seen")}
-    (tmp / "state.json").write_text(json.dumps(plain, indent=2))  # written last: marks completeness
-    for child in tmp.iterdir():
-        with open(child, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, trainable_module_params: dict[str, nn.Parameter], optimizer, lr_scheduler,
-                    generator: torch.Generator) -> TrainState:
-    """Restore weights, optimizer, lr schedule, RNG, EMA and counters; loads tensors only (no pickle code)."""
-    weights = load_file(path / "trainable.safetensors")
-    missing = set(trainable_module_params) - set(weights)
-    if missing:
-        raise SipoError(
-            f"checkpoint {path} does not match this model ({len(missing)} trainable tensors missing); "
-            "resume with the config the run was started with"
-        )
-    with torch.no_grad():
-        for name, param in trainable_module_params.items():
-            param.copy_(weights[name].to(param.device, param.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-    tensors = load_file(path / "rng_and_ema.safetensors")
-    generator.set_state(tensors["generator_state"])
-    state = TrainState(**json.loads((path / "state.json").read_text()))
-    if "ema" in tensors:
-        state.ema = tensors["ema"]
-        state.ema_seen = tensors["ema_seen"].bool()
-    return state
-
-
 # ----------------------------------------------------------------------------- set-up helpers
-def add_lora(adapter: DiffusionAdapter, config: SipoConfig) -> None:
-    """Inject trainable LoRA layers (peft) into the denoiser; everything else is frozen."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    targets = config.train.lora_target_modules or list(adapter.lora_target_modules)
-    lora_config = LoraConfig(
-        r=config.train.lora_rank,
-        lora_alpha=config.train.lora_alpha,
-        target_modules=targets,
-        init_lora_weights="gaussian",
-    )
-    adapter.denoiser.requires_grad_(False)
-    try:
-        inject_adapter_in_model(lora_config, adapter.denoiser)
-    except ValueError as error:
-        raise SipoError(
-            f"LoRA target modules {targets} were not found in the {adapter.family} denoiser; "
-            "set train.lora_target_modules to module names it has"
-        ) from error
-    for name, param in adapter.denoiser.named_parameters():
-        param.requires_grad_("lora_" in name)
-
-
-def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path) -> SipoConfig:
-    """Put a finished or interrupted run's trained weights into ``adapter`` (LoRA injected if needed).
-
-    Reads the run's saved config and its latest checkpoint (safetensors only). Returns that config.
-    """
-    import yaml
-
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    checkpoints = list_checkpoints(run_dir)
-    if not saved.is_file() or not checkpoints:
-        raise SipoError(f"{run_dir} is not a sipo run directory (needs config.yaml and checkpoints/step-*); pass the train.output_dir of a run")
-    run_config = config_from_dict(yaml.safe_load(saved.read_text()))
-    if run_config.model.family != adapter.family:
-        raise SipoError(f"{run_dir} was trained on a {run_config.model.family} model, not {adapter.family}; pass a matching config")
-    if run_config.train.finetune == "lora" and not any("lora_" in n for n, _ in adapter.denoiser.named_parameters()):
-        add_lora(adapter, run_config)
-    weights = load_file(checkpoints[-1] / "trainable.safetensors")
-    params = dict(adapter.denoiser.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise SipoError(f"{checkpoints[-1]} holds weights this model lacks (e.g. {unknown[0]}); pass the config the run was trained with")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    return run_config
-
-
 def _lr_scheduler(config: SipoConfig, optimizer):
     from diffusers.optimization import get_scheduler
 
@@ -368,7 +173,7 @@ def train(
         metrics_path.unlink()
 
     block_ids = dataset.row_group_ids() if config.data.shuffle == "block" and hasattr(dataset, "row_group_ids") else None
-    sampler = _ResumableBatchSampler(
+    sampler = ResumableBatchSampler(
         DataOrder(len(dataset), tc.seed, block_ids), tc.batch_size, state.micro_batches,
         accelerator.process_index, accelerator.num_processes,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from sipo.errors import SipoError
-from sipo.models.base import DiffusionAdapter, EncodedPairs, lora_disabled
+from sipo.models.base import DiffusionAdapter, EncodedPairs, add_lora, lora_disabled
 
 # family name -> "module:class" inside sipo.models; imported on use so `sipo --help` stays fast.
 FAMILIES: dict[str, str] = {
@@ -42,4 +42,4 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
     return adapter
 
 
-__all__ = ["adapter_from_config", "FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]
+__all__ = ["adapter_from_config", "add_lora", "FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]

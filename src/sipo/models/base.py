@@ -152,6 +152,29 @@ def check_lora_state_dict(lora_state_dict: dict[str, Tensor]) -> None:
         )
 
 
+def add_lora(adapter: DiffusionAdapter, config) -> None:
+    """Inject trainable LoRA layers (peft) into the denoiser; everything else is frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = config.train.lora_target_modules or list(adapter.lora_target_modules)
+    lora_config = LoraConfig(
+        r=config.train.lora_rank,
+        lora_alpha=config.train.lora_alpha,
+        target_modules=targets,
+        init_lora_weights="gaussian",
+    )
+    adapter.denoiser.requires_grad_(False)
+    try:
+        inject_adapter_in_model(lora_config, adapter.denoiser)
+    except ValueError as error:
+        raise SipoError(
+            f"LoRA target modules {targets} were not found in the {adapter.family} denoiser; "
+            "set train.lora_target_modules to module names it has"
+        ) from error
+    for name, param in adapter.denoiser.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
 @contextlib.contextmanager
 def lora_disabled(module: nn.Module) -> Iterator[None]:
     """Run ``module`` as its base model: every peft LoRA layer switched off, then back on.

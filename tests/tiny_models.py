@@ -11,18 +11,18 @@ real families at toy scale (after diffusers' own ``get_dummy_components`` test h
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
+
+from sipo.models.random_init import TINY_MAX_LENGTH, tiny_clip_tokenizer
 
 #: image side (pixels) the tiny SD1.5 VAE is built for; latents are ``[4, 16, 16]``.
 TINY_SD15_IMAGE_SIZE = 32
 TINY_SD15_LATENT_SHAPE = (4, 16, 16)
 #: width of the tiny CLIP text encoder (= the UNet's cross_attention_dim).
 TINY_TEXT_DIM = 32
-TINY_MAX_LENGTH = 77
 #: SD1.5's scheduler config (runwayml/stable-diffusion-v1-5 scheduler_config.json).
 SD15_BETAS = {
     "num_train_timesteps": 1000,
@@ -30,58 +30,6 @@ SD15_BETAS = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
 }
-
-_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "the", "on", "in", "painting", "digit")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode map (the ByteLevel pre-tokenizer's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes)))
-
-
-def write_tiny_clip_vocab(directory: str | Path) -> Path:
-    """Write a CLIP-style ``vocab.json`` + ``merges.txt``: every byte (alone and word-final) + a few words.
-
-    Any text tokenizes (byte fallback), and the words in ``_WORDS`` become single tokens, so the
-    prompts of the tests give distinct, short id sequences. About 560 entries.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for token in alphabet + [c + "</w>" for c in alphabet]:
-        vocab.setdefault(token, len(vocab))
-    merges: list[str] = []
-    for word in _WORDS:
-        # merge left to right: "c a t</w>" -> "ca t</w>" -> "cat</w>"
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return directory
-
-
-def tiny_clip_tokenizer(directory: str | Path):
-    """A ``CLIPTokenizer`` loaded from the tiny vocab written into ``directory``."""
-    from transformers import CLIPTokenizer
-
-    write_tiny_clip_vocab(directory)
-    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=TINY_MAX_LENGTH)
-
 
 def make_tiny_sd15(directory: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Save a tiny SD1.5-shaped ``StableDiffusionPipeline`` (random weights) to ``directory``.

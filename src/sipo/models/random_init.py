@@ -1,0 +1,67 @@
+"""Random-weight models and offline tokenizers, built from configs: what tests and benchmarks load.
+
+Nothing here downloads. Tokenizers are written from a small vocabulary made on the spot (every byte,
+plus a few words), so any text tokenizes; weights come from a seeded generator. Each family module
+may add a ``build_random_pipeline(directory, scale)`` that saves its pipeline in diffusers format
+from the real published component configs (``scale="full"``) or a toy version (``"tiny"``), so the
+real loading code is what reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: token length of the tiny CLIP tokenizer (CLIP's own).
+TINY_MAX_LENGTH = 77
+
+_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "the", "on", "in", "painting", "digit")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the ByteLevel pre-tokenizer's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def write_tiny_clip_vocab(directory: str | Path) -> Path:
+    """Write a CLIP-style ``vocab.json`` + ``merges.txt``: every byte (alone and word-final) + a few words.
+
+    Any text tokenizes (byte fallback), and the words in ``_WORDS`` become single tokens, so the
+    prompts of the tests give distinct, short id sequences. About 560 entries.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in _WORDS:
+        # merge left to right: "c a t</w>" -> "ca t</w>" -> "cat</w>"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return directory
+
+
+def tiny_clip_tokenizer(directory: str | Path, model_max_length: int = TINY_MAX_LENGTH):
+    """A ``CLIPTokenizer`` loaded from the tiny vocab written into ``directory``."""
+    from transformers import CLIPTokenizer
+
+    write_tiny_clip_vocab(directory)
+    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=model_max_length)

@@ -1,15 +1,21 @@
-# The README's two commands. Each creates .venv when missing and installs the project into it.
+# The README's two commands. Each creates .venv when missing and installs the project into it,
+# with the exact tested versions of constraints/cpu.txt (pyproject.toml itself holds ranges).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints/cpu.txt
+# where the CPU build of torch comes from when .venv has no torch yet (PyPI's default is a CUDA build)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test install clean
+.PHONY: demo test install constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip show torch >/dev/null 2>&1 || \
+		$(BIN)/python -m pip install --quiet --extra-index-url $(TORCH_INDEX) -c $(CONSTRAINTS) torch
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,5 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Rewrite the constraints from what .venv holds now (after adding or upgrading a dependency).
+constraints: $(STAMP)
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' | grep -v '^#'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) runs build dist *.egg-info src/*.egg-info

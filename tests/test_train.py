@@ -134,9 +134,10 @@ def test_divergence_guard_stops_with_step_and_keeps_last_good_checkpoint(tiny_sd
 
 def test_half_written_checkpoints_are_never_picked_up(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step-00000009").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step-00000008").mkdir()  # no state.json: incomplete
+    (tmp_path / "checkpoints" / "step-00000008").mkdir()  # no manifest.json (written last): incomplete
+    (tmp_path / "checkpoints" / "step-00000008" / "state.json").write_text("{}")
     (tmp_path / "checkpoints" / "step-00000004").mkdir()
-    (tmp_path / "checkpoints" / "step-00000004" / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step-00000004" / "manifest.json").write_text("{}")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004"]
 
 

@@ -2,19 +2,24 @@
 
 A checkpoint is ``<output_dir>/checkpoints/step-NNNNNNNN/`` holding ``trainable.safetensors``,
 ``optimizer.pt`` and ``lr_scheduler.pt`` (tensors only, read with ``weights_only=True``),
-``rng_and_ema.safetensors`` and ``state.json`` (written last). It is filled under a ``.tmp-`` name
-and renamed, so a crash never leaves a half-written checkpoint under a listed name.
+``rng_and_ema.safetensors``, ``state.json``, ``fingerprint.json`` (the config and data the run was
+started with) and ``manifest.json`` (size and sha256 of every other file, written last). It is
+filled under a ``.tmp-`` name and renamed, so a crash never leaves a half-written checkpoint under a
+listed name; the manifest catches what the rename cannot (a truncated or bit-rotten file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +30,8 @@ from sipo.errors import SipoError
 from sipo.models.base import DiffusionAdapter, add_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint.json"
 
 
 @dataclass
@@ -41,13 +48,87 @@ class TrainState:
     ema_seen: Tensor | None = None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint directory is named for."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint directory name")
+    return int(match.group(1))
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ones live under a ``.tmp-`` name and never match."""
-    root = output_dir / "checkpoints"
+    """Complete checkpoints (their manifest written), oldest step first.
+
+    Half-written ones live under a ``.tmp-`` name, or lack the manifest that is written last.
+    """
+    root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[Path]:
+    """Delete ``checkpoints/.tmp-*`` left by a crash or a full disk; returns what was removed."""
+    root = Path(output_dir) / "checkpoints"
+    stale = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record size and sha256 of every file in ``directory`` in ``manifest.json`` (call it last)."""
+    files = {
+        child.name: {"size": child.stat().st_size, "sha256": _sha256(child)}
+        for child in sorted(directory.iterdir()) if child.is_file() and child.name != MANIFEST
+    }
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """``None`` when every file matches the manifest, else why not (one short phrase)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            return "its manifest.json lists no files"
+        for name, expected in files.items():
+            child = Path(path) / name
+            if not child.is_file():
+                return f"{name} is missing"
+            if child.stat().st_size != expected["size"]:
+                return f"{name} has {child.stat().st_size} bytes, not {expected['size']}"
+            if _sha256(child) != expected["sha256"]:
+                return f"{name} fails its sha256 check"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"its manifest.json is unreadable ({error.__class__.__name__})"
+    return None
+
+
+def newest_intact_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that passes :func:`verify_checkpoint`, and the newer ones that failed (with why)."""
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def read_fingerprint(path: Path) -> dict[str, Any]:
+    """The fingerprint a checkpoint recorded (empty for checkpoints written before fingerprints)."""
+    file = Path(path) / FINGERPRINT
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -61,15 +142,68 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     output_dir: Path, trainable: dict[str, Tensor], optimizer, lr_scheduler, state: TrainState,
-    generator: torch.Generator, keep_last: int,
+    generator: torch.Generator, keep_last: int, fingerprint: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically: fill ``.tmp-step-N``, fsync, then rename to ``step-N``."""
+    """Write a checkpoint atomically: fill ``.tmp-step-N``, fsync, then rename to ``step-N``.
+
+    A failed write (a full disk, a lost mount) removes the temporary directory, so it neither holds
+    the space nor confuses the next resume, and stops with one sentence.
+    """
     root = output_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-step-{state.step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _fill_checkpoint(tmp, trainable, optimizer, lr_scheduler, state, generator, fingerprint)
+    except Exception as error:
+        if not is_write_failure(error):
+            raise
+        full = disk_is_full(error, root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        then = "run again with --resume" if list_checkpoints(output_dir) else "run again with --overwrite"
+        raise write_error(error, f"checkpoint {final}", full, then) from None
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    # Newest steps survive by step number; the checkpoint just written always survives.
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """An OSError, or what torch.save / safetensors raise when the bytes cannot reach the disk."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return any(marker in text for marker in ("iostream error", "PytorchStreamWriter", "No space left", "os error 28",
+                                             "StorageFull", "IoError"))
+
+
+def disk_is_full(error: BaseException, directory: Path) -> bool:
+    """ENOSPC, or (torch.save hides the errno) less than 16 MiB left where the file was going."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or "os error 28" in str(error):
+        return True
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(directory).free < (16 << 20)
+    return False
+
+
+def write_error(error: BaseException, what: str, full: bool, then: str = "run again") -> SipoError:
+    """One sentence for a failed write: a full disk says to free space, anything else names the cause."""
+    if full:
+        return SipoError(f"the disk filled up while writing {what} (the partial files are removed); free space "
+                         f"there or lower train.keep_last, then {then}")
+    reason = getattr(error, "strerror", None) or error.__class__.__name__
+    return SipoError(f"could not write {what} ({reason}); make train.output_dir a writable directory")
+
+
+def _fill_checkpoint(tmp: Path, trainable, optimizer, lr_scheduler, state: TrainState, generator,
+                     fingerprint: dict[str, Any] | None) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
@@ -79,18 +213,14 @@ def save_checkpoint(
         tensors["ema_seen"] = state.ema_seen.cpu().to(torch.uint8)
     save_file(tensors, tmp / "rng_and_ema.safetensors")
     plain = {k: v for k, v in state.__dict__.items() if k not in ("ema", "ema_seen")}
-    (tmp / "state.json").write_text(json.dumps(plain, indent=2))  # written last: marks completeness
+    (tmp / "state.json").write_text(json.dumps(plain, indent=2))
+    if fingerprint is not None:
+        (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    write_manifest(tmp)  # written last: marks completeness and lets a resume verify every byte
     for child in tmp.iterdir():
         with open(child, "rb") as handle:
             os.fsync(handle.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: Path, trainable_module_params: dict[str, nn.Parameter], optimizer, lr_scheduler,
@@ -130,6 +260,10 @@ def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path) -> SipoConf
     if not saved.is_file() or not checkpoints:
         raise SipoError(f"{run_dir} is not a sipo run directory (needs config.yaml and checkpoints/step-*); pass the train.output_dir of a run")
     run_config = config_from_dict(yaml.safe_load(saved.read_text()))
+    newest, _ = newest_intact_checkpoint(run_dir)
+    if newest is None:
+        raise SipoError(f"every checkpoint under {run_dir}/checkpoints fails its manifest check; pass another run directory")
+    checkpoints = [newest]
     if run_config.model.family != adapter.family:
         raise SipoError(f"{run_dir} was trained on a {run_config.model.family} model, not {adapter.family}; pass a matching config")
     if run_config.train.finetune == "lora" and not any("lora_" in n for n, _ in adapter.denoiser.named_parameters()):
@@ -143,3 +277,69 @@ def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path) -> SipoConf
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
     return run_config
+
+
+# ----------------------------------------------------------------------------- run fingerprints
+#: keys a resumed run may change: they neither change what loads nor the data stream. Each change
+#: is listed when the run resumes; any other difference stops the resume before anything is written.
+RESUME_MAY_CHANGE = frozenset({
+    "train.max_steps", "train.checkpoint_every", "train.log_every", "train.keep_last", "train.report_to",
+    "train.max_bad_steps", "train.output_dir", "data.num_workers",
+    # read afresh every step: the way out of a divergence stop is to lower these and resume
+    "objective.beta", "objective.mask", "objective.tau", "objective.t_min", "objective.t_max", "train.max_grad_norm",
+})
+_HASH_WHOLE_FILE_BELOW = 16 << 20
+
+
+def _file_signature(path: Path) -> str:
+    """sha256 of a small file; of size + first and last MiB of a large one (shards can be GBs)."""
+    size = path.stat().st_size
+    if size <= _HASH_WHOLE_FILE_BELOW:
+        return _sha256(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(size - (1 << 20))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()
+
+
+def data_signature(data_path: str) -> str:
+    """A short digest of the data files ``data.path`` names (a file, a directory, or a glob)."""
+    import glob
+
+    path = Path(data_path).expanduser()
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files, root = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")), path
+    else:
+        files, root = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()), Path(".")
+    digest = hashlib.sha256()
+    for file in files:
+        with contextlib.suppress(OSError):
+            digest.update(f"{file.relative_to(root) if file.is_relative_to(root) else file.name}:".encode())
+            digest.update(_file_signature(file).encode())
+    return f"{len(files)} files, sha256 {digest.hexdigest()[:16]}"
+
+
+def run_fingerprint(config: SipoConfig) -> dict[str, Any]:
+    """What identifies a run: every resolved config key, flat, plus a digest of its data files."""
+    flat: dict[str, Any] = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    flat["data.files"] = data_signature(config.data.path)
+    return json.loads(json.dumps(flat, default=str))  # the form it takes after a JSON round trip
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(allowed, refused)``: ``"key: old -> new"`` for each key that differs, split by ``RESUME_MAY_CHANGE``."""
+    allowed, refused = [], []
+    for key in sorted(set(saved) | set(current)):
+        if key in saved and key in current and saved[key] == current[key]:
+            continue
+        change = f"{key}: {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
+        # a key sipo gained after the checkpoint was written cannot have been changed by the user
+        (allowed if key in RESUME_MAY_CHANGE or key not in saved else refused).append(change)
+    return allowed, refused

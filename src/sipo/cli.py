@@ -13,12 +13,16 @@ from sipo.errors import SipoError
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", required=required, help="YAML config (see configs/)")
+    parser.add_argument("--config", required=required,
+                        help="YAML config file, or the name of a packaged one (see `sipo config --list`)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. objective.beta=2500")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sipo import __version__
+
     parser = argparse.ArgumentParser(prog="sipo", description="Diffusion-DPO, DPO-C&M and SIPO for diffusion models.")
+    parser.add_argument("--version", action="version", version=f"sipo {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="preference-tune a model")
@@ -26,12 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--strict", action="store_true", help="stop at the first malformed data row (same as data.strict=true)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in train.output_dir (its checkpoints, weights, logs) instead of stopping")
+
+    config = commands.add_parser("config", help="print the resolved config: every key with its value, default and help")
+    _add_config_arguments(config, required=False)
+    config.add_argument("--list", action="store_true", help="list the configs shipped with sipo and exit")
 
     demo = commands.add_parser("demo", help="the embedded digits task: DPO vs DPO-C&M vs SIPO on CPU")
     demo.add_argument("--quick", action="store_true", help="a small variant that finishes in about a minute")
     demo.add_argument("--output-dir", default="runs/demo", help="where the report and plots go")
 
-    analyze = commands.add_parser("analyze", help="per-timestep importance weights and gradient variance (SPEC 6)")
+    analyze = commands.add_parser("analyze", help="per-timestep importance weights and gradient variance (docs/spec.md section 6)")
     _add_config_arguments(analyze)
     analyze.add_argument("--checkpoint", default=None, help="a trained run directory (LoRA or full) to analyse instead of the base model")
     analyze.add_argument("--pairs", type=int, default=64, help="preference pairs to analyse")
@@ -70,18 +80,26 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    config = None
     try:
         if args.command == "train":
             from sipo.config import load_config
             from sipo.train import train
 
             config = load_config(args.config, args.overrides + (["data.strict=true"] if args.strict else []))
-            result = train(config, resume=args.resume, progress=not args.no_progress)
+            result = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
             print(f"trained {result.steps} steps; weights, config and logs in {result.output_dir}")
+        elif args.command == "config":
+            from sipo.config import describe_config, load_config, packaged_config_names
+
+            if args.list:
+                print("\n".join(packaged_config_names()))
+            else:
+                print(describe_config(load_config(args.config, args.overrides)), end="")
         elif args.command == "demo":
             from sipo.demo import run_demo
 
-            run_demo(Path(args.output_dir), quick=args.quick)
+            run_demo(_demo_output_dir(args.output_dir), quick=args.quick)
         elif args.command == "analyze":
             from sipo.analysis import run_analysis
             from sipo.config import load_config
@@ -94,9 +112,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sipo: error: {_one_sentence(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sipo: interrupted; resume with --resume", file=sys.stderr)
+        print(f"sipo: interrupted; {_after_interrupt(config if args.command == 'train' else None)}", file=sys.stderr)
         return 130
+    except OSError as error:
+        if not _caused_by_user(error):
+            raise
+        print(f"sipo: error: {_os_error_sentence(error)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _after_interrupt(config) -> str:
+    """What to run next: --resume only where a checkpoint exists to resume from."""
+    if config is None:
+        return "run the command again"
+    from sipo.checkpoints import list_checkpoints
+
+    checkpoints = list_checkpoints(Path(config.train.output_dir))
+    if checkpoints:
+        return f"continue with --resume (from {checkpoints[-1].name})"
+    return "no checkpoint was written yet, so start again with --overwrite"
+
+
+def _demo_output_dir(value: str) -> Path:
+    """``sipo demo --output-dir``: a directory that exists or can be made, and can be written."""
+    from sipo.rundir import check_output_dir
+
+    path = Path(value)
+    check_output_dir(path, name="--output-dir")
+    return path
+
+
+_USER_ERRNOS = {"ENOSPC", "EACCES", "EPERM", "EROFS", "ENOENT", "ENOTDIR", "EISDIR", "EDQUOT", "ENAMETOOLONG"}
+
+
+def _caused_by_user(error: OSError) -> bool:
+    """A missing, unreadable or unwritable path or a full disk: the user's to fix, not a bug."""
+    import errno
+
+    return error.errno is not None and errno.errorcode.get(error.errno) in _USER_ERRNOS
+
+
+def _os_error_sentence(error: OSError) -> str:
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"the disk is full{where}; free space there and run again"
+    return f"{error.strerror or error}{where}; fix that path or its permissions and run again"
 
 
 if __name__ == "__main__":

@@ -154,6 +154,10 @@ class TrainConfig:
     log_every: int = _help("TensorBoard scalars every N optimizer steps", default=10)
     max_bad_steps: int = _help("consecutive non-finite steps before the run stops", default=5)
     gradient_checkpointing: bool = _help("trade compute for memory in the denoiser", default=False)
+    report_to: str = _help(
+        "where accelerate sends the scalars: tensorboard, wandb or none (logs under <output_dir>/logs)",
+        default="tensorboard",
+    )
 
     def __post_init__(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
@@ -179,8 +183,14 @@ class SipoConfig:
         return dataclasses.asdict(self)
 
 
+#: string fields whose documented values YAML 1.1 reads as booleans (`mixed_precision: no` is False)
+_YAML_BOOLEAN_SPELLINGS: dict[str, dict[bool, str]] = {"train.mixed_precision": {False: "no"}}
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a field annotation; ints become floats where a float is expected."""
+    if isinstance(value, bool) and key in _YAML_BOOLEAN_SPELLINGS and value in _YAML_BOOLEAN_SPELLINGS[key]:
+        return _YAML_BOOLEAN_SPELLINGS[key][value]
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -262,23 +272,147 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise SipoError(f"config file {path} does not exist; pass --config with a YAML file from configs/")
+        path = resolve_config_path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise SipoError(f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
         except yaml.YAMLError as error:
             raise SipoError(f"config file {path} is not valid YAML ({error.__class__.__name__}); fix its syntax") from None
+        except OSError as error:
+            raise SipoError(f"config file {path} cannot be read ({error.strerror}); pass a readable YAML file") from None
         if not isinstance(values, dict):
             raise SipoError(f"config file {path} must be a mapping of sections (model, data, objective, train)")
     values = apply_overrides(values, overrides or [])
-    return _build(SipoConfig, values, "")
+    config = _build(SipoConfig, values, "")
+    check_values(config)
+    return config
 
 
 def config_from_dict(values: dict[str, Any]) -> SipoConfig:
     """Build and validate a config from a nested dict (as saved beside a run)."""
-    return _build(SipoConfig, values, "")
+    if not isinstance(values, dict):
+        raise SipoError("a saved config must be a mapping of sections (model, data, objective, train); restore config.yaml")
+    config = _build(SipoConfig, values, "")
+    check_values(config)
+    return config
 
 
 def save_config(config: SipoConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (the file a run leaves beside its weights)."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- packaged configs
+def packaged_config_names() -> list[str]:
+    """Names of the YAML configs shipped inside the package (``sipo/configs``)."""
+    from importlib import resources
+
+    root = resources.files("sipo") / "configs"
+    return sorted(entry.name[: -len(".yaml")] for entry in root.iterdir() if entry.name.endswith(".yaml"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or a packaged config named bare (``demo``, ``sd15_pickapic_lora.yaml``)."""
+    from importlib import resources
+
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise SipoError(f"config {path} is not a file; pass --config with a YAML file")
+    if len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "configs"):
+        stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+        packaged = resources.files("sipo") / "configs" / f"{stem}.yaml"
+        if packaged.is_file():
+            return Path(str(packaged))
+    raise SipoError(
+        f"config file {path} does not exist; pass --config with a YAML file or a packaged name "
+        f"({', '.join(packaged_config_names())})"
+    )
+
+
+# ----------------------------------------------------------------------------- cross-field checks
+def check_values(config: SipoConfig) -> None:
+    """Checks that need more than one field, or every field: finiteness, ranges, orderings.
+
+    Kept apart from the dataclasses' own ``__post_init__`` so new fields get the finiteness check
+    without code; ``check_against_model`` adds the checks that need the model's own numbers.
+    """
+    import math
+
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SipoError(f"{section.name}.{item.name}={value} is not a finite number; set a finite value")
+    oc, tc = config.objective, config.train
+    if oc.tau < 0:
+        raise SipoError(f"objective.tau={oc.tau} is negative, and weights are never negative; set a threshold >= 0")
+    for name in ("t_min", "t_max"):
+        value = getattr(oc, name)
+        if value is not None and value < 0:
+            raise SipoError(f"objective.{name}={value} is negative; timesteps start at 0")
+    if oc.t_min is not None and oc.t_max is not None and oc.t_min > oc.t_max:
+        raise SipoError(f"objective.t_min={oc.t_min} is above objective.t_max={oc.t_max}, which would mask every pair; "
+                        "swap them")
+    if oc.w_floor < 0:
+        raise SipoError(f"objective.w_floor={oc.w_floor} is negative; weights are never negative, set it >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(tc, name) < 1.0:
+            raise SipoError(f"train.{name}={getattr(tc, name)} is outside [0, 1); use e.g. 0.9 / 0.999")
+    for name in ("adam_weight_decay", "adam_epsilon", "max_grad_norm", "lr_warmup_steps", "checkpoint_every"):
+        if getattr(tc, name) < 0:
+            raise SipoError(f"train.{name}={getattr(tc, name)} is negative; set it >= 0")
+    if tc.report_to not in ("tensorboard", "wandb", "none"):
+        raise SipoError(f"train.report_to={tc.report_to!r} is not valid; choose one of ['tensorboard', 'wandb', 'none']")
+    if config.data.num_workers < 0:
+        raise SipoError(f"data.num_workers={config.data.num_workers} is negative; set 0 or more")
+
+
+def check_against_model(config: SipoConfig, num_train_timesteps: int | None, latent_factor: int | None,
+                        native_resolution: int | None) -> list[str]:
+    """Checks against the model's own numbers; raises on what cannot work, returns warnings for the odd.
+
+    Any number the model directory does not state is passed as ``None`` and its check skipped.
+    """
+    oc, resolution = config.objective, config.model.resolution
+    if num_train_timesteps is not None:
+        for name in ("t_min", "t_max"):
+            value = getattr(oc, name)
+            if value is not None and value >= num_train_timesteps:
+                raise SipoError(f"objective.{name}={value} is outside the model's timesteps [0, {num_train_timesteps}); "
+                                f"set it to at most {num_train_timesteps - 1}")
+    if latent_factor and resolution % latent_factor:
+        lower = max(latent_factor, resolution // latent_factor * latent_factor)
+        raise SipoError(f"model.resolution={resolution} is not divisible by the VAE's factor {latent_factor}; "
+                        f"use e.g. {lower} or {lower + latent_factor}")
+    warnings = []
+    if native_resolution and not native_resolution / 2 <= resolution <= native_resolution * 2:
+        warnings.append(f"model.resolution={resolution} is far from the model's own {native_resolution} pixels; "
+                        "it will train, but expect poor samples (warning only)")
+    return warnings
+
+
+def describe_config(config: SipoConfig) -> str:
+    """The resolved config as YAML, each key commented with its help and, where it differs, its default.
+
+    The text loads back with ``yaml.safe_load`` to exactly ``config.to_dict()``.
+    """
+    import json
+
+    lines = []
+    defaults = SipoConfig()
+    for section in dataclasses.fields(config):
+        values, default_values = getattr(config, section.name), getattr(defaults, section.name)
+        lines.append(f"{section.name}:")
+        for item in dataclasses.fields(values):
+            value, default = getattr(values, item.name), getattr(default_values, item.name)
+            note = item.metadata.get("help", "")
+            if value != default:
+                note += f" [default: {json.dumps(default)}]"
+            else:
+                note += " [default]"
+            lines.append(f"  {item.name}: {json.dumps(value)}  # {note}")
+    return "\n".join(lines) + "\n"

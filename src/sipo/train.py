@@ -23,8 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from sipo import objectives
-from sipo.checkpoints import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from sipo.config import SipoConfig, config_from_dict, save_config
+from sipo.checkpoints import (
+    TrainState, is_write_failure, disk_is_full, list_checkpoints, load_checkpoint, run_fingerprint, save_checkpoint,
+    write_error,
+)
+from sipo.config import SipoConfig, check_against_model, check_values, save_config
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora, lora_disabled
@@ -51,6 +54,20 @@ def _lr_scheduler(config: SipoConfig, optimizer):
     )
 
 
+def _project_url() -> str:
+    """The Homepage of sipo's own package metadata (pyproject.toml [project.urls]), stated once."""
+    from importlib import metadata
+
+    try:
+        for entry in metadata.metadata("sipo").get_all("Project-URL") or []:
+            label, _, url = entry.partition(",")
+            if label.strip().lower() == "homepage":
+                return url.strip()
+    except metadata.PackageNotFoundError:
+        pass
+    return "https://pypi.org/project/sipo/"
+
+
 def _write_model_card(output_dir: Path, config: SipoConfig, state: TrainState) -> None:
     switches = config.objective.switches()
     weights = "pytorch_lora_weights.safetensors (load with pipe.load_lora_weights(dir))" if config.train.finetune == "lora" else "unet/ (diffusers format)"
@@ -61,7 +78,7 @@ base_model: {config.model.pretrained_path}
 ---
 # {config.objective.name} fine-tune of `{config.model.pretrained_path}`
 
-Trained with [sipo](https://github.com/) ({config.objective.name}: mask={switches['mask']},
+Trained with [sipo]({_project_url()}) ({config.objective.name}: mask={switches['mask']},
 clip={switches['clip']}, reweight={switches['reweight']}, beta={config.objective.beta}) for
 {state.step} optimizer steps on `{config.data.path}` ({config.data.format}).
 
@@ -71,6 +88,41 @@ clip={switches['clip']}, reweight={switches['reweight']}, beta={config.objective
   malformed rows skipped: {state.skipped_rows}
 """
     (output_dir / "README.md").write_text(text)
+
+
+def _start_trackers(accelerator, config: SipoConfig) -> None:
+    """One stable log folder per run, ``<output_dir>/logs``; a resume appends to it.
+
+    accelerate's TensorBoard tracker stores a config with ``add_hparams``, which makes a new
+    timestamped folder on every call: TensorBoard gets the config as text instead.
+    """
+    import yaml
+
+    if config.train.report_to == "none":
+        return
+    flat = {k: str(v) for k, v in _flat(config.to_dict()).items()}
+    accelerator.init_trackers("logs", config=flat if config.train.report_to != "tensorboard" else None)
+    if config.train.report_to == "tensorboard":
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```")
+
+
+def _run_header(config: SipoConfig, dataset, output_dir: Path) -> str:
+    """What the run is about to do, printed before the progress bar."""
+    report = dataset.report
+    skipped = f", {report.skipped_total} rows skipped while indexing ({report.skip_summary()})" if report.skipped_total else ""
+    return (f"sipo: training {config.model.family} model {config.model.pretrained_path} with {config.objective.name} "
+            f"into {output_dir}; data: {len(dataset)} pairs found in {config.data.path}{skipped}")
+
+
+def _divergence_advice(output_dir: Path) -> str:
+    """The way out of a divergence stop, true to what is on disk."""
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        return (f"lower objective.beta or turn on objective.mask and --resume from {checkpoints[-1].name}, the last "
+                "good checkpoint, or lower train.learning_rate and start again with --overwrite")
+    return ("no checkpoint was written before it, so lower objective.beta or train.learning_rate, or turn on "
+            "objective.mask, and start again with --overwrite")
 
 
 def _trainable_named(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -84,32 +136,40 @@ def train(
     step_callback: StepCallback | None = None,
     progress: bool = True,
     adapter: DiffusionAdapter | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train per ``config``; with ``resume`` continue from the latest complete checkpoint."""
+    """Train per ``config`` into a fresh ``train.output_dir``.
+
+    ``resume`` continues the run already there from its newest intact checkpoint; ``overwrite``
+    replaces the run already there. Without either, a directory holding a run stops the call.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from sipo import rundir
     from sipo.data import collate_pairs, open_preference_dataset
 
     tc, oc = config.train, config.objective
     output_dir = Path(tc.output_dir)
-    checkpoints = list_checkpoints(output_dir)
-    if resume and not checkpoints:
-        raise SipoError(f"--resume found no checkpoint under {output_dir}/checkpoints; start without --resume")
-    if resume:
-        saved = output_dir / "config.yaml"
-        if saved.is_file():
-            import yaml
-
-            previous = config_from_dict(yaml.safe_load(saved.read_text()))
-            if previous.objective != config.objective or previous.model != config.model:
-                raise SipoError(
-                    f"the config differs from the one saved in {saved} (model or objective); "
-                    "resume with the same config, or start a new output_dir"
-                )
+    # Prologue: every check that can fail runs before the first byte is written into output_dir.
+    check_values(config)
+    notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
+    rundir.check_output_dir(output_dir)
+    if resume and overwrite:
+        raise SipoError("--resume and --overwrite contradict each other; pass one of them")
+    if not resume and not overwrite:
+        rundir.refuse_foreign_run(output_dir)
     # Open the data before loading a model: a bad path should fail in a second, not a minute.
     dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = run_fingerprint(config)
+    resume_from = None
+    if resume:
+        resume_from, resume_notes = rundir.choose_resume_checkpoint(output_dir, fingerprint)
+        notes += resume_notes
+    elif overwrite:
+        removed = rundir.remove_previous_run(output_dir)
+        if removed:
+            notes.append(f"--overwrite: removed the earlier run's {', '.join(removed)}")
 
     # A second train() in one process (notebooks, the demo, tests) may ask for another precision;
     # accelerate keeps a process-wide state that would refuse it. The process group is kept.
@@ -117,12 +177,16 @@ def train(
 
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=str(output_dir)
+        mixed_precision=tc.mixed_precision, log_with=None if tc.report_to == "none" else tc.report_to,
+        project_dir=str(output_dir),
     )
     torch.manual_seed(tc.seed)
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
-        accelerator.init_trackers("logs", config={k: str(v) for k, v in _flat(config.to_dict()).items()})
+        _start_trackers(accelerator, config)
+        for line in notes:
+            accelerator.print(f"sipo: {line}")
+        accelerator.print(_run_header(config, dataset, output_dir))
 
     # Model: policy, and the frozen reference (LoRA: the same weights with adapters switched off).
     if adapter is None:
@@ -163,14 +227,15 @@ def train(
     state.ema_seen = torch.zeros(num_buckets, dtype=torch.bool)
     history: list[dict[str, float]] = []
     metrics_path = output_dir / "metrics.jsonl"
-    if resume:
-        state = load_checkpoint(checkpoints[-1], trainable, optimizer, lr_scheduler, generator)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, generator)
         if metrics_path.is_file():
             history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= state.step]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-        accelerator.print(f"resumed from {checkpoints[-1]} at step {state.step}")
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
     elif accelerator.is_main_process and metrics_path.exists():
         metrics_path.unlink()
+    first_micro_batch = state.micro_batches  # data consumed before this call (a resume's position)
 
     block_ids = dataset.row_group_ids() if config.data.shuffle == "block" and hasattr(dataset, "row_group_ids") else None
     sampler = ResumableBatchSampler(
@@ -251,8 +316,7 @@ def train(
             bucket = _worst_bucket(step_terms, num_train_timesteps)
             raise SipoError(
                 f"stopped at step {state.step}: {state.consecutive_bad_steps} optimizer steps in a row had a "
-                f"non-finite loss or gradient (timesteps {bucket}); lower objective.beta or "
-                "train.learning_rate, or turn on objective.mask; the last good checkpoint is intact"
+                f"non-finite loss or gradient (timesteps {bucket}); {_divergence_advice(output_dir)}"
             )
         weight_log.extend((t.timesteps.cpu(), t.log_w_pair.cpu()) for t in step_terms)
         if step_terms:
@@ -276,24 +340,37 @@ def train(
         if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps
                 and state.consecutive_bad_steps == 0):
             if accelerator.is_main_process:
-                save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last)
+                save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last,
+                                fingerprint)
             accelerator.wait_for_everyone()
     bar.close()
 
+    # Epilogue: the data summary always; weights and a model card only when some pair was used.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last)
-        unwrapped = accelerator.unwrap_model(model)
-        if tc.finetune == "lora":
-            from peft.utils import get_peft_model_state_dict
-
-            adapter.save_lora(output_dir, get_peft_model_state_dict(unwrapped))
-        else:
-            adapter.save_full(output_dir)
-        _write_model_card(output_dir, config, state)
         (output_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
-        if progress:
-            accelerator.print(f"data: {dataset.report}")
+        accelerator.print(f"data: {dataset.report}")
+        if dataset.report.used == 0 and state.micro_batches > first_micro_batch:
+            accelerator.end_training()
+            raise SipoError(
+                f"no usable pair in {config.data.path}: every row read was skipped ({dataset.report.skip_summary()}), "
+                f"so no weights were written; fix the rows listed in {output_dir / 'data_report.json'}"
+            )
+        save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last, fingerprint)
+        unwrapped = accelerator.unwrap_model(model)
+        try:
+            if tc.finetune == "lora":
+                from peft.utils import get_peft_model_state_dict
+
+                adapter.save_lora(output_dir, get_peft_model_state_dict(unwrapped))
+            else:
+                adapter.save_full(output_dir)
+            _write_model_card(output_dir, config, state)
+        except Exception as error:
+            if not is_write_failure(error):
+                raise
+            raise write_error(error, f"the final weights into {output_dir}", disk_is_full(error, output_dir),
+                              "run again with --resume (the final checkpoint is saved)") from None
     accelerator.end_training()
     return TrainResult(output_dir=output_dir, steps=state.step, history=history, adapter=adapter)
 

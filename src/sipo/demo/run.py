@@ -84,15 +84,10 @@ QUICK = DemoSettings(
 
 
 def demo_config_path() -> Path:
-    """configs/demo.yaml: packaged with sipo, or in the source checkout, or under the current directory."""
-    import sipo
+    """configs/demo.yaml, shipped inside the package (found with importlib.resources)."""
+    from sipo.config import resolve_config_path
 
-    package = Path(sipo.__file__).resolve().parent
-    for candidate in (package / "configs" / "demo.yaml", package.parents[1] / "configs" / "demo.yaml",
-                      Path.cwd() / "configs" / "demo.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise SipoError("configs/demo.yaml was not found; run `sipo demo` from the sipo source checkout")
+    return resolve_config_path("demo")
 
 
 def setup_torch(threads: int = 1) -> None:
@@ -168,7 +163,7 @@ def run_one(job: RunJob, tick=None) -> dict[str, Any]:
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # the trainer's per-run "data: ..." lines go to train.log
-        result = train(config, step_callback=on_step, progress=False, adapter=copy.deepcopy(base))
+        result = train(config, step_callback=on_step, progress=False, adapter=copy.deepcopy(base), overwrite=True)
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(job.run_dir) / "train.log").write_text(log.getvalue())
     return {

@@ -52,7 +52,16 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
             f"{path} has no model_index.json; point model.pretrained_path at a diffusers pipeline "
             "directory saved with save_pretrained"
         )
-    return json.loads(index.read_text())
+    try:
+        values = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SipoError(
+            f"{index} is not readable JSON ({error.__class__.__name__}); restore it from the original "
+            "pipeline (save_pretrained writes it) and point model.pretrained_path at that directory"
+        ) from None
+    if not isinstance(values, dict):
+        raise SipoError(f"{index} is not a JSON object; restore it from the original pipeline")
+    return values
 
 
 class DiffusionAdapter(ABC):

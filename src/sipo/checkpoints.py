@@ -285,6 +285,8 @@ def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path) -> SipoConf
 RESUME_MAY_CHANGE = frozenset({
     "train.max_steps", "train.checkpoint_every", "train.log_every", "train.keep_last", "train.report_to",
     "train.max_bad_steps", "train.output_dir", "data.num_workers",
+    # data moved or copied elsewhere: data.files (the files' digest) still has to match
+    "data.path",
     # read afresh every step: the way out of a divergence stop is to lower these and resume
     "objective.beta", "objective.mask", "objective.tau", "objective.t_min", "objective.t_max", "train.max_grad_norm",
 })

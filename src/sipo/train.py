@@ -438,6 +438,8 @@ def _log_weight_histogram(accelerator, weight_log, num_train_timesteps: int, num
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
     except (ValueError, KeyError):
         return
+    if not hasattr(writer, "add_histogram"):  # train.report_to is not tensorboard
+        return
     writer.add_histogram("weights/log_w_pair", log_w[finite].numpy(), step)
     buckets = objectives.timestep_bucket(timesteps, num_train_timesteps, num_buckets)
     for bucket in buckets[finite].unique().tolist():

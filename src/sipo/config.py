@@ -50,7 +50,7 @@ class ModelConfig:
     )
     resolution: int = _help("training resolution in pixels (images are resized and center-cropped)", default=512)
     num_inference_steps: int = _help(
-        "inference grid that defines the previous timestep s = t - T/n of SPEC 3", default=50
+        "inference grid that defines the previous timestep s = t - T/n (docs/spec.md section 3)", default=50
     )
     trust_remote_code: bool = _help(
         "allow custom code from the model directory; off unless you trust its source", default=False
@@ -411,8 +411,18 @@ def describe_config(config: SipoConfig) -> str:
             value, default = getattr(values, item.name), getattr(default_values, item.name)
             note = item.metadata.get("help", "")
             if value != default:
-                note += f" [default: {json.dumps(default)}]"
+                note += f" [default: {_yaml_scalar(default)}]"
             else:
                 note += " [default]"
-            lines.append(f"  {item.name}: {json.dumps(value)}  # {note}")
+            lines.append(f"  {item.name}: {_yaml_scalar(value)}  # {note}")
     return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A value as YAML 1.1 reads it back: JSON, except floats like 1e-08 need a dot (1.0e-08) to stay floats."""
+    import json
+
+    if isinstance(value, float) and "e" in repr(value) and "." not in repr(value).split("e")[0]:
+        mantissa, exponent = repr(value).split("e")
+        return f"{mantissa}.0e{exponent}"
+    return json.dumps(value)

@@ -156,3 +156,92 @@ def make_tiny_hpsv2(directory: str | Path, seed: int = 0) -> tuple[Path, Referen
     torch.save({"epoch": 1, "state_dict": model.state_dict()}, directory / "HPS_v2.1_compressed.pt")
     (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     return directory, model
+
+
+# ----------------------------------------------------------------------------- BLIP (ImageReward)
+class _TimmBlock(nn.Module):
+    """BLIP's ViT block (timm layout: fused qkv with bias, ``proj``, LayerNorm eps 1e-6), same parameter names."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attention = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
+        x = x + self.attn.proj((attention @ v).transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class ReferenceBlipViT(nn.Module):
+    """BLIP's VisionTransformer (models/BLIP/vit.py) at toy size, written independently: original key names."""
+
+    def __init__(self, width: int = 64, depth: int = 2, patch: int = 8, image_size: int = 32):
+        super().__init__()
+        grid = image_size // patch
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + 1, width) * 0.5)
+        self.blocks = nn.ModuleList(_TimmBlock(width, max(1, width // 64)) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.normal_(module.weight, 1.0, 0.2)
+                nn.init.normal_(module.bias, 0.0, 0.2)
+
+    def forward(self, pixels):
+        x = self.patch_embed.proj(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+#: ImageReward's med_config.json at toy size (the published one: 768 wide, 12 layers, vocab 30524).
+TINY_MED_CONFIG = {
+    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+    "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 4,
+    "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": None, "encoder_width": 64,
+    "add_cross_attention": True,
+}
+_BERT_WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "the", "on", "in", "painting", "digit"]
+
+
+def make_tiny_image_reward(directory: str | Path, seed: int = 0):
+    """``ImageReward.pt`` (original BLIP key names), ``med_config.json`` and a BERT ``vocab.txt``.
+
+    Returns ``(directory, vit, text_encoder, mlp)``: the reference modules the checkpoint was cut from.
+    """
+    from transformers import BlipTextConfig, BlipTextModel
+
+    from sipo.rewards.clip import AestheticHead
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _BERT_WORDS + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + ["[DEC]", "[ENC]"]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    med = dict(TINY_MED_CONFIG, vocab_size=len(vocab))
+    (directory / "med_config.json").write_text(json.dumps(med))
+    torch.manual_seed(seed)
+    vit = ReferenceBlipViT(width=med["encoder_width"]).eval()
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=med["encoder_width"],
+        intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
+        num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
+    ), add_pooling_layer=False).eval()
+    mlp = AestheticHead(med["hidden_size"]).eval()
+    state = {f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()}
+    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    state.update({f"mlp.{k}": v for k, v in mlp.state_dict().items()})
+    state["blip.vision_proj.weight"] = torch.randn(8, med["encoder_width"])  # unused by the score, as published
+    torch.save(state, directory / "ImageReward.pt")
+    return directory, vit, text, mlp

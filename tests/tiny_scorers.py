@@ -20,8 +20,13 @@ TINY_CLIP_IMAGE_SIZE = 32
 TINY_PROJECTION_DIM = 16
 
 
-def make_tiny_clip(directory: str | Path, seed: int = 0, save_tokenizer: bool = True) -> Path:
-    """A tiny transformers ``CLIPModel`` (+ its tokenizer) saved with ``save_pretrained``: the PickScore_v1 layout."""
+def make_tiny_clip(directory: str | Path, seed: int = 0, save_tokenizer: bool = True, positive: bool = False) -> Path:
+    """A tiny transformers ``CLIPModel`` (+ its tokenizer) saved with ``save_pretrained``: the PickScore_v1 layout.
+
+    ``positive``: give both towers' final layer norms the same bias and both projections the same
+    matrix, so image-text cosines are positive (random weights otherwise give negative ones, which
+    CLIP score clamps to 0).
+    """
     from transformers import CLIPConfig, CLIPModel
 
     directory = Path(directory)
@@ -37,7 +42,15 @@ def make_tiny_clip(directory: str | Path, seed: int = 0, save_tokenizer: bool = 
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                        "image_size": TINY_CLIP_IMAGE_SIZE, "patch_size": 8},
     )
-    CLIPModel(config).save_pretrained(directory, safe_serialization=True)
+    model = CLIPModel(config)
+    if positive:
+        with torch.no_grad():
+            shared = torch.randn(32)
+            for norm in (model.vision_model.post_layernorm, model.text_model.final_layer_norm):
+                norm.weight.mul_(0.5)
+                norm.bias.copy_(shared)
+            model.text_projection.weight.copy_(model.visual_projection.weight)
+    model.save_pretrained(directory, safe_serialization=True)
     if save_tokenizer:
         tokenizer.save_pretrained(directory)
     return directory

@@ -137,8 +137,14 @@ class Sample:
 
 
 def image_path(output_dir: Path, model: str, sample: Sample) -> Path:
-    """Where image ``(model, prompt index, seed)`` lives: a PNG, or a folder of frame PNGs for a video."""
-    return output_dir / "images" / model / f"p{sample.prompt_index:05d}_s{sample.seed}.png"
+    """Where picture ``(model, prompt index, seed)`` lives: ``p00012_s0.png``, or for a video the folder
+    ``p00012_s0/`` of frame PNGs (whichever exists; the PNG name when neither does yet)."""
+    path = output_dir / "images" / model / f"p{sample.prompt_index:05d}_s{sample.seed}.png"
+    return path.with_suffix("") if path.with_suffix("").is_dir() else path
+
+
+def picture_exists(output_dir: Path, model: str, sample: Sample) -> bool:
+    return image_path(output_dir, model, sample).exists()
 
 
 def _to_uint8(picture: Tensor) -> np.ndarray:
@@ -149,6 +155,8 @@ def save_picture(path: Path, picture: Tensor) -> None:
     """Write ``[3, H, W]`` (a PNG) or ``[F, 3, H, W]`` (a folder of ``frame_NNN.png``), atomically."""
     from PIL import Image
 
+    if picture.ndim == 4:
+        path = path.with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     if picture.ndim == 3:
@@ -183,7 +191,7 @@ def generate(
     """
     from tqdm.auto import tqdm
 
-    todo = [s for s in samples if not image_path(output_dir, model, s).exists()]
+    todo = [s for s in samples if not picture_exists(output_dir, model, s)]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"sampling {model}", unit="batch", disable=not progress or not batches):
         generators = [torch.Generator().manual_seed(s.seed) for s in batch]
@@ -252,6 +260,15 @@ def markdown_table(summaries: list[ScorerSummary], models: Sequence[str], num_im
     return "\n".join(lines)
 
 
+def video_table(results: dict[str, dict[str, dict[str, float]]], models: Sequence[str]) -> str:
+    """One row per (benchmark, dimension), one column per model."""
+    lines = ["| benchmark dimension | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
+    for bench, per_model in results.items():
+        for dim in per_model[models[0]]:
+            lines.append(f"| {bench} {dim} | " + " | ".join(f"{per_model[m][dim]:.4f}" for m in models) + " |")
+    return "\n".join(lines)
+
+
 def write_scores_csv(path: Path, samples: list[Sample], models: Sequence[str], scores: dict[str, dict[str, Tensor]],
                      output_dir: Path) -> None:
     """One row per image: model, prompt index, seed, prompt, image path, one column per scorer."""
@@ -300,6 +317,8 @@ class EvalOptions:
     pickapic_path: str | None = None
     max_prompts: int | None = None
     progress: bool = True
+    #: video benchmarks (sipo.rewards.vbench.VideoBenchmark) run on the saved videos of each model
+    video_benchmarks: list = field(default_factory=list)
 
 
 def parse_scorer_paths(items: Sequence[str]) -> dict[str, str]:
@@ -355,7 +374,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     # Base first, then the run's weights go in: the same code path for LoRA and full fine-tunes.
     generate(adapter.sample, samples, output_dir, "base", options.batch_size, options.progress, **sample_options)
     if not options.base_only:
-        todo = [s for s in samples if not image_path(output_dir, "aligned", s).exists()]
+        todo = [s for s in samples if not picture_exists(output_dir, "aligned", s)]
         if todo:
             from sipo.checkpoints import load_run_weights
 
@@ -376,6 +395,13 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         del scorer
     write_scores_csv(output_dir / "scores.csv", samples, models, all_scores, output_dir)
     table = markdown_table(summaries, models, len(samples))
+    video_results = {}
+    if options.video_benchmarks:
+        from sipo.rewards.vbench import run_video_benchmarks
+
+        videos = {m: [image_path(output_dir, m, s) for s in samples] for m in models}
+        video_results = run_video_benchmarks(options.video_benchmarks, videos, [s.prompt for s in samples], output_dir)
+        table += "\n\n" + video_table(video_results, models)
     settings = (f"model {config.model.pretrained_path}; run {options.checkpoint}; {len(prompts)} prompts x "
                 f"{len(options.seeds)} seeds; {options.num_inference_steps} steps; guidance {options.guidance_scale}")
     (output_dir / "summary.md").write_text(f"# sipo eval\n\n{settings}\n\n{table}\n")
@@ -383,7 +409,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         {"settings": {"model": config.model.pretrained_path, "checkpoint": options.checkpoint,
                       "prompts": options.prompts, "num_prompts": len(prompts), "seeds": options.seeds,
                       "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale},
-         "scorers": [s.__dict__ for s in summaries]}, indent=2))
+         "scorers": [s.__dict__ for s in summaries], "video_benchmarks": video_results}, indent=2))
     write_grid(output_dir / "grid.png", samples, models, output_dir)
     print(table)
     print(f"scores, table and grid in {output_dir}")

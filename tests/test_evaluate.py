@@ -149,14 +149,14 @@ def test_video_pictures_are_frame_folders(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def trained_run(tiny_sd15_dir, tmp_path_factory):
-    """A tiny SD1.5 LoRA trained by `sipo train` in a subprocess, plus the config it was trained with."""
+    """A tiny SD1.5 LoRA trained by `sipo train` (in process), plus the config file it was trained with."""
+    from sipo.cli import main
+
     root = tmp_path_factory.mktemp("eval_run")
     manifest = write_jsonl_pairs(root / "data")
     config = write_tiny_config(root / "tiny.yaml", tiny_sd15_dir, manifest, root / "run",
                                **{"train.learning_rate": 0.05, "train.max_steps": 3})
-    done = subprocess.run([sys.executable, "-m", "sipo", "train", "--config", str(config), "--no-progress"],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
     return config, root / "run"
 
 
@@ -174,7 +174,7 @@ def _eval_command(config, run, prompts, output, scorer_paths, *extra):
 
 
 @pytest.mark.slow
-def test_sipo_eval_end_to_end(trained_run, scorer_paths, tmp_path):
+def test_sipo_eval_end_to_end(trained_run, scorer_paths, tmp_path, capsys):
     config, run = trained_run
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red dog\nthe blue painting\n")
@@ -205,21 +205,22 @@ def test_sipo_eval_end_to_end(trained_run, scorer_paths, tmp_path):
     summary = json.loads((output / "summary.json").read_text())
     assert summary["scorers"][0]["win_rate"] == pytest.approx(expected, abs=1e-6)
 
-    # re-running generates nothing: the PNGs are not rewritten, the table is the same
+    # re-running (in process) generates nothing: the PNGs are not rewritten, the table is the same
+    from sipo.cli import main
+
     stamp = (output / "images" / "aligned" / "p00002_s1.png").stat().st_mtime_ns
-    again = subprocess.run(_eval_command(config, run, prompts, output, scorer_paths), capture_output=True, text=True,
-                           cwd=REPO, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    capsys.readouterr()
+    assert main(_eval_command(config, run, prompts, output, scorer_paths)[3:]) == 0
     assert (output / "images" / "aligned" / "p00002_s1.png").stat().st_mtime_ns == stamp
-    assert again.stdout == done.stdout
+    assert capsys.readouterr().out == done.stdout
 
 
-def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sipo", "eval", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+def test_cli_bad_input_is_one_sentence(trained_run, tmp_path, capsys):
+    """Each stops before any sampling, with exit status 2 and one `sipo: error:` line (CLI in process)."""
+    import re
 
+    from sipo.cli import main
 
-def test_cli_bad_input_is_one_sentence(trained_run, tmp_path):
     config, run = trained_run
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
@@ -232,13 +233,12 @@ def test_cli_bad_input_is_one_sentence(trained_run, tmp_path):
          "pickscore scorer directory .* does not exist"),
     ]
     for args, message in cases:
-        done = _run_cli(*args, "--output-dir", tmp_path / "out", "--no-progress")
-        assert done.returncode == 2, done.stderr[-2000:]
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("sipo: error: "), done.stderr[-2000:]
-        import re
-
+        capsys.readouterr()
+        status = main(["eval", *map(str, args), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("sipo: error: "), lines
         assert re.search(message, lines[0]), lines[0]
+        assert not (tmp_path / "out" / "images").exists()
 
 
 def test_checkpoint_of_another_family_is_one_sentence(tiny_sd15_dir, tmp_path):

@@ -357,6 +357,10 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     unknown_paths = sorted(set(options.scorer_paths) - set(options.scorers))
     if unknown_paths:
         raise SipoError(f"--scorer-path names {unknown_paths[0]}, which is not in --scorers {options.scorers}; add it to --scorers")
+    for name, directory in options.scorer_paths.items():
+        if not Path(directory).expanduser().exists():  # a typo found now, not after an hour of sampling
+            raise SipoError(f"{name} scorer directory {directory} does not exist; download the checkpoint "
+                            f"docs/evaluation.md names and pass --scorer-path {name}=DIR")
     if options.checkpoint is not None and not options.base_only:
         check_run_family(options.checkpoint, config.model.family)
     if options.batch_size < 1 or options.num_inference_steps < 1:

@@ -47,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--pairs", type=int, default=64, help="preference pairs to analyse")
     analyze.add_argument("--buckets", type=int, default=20, help="timestep buckets over [0, T)")
     analyze.add_argument("--output-dir", default=None, help="default: <train.output_dir>/analysis")
+
+    evaluate = commands.add_parser("eval", help="sample base and aligned model, score with reward models, win rates")
+    _add_config_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", default=None, help="the trained run directory (train.output_dir) to compare with its base")
+    evaluate.add_argument("--base", action="store_true", help="score the base model only (no --checkpoint needed)")
+    evaluate.add_argument("--prompts", required=True, help="text file, one prompt per line, or pickapic-test")
+    evaluate.add_argument("--pickapic-path", default=None, help="Pick-a-Pic v2 test parquet (file, folder or glob) for --prompts pickapic-test")
+    evaluate.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    evaluate.add_argument("--seeds", default="0", help="comma-separated seeds (or a range 0-3); one image per prompt and seed")
+    evaluate.add_argument("--scorers", default="pickscore", help="comma-separated: pickscore,hpsv2,imagereward,aesthetic,clipscore")
+    evaluate.add_argument("--scorer-path", action="append", default=[], metavar="NAME=DIR",
+                          help="local checkpoint directory of a scorer (repeatable); default: its hub id where online")
+    evaluate.add_argument("--output-dir", default=None, help="default: <checkpoint>/eval")
+    evaluate.add_argument("--batch-size", type=int, default=4, help="images per sampling and scoring batch")
+    evaluate.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps (the same for both models)")
+    evaluate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the same for both models)")
+    evaluate.add_argument("--vbench", default=None, metavar="DIM,DIM",
+                          help="video families: also run VBench on these dimensions (pip install vbench; downloads its models)")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
 
@@ -108,6 +127,25 @@ def main(argv: list[str] | None = None) -> int:
             output_dir = Path(args.output_dir) if args.output_dir else Path(config.train.output_dir) / "analysis"
             run_analysis(config, checkpoint=args.checkpoint, num_pairs=args.pairs, num_buckets=args.buckets,
                          output_dir=output_dir)
+        elif args.command == "eval":
+            from sipo.config import load_config
+            from sipo.evaluate import EvalOptions, parse_scorer_paths, parse_seeds, run_eval
+
+            config = load_config(args.config, args.overrides)
+            video_benchmarks = []
+            if args.vbench is not None:
+                from sipo.rewards.vbench import VBench
+
+                video_benchmarks.append(VBench([d.strip() for d in args.vbench.split(",") if d.strip()]))
+            run_eval(config, EvalOptions(
+                prompts=args.prompts, checkpoint=args.checkpoint, base_only=args.base, seeds=parse_seeds(args.seeds),
+                scorers=[s.strip() for s in args.scorers.split(",") if s.strip()],
+                scorer_paths=parse_scorer_paths(args.scorer_path),
+                output_dir=Path(args.output_dir) if args.output_dir else None, batch_size=args.batch_size,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                pickapic_path=args.pickapic_path, max_prompts=args.max_prompts, progress=not args.no_progress,
+                video_benchmarks=video_benchmarks,
+            ))
     except SipoError as error:
         print(f"sipo: error: {_one_sentence(error)}", file=sys.stderr)
         return 2

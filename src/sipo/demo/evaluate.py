@@ -46,10 +46,10 @@ def sample_and_score(
 
 
 def win_rate(rewards: Tensor, base_rewards: Tensor, tolerance: float = TIE_TOLERANCE) -> float:
-    """Fraction of samples whose reward beats the base's on the same prompt and noise; ties count half."""
-    if rewards.shape != base_rewards.shape:
-        raise ValueError(f"rewards {tuple(rewards.shape)} and base rewards {tuple(base_rewards.shape)} differ")
-    difference = rewards.double() - base_rewards.double()
-    wins = (difference > tolerance).double()
-    ties = (difference.abs() <= tolerance).double()
-    return float((wins + 0.5 * ties).mean())
+    """Fraction of samples whose reward beats the base's on the same prompt and noise; ties count half.
+
+    The same function as ``sipo eval`` (:func:`sipo.evaluate.win_rate`), with the demo's tie tolerance.
+    """
+    from sipo.evaluate import win_rate as shared_win_rate
+
+    return shared_win_rate(rewards, base_rewards, tolerance)

@@ -6,6 +6,9 @@ fitted on a seeded half of ``load_digits`` (899 real digits); the other half is 
 it (about 97-98% accuracy there). ``reward(image, N)`` is the probability it gives to class ``N``:
 near 1 for a clear, well-formed N; near 0 for a blob, a smear or another digit. Images at another
 resolution are area-averaged down to 8x8 first.
+
+:class:`DigitScorer` puts the same reader behind the :class:`sipo.rewards.Scorer` interface (registered
+as ``digits-classifier``): images in ``[0, 1]``, prompts that name the digit (``"digit 3"``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sipo.demo.pretrain import load_digit_images
+from sipo.errors import SipoError
+from sipo.rewards.base import Scorer
 
 
 class DigitReward:
@@ -57,3 +62,32 @@ class DigitReward:
     def held_out_accuracy(self) -> float:
         predicted = self.probabilities(self.held_out_images).argmax(axis=1)
         return float((predicted == self.held_out_labels.numpy()).mean())
+
+
+class DigitScorer(Scorer):
+    """The demo's reward as a :class:`~sipo.rewards.Scorer`: the probability of the digit the prompt names."""
+
+    name = "digits-classifier"
+
+    def __init__(self, reward: DigitReward, device="cpu"):
+        self.reward, self.device = reward, torch.device(device)
+
+    @classmethod
+    def load(cls, source=None, device="cpu") -> "DigitScorer":
+        """``source``: the classifier's seed as text (None: seed 0); it is refitted, there are no files."""
+        try:
+            seed = 0 if source is None else int(str(source))
+        except ValueError:
+            raise SipoError(f"the digits-classifier takes a seed, not {source!r}; pass --scorer-path digits-classifier=0") from None
+        return cls(DigitReward(seed), device)
+
+    @staticmethod
+    def digit_of(prompt: str) -> int:
+        digits = [c for c in prompt if c.isdigit()]
+        if not digits:
+            raise SipoError(f"prompt {prompt!r} names no digit; the digits-classifier scores prompts like 'digit 3'")
+        return int(digits[0])
+
+    def _score_images(self, images: Tensor, prompts: list[str]) -> Tensor:
+        labels = [self.digit_of(p) for p in prompts]
+        return self.reward(images * 2 - 1, labels)

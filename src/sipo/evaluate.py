@@ -1,0 +1,420 @@
+"""`sipo eval`: sample the base and the aligned model on the same prompts and seeds, score, compare.
+
+Protocol. Every image is keyed by ``(model, prompt index, seed)`` and drawn with its own CPU
+``torch.Generator(seed)`` (one per image, so batching and resuming never change an image); base and
+aligned share the prompts, seeds, scheduler (the family pipeline's, DDIM for SD1.5), step count and
+guidance scale, so image ``(i, s)`` of the two models differs only by the weights. Images are saved
+as PNG under ``<output_dir>/images/<model>/`` and re-running skips those already there. Scores are
+computed from the saved PNGs (so a resumed run scores exactly what a fresh one would).
+
+Per scorer we report the mean score of each model with a 95% percentile-bootstrap interval, and the
+win rate of aligned over base (per ``(prompt, seed)``: 1 if aligned scores higher, 0 if lower,
+1/2 on a tie) with its bootstrap interval. Outputs: ``scores.csv`` (every image's scores),
+``summary.md`` (the table, also printed), ``summary.json`` and ``grid.png`` (base | aligned).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sipo.errors import SipoError
+
+MODELS = ("base", "aligned")
+
+
+# ----------------------------------------------------------------------------- pure statistics
+def win_outcomes(scores: Tensor, base_scores: Tensor, tolerance: float = 0.0) -> Tensor:
+    """Per sample: 1 where ``scores`` beats ``base_scores`` by more than ``tolerance``, 0 where it
+    loses by more, 1/2 otherwise (a tie). Same shape as the inputs, float64."""
+    scores, base_scores = torch.as_tensor(scores), torch.as_tensor(base_scores)
+    if scores.shape != base_scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and base scores {tuple(base_scores.shape)} differ")
+    difference = scores.double() - base_scores.double()
+    return (difference > tolerance).double() + 0.5 * (difference.abs() <= tolerance).double()
+
+
+def win_rate(scores: Tensor, base_scores: Tensor, tolerance: float = 0.0) -> float:
+    """Fraction of samples whose score beats the base's on the same prompt and seed; ties count half."""
+    return float(win_outcomes(scores, base_scores, tolerance).mean())
+
+
+def bootstrap_ci(
+    values: Sequence[float] | Tensor | np.ndarray, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values``.
+
+    Draw ``num_resamples`` resamples of ``len(values)`` with replacement (numpy ``default_rng(seed)``),
+    take each one's mean, return the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles
+    (numpy's linear interpolation). Deterministic given ``seed``.
+    """
+    data = np.asarray(torch.as_tensor(values).double().cpu().numpy() if isinstance(values, Tensor) else values,
+                      dtype=np.float64).reshape(-1)
+    if data.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(num_resamples, data.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+# ----------------------------------------------------------------------------- prompts
+PICKAPIC_TEST = "pickapic-test"
+
+
+def read_prompts(source: str | Path, pickapic_path: str | None = None, limit: int | None = None) -> list[str]:
+    """Prompts from a text file (one per line, blank lines skipped) or ``pickapic-test``.
+
+    ``pickapic-test``: the unique captions, in order of first appearance, of the Pick-a-Pic v2 test
+    split read from local parquet (``pickapic_path``: a file, a directory of shards or a glob).
+    """
+    if str(source) == PICKAPIC_TEST:
+        if not pickapic_path:
+            raise SipoError(
+                "--prompts pickapic-test reads the Pick-a-Pic v2 test split from local parquet; download "
+                "test-*.parquet of yuvalkirstain/pickapic_v2_no_images (or pickapic_v2) and pass --pickapic-path FILE_OR_DIR"
+            )
+        import pyarrow.parquet as pq
+
+        from sipo.data.pickapic import find_shards
+
+        prompts: list[str] = []
+        for shard in find_shards(pickapic_path):
+            try:
+                captions = pq.read_table(shard, columns=["caption"]).column("caption").to_pylist()
+            except (KeyError, OSError, ValueError) as error:
+                raise SipoError(f"{shard} has no readable caption column ({error.__class__.__name__}); "
+                                "pass Pick-a-Pic v2 parquet shards to --pickapic-path") from None
+            prompts.extend(c.strip() for c in captions if isinstance(c, str) and c.strip())
+        prompts = list(dict.fromkeys(prompts))
+    else:
+        path = Path(source).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SipoError(f"prompts file {path} does not exist; pass --prompts with a text file of one prompt per line or pickapic-test") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise SipoError(f"prompts file {path} cannot be read as UTF-8 text ({error.__class__.__name__}); pass a text file of one prompt per line") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise SipoError(f"{source} holds no prompts; write one prompt per line")
+    return prompts[:limit] if limit else prompts
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-3"`` -> ``[0, 1, 2, 3]``."""
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in str(text).split(",") if p.strip()):
+            if "-" in part[1:]:
+                first, last = part.split("-", 1) if not part.startswith("-") else (part, part)
+                seeds.extend(range(int(first), int(last) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise SipoError(f"--seeds {text!r} is not a list of integers; write e.g. --seeds 0,1 or --seeds 0-3") from None
+    if not seeds:
+        raise SipoError("--seeds is empty; write e.g. --seeds 0,1")
+    return list(dict.fromkeys(seeds))
+
+
+# ----------------------------------------------------------------------------- images on disk
+@dataclass(frozen=True)
+class Sample:
+    prompt_index: int
+    seed: int
+    prompt: str
+
+
+def image_path(output_dir: Path, model: str, sample: Sample) -> Path:
+    """Where picture ``(model, prompt index, seed)`` lives: ``p00012_s0.png``, or for a video the folder
+    ``p00012_s0/`` of frame PNGs (whichever exists; the PNG name when neither does yet)."""
+    path = output_dir / "images" / model / f"p{sample.prompt_index:05d}_s{sample.seed}.png"
+    return path.with_suffix("") if path.with_suffix("").is_dir() else path
+
+
+def picture_exists(output_dir: Path, model: str, sample: Sample) -> bool:
+    return image_path(output_dir, model, sample).exists()
+
+
+def _to_uint8(picture: Tensor) -> np.ndarray:
+    return (picture.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def save_picture(path: Path, picture: Tensor) -> None:
+    """Write ``[3, H, W]`` (a PNG) or ``[F, 3, H, W]`` (a folder of ``frame_NNN.png``), atomically."""
+    from PIL import Image
+
+    if picture.ndim == 4:
+        path = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    if picture.ndim == 3:
+        Image.fromarray(_to_uint8(picture)).save(tmp, format="PNG")
+    else:
+        tmp.mkdir(exist_ok=True)
+        for index, frame in enumerate(picture):
+            Image.fromarray(_to_uint8(frame)).save(tmp / f"frame_{index:03d}.png", format="PNG")
+    os.replace(tmp, path)
+
+
+def load_picture(path: Path) -> Tensor:
+    """``[3, H, W]`` or ``[F, 3, H, W]`` float in ``[0, 1]`` from what :func:`save_picture` wrote."""
+    from PIL import Image
+
+    def read(file: Path) -> Tensor:
+        with Image.open(file) as image:
+            return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+    if path.is_dir():
+        return torch.stack([read(f) for f in sorted(path.glob("frame_*.png"))])
+    return read(path)
+
+
+def generate(
+    sample_fn: Callable[..., Tensor], samples: list[Sample], output_dir: Path, model: str, batch_size: int,
+    progress: bool = True, **sample_options,
+) -> int:
+    """Sample every image of ``samples`` not yet on disk; returns how many were generated.
+
+    ``sample_fn`` is ``adapter.sample``; each image gets its own ``torch.Generator().manual_seed(seed)``.
+    """
+    from tqdm.auto import tqdm
+
+    todo = [s for s in samples if not picture_exists(output_dir, model, s)]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch in tqdm(batches, desc=f"sampling {model}", unit="batch", disable=not progress or not batches):
+        generators = [torch.Generator().manual_seed(s.seed) for s in batch]
+        pictures = sample_fn([s.prompt for s in batch], generator=generators, **sample_options)
+        for sample, picture in zip(batch, pictures):
+            save_picture(image_path(output_dir, model, sample), picture)
+    return len(todo)
+
+
+def score_images(scorer, samples: list[Sample], output_dir: Path, model: str, batch_size: int,
+                 progress: bool = True) -> Tensor:
+    """``[N]`` scores of the saved images of ``model``, in the order of ``samples``."""
+    from tqdm.auto import tqdm
+
+    scores = []
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    for batch in tqdm(batches, desc=f"scoring {model} ({scorer.name})", unit="batch", disable=not progress):
+        pictures = torch.stack([load_picture(image_path(output_dir, model, s)) for s in batch])
+        scores.append(scorer.score(pictures, [s.prompt for s in batch]))
+    return torch.cat(scores)
+
+
+# ----------------------------------------------------------------------------- the report
+@dataclass
+class ScorerSummary:
+    name: str
+    means: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    win_rate: float | None = None
+    win_rate_interval: tuple[float, float] | None = None
+
+
+def summarize(name: str, scores: dict[str, Tensor], seed: int = 0) -> ScorerSummary:
+    """Means with bootstrap intervals per model, and aligned's win rate over base with its interval."""
+    summary = ScorerSummary(name)
+    for model, values in scores.items():
+        summary.means[model] = float(values.double().mean())
+        summary.intervals[model] = bootstrap_ci(values, seed=seed)
+    if "base" in scores and "aligned" in scores:
+        outcomes = win_outcomes(scores["aligned"], scores["base"])
+        summary.win_rate = float(outcomes.mean())
+        summary.win_rate_interval = bootstrap_ci(outcomes, seed=seed)
+    return summary
+
+
+def _fmt(mean: float, interval: tuple[float, float]) -> str:
+    digits = 2 if max(abs(mean), abs(interval[1])) >= 10 else 4
+    return f"{mean:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def markdown_table(summaries: list[ScorerSummary], models: Sequence[str], num_images: int) -> str:
+    """The report table: one row per scorer; means and win rate with their 95% bootstrap intervals."""
+    header = ["scorer", *(f"{m} mean [95% CI]" for m in models)]
+    paired = "aligned" in models and "base" in models
+    if paired:
+        header.append("win rate aligned vs base [95% CI]")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        row = [s.name, *(_fmt(s.means[m], s.intervals[m]) for m in models)]
+        if paired:
+            row.append(_fmt(s.win_rate, s.win_rate_interval))
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(f"{num_images} images per model (prompts x seeds); intervals: percentile bootstrap, 2000 resamples; "
+                 "ties count half a win.")
+    return "\n".join(lines)
+
+
+def video_table(results: dict[str, dict[str, dict[str, float]]], models: Sequence[str]) -> str:
+    """One row per (benchmark, dimension), one column per model."""
+    lines = ["| benchmark dimension | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
+    for bench, per_model in results.items():
+        for dim in per_model[models[0]]:
+            lines.append(f"| {bench} {dim} | " + " | ".join(f"{per_model[m][dim]:.4f}" for m in models) + " |")
+    return "\n".join(lines)
+
+
+def write_scores_csv(path: Path, samples: list[Sample], models: Sequence[str], scores: dict[str, dict[str, Tensor]],
+                     output_dir: Path) -> None:
+    """One row per image: model, prompt index, seed, prompt, image path, one column per scorer."""
+    names = list(scores)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "prompt_index", "seed", "prompt", "image", *names])
+        for model in models:
+            for i, sample in enumerate(samples):
+                writer.writerow([model, sample.prompt_index, sample.seed, sample.prompt,
+                                 str(image_path(output_dir, model, sample).relative_to(output_dir)),
+                                 *(f"{float(scores[n][model][i]):.6g}" for n in names)])
+
+
+def write_grid(path: Path, samples: list[Sample], models: Sequence[str], output_dir: Path, max_rows: int = 8) -> None:
+    """PNG grid: one row per ``(prompt, seed)`` (up to ``max_rows``), one column per model; a video shows its first frame."""
+    from PIL import Image, ImageDraw
+
+    rows = samples[:max_rows]
+    tiles = [[load_picture(image_path(output_dir, m, s)) for m in models] for s in rows]
+    tiles = [[t[0] if t.ndim == 4 else t for t in row] for row in tiles]
+    height, width = tiles[0][0].shape[-2:]
+    label = 12
+    grid = Image.new("RGB", (width * len(models), label + height * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, model in enumerate(models):
+        draw.text((column * width + 2, 0), model, fill="black")
+        for r, row in enumerate(tiles):
+            grid.paste(Image.fromarray(_to_uint8(row[column])), (column * width, label + r * height))
+    grid.save(path)
+
+
+# ----------------------------------------------------------------------------- the command
+@dataclass
+class EvalOptions:
+    prompts: str
+    checkpoint: str | None = None
+    base_only: bool = False
+    seeds: list[int] = field(default_factory=lambda: [0])
+    scorers: list[str] = field(default_factory=lambda: ["pickscore"])
+    scorer_paths: dict[str, str] = field(default_factory=dict)
+    output_dir: Path | None = None
+    batch_size: int = 4
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    pickapic_path: str | None = None
+    max_prompts: int | None = None
+    progress: bool = True
+    #: video benchmarks (sipo.rewards.vbench.VideoBenchmark) run on the saved videos of each model
+    video_benchmarks: list = field(default_factory=list)
+
+
+def parse_scorer_paths(items: Sequence[str]) -> dict[str, str]:
+    """``["pickscore=/m/PickScore_v1", ...]`` -> ``{"pickscore": "/m/PickScore_v1"}``."""
+    paths = {}
+    for item in items:
+        if "=" not in item:
+            raise SipoError(f"--scorer-path {item!r} is not NAME=DIR; write e.g. --scorer-path pickscore=/models/PickScore_v1")
+        name, directory = item.split("=", 1)
+        paths[name.strip()] = directory.strip()
+    return paths
+
+
+def check_run_family(run_dir: str | Path, family: str) -> None:
+    """Stop before sampling when ``run_dir`` is no run, or a run of another model family."""
+    import yaml
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise SipoError(f"{run_dir} is not a sipo run directory (no config.yaml); pass the train.output_dir of a run to --checkpoint")
+    run_family = (yaml.safe_load(saved.read_text()) or {}).get("model", {}).get("family", "sd15")
+    if run_family != family:
+        raise SipoError(f"{run_dir} was trained on a {run_family} model but --config loads a {family} model; "
+                        "pass the config the run was trained with")
+
+
+def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
+    """Generate, score and report (see the module docstring); returns one summary per scorer."""
+    from sipo.models import adapter_from_config
+    from sipo.rewards import load_scorer, scorer_class
+
+    if not options.base_only and options.checkpoint is None:
+        raise SipoError("sipo eval compares a trained run with its base: pass --checkpoint RUN_DIR (or --base to score the base only)")
+    for name in options.scorers:
+        scorer_class(name)  # unknown names stop here, before any sampling
+    unknown_paths = sorted(set(options.scorer_paths) - set(options.scorers))
+    if unknown_paths:
+        raise SipoError(f"--scorer-path names {unknown_paths[0]}, which is not in --scorers {options.scorers}; add it to --scorers")
+    for name, directory in options.scorer_paths.items():
+        if not Path(directory).expanduser().exists():  # a typo found now, not after an hour of sampling
+            raise SipoError(f"{name} scorer directory {directory} does not exist; download the checkpoint "
+                            f"docs/evaluation.md names and pass --scorer-path {name}=DIR")
+    if options.checkpoint is not None and not options.base_only:
+        check_run_family(options.checkpoint, config.model.family)
+    if options.batch_size < 1 or options.num_inference_steps < 1:
+        raise SipoError("--batch-size and --num-inference-steps must be at least 1")
+    prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
+    samples = [Sample(i, seed, prompt) for i, prompt in enumerate(prompts) for seed in options.seeds]
+    output_dir = Path(options.output_dir or Path(options.checkpoint or config.train.output_dir) / "eval")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    models = ("base",) if options.base_only else MODELS
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    adapter = adapter_from_config(config.model).to(device)
+    adapter.denoiser.eval()
+    sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale}
+    # Base first, then the run's weights go in: the same code path for LoRA and full fine-tunes.
+    generate(adapter.sample, samples, output_dir, "base", options.batch_size, options.progress, **sample_options)
+    if not options.base_only:
+        todo = [s for s in samples if not picture_exists(output_dir, "aligned", s)]
+        if todo:
+            from sipo.checkpoints import load_run_weights
+
+            load_run_weights(adapter, options.checkpoint)
+            adapter.denoiser.eval()
+            generate(adapter.sample, samples, output_dir, "aligned", options.batch_size, options.progress, **sample_options)
+    del adapter
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    all_scores: dict[str, dict[str, Tensor]] = {}
+    summaries = []
+    for name in options.scorers:
+        scorer = load_scorer(name, options.scorer_paths.get(name), device)
+        all_scores[name] = {m: score_images(scorer, samples, output_dir, m, options.batch_size, options.progress)
+                            for m in models}
+        summaries.append(summarize(name, all_scores[name]))
+        del scorer
+    write_scores_csv(output_dir / "scores.csv", samples, models, all_scores, output_dir)
+    table = markdown_table(summaries, models, len(samples))
+    video_results = {}
+    if options.video_benchmarks:
+        from sipo.rewards.vbench import run_video_benchmarks
+
+        videos = {m: [image_path(output_dir, m, s) for s in samples] for m in models}
+        video_results = run_video_benchmarks(options.video_benchmarks, videos, [s.prompt for s in samples], output_dir)
+        table += "\n\n" + video_table(video_results, models)
+    settings = (f"model {config.model.pretrained_path}; run {options.checkpoint}; {len(prompts)} prompts x "
+                f"{len(options.seeds)} seeds; {options.num_inference_steps} steps; guidance {options.guidance_scale}")
+    (output_dir / "summary.md").write_text(f"# sipo eval\n\n{settings}\n\n{table}\n")
+    (output_dir / "summary.json").write_text(json.dumps(
+        {"settings": {"model": config.model.pretrained_path, "checkpoint": options.checkpoint,
+                      "prompts": options.prompts, "num_prompts": len(prompts), "seeds": options.seeds,
+                      "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale},
+         "scorers": [s.__dict__ for s in summaries], "video_benchmarks": video_results}, indent=2))
+    write_grid(output_dir / "grid.png", samples, models, output_dir)
+    print(table)
+    print(f"scores, table and grid in {output_dir}")
+    return summaries

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--pairs", type=int, default=64, help="preference pairs to analyse")
     analyze.add_argument("--buckets", type=int, default=20, help="timestep buckets over [0, T)")
     analyze.add_argument("--output-dir", default=None, help="default: <train.output_dir>/analysis")
+
+    cache = commands.add_parser("cache", help="encode every pair once into a latent cache that sipo train reads")
+    _add_config_arguments(cache)
+    cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -90,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             output_dir = Path(args.output_dir) if args.output_dir else Path(config.train.output_dir) / "analysis"
             run_analysis(config, checkpoint=args.checkpoint, num_pairs=args.pairs, num_buckets=args.buckets,
                          output_dir=output_dir)
+        elif args.command == "cache":
+            from sipo.config import load_config
+            from sipo.data.cache import build_cache, read_manifest
+
+            config = load_config(args.config, args.overrides)
+            location = build_cache(config, progress=not args.no_progress)
+            manifest = read_manifest(location)
+            print(f"cached {manifest['pairs']} pairs in {manifest['shards']} shards at {location}; "
+                  "sipo train uses it while the model, resolution and data stay the same")
     except SipoError as error:
         print(f"sipo: error: {_one_sentence(error)}", file=sys.stderr)
         return 2

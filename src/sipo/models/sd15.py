@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
+from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict, encode_in_chunks
 from sipo.schedules import vp_schedule
 
 #: subfolder -> what it holds, for the "missing subfolder" error.
@@ -125,9 +125,12 @@ class SD15Adapter(DiffusionAdapter):
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` in ``[-1, 1]`` -> scaled latents ``[B, 4, H/f, W/f]`` (float32)."""
+        """``[B, 3, H, W]`` in ``[-1, 1]`` -> scaled latents ``[B, 4, H/f, W/f]`` (float32), in chunks."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        return encode_in_chunks(self._encode_image_chunk, images, self.encode_chunk_size)
+
+    def _encode_image_chunk(self, images: Tensor) -> Tensor:
         param = next(self.vae.parameters())
         posterior = self.vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
         # The posterior mean, not a sample: diffusers' DPO scripts call .sample(), but the VAE's
@@ -153,17 +156,6 @@ class SD15Adapter(DiffusionAdapter):
             attention_mask = tokens.attention_mask.to(device)
         states = self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
         return {"encoder_hidden_states": states}
-
-    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor) -> EncodedPairs:
-        if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
-            raise ValueError(
-                f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped images"
-            )
-        # One VAE pass over winners and losers together.
-        latents = self.encode_images(torch.cat([winners, losers], dim=0))
-        x0_winner, x0_loser = latents.chunk(2, dim=0)
-        return EncodedPairs(x0_winner=x0_winner, x0_loser=x0_loser, conditioning=self.encode_prompts(prompts))
 
     # ------------------------------------------------------------------ denoiser
     def predict(

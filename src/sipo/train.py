@@ -150,7 +150,7 @@ def train(
     # A matching latent cache replaces the encoders: they stay on the CPU, unused.
     from sipo.data.cache import open_cache_for_training
 
-    cached = open_cache_for_training(config, dataset, log=accelerator.print if progress else None)
+    cached = open_cache_for_training(config, dataset, log=accelerator.print)
     if cached is not None:
         dataset = cached
         adapter.denoiser.to(accelerator.device)

@@ -270,17 +270,17 @@ class CachedPairs(Dataset):
                 self._skipped[index] = SkippedRow(index=index, reason=reason, where=where)
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
+        if manifest["row_group_ids"] is not None:  # parquet: the trainer's block shuffle reads these
+            import numpy as np
+
+            blocks = np.asarray(manifest["row_group_ids"], dtype=np.int64)
+            self.row_group_ids = lambda: blocks
 
     def __len__(self) -> int:
         return self.manifest["pairs"]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def row_group_ids(self):
-        import numpy as np
-
-        return np.asarray(self.manifest["row_group_ids"])
 
     def _handle(self, number: int):
         if self._pid != os.getpid():  # a DataLoader worker: open its own files

@@ -6,9 +6,13 @@ builders with ``from tiny_models import ...``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# train.deterministic needs a fixed cuBLAS workspace, read when CUDA initialises: set it before any test does.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 from tiny_models import make_image_pairs, make_other_family_dir, make_tiny_sd15
 
 
@@ -54,3 +58,24 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def test_device():
+    """Where models under test run: ``$SIPO_TEST_DEVICE``, else CUDA when present (as the trainer
+    picks it), else the CPU. Tests take devices from here, never assume one."""
+    import torch
+
+    return torch.device(os.environ.get("SIPO_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.fixture(autouse=True)
+def _kernels_back_to_default():
+    """A test that trains with train.deterministic leaves no process-wide deterministic mode behind."""
+    yield
+    import torch
+
+    if torch.are_deterministic_algorithms_enabled():
+        from sipo.performance import configure_kernels
+
+        configure_kernels(False)

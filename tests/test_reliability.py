@@ -50,7 +50,8 @@ def _compare_checkpoints(a: Path, b: Path) -> None:
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd15_dir, tmp_path):
     manifest = write_jsonl_pairs(tmp_path / "pairs", num_pairs=5)  # 5 pairs, batch 2: epochs wrap mid-batch
     common = {"train.max_steps": MAX_STEPS, "train.checkpoint_every": 2, "train.keep_last": 2,
-              "objective.name": "sipo", "objective.tau": 0.05, "train.lr_scheduler": "cosine", "train.lr_warmup_steps": 3}
+              "objective.name": "sipo", "objective.tau": 0.05, "train.lr_scheduler": "cosine", "train.lr_warmup_steps": 3,
+              "train.deterministic": True}  # bit-exact kernels: the comparison holds on CUDA too
     straight_cfg = write_tiny_config(tmp_path / "straight.yaml", tiny_sd15_dir, manifest, tmp_path / "straight", **common)
     killed_cfg = write_tiny_config(tmp_path / "killed.yaml", tiny_sd15_dir, manifest, tmp_path / "killed", **common)
 

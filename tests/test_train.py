@@ -50,10 +50,12 @@ def test_saved_lora_loads_into_stable_diffusion_pipeline(tiny_sd15_dir, manifest
 
     config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path, **{"objective.name": "dpo"}))
     result = train(config, progress=False)
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir, safety_checker=None)
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    hidden = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([500])
+    # the trainer put the model on the run's device; the pipeline and the inputs go there too
+    device = result.adapter.device
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir, safety_checker=None).to(device)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    hidden = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    t = torch.tensor([500], device=device)
     with torch.no_grad():
         base = pipe.unet(latents, t, encoder_hidden_states=hidden).sample
         pipe.load_lora_weights(str(tmp_path))
@@ -92,7 +94,8 @@ def test_all_masked_batches_are_counted_not_hidden(tiny_sd15_dir, manifest, tmp_
 
 def test_resume_after_interruption_continues_exactly(tiny_sd15_dir, manifest, tmp_path):
     """An uninterrupted 4-step run and a run interrupted after step 2 then resumed end identical."""
-    extra = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.batch_size": 3, "objective.weight_source": "timestep_ema"}
+    extra = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.batch_size": 3, "objective.weight_source": "timestep_ema",
+             "train.deterministic": True}  # exact on CUDA too
     straight = train(load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path / "a", **extra)), progress=False)
 
     def crash(step, adapter):

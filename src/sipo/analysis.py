@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sipo.performance import full_float32
 from sipo.config import SipoConfig, config_from_dict
 from sipo.errors import SipoError
 from sipo.models import DiffusionAdapter, adapter_from_config, lora_disabled
@@ -280,6 +281,7 @@ class AnalysisResult:
     summary: dict[str, Any]
 
 
+@full_float32()  # measured against float64/CPU references: no TF32 rounding on CUDA (docs/performance.md)
 def run_analysis(
     config: SipoConfig,
     checkpoint: str | Path | None = None,

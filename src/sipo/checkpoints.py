@@ -143,6 +143,7 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     output_dir: Path, trainable: dict[str, Tensor], optimizer, lr_scheduler, state: TrainState,
     generator: torch.Generator, keep_last: int, fingerprint: dict[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> Path:
     """Write a checkpoint atomically: fill ``.tmp-step-N``, fsync, then rename to ``step-N``.
 
@@ -156,7 +157,7 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _fill_checkpoint(tmp, trainable, optimizer, lr_scheduler, state, generator, fingerprint)
+        _fill_checkpoint(tmp, trainable, optimizer, lr_scheduler, state, generator, fingerprint, device)
     except Exception as error:
         if not is_write_failure(error):
             raise
@@ -203,7 +204,8 @@ def write_error(error: BaseException, what: str, full: bool, then: str = "run ag
 
 
 def _fill_checkpoint(tmp: Path, trainable, optimizer, lr_scheduler, state: TrainState, generator,
-                     fingerprint: dict[str, Any] | None) -> None:
+                     fingerprint: dict[str, Any] | None, device: torch.device | None) -> None:
+    from sipo.performance import save_device_rng
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
@@ -216,6 +218,8 @@ def _fill_checkpoint(tmp: Path, trainable, optimizer, lr_scheduler, state: Train
     (tmp / "state.json").write_text(json.dumps(plain, indent=2))
     if fingerprint is not None:
         (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    if device is not None:
+        save_device_rng(tmp, device)
     write_manifest(tmp)  # written last: marks completeness and lets a resume verify every byte
     for child in tmp.iterdir():
         with open(child, "rb") as handle:

@@ -55,6 +55,10 @@ class ModelConfig:
     trust_remote_code: bool = _help(
         "allow custom code from the model directory; off unless you trust its source", default=False
     )
+    # performance (issue 8)
+    encode_chunk_size: int = _help(
+        "pictures per VAE call when encoding a batch: bounds the encoder's peak memory", default=8
+    )
 
     def __post_init__(self) -> None:
         from sipo.models import FAMILIES
@@ -62,6 +66,8 @@ class ModelConfig:
         _choice("model.family", self.family, FAMILIES)
         if self.resolution <= 0 or self.num_inference_steps <= 0:
             raise SipoError("model.resolution and model.num_inference_steps must be positive integers")
+        if self.encode_chunk_size < 1:
+            raise SipoError(f"model.encode_chunk_size must be at least 1, got {self.encode_chunk_size}")
 
 
 @dataclass
@@ -77,10 +83,19 @@ class DataConfig:
         "full: one uniform permutation (reads a row group per pair); JSONL manifests always use full",
         default="block",
     )
+    # latent cache (issue 8; docs/performance.md)
+    use_cache: str = _help(
+        "auto: train from a matching `sipo cache` when one exists; always: require it; never: encode images every step",
+        default="auto",
+    )
+    cache_dir: str | None = _help(
+        "latent cache folder (None: <data dir>/.sipo-cache/<key of model, resolution and data>)", default=None
+    )
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("pickapic", "jsonl"))
         _choice("data.shuffle", self.shuffle, ("block", "full"))
+        _choice("data.use_cache", self.use_cache, ("auto", "always", "never"))
         if self.max_pairs is not None and self.max_pairs <= 0:
             raise SipoError("data.max_pairs must be a positive integer or null")
 
@@ -157,6 +172,12 @@ class TrainConfig:
     report_to: str = _help(
         "where accelerate sends the scalars: tensorboard, wandb or none (logs under <output_dir>/logs)",
         default="tensorboard",
+    )
+    # performance and exactness (issue 8; docs/performance.md)
+    compile: bool = _help("torch.compile the denoiser (first steps are slow while it compiles)", default=False)
+    deterministic: bool = _help(
+        "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN, TF32 off): "
+        "bit-exact resume on CUDA, somewhat slower", default=False
     )
 
     def __post_init__(self) -> None:

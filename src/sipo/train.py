@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,11 @@ from sipo.config import SipoConfig, check_against_model, check_values, save_conf
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora, lora_disabled
-from sipo.preference import PairTerms, compute_pair_terms, draw_pair_noise
+from sipo.models.base import EncodedPairs, hold_frozen_weights_in
+from sipo.performance import (
+    COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, peak_memory_gb, restore_device_rng,
+)
+from sipo.preference import PairNoise, PairTerms, compute_pair_terms, draw_pair_noise
 
 StepCallback = Callable[[int, DiffusionAdapter], None]
 
@@ -175,6 +180,7 @@ def train(
     # accelerate keeps a process-wide state that would refuse it. The process group is kept.
     from accelerate.state import AcceleratorState
 
+    configure_kernels(tc.deterministic)  # before CUDA initialises: cuBLAS reads its workspace setting once
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision, log_with=None if tc.report_to == "none" else tc.report_to,
@@ -200,24 +206,36 @@ def train(
         reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
     if tc.gradient_checkpointing and hasattr(adapter.denoiser, "enable_gradient_checkpointing"):
         adapter.denoiser.enable_gradient_checkpointing()
-    adapter.to(accelerator.device)
+    # Frozen weights in the compute dtype, trainable ones (and so the optimizer state) in float32.
+    if tc.mixed_precision in COMPUTE_DTYPES:
+        hold_frozen_weights_in(adapter, COMPUTE_DTYPES[tc.mixed_precision],
+                               [reference_denoiser] if reference_denoiser is not None else [])
+    adapter.encode_chunk_size = config.model.encode_chunk_size
+    # A matching latent cache replaces the encoders: they stay on the CPU, unused.
+    from sipo.data.cache import open_cache_for_training
+
+    cached = open_cache_for_training(config, dataset, log=accelerator.print)
+    if cached is not None:
+        dataset = cached
+        adapter.denoiser.to(accelerator.device)
+    else:
+        adapter.to(accelerator.device)
     if reference_denoiser is not None:
         reference_denoiser.to(accelerator.device)
     adapter.denoiser.train()
 
     trainable = _trainable_named(adapter.denoiser)
-    optimizer = torch.optim.AdamW(
-        list(trainable.values()), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-        weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon,
-    )
+    optimizer = make_optimizer(list(trainable.values()), tc, accelerator.device)
     lr_scheduler = _lr_scheduler(config, optimizer)
     model, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
+    # Forward calls go through the compiled module; DDP's no_sync and unwrapping use `model`.
+    forward_model = torch.compile(model) if tc.compile else model
 
     def reference_predict(x_t: Tensor, t: Tensor, cond) -> Tensor:
         if reference_denoiser is not None:
             return adapter.predict(x_t, t, cond, denoiser=reference_denoiser)
-        with lora_disabled(model):
-            return adapter.predict(x_t, t, cond, denoiser=model)
+        with lora_disabled(forward_model):
+            return adapter.predict(x_t, t, cond, denoiser=forward_model)
 
     # Randomness of t and eps: one CPU generator per process, saved in every checkpoint.
     generator = torch.Generator().manual_seed(tc.seed * 1009 + accelerator.process_index)
@@ -229,6 +247,7 @@ def train(
     metrics_path = output_dir / "metrics.jsonl"
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, generator)
+        restore_device_rng(resume_from, accelerator.device)
         if metrics_path.is_file():
             history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= state.step]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -242,39 +261,44 @@ def train(
         DataOrder(len(dataset), tc.seed, block_ids), tc.batch_size, state.micro_batches,
         accelerator.process_index, accelerator.num_processes,
     )
+    pin = accelerator.device.type == "cuda"  # pinned host memory: copies to the GPU need not wait
     loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=config.data.num_workers
+        dataset, batch_sampler=sampler, collate_fn=getattr(dataset, "collate", collate_pairs),
+        num_workers=config.data.num_workers, pin_memory=pin,
     ))
     switches = oc.switches()
     num_train_timesteps = adapter.schedule.num_train_timesteps
 
-    window: list[dict[str, float]] = []
+    # Per-step metrics stay device tensors until they are logged: no host synchronisation per
+    # micro-step, one per optimizer step (the finite check that decides whether to step).
+    window: list[Tensor] = []
     weight_log: list[tuple[Tensor, Tensor]] = []
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"{oc.name} train", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    clock = StepClock(state.step)
+    window_pairs = 0
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"{oc.name} train", unit="step",
+               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     while state.step < tc.max_steps:
         step_terms: list[PairTerms] = []
         step_keep: list[Tensor] = []
         step_weights: list[Tensor] = []
-        losses: list[float] = []
+        losses: list[Tensor] = []
         for micro in range(tc.gradient_accumulation_steps):
             batch = next(loader)
             state.micro_batches += 1
             state.skipped_rows += len(batch["skipped"])
             dataset.report.record(batch)
-            if batch["chosen"] is None:
+            if not batch["indices"]:
                 continue  # every row of this micro-batch was malformed; counted above
-            with torch.no_grad():
-                encoded = adapter.encode(
-                    batch["prompts"], batch["chosen"].to(accelerator.device), batch["rejected"].to(accelerator.device)
-                )
-            noise = draw_pair_noise(encoded.x0_winner.shape, num_train_timesteps, generator)
+            window_pairs += len(batch["indices"])
+            encoded = _encoded_batch(adapter, batch, accelerator.device)
+            noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, num_train_timesteps, generator), accelerator.device)
             last_micro = micro == tc.gradient_accumulation_steps - 1
             # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 with accelerator.autocast():
                     terms = compute_pair_terms(
                         adapter, encoded, noise, beta=oc.beta, reference_predict=reference_predict,
-                        denoiser=model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                        denoiser=forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
                         weight_model=oc.weight_model,
                     )
                     weight = _pair_weight(terms, state, oc.weight_source, num_train_timesteps, oc.ema_decay)
@@ -283,9 +307,7 @@ def train(
                         t_max=oc.t_max, w_floor=oc.w_floor, w_clip=oc.w_clip, normalize=oc.normalize,
                     )
                 accelerator.backward(loss / tc.gradient_accumulation_steps)
-            if not keep.any():
-                state.all_masked_batches += 1
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach().float())
             step_terms.append(terms)
             step_keep.append(keep)
             step_weights.append(effective_weight)
@@ -293,8 +315,10 @@ def train(
         grad_norm = accelerator.clip_grad_norm_(
             list(trainable.values()), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
         ) if step_terms else torch.tensor(0.0)
-        loss_finite = all(math.isfinite(v) for v in losses)
-        grad_finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        # The one host synchronisation of the step: whether the loss and the gradient are finite,
+        # and how many micro-batches had every pair masked.
+        loss_finite, grad_finite, all_masked = _step_flags(losses, grad_norm, step_keep)
+        state.all_masked_batches += all_masked
         finite = loss_finite and grad_finite
         if finite:
             optimizer.step()
@@ -318,15 +342,17 @@ def train(
                 f"stopped at step {state.step}: {state.consecutive_bad_steps} optimizer steps in a row had a "
                 f"non-finite loss or gradient (timesteps {bucket}); {_divergence_advice(output_dir)}"
             )
-        weight_log.extend((t.timesteps.cpu(), t.log_w_pair.cpu()) for t in step_terms)
+        weight_log.extend((t.timesteps.detach(), t.log_w_pair.detach()) for t in step_terms)
         if step_terms:
-            window.append(_step_metrics(step_terms, step_keep, step_weights, losses, float(grad_norm), finite))
+            window.append(_step_metrics(step_terms, step_keep, step_weights, losses, grad_norm, finite))
         if step_callback is not None:
             step_callback(state.step, adapter)
         if state.step % tc.log_every == 0 or state.step == tc.max_steps:
             record = _summarise(window, state, lr_scheduler.get_last_lr()[0])
-            window = []
+            record.update(clock.lap(state.step, window_pairs * accelerator.num_processes, accelerator.device))
+            window, window_pairs = [], 0
             if accelerator.is_main_process and weight_log:
+                weight_log = [(t.cpu(), w.cpu()) for t, w in weight_log]
                 _log_weight_histogram(accelerator, weight_log, num_train_timesteps, oc.ema_buckets, state.step)
             weight_log = []
             history.append(record)
@@ -335,13 +361,14 @@ def train(
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
-                                masked=f"{record.get('masked_fraction', float('nan')):.2f}")
+                                masked=f"{record.get('masked_fraction', float('nan')):.2f}",
+                                pairs_s=f"{record['pairs_per_s']:.1f}")
         # No checkpoint while steps are failing: the last good one must stay the newest.
         if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps
                 and state.consecutive_bad_steps == 0):
             if accelerator.is_main_process:
                 save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last,
-                                fingerprint)
+                                fingerprint, device=accelerator.device)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -356,7 +383,8 @@ def train(
                 f"no usable pair in {config.data.path}: every row read was skipped ({dataset.report.skip_summary()}), "
                 f"so no weights were written; fix the rows listed in {output_dir / 'data_report.json'}"
             )
-        save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last, fingerprint)
+        save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last, fingerprint,
+                        device=accelerator.device)
         unwrapped = accelerator.unwrap_model(model)
         try:
             if tc.finetune == "lora":
@@ -388,39 +416,82 @@ def _pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_tr
     return torch.where(torch.isfinite(weight), smoothed, weight).float()
 
 
-def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[float],
-                  grad_norm: float, finite: bool) -> dict[str, Any]:
-    cat = lambda name: torch.cat([getattr(t, name).detach().float().cpu() for t in terms])  # noqa: E731
+#: the per-step metrics, in the order ``_step_metrics`` stacks them
+STEP_METRICS = ("loss", "implicit_acc", "reward_margin", "err_winner", "err_loser", "ref_err_winner", "ref_err_loser",
+                "kl_proxy", "masked_fraction", "mean_weight", "mean_log_w_pair", "grad_norm", "finite")
+
+
+def _encoded_batch(adapter: DiffusionAdapter, batch: dict[str, Any], device: torch.device) -> EncodedPairs:
+    """A batch in model space: from the latent cache as is, or through the frozen encoders."""
+    if "x0_chosen" in batch:
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        return EncodedPairs(move(batch["x0_chosen"]), move(batch["x0_rejected"]),
+                            {k: move(v) for k, v in batch["conditioning"].items()})
+    extra = {"size_info": batch["size_info"]} if batch.get("size_info") is not None else {}
+    with torch.no_grad():
+        return adapter.encode(batch["prompts"], batch["chosen"].to(device, non_blocking=True),
+                              batch["rejected"].to(device, non_blocking=True), **extra)
+
+
+def _to_device(noise: PairNoise, device: torch.device) -> PairNoise:
+    """The CPU-drawn noise on the device; from pinned memory on CUDA, so the copy does not block the host."""
+    if device.type != "cuda":
+        return noise
+    return PairNoise(*(x.pin_memory().to(device, non_blocking=True) for x in (noise.timesteps, noise.eps, noise.posterior_noise)))
+
+
+def _step_flags(losses: list[Tensor], grad_norm, keeps: list[Tensor]) -> tuple[bool, bool, int]:
+    """(every loss finite, gradient norm finite, micro-batches with every pair masked) in one transfer."""
+    if not losses:
+        return True, True, 0
+    flags = torch.stack([
+        torch.isfinite(torch.stack(losses)).all().float(),
+        torch.isfinite(torch.as_tensor(grad_norm, device=losses[0].device)).float(),
+        torch.stack([~k.any() for k in keeps]).sum().float(),
+    ]).tolist()
+    return bool(flags[0]), bool(flags[1]), int(flags[2])
+
+
+def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[Tensor],
+                  grad_norm, finite: bool) -> Tensor:
+    """The step's metrics (``STEP_METRICS``) as one device tensor; read on the host only when logged."""
+    cat = lambda name: torch.cat([getattr(t, name).detach().float() for t in terms])  # noqa: E731
     z = cat("z")
     err_winner, err_loser = cat("err_winner"), cat("err_loser")
     ref_err_winner, ref_err_loser = cat("ref_err_winner"), cat("ref_err_loser")
     log_w_pair = cat("log_w_pair")
-    finite_log_w = log_w_pair[torch.isfinite(log_w_pair)]
-    keep = torch.cat([k.cpu() for k in keeps])
-    weight = torch.cat([w.detach().cpu() for w in weights])
-    finite_weight = weight[torch.isfinite(weight)]
-    return {
-        "loss": sum(losses) / len(losses),
-        "implicit_acc": float((z > 0).float().mean()),
-        "reward_margin": float(z.mean()),
-        "err_winner": float(err_winner.mean()),
-        "err_loser": float(err_loser.mean()),
-        "ref_err_winner": float(ref_err_winner.mean()),
-        "ref_err_loser": float(ref_err_loser.mean()),
-        "kl_proxy": float(((err_winner + err_loser) - (ref_err_winner + ref_err_loser)).mean() / 2),
-        "masked_fraction": float(1.0 - keep.float().mean()),
-        "mean_weight": float(finite_weight.mean()) if finite_weight.numel() else float("nan"),
-        "mean_log_w_pair": float(finite_log_w.mean()) if finite_log_w.numel() else float("nan"),
-        "grad_norm": grad_norm,
-        "finite": float(finite),
-    }
+    keep = torch.cat(keeps)
+    weight = torch.cat([w.detach().float() for w in weights])
+    return torch.stack([
+        torch.stack(losses).mean(),
+        (z > 0).float().mean(),
+        z.mean(),
+        err_winner.mean(),
+        err_loser.mean(),
+        ref_err_winner.mean(),
+        ref_err_loser.mean(),
+        ((err_winner + err_loser) - (ref_err_winner + ref_err_loser)).mean() / 2,
+        1.0 - keep.float().mean(),
+        _finite_mean(weight),
+        _finite_mean(log_w_pair),
+        torch.as_tensor(grad_norm, device=z.device).float(),
+        torch.tensor(float(finite), device=z.device),
+    ])
 
 
-def _summarise(window: list[dict[str, Any]], state: TrainState, lr: float) -> dict[str, float]:
+def _finite_mean(values: Tensor) -> Tensor:
+    """Mean of the finite entries, NaN when there are none (no host synchronisation)."""
+    finite = torch.isfinite(values)
+    total = torch.where(finite, values, torch.zeros_like(values)).sum()
+    return total / finite.sum()  # 0/0 = NaN when nothing is finite
+
+
+def _summarise(window: list[Tensor], state: TrainState, lr: float) -> dict[str, float]:
     record: dict[str, float] = {"step": state.step}
     if window:
-        for key in window[0]:
-            values = [w[key] for w in window if math.isfinite(w[key])]
+        rows = torch.stack(window).cpu().tolist()  # the window's one device -> host transfer
+        for column, key in enumerate(STEP_METRICS):
+            values = [row[column] for row in rows if math.isfinite(row[column])]
             record[key] = sum(values) / len(values) if values else float("nan")
     record.update(lr=lr, bad_steps=state.bad_steps, all_masked_batches=state.all_masked_batches,
                   skipped_rows=state.skipped_rows)

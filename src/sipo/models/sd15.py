@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
+from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict, encode_in_chunks
 from sipo.schedules import vp_schedule
 
 #: subfolder -> what it holds, for the "missing subfolder" error.
@@ -32,6 +32,17 @@ def _is_local(path: str | Path) -> bool:
     """A path we must find on disk (never sent to the hub): it exists, or it is written like a path."""
     text = str(path)
     return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1
+
+
+#: sizes of ``SD15Adapter.build_random_pipeline``: "full" is runwayml/stable-diffusion-v1-5's configs
+_RANDOM_SCALES: dict[str, dict[str, Any]] = {
+    "full": dict(image_size=512, latent_size=64, unet_channels=(320, 640, 1280, 1280), vae_channels=(128, 256, 512, 512),
+                 layers_per_block=2, attention_head_dim=8, norm_groups=32, text_dim=768, text_intermediate=3072,
+                 text_layers=12, text_heads=12, vocab_size=49408),
+    "tiny": dict(image_size=32, latent_size=16, unet_channels=(32, 64), vae_channels=(32, 64), layers_per_block=1,
+                 attention_head_dim=4, norm_groups=8, text_dim=32, text_intermediate=64, text_layers=2,
+                 text_heads=4, vocab_size=None),
+}
 
 
 class SD15Adapter(DiffusionAdapter):
@@ -122,12 +133,70 @@ class SD15Adapter(DiffusionAdapter):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vae, self.text_encoder]
 
+    # ------------------------------------------------------------------ random-weight builder
+    @classmethod
+    def build_random_pipeline(cls, directory: str | Path, scale: str = "tiny", seed: int = 0) -> Path:
+        """Save a random-weight ``StableDiffusionPipeline`` to ``directory`` (nothing is downloaded).
+
+        ``"full"``: the component configs of runwayml/stable-diffusion-v1-5, written out here (UNet
+        859.5M, VAE 83.7M, CLIP text 123.1M parameters, 512 px); ``"tiny"``: the same architecture
+        at toy size (32 px, latents 4x16x16), for tests and ``benchmarks/throughput.py --quick``.
+        The tokenizer is the offline byte-level CLIP vocabulary of ``sipo.models.random_init``.
+        """
+        import tempfile
+
+        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from sipo.models.random_init import tiny_clip_tokenizer
+
+        if scale not in _RANDOM_SCALES:
+            raise ValueError(f"scale must be one of {sorted(_RANDOM_SCALES)}, got {scale!r}")
+        sizes = _RANDOM_SCALES[scale]
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sizes["latent_size"], in_channels=4, out_channels=4,
+            block_out_channels=sizes["unet_channels"], layers_per_block=sizes["layers_per_block"],
+            down_block_types=("CrossAttnDownBlock2D",) * (len(sizes["unet_channels"]) - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(sizes["unet_channels"]) - 1),
+            cross_attention_dim=sizes["text_dim"], attention_head_dim=sizes["attention_head_dim"],
+            norm_num_groups=sizes["norm_groups"],
+        )
+        vae = AutoencoderKL(
+            sample_size=sizes["image_size"], in_channels=3, out_channels=3, latent_channels=4,
+            block_out_channels=sizes["vae_channels"], layers_per_block=sizes["layers_per_block"],
+            down_block_types=("DownEncoderBlock2D",) * len(sizes["vae_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(sizes["vae_channels"]),
+            norm_num_groups=sizes["norm_groups"], scaling_factor=0.18215,
+        )
+        with tempfile.TemporaryDirectory() as vocab_dir:
+            tokenizer = tiny_clip_tokenizer(vocab_dir)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=sizes["vocab_size"] or len(tokenizer), hidden_size=sizes["text_dim"],
+            intermediate_size=sizes["text_intermediate"], num_hidden_layers=sizes["text_layers"],
+            num_attention_heads=sizes["text_heads"], max_position_embeddings=77, hidden_act="quick_gelu",
+            projection_dim=sizes["text_dim"], bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+        # SD1.5's scheduler_config.json (scaled_linear 0.00085 -> 0.012, epsilon, steps_offset 1)
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", prediction_type="epsilon",
+                                  clip_sample=False, steps_offset=1)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(directory, safe_serialization=True)
+        return Path(directory)
+
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` in ``[-1, 1]`` -> scaled latents ``[B, 4, H/f, W/f]`` (float32)."""
+        """``[B, 3, H, W]`` in ``[-1, 1]`` -> scaled latents ``[B, 4, H/f, W/f]`` (float32), in chunks."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        return encode_in_chunks(self._encode_image_chunk, images, self.encode_chunk_size)
+
+    def _encode_image_chunk(self, images: Tensor) -> Tensor:
         param = next(self.vae.parameters())
         posterior = self.vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
         # The posterior mean, not a sample: diffusers' DPO scripts call .sample(), but the VAE's
@@ -153,17 +222,6 @@ class SD15Adapter(DiffusionAdapter):
             attention_mask = tokens.attention_mask.to(device)
         states = self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
         return {"encoder_hidden_states": states}
-
-    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor) -> EncodedPairs:
-        if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
-            raise ValueError(
-                f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped images"
-            )
-        # One VAE pass over winners and losers together.
-        latents = self.encode_images(torch.cat([winners, losers], dim=0))
-        x0_winner, x0_loser = latents.chunk(2, dim=0)
-        return EncodedPairs(x0_winner=x0_winner, x0_loser=x0_loser, conditioning=self.encode_prompts(prompts))
 
     # ------------------------------------------------------------------ denoiser
     def predict(

@@ -1,0 +1,381 @@
+"""The latent cache: every pair encoded once (VAE latents + text conditioning) into safetensors shards.
+
+``sipo cache --config FILE`` writes ``<data dir>/.sipo-cache/<key>/`` (or ``<data.cache_dir>/<key>/``):
+
+- ``shard-NNNNN.safetensors``: the pairs ``[n * SHARD_PAIRS, (n + 1) * SHARD_PAIRS)`` that loaded:
+  ``index`` ``[m]``, ``x0_chosen`` / ``x0_rejected`` ``[m, ...]`` (float32 model-space x0),
+  ``cond.<name>`` ``[m, ...]`` (the adapter's conditioning), with ``data.random_flip`` also
+  ``x0_chosen_flipped`` / ``x0_rejected_flipped`` (the latents of the mirrored pictures: a flipped
+  latent is not the latent of the flipped image), and ``size_info`` when the dataset records it.
+  The skipped rows and the prompts are in the file's metadata. Each shard is written under a
+  temporary name and renamed, so an interrupted ``sipo cache`` continues from the missing shards.
+- ``manifest.json`` (written last): the key and what it hashes, the counts, the index-time data
+  report and the parquet row-group ids, so a run from the cache reads the same pairs in the same
+  order and reports the same skips as a run from the pictures.
+
+The key hashes the family, the model's component configs and weight-file sizes and mtimes, the
+resolution, the data files' sizes and mtimes (and the JSONL manifest's content), ``max_pairs``,
+``random_flip``, the encoders' dtype and ``FORMAT_VERSION``: change any and the cache no longer
+matches. ``sipo train`` then refuses it (``data.use_cache=always``) or encodes on the fly (``auto``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from sipo.config import SipoConfig
+from sipo.data.pairs import flip_decision
+from sipo.data.report import DataReport, SkippedRow
+from sipo.errors import SipoError
+
+FORMAT_VERSION = 1
+SHARD_PAIRS = 256
+#: pairs per encoder call while caching (the VAE itself still works in encode_chunk_size chunks)
+ENCODE_PAIRS = 32
+CACHE_FOLDER = ".sipo-cache"
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------- the key
+def _file_stamp(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def model_fingerprint(model_path: str) -> dict[str, Any]:
+    """What identifies a local model directory: each component's config texts and weight-file stamps."""
+    root = Path(model_path).expanduser()
+    if not root.is_dir():
+        return {"hub_id": model_path}  # a hub id is its own fingerprint
+    found: dict[str, Any] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = str(path.relative_to(root))
+        if path.suffix in (".json", ".txt", ".yaml"):
+            found[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth"):
+            found[relative] = _file_stamp(path)[1:]
+    return found
+
+
+def _data_files(data_config) -> list[Path]:
+    if data_config.format == "pickapic":
+        from sipo.data.pickapic import find_shards
+
+        return find_shards(data_config.path)
+    return [Path(data_config.path)]
+
+
+def data_fingerprint(data_config) -> dict[str, Any]:
+    """The data files' names, sizes and mtimes; a JSONL manifest's content hash too."""
+    files = _data_files(data_config)
+    found: dict[str, Any] = {"format": data_config.format, "files": [_file_stamp(p) for p in files]}
+    if data_config.format == "jsonl" and files and files[0].is_file():
+        found["manifest_sha256"] = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    return found
+
+
+def encoder_dtype_name(config: SipoConfig) -> str:
+    """The dtype the frozen encoders run in: the run's compute dtype."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(config.train.mixed_precision, "float32")
+
+
+def cache_identity(config: SipoConfig) -> dict[str, Any]:
+    """Everything the cached tensors depend on (hashed into the key)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": config.model.family,
+        "model": model_fingerprint(config.model.pretrained_path),
+        "resolution": config.model.resolution,
+        "data": data_fingerprint(config.data),
+        "max_pairs": config.data.max_pairs,
+        "random_flip": config.data.random_flip,
+        "encoder_dtype": encoder_dtype_name(config),
+    }
+
+
+def cache_key(config: SipoConfig) -> str:
+    text = json.dumps(cache_identity(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_root(config: SipoConfig) -> Path:
+    """``data.cache_dir``, or ``.sipo-cache`` beside the data (the folder of a file, the folder itself)."""
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir).expanduser()
+    files = _data_files(config.data)
+    base = Path(config.data.path)
+    if base.is_dir():
+        return base / CACHE_FOLDER
+    return (files[0].parent if files else base.parent) / CACHE_FOLDER
+
+
+def cache_location(config: SipoConfig) -> Path:
+    return cache_root(config) / cache_key(config)
+
+
+def _shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+# ----------------------------------------------------------------------------- writing
+def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_pairs: int = SHARD_PAIRS,
+                device: torch.device | str | None = None) -> Path:
+    """Encode every pair of ``config.data`` once into the cache folder; returns that folder.
+
+    Shards already on disk are kept: a rerun after an interruption encodes only the missing ones.
+    """
+    from tqdm.auto import tqdm
+
+    from sipo.data import collate_pairs, open_preference_dataset
+    from sipo.models import adapter_from_config
+    from sipo.models.base import hold_frozen_weights_in
+    from sipo.performance import COMPUTE_DTYPES
+
+    # The plain pictures; flipped latents come from mirrored pictures below.
+    dataset = open_preference_dataset(dataclasses.replace(config.data, random_flip=False), config.model.resolution,
+                                      seed=config.train.seed)
+    index_report = _index_time_report(dataset.report)
+    location = cache_location(config)
+    location.mkdir(parents=True, exist_ok=True)
+    if adapter is None:
+        adapter = adapter_from_config(config.model)
+    adapter.freeze_encoders()
+    adapter.encode_chunk_size = config.model.encode_chunk_size
+    if config.train.mixed_precision in COMPUTE_DTYPES:
+        hold_frozen_weights_in(adapter, COMPUTE_DTYPES[config.train.mixed_precision])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for module in adapter.frozen_modules():
+        module.to(device)
+
+    num_shards = max(1, math.ceil(len(dataset) / shard_pairs))
+    bar = tqdm(total=len(dataset), desc="sipo cache", unit="pair", disable=not progress, dynamic_ncols=True)
+    for number in range(num_shards):
+        low, high = number * shard_pairs, min((number + 1) * shard_pairs, len(dataset))
+        target = location / _shard_name(number)
+        if not target.is_file():
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=ENCODE_PAIRS, sampler=range(low, high), collate_fn=collate_pairs,
+                num_workers=config.data.num_workers,
+            )
+            tensors, prompts, skipped = _encode_shard(adapter, loader, config.data.random_flip, device)
+            metadata = {"prompts": json.dumps(prompts), "skipped": json.dumps(skipped)}
+            partial = location / f".tmp-{target.name}"
+            save_file(tensors, str(partial), metadata=metadata)
+            os.replace(partial, target)
+        bar.update(high - low)
+    bar.close()
+
+    manifest = {
+        "key": location.name,
+        "identity": cache_identity(config),
+        "pairs": len(dataset),
+        "shard_pairs": shard_pairs,
+        "shards": num_shards,
+        "report": index_report,
+        "row_group_ids": dataset.row_group_ids().tolist() if hasattr(dataset, "row_group_ids") else None,
+    }
+    temporary = location / f".tmp-{MANIFEST}"
+    temporary.write_text(json.dumps(manifest))
+    os.replace(temporary, location / MANIFEST)
+    return location
+
+
+def _encode_shard(adapter, loader, random_flip: bool, device) -> tuple[dict[str, Tensor], list[str], list[list]]:
+    parts: dict[str, list[Tensor]] = {}
+    prompts: list[str] = []
+    skipped: list[list] = []
+
+    def add(name: str, value: Tensor) -> None:
+        parts.setdefault(name, []).append(value.detach().cpu().contiguous())
+
+    for batch in loader:
+        skipped.extend([row.index, row.reason, row.where] for row in batch["skipped"])
+        if not batch["indices"]:
+            continue
+        prompts.extend(batch["prompts"])
+        add("index", torch.tensor(batch["indices"], dtype=torch.long))
+        extra = {"size_info": batch["size_info"]} if batch.get("size_info") is not None else {}
+        encoded = adapter.encode(batch["prompts"], batch["chosen"].to(device), batch["rejected"].to(device), **extra)
+        add("x0_chosen", encoded.x0_winner)
+        add("x0_rejected", encoded.x0_loser)
+        for name, value in encoded.conditioning.items():
+            add(f"cond.{name}", value)
+        if extra:
+            add("size_info", batch["size_info"])
+        if random_flip:
+            # the pictures the dataset would hand out mirrored (PreferenceDataset flips the last axis)
+            latents = adapter.encode_images(torch.cat([batch["chosen"].flip(-1), batch["rejected"].flip(-1)]).to(device))
+            chosen, rejected = latents.chunk(2)
+            add("x0_chosen_flipped", chosen)
+            add("x0_rejected_flipped", rejected)
+    if not parts:  # every row of the shard was malformed
+        return {"index": torch.zeros(0, dtype=torch.long)}, prompts, skipped
+    return {name: torch.cat(values) for name, values in parts.items()}, prompts, skipped
+
+
+def _index_time_report(report: DataReport) -> dict[str, Any]:
+    """The report's counts fixed when the dataset was opened (before any pair is loaded)."""
+    return {
+        "source": report.source, "format": report.format, "rows_seen": report.rows_seen,
+        "ties_dropped": report.ties_dropped, "shards": report.shards, "pairs": report.pairs,
+        "index_skips": dict(report.index_skips), "examples": {k: list(v) for k, v in report.examples.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- reading
+class CachedPairs(Dataset):
+    """The cache as a map-style dataset with the same indices, flips, skips and report as the pictures'.
+
+    ``ds[i]`` is ``dict(prompt, index, x0_chosen, x0_rejected, conditioning)`` or a `SkippedRow`;
+    tensors are read row by row from the memory-mapped shards. Batch with ``ds.collate``.
+    """
+
+    def __init__(self, location: Path, manifest: dict[str, Any], random_flip: bool, seed: int) -> None:
+        self.location = Path(location)
+        self.manifest = manifest
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+        self.shard_pairs = manifest["shard_pairs"]
+        saved = manifest["report"]
+        self.report = DataReport(saved["source"], saved["format"])
+        self.report.rows_seen, self.report.ties_dropped, self.report.shards = (
+            saved["rows_seen"], saved["ties_dropped"], saved["shards"])
+        self.report.index_skips.update(saved["index_skips"])
+        self.report.examples = {k: list(v) for k, v in saved["examples"].items()}
+        self.report.set_pairs(manifest["pairs"])
+        self._rows: dict[int, tuple[int, int]] = {}  # index -> (shard, row)
+        self._skipped: dict[int, SkippedRow] = {}
+        self._prompts: dict[int, str] = {}
+        for number in range(manifest["shards"]):
+            with safe_open(str(self.location / _shard_name(number)), "pt") as handle:
+                metadata = handle.metadata() or {}
+                indices = handle.get_tensor("index").tolist()
+            for row, (index, prompt) in enumerate(zip(indices, json.loads(metadata.get("prompts", "[]")))):
+                self._rows[index] = (number, row)
+                self._prompts[index] = prompt
+            for index, reason, where in json.loads(metadata.get("skipped", "[]")):
+                self._skipped[index] = SkippedRow(index=index, reason=reason, where=where)
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+        if manifest["row_group_ids"] is not None:  # parquet: the trainer's block shuffle reads these
+            import numpy as np
+
+            blocks = np.asarray(manifest["row_group_ids"], dtype=np.int64)
+            self.row_group_ids = lambda: blocks
+
+    def __len__(self) -> int:
+        return self.manifest["pairs"]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _handle(self, number: int):
+        if self._pid != os.getpid():  # a DataLoader worker: open its own files
+            self._handles, self._pid = {}, os.getpid()
+        if number not in self._handles:
+            self._handles[number] = safe_open(str(self.location / _shard_name(number)), "pt")
+        return self._handles[number]
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        if index in self._skipped:
+            row = self._skipped[index]
+            self.report.record([row])
+            return row
+        number, row = self._rows[index]
+        handle = self._handle(number)
+        flip = self.random_flip and flip_decision(self.seed, self.epoch, index)
+        suffix = "_flipped" if flip else ""
+        read = lambda name: handle.get_slice(name)[row:row + 1][0]  # noqa: E731  (one row off the disk)
+        item: dict[str, Any] = {
+            "prompt": self._prompts[index],
+            "index": index,
+            "x0_chosen": read(f"x0_chosen{suffix}"),
+            "x0_rejected": read(f"x0_rejected{suffix}"),
+            "conditioning": {name[len("cond."):]: read(name) for name in handle.keys() if name.startswith("cond.")},
+        }
+        if "size_info" in handle.keys():
+            item["size_info"] = read("size_info")
+        self.report.record([item])
+        return item
+
+    @staticmethod
+    def collate(items: Sequence[Any]) -> dict[str, Any]:
+        """Like ``collate_pairs``, with ``x0_chosen``/``x0_rejected``/``conditioning`` in place of pictures."""
+        pairs = [item for item in items if not isinstance(item, SkippedRow)]
+        batch: dict[str, Any] = {
+            "prompts": [pair["prompt"] for pair in pairs],
+            "indices": [pair["index"] for pair in pairs],
+            "skipped": [item for item in items if isinstance(item, SkippedRow)],
+            "chosen": None,
+            "rejected": None,
+        }
+        if pairs:
+            batch["x0_chosen"] = torch.stack([pair["x0_chosen"] for pair in pairs])
+            batch["x0_rejected"] = torch.stack([pair["x0_rejected"] for pair in pairs])
+            batch["conditioning"] = {name: torch.stack([pair["conditioning"][name] for pair in pairs])
+                                     for name in pairs[0]["conditioning"]}
+            if "size_info" in pairs[0]:
+                batch["size_info"] = torch.stack([pair["size_info"] for pair in pairs])
+        return batch
+
+
+def read_manifest(location: Path) -> dict[str, Any] | None:
+    path = Path(location) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def open_cache(config: SipoConfig) -> CachedPairs | None:
+    """The complete cache matching ``config``, or None."""
+    location = cache_location(config)
+    manifest = read_manifest(location)
+    if manifest is None or manifest.get("key") != location.name:
+        return None
+    return CachedPairs(location, manifest, config.data.random_flip, config.train.seed)
+
+
+def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], None] | None = None) -> CachedPairs | None:
+    """What ``sipo train`` reads per ``data.use_cache``: the matching cache, or None for the pictures.
+
+    ``always`` without a complete matching cache stops with one sentence that names ``sipo cache``;
+    ``auto`` says which it uses.
+    """
+    mode = config.data.use_cache
+    if mode == "never":
+        return None
+    root = cache_root(config)
+    cached = open_cache(config)
+    if cached is not None and len(cached) != len(dataset):
+        cached = None  # cannot happen for an unchanged key; never train on a cache of other pairs
+    if cached is not None:
+        if log:
+            log(f"training from the latent cache {cached.location} ({len(cached)} pairs); "
+                "the VAE and text encoders stay on the CPU")
+        return cached
+    location = cache_location(config)
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != location.name) if root.is_dir() else []
+    if location.is_dir():
+        why = f"the latent cache {location} is incomplete"
+    elif others:
+        why = (f"the latent cache under {root} was built for another model, resolution, data or precision "
+               f"(key {others[0]}, this run needs {location.name})")
+    else:
+        why = f"no latent cache under {root}"
+    if mode == "always":
+        raise SipoError(f"{why}; run `sipo cache --config FILE` with this run's config first, or set data.use_cache=auto")
+    if log:
+        log(f"{why}; encoding pictures every step (`sipo cache --config FILE` makes steps faster)")
+    return None

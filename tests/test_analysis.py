@@ -29,7 +29,7 @@ def _config(model_dir: Path, output_dir: Path, data: dict | None = None, objecti
     return config_from_dict({
         "model": {"family": "sd15", "pretrained_path": str(model_dir), "resolution": TINY_SD15_IMAGE_SIZE},
         "data": data or {"format": "jsonl", "path": "unused.jsonl"},
-        "objective": {"name": objective, "beta": 5000.0, "tau": 0.999},
+        "objective": {"name": objective, "beta": 5000.0, "tau": 0.999, "pair_weight": "product"},
         "train": {"seed": SEED, "output_dir": str(output_dir), "lora_rank": 4, "lora_alpha": 4.0, **train},
     })
 

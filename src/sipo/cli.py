@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the embedded digits task: DPO vs DPO-C&M vs SIPO on CPU")
     demo.add_argument("--quick", action="store_true", help="a small variant that finishes in about a minute")
+    demo.add_argument("--full", action="store_true", help="every claim for every method and pair source (about 3x the default's time)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the report and plots go")
 
     analyze = commands.add_parser("analyze", help="per-timestep importance weights and gradient variance (docs/spec.md section 6)")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from sipo.demo import run_demo
 
-            run_demo(_demo_output_dir(args.output_dir), quick=args.quick)
+            run_demo(_demo_output_dir(args.output_dir), quick=args.quick, full=args.full)
         elif args.command == "analyze":
             from sipo.analysis import run_analysis
             from sipo.config import load_config

@@ -29,6 +29,28 @@ OBJECTIVE_PRESETS: dict[str, dict[str, bool]] = {
     "dpo+reweight": {"mask": False, "clip": False, "reweight": True},
     "dpo-cm": {"mask": True, "clip": True, "reweight": False},
     "sipo": {"mask": True, "clip": True, "reweight": True},
+    "dpo-cm-outside": {"mask": True, "clip": True, "reweight": False},
+    "sipo-outside": {"mask": True, "clip": True, "reweight": True},
+}
+
+# The two readings of SPEC 4a (docs/method.md). "paper": what the paper's reviewers quote from its
+# full text -- the weights inside the log-sigmoid per trajectory, mask tau 0.9 on min(w_w, w_l),
+# clip [1-eps, 1+eps] with eps 0.1. "project": this project's first reading, one pair weight
+# (w_w * w_l) outside on the per-pair loss, tau 0.5, clip [0, 2] (= eps 1), self-normalised.
+PAPER_READING: dict[str, Any] = {"weight_placement": "inside", "tau": 0.9, "clip_eps": 0.1, "pair_weight": "min"}
+PROJECT_READING: dict[str, Any] = {"weight_placement": "outside", "tau": 0.5, "clip_eps": 1.0, "pair_weight": "product"}
+# beta per objective (SPEC 4a, the paper's Table A1 read as x1000 code units on images): DPO 5000,
+# C&M and SIPO 5x smaller; the project reading used one beta for all. The ablations are pieces of
+# SIPO and share its beta, so each differs from SIPO by its switches alone.
+PRESET_SETTINGS: dict[str, dict[str, Any]] = {
+    "dpo": {**PAPER_READING, "beta": 5000.0},
+    "dpo+mask": {**PAPER_READING, "beta": 1000.0},
+    "dpo+clip": {**PAPER_READING, "beta": 1000.0},
+    "dpo+reweight": {**PAPER_READING, "beta": 1000.0},
+    "dpo-cm": {**PAPER_READING, "beta": 1000.0},
+    "sipo": {**PAPER_READING, "beta": 1000.0},
+    "dpo-cm-outside": {**PROJECT_READING, "beta": 5000.0},
+    "sipo-outside": {**PROJECT_READING, "beta": 5000.0},
 }
 
 
@@ -102,35 +124,44 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _help(f"objective preset: one of {list(OBJECTIVE_PRESETS)}", default="sipo")
-    beta: float = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (SPEC 2)", default=5000.0)
+    name: str = _help(f"objective preset: one of {list(OBJECTIVE_PRESETS)} (docs/method.md says which reading each implements)", default="sipo")
+    beta: float | None = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (SPEC 2); null: the preset's (dpo 5000, dpo-cm/sipo 1000)", default=None)
     mask: bool | None = _help("override the preset: mask pairs with w < tau or t outside [t_min, t_max]", default=None)
-    clip: bool | None = _help("override the preset: clamp weights to [w_floor, w_clip]", default=None)
-    reweight: bool | None = _help("override the preset: weight each pair's loss by its (clipped) weight", default=None)
-    tau: float = _help("mask threshold on the pair weight w (SPEC 4); see docs/defaults.md", default=0.5)
+    clip: bool | None = _help("override the preset: clamp weights to [1 - clip_eps, 1 + clip_eps]", default=None)
+    reweight: bool | None = _help("override the preset: use the (clipped) weights (inside z, or on each pair's loss outside)", default=None)
+    weight_placement: str | None = _help("inside: each trajectory's weight scales its log-ratio inside the log-sigmoid (SPEC 4a); outside: one weight per pair on the per-pair loss (SPEC 5); null: the preset's", default=None)
+    tau: float | None = _help("mask threshold on the pair weight w (SPEC 4); null: the preset's (0.9 paper reading, 0.5 project reading)", default=None)
     t_min: int | None = _help("lowest timestep kept by the mask (None: 0)", default=None)
     t_max: int | None = _help("highest timestep kept by the mask (None: T-1)", default=None)
-    w_clip: float | None = _help("upper clip of w (None: no upper clip)", default=2.0)
-    w_floor: float = _help("lower clip of w", default=0.0)
-    normalize: str = _help("self: divide by sum(mask*w_c); batch: divide by the batch size", default="self")
-    weight_source: str = _help("sample: each pair's own w; timestep_ema: EMA of w in its timestep bucket", default="sample")
+    clip_eps: float | None = _help("weights are clipped to [max(0, 1 - clip_eps), 1 + clip_eps]; null: the preset's (0.1 paper reading, 1.0 = [0, 2] project reading)", default=None)
+    normalize: str = _help("outside placement: self divides by sum(mask*w_c), batch by the batch size (inside: always the masked mean)", default="self")
+    weight_source: str = _help("sample: each pair's own w; timestep_ema: EMA of w in its timestep bucket (outside placement only)", default="sample")
     ema_buckets: int = _help("timestep buckets over [0, T) for timestep_ema", default=20)
     ema_decay: float = _help("EMA decay for timestep_ema", default=0.99)
     weight_norm: str = _help("per-element mean or sum of the log weight over the D elements (SPEC 3)", default="mean")
-    pair_weight: str = _help("combine winner and loser weights: product, min or mean", default="product")
+    pair_weight: str | None = _help("combine winner and loser weights for the mask: product, min (thresholds each trajectory) or mean; null: the preset's", default=None)
     weight_model: str = _help("model whose prediction defines p_theta in w: policy or reference", default="policy")
+    weight_step: str = _help("s of SPEC 3: inference = previous step of the model.num_inference_steps grid; adjacent = t - 1", default="inference")
 
     def __post_init__(self) -> None:
         _choice("objective.name", self.name, OBJECTIVE_PRESETS)
+        # Unset values come from the preset, so a saved config records the values a run used.
+        for key, value in PRESET_SETTINGS[self.name].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        _choice("objective.weight_placement", self.weight_placement, ("inside", "outside"))
         _choice("objective.normalize", self.normalize, ("self", "batch"))
         _choice("objective.weight_source", self.weight_source, ("sample", "timestep_ema"))
         _choice("objective.weight_norm", self.weight_norm, ("mean", "sum"))
         _choice("objective.pair_weight", self.pair_weight, ("product", "min", "mean"))
         _choice("objective.weight_model", self.weight_model, ("policy", "reference"))
+        _choice("objective.weight_step", self.weight_step, ("inference", "adjacent"))
         if self.beta <= 0:
             raise SipoError(f"objective.beta must be positive, got {self.beta}")
-        if self.w_clip is not None and self.w_clip < self.w_floor:
-            raise SipoError("objective.w_clip must be >= objective.w_floor")
+        if self.clip_eps <= 0:
+            raise SipoError(f"objective.clip_eps must be positive, got {self.clip_eps}")
+        if self.weight_placement == "inside" and self.weight_source == "timestep_ema":
+            raise SipoError("objective.weight_source=timestep_ema works with weight_placement=outside only; set one of them")
         if not 0.0 <= self.ema_decay < 1.0 or self.ema_buckets < 1:
             raise SipoError("objective.ema_decay must be in [0, 1) and objective.ema_buckets >= 1")
 
@@ -142,6 +173,13 @@ class ObjectiveConfig:
             if value is not None:
                 resolved[key] = value
         return resolved
+
+    def loss_settings(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`sipo.preference.objective_loss` for this objective."""
+        return {
+            "beta": self.beta, "placement": self.weight_placement, **self.switches(), "tau": self.tau,
+            "t_min": self.t_min, "t_max": self.t_max, "clip_eps": self.clip_eps, "normalize": self.normalize,
+        }
 
 
 @dataclass
@@ -378,8 +416,6 @@ def check_values(config: SipoConfig) -> None:
     if oc.t_min is not None and oc.t_max is not None and oc.t_min > oc.t_max:
         raise SipoError(f"objective.t_min={oc.t_min} is above objective.t_max={oc.t_max}, which would mask every pair; "
                         "swap them")
-    if oc.w_floor < 0:
-        raise SipoError(f"objective.w_floor={oc.w_floor} is negative; weights are never negative, set it >= 0")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(tc, name) < 1.0:
             raise SipoError(f"train.{name}={getattr(tc, name)} is outside [0, 1); use e.g. 0.9 / 0.999")

@@ -20,6 +20,7 @@ from torch import Tensor
 from sipo.schedules import expand_like
 
 PAIR_WEIGHT_MODES = ("product", "min", "mean")
+WEIGHT_PLACEMENTS = ("inside", "outside")
 WEIGHT_NORMS = ("mean", "sum")
 NORMALIZE_MODES = ("self", "batch")
 
@@ -52,7 +53,34 @@ def dpo_logits(
     loser negates ``z``. diffusers' SD1.5 DPO example's beta equals 0.5x this one.
     """
     _check_pair_shapes(err_w=err_w, err_l=err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
-    delta = (err_w.float() - err_l.float()) - (ref_err_w.float() - ref_err_l.float())
+    # Grouped per trajectory: policy and reference errors are close, so each difference is exact
+    # or nearly so, and weights of one in weighted_dpo_logits reproduce this bit for bit.
+    delta = (err_w.float() - ref_err_w.float()) - (err_l.float() - ref_err_l.float())
+    return -0.5 * float(beta) * delta
+
+
+def weighted_dpo_logits(
+    err_w: Tensor,
+    err_l: Tensor,
+    ref_err_w: Tensor,
+    ref_err_l: Tensor,
+    weight_w: Tensor,
+    weight_l: Tensor,
+    beta: float,
+) -> Tensor:
+    """DPO logits with one weight per trajectory inside the log-sigmoid (SPEC 4a, ``inside``).
+
+    ``z = -0.5 * beta * (weight_w * (err_w - ref_err_w) - weight_l * (err_l - ref_err_l))``.
+    The weights are detached (they scale each trajectory's log-ratio term, they are not trained);
+    weights of one give exactly :func:`dpo_logits`. Non-finite weights give non-finite ``z``:
+    callers replace masked weights before this call (:func:`inside_preference_loss`).
+    """
+    _check_pair_shapes(
+        err_w=err_w, err_l=err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l, weight_w=weight_w, weight_l=weight_l
+    )
+    log_ratio_w = err_w.float() - ref_err_w.float()
+    log_ratio_l = err_l.float() - ref_err_l.float()
+    delta = weight_w.detach().float() * log_ratio_w - weight_l.detach().float() * log_ratio_l
     return -0.5 * float(beta) * delta
 
 
@@ -257,6 +285,70 @@ def preference_loss(
     else:
         loss = reduce_pair_losses(loss_pair, keep)
     return loss, keep, effective_weight
+
+
+def trust_region_bounds(clip_eps: float) -> tuple[float, float]:
+    """The clip range ``[max(0, 1 - eps), 1 + eps]`` of SPEC 4a; ``eps = 1`` is ``[0, 2]`` (SPEC 4)."""
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be positive, got {clip_eps}")
+    return max(0.0, 1.0 - clip_eps), 1.0 + clip_eps
+
+
+def inside_preference_loss(
+    err_w: Tensor,
+    err_l: Tensor,
+    ref_err_w: Tensor,
+    ref_err_l: Tensor,
+    weight_w: Tensor,
+    weight_l: Tensor,
+    pair_weight: Tensor,
+    timesteps: Tensor,
+    *,
+    beta: float,
+    mask: bool = True,
+    clip: bool = True,
+    reweight: bool = True,
+    tau: float = 0.9,
+    t_min: int | None = None,
+    t_max: int | None = None,
+    clip_eps: float = 0.1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DPO-C&M and SIPO with the weights inside the log-sigmoid (SPEC 4a, the paper's reading).
+
+    ``keep = (pair_weight >= tau) & t in [t_min, t_max]`` (with ``pair_weight = min(w_w, w_l)``
+    this thresholds each trajectory); ``c = clamp(w, 1 - eps, 1 + eps)`` per trajectory when
+    ``clip``; ``reweight`` puts ``c_w, c_l`` (or the raw weights) into :func:`weighted_dpo_logits`,
+    otherwise ``z`` is the plain :func:`dpo_logits` (C&M); the loss is the masked mean
+    ``sum(keep * -logsigmoid(z)) / max(1, sum(keep))``. With every switch off this is DPO's mean.
+
+    A trajectory weight that is not finite (undefined on the last inference step) masks its pair
+    whenever weights are used; masked weights are replaced by one BEFORE the product, so a NaN
+    never reaches ``z`` and masked pairs have zero loss and zero, finite gradients.
+
+    Returns ``(loss, keep [B] bool, z [B], effective pair weight [B])``; the last is
+    ``min(c_w, c_l)`` (for logging).
+    """
+    _check_pair_shapes(weight_w=weight_w, weight_l=weight_l, pair_weight=pair_weight, timesteps=timesteps)
+    weight_w, weight_l = weight_w.detach().float(), weight_l.detach().float()
+    if mask:
+        keep = importance_mask(pair_weight.detach().float(), timesteps, tau, t_min, t_max)
+    else:
+        keep = torch.ones_like(weight_w, dtype=torch.bool)
+    if clip:
+        low, high = trust_region_bounds(clip_eps)
+        weight_w, weight_l = clip_weight(weight_w, low, high), clip_weight(weight_l, low, high)
+    effective_weight = torch.minimum(weight_w, weight_l)
+    if reweight:
+        keep = keep & torch.isfinite(weight_w) & torch.isfinite(weight_l)
+        one = torch.ones_like(weight_w)
+        z = weighted_dpo_logits(
+            err_w, err_l, ref_err_w, ref_err_l,
+            torch.where(keep, weight_w, one), torch.where(keep, weight_l, one), beta,
+        )
+    else:
+        z = dpo_logits(err_w, err_l, ref_err_w, ref_err_l, beta)
+    loss = reduce_pair_losses(dpo_loss_per_pair(z), keep)
+    return loss, keep, z, effective_weight
 
 
 def timestep_bucket(timesteps: Tensor, num_train_timesteps: int, num_buckets: int) -> Tensor:

@@ -76,6 +76,7 @@ def compute_pair_terms(
     weight_norm: str = "mean",
     pair_weight: str = "product",
     weight_model: str = "policy",
+    weight_step: str = "inference",
 ) -> PairTerms:
     """Run policy and reference on winner and loser in one batch of ``2B`` and return the terms.
 
@@ -92,7 +93,7 @@ def compute_pair_terms(
         2, *([1] * (x0.ndim - 1))
     )
     a_t, b_t = (c.to(device) for c in schedule.coefficients(timesteps))
-    a_s, b_s = (c.to(device) for c in schedule.previous_coefficients(timesteps))
+    a_s, b_s = (c.to(device) for c in schedule.previous_coefficients(timesteps, weight_step))
 
     x_t = add_noise(x0, eps, a_t.to(dtype), b_t.to(dtype))
     target = training_target(x0, eps, a_t.to(dtype), b_t.to(dtype), schedule.prediction_type)
@@ -131,3 +132,45 @@ def compute_pair_terms(
         log_w_loser=log_w_loser,
         log_w_pair=objectives.pair_log_weight(log_w_winner, log_w_loser, pair_weight),
     )
+
+
+def objective_loss(
+    terms: PairTerms,
+    pair_weight: Tensor,
+    *,
+    beta: float,
+    placement: str,
+    mask: bool,
+    clip: bool,
+    reweight: bool,
+    tau: float,
+    t_min: int | None,
+    t_max: int | None,
+    clip_eps: float,
+    normalize: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The step's loss from its per-pair terms, by ``weight_placement`` (SPEC 4a).
+
+    ``pair_weight`` is the per-pair ``w`` the mask thresholds (``exp(log_w_pair)`` or its EMA).
+    ``outside``: one (clipped) weight per pair multiplies the per-pair DPO loss
+    (:func:`objectives.preference_loss`, clip range ``[max(0, 1 - clip_eps), 1 + clip_eps]``).
+    ``inside``: each trajectory's clipped weight scales its log-ratio term inside ``z``
+    (:func:`objectives.inside_preference_loss`). Returns ``(loss, keep [B], effective weight [B])``.
+    """
+    if placement == "outside":
+        w_floor, w_clip = objectives.trust_region_bounds(clip_eps)
+        return objectives.preference_loss(
+            terms.loss_pair, pair_weight, terms.timesteps, mask=mask, clip=clip, reweight=reweight,
+            tau=tau, t_min=t_min, t_max=t_max, w_floor=w_floor, w_clip=w_clip, normalize=normalize,
+        )
+    if placement != "inside":
+        raise ValueError(f"placement must be one of {objectives.WEIGHT_PLACEMENTS}, got {placement!r}")
+    # exp(88) overflows float32; such a weight is clipped, never read as undefined.
+    weight_w = terms.log_w_winner.double().clamp(max=80.0).exp().float()
+    weight_l = terms.log_w_loser.double().clamp(max=80.0).exp().float()
+    loss, keep, _, effective_weight = objectives.inside_preference_loss(
+        terms.err_winner, terms.err_loser, terms.ref_err_winner, terms.ref_err_loser,
+        weight_w, weight_l, pair_weight, terms.timesteps, beta=beta, mask=mask, clip=clip,
+        reweight=reweight, tau=tau, t_min=t_min, t_max=t_max, clip_eps=clip_eps,
+    )
+    return loss, keep, effective_weight

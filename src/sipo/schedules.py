@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+WEIGHT_STEPS = ("inference", "adjacent")
 
 
 def _check_prediction_type(prediction_type: str) -> None:
@@ -81,13 +82,21 @@ class GaussianSchedule:
         t = t.long().cpu()
         return self.a[t].float(), self.b[t].float()
 
-    def previous_timestep(self, t: Tensor) -> Tensor:
-        """``s = t - T // num_inference_steps``; negative where ``t`` is on the last step."""
-        return t.long() - self.step_stride
+    def previous_timestep(self, t: Tensor, weight_step: str = "inference") -> Tensor:
+        """The ``s`` of SPEC 3; negative where ``t`` is on the last step.
 
-    def previous_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(a_s, b_s)`` at the previous inference timestep; ``(1, 0)`` where ``s < 0``."""
-        s = self.previous_timestep(t).cpu()
+        ``inference``: ``s = t - T // num_inference_steps``, the previous step of the inference grid
+        (for flow schedules, whose sigma grows with ``t``, the next smaller sigma of that grid);
+        ``adjacent``: ``s = t - 1`` on the training grid.
+        """
+        if weight_step not in WEIGHT_STEPS:
+            raise ValueError(f"weight_step must be one of {WEIGHT_STEPS}, got {weight_step!r}")
+        stride = self.step_stride if weight_step == "inference" else 1
+        return t.long() - stride
+
+    def previous_coefficients(self, t: Tensor, weight_step: str = "inference") -> tuple[Tensor, Tensor]:
+        """``(a_s, b_s)`` at the previous timestep ``s`` (:meth:`previous_timestep`); ``(1, 0)`` where ``s < 0``."""
+        s = self.previous_timestep(t, weight_step).cpu()
         valid = s >= 0
         s_safe = s.clamp(min=0)
         a_s = torch.where(valid, self.a[s_safe], torch.ones_like(self.a[s_safe]))

@@ -34,9 +34,9 @@ from sipo.errors import SipoError
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora, lora_disabled
 from sipo.models.base import EncodedPairs, hold_frozen_weights_in
 from sipo.performance import (
-    COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, peak_memory_gb, restore_device_rng,
+    COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng,
 )
-from sipo.preference import PairNoise, PairTerms, compute_pair_terms, draw_pair_noise
+from sipo.preference import PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, objective_loss
 
 StepCallback = Callable[[int, DiffusionAdapter], None]
 
@@ -299,13 +299,10 @@ def train(
                     terms = compute_pair_terms(
                         adapter, encoded, noise, beta=oc.beta, reference_predict=reference_predict,
                         denoiser=forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
-                        weight_model=oc.weight_model,
+                        weight_model=oc.weight_model, weight_step=oc.weight_step,
                     )
                     weight = _pair_weight(terms, state, oc.weight_source, num_train_timesteps, oc.ema_decay)
-                    loss, keep, effective_weight = objectives.preference_loss(
-                        terms.loss_pair, weight, terms.timesteps, **switches, tau=oc.tau, t_min=oc.t_min,
-                        t_max=oc.t_max, w_floor=oc.w_floor, w_clip=oc.w_clip, normalize=oc.normalize,
-                    )
+                    loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings())
                 accelerator.backward(loss / tc.gradient_accumulation_steps)
             losses.append(loss.detach().float())
             step_terms.append(terms)

@@ -7,6 +7,6 @@ import os
 # slower under load (measured, docs/demo.md). Only effective if torch is not imported yet.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sipo.demo.run import DemoSettings, QUICK, run_demo  # noqa: E402
+from sipo.demo.run import FULL, QUICK, DemoSettings, run_demo  # noqa: E402
 
-__all__ = ["DemoSettings", "QUICK", "run_demo"]
+__all__ = ["DemoSettings", "FULL", "QUICK", "run_demo"]

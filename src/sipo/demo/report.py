@@ -363,7 +363,7 @@ logged averages over training (w = the pair's importance weight, SPEC 3).
   {cfg["train"]["learning_rate"]}, batch {cfg["train"]["batch_size"]} pairs, {context["max_steps"]} steps, gradient
   clip {cfg["train"]["max_grad_norm"]}. Objective switches per method from the presets (dpo: none;
   dpo-cm: mask; sipo: mask + clip + self-normalised reweighting) with tau {cfg["objective"]["tau"]},
-  w_clip {cfg["objective"]["w_clip"]}, weight_source {cfg["objective"]["weight_source"]}, weight_norm
+  clip_eps {cfg["objective"]["clip_eps"]}, placement {cfg["objective"]["weight_placement"]}, weight_source {cfg["objective"]["weight_source"]}, weight_norm
   {cfg["objective"]["weight_norm"]}, pair_weight {cfg["objective"]["pair_weight"]}. Same seed = same LoRA init, data
   order, timesteps and noise for all three methods.
 

@@ -35,7 +35,12 @@ from sipo.demo.pairs import PairSettings
 from sipo.demo.pretrain import PretrainSettings
 from sipo.errors import SipoError
 
-METHODS = ("dpo", "dpo-cm", "sipo")
+#: the paper's reading (SPEC 4a) and the project's first reading of C&M and SIPO
+METHODS = ("dpo", "dpo-cm", "sipo", "dpo-cm-outside", "sipo-outside")
+#: the three methods of the final line
+HEADLINE_METHODS = ("dpo", "dpo-cm", "sipo")
+#: pair sources: "mixed" = real digits vs early samples; "offpolicy" = early samples only
+SOURCES = ("mixed", "offpolicy")
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,24 @@ class DemoSettings:
 
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     pairs: PairSettings = field(default_factory=PairSettings)
+    #: the second, strongly off-policy pair source: both sides early-checkpoint samples, none real
+    offpolicy_pairs: PairSettings = field(default_factory=lambda: PairSettings(real_fraction=0.0))
+    sources: tuple[str, ...] = SOURCES
+    #: claim 1: every method, every source, at the default beta (configs/demo.yaml's objective.beta)
     methods: tuple[str, ...] = METHODS
-    #: the beta sweep (spans 10x); the default beta is configs/demo.yaml's objective.beta
+    #: claim 2: the beta sweep (spans 10x) for these methods on these sources
     betas: tuple[float, ...] = (1000.0, 3000.0, 10000.0)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    sensitivity_methods: tuple[str, ...] = HEADLINE_METHODS
+    sensitivity_sources: tuple[str, ...] = ("mixed",)
+    #: claim 3: these methods run stability_factor x longer at the default beta on these sources
+    stability_methods: tuple[str, ...] = ("dpo", "sipo")
+    stability_sources: tuple[str, ...] = ("mixed",)
+    stability_factor: int = 3
+    #: evaluation interval of the long runs (the short runs are evaluated once, at their end)
+    eval_every: int = 100
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     #: None: configs/demo.yaml's train.max_steps
     max_steps: int | None = None
-    #: evaluate reward and win rate every this many optimizer steps (and at the end)
-    eval_every: int = 25
     #: evaluation prompts per digit (fixed prompts and initial noise, shared by every model)
     eval_per_class: int = 20
     eval_seed: int = 1234
@@ -70,9 +85,12 @@ class DemoSettings:
 QUICK = DemoSettings(
     pretrain=PretrainSettings(steps=200, batch_size=64, early_step=40),
     pairs=PairSettings(num_pairs=128, sampling_steps=10),
+    offpolicy_pairs=PairSettings(num_pairs=128, sampling_steps=10, real_fraction=0.0),
+    methods=HEADLINE_METHODS,
     betas=(3000.0,),
+    sensitivity_methods=(),
     seeds=(0,),
-    max_steps=12,
+    max_steps=6,
     eval_every=6,
     eval_per_class=4,
     sampling_steps=10,
@@ -80,6 +98,13 @@ QUICK = DemoSettings(
     profile_buckets=10,
     analysis_pairs=4,
     workers=1,
+)
+
+
+#: `sipo demo --full`: every claim for every method on both pair sources, long runs evaluated every 50 steps
+FULL = DemoSettings(
+    sensitivity_methods=METHODS, sensitivity_sources=SOURCES,
+    stability_methods=METHODS, stability_sources=SOURCES, eval_every=50,
 )
 
 
@@ -113,8 +138,10 @@ class RunJob:
     eval_seed: int
     sampling_steps: int
     reward_seed: int
-    #: extra label of a variant (the defaults sweep), part of the name
+    #: extra label of a variant (the defaults sweep, the pair source), part of the name
     variant: str = ""
+    #: which pairs (claims): "mixed" or "offpolicy"
+    source: str = "mixed"
 
     @property
     def name(self) -> str:
@@ -158,7 +185,7 @@ def run_one(job: RunJob, tick=None) -> dict[str, Any]:
             tick()
         if step % job.eval_every == 0 or step == config.train.max_steps:
             images, rewards = sample_and_score(adapter, reward, eval_set, job.sampling_steps)
-            curve.append({"step": step, "mean_reward": float(rewards.mean())})
+            curve.append({"step": step, "mean_reward": float(rewards.mean()), "rewards": rewards.tolist()})
             final.update(images=images, rewards=rewards)
 
     log = io.StringIO()
@@ -168,6 +195,7 @@ def run_one(job: RunJob, tick=None) -> dict[str, Any]:
     (Path(job.run_dir) / "train.log").write_text(log.getvalue())
     return {
         "method": job.method, "beta": job.beta, "seed": job.seed, "name": job.name, "variant": job.variant,
+        "source": job.source,
         "curve": curve, "rewards": final["rewards"].tolist(), "images": final["images"],
         "history": result.history, "steps": result.steps, "wall_seconds": time.perf_counter() - started,
     }
@@ -236,14 +264,14 @@ def load_steps(job: RunJob) -> int:
 
 # ----------------------------------------------------------------------------- the whole demo
 def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | None = None,
-             progress: bool = True, config_overrides: list[str] | None = None) -> dict[str, Any]:
+             progress: bool = True, config_overrides: list[str] | None = None, full: bool = False) -> dict[str, Any]:
     """Run the demo into ``output_dir``; prints the table and, last, the machine-readable line.
 
     ``config_overrides`` (``key=value``) apply to configs/demo.yaml for every fine-tune, e.g.
     ``["objective.beta=1000"]`` to make 1000 the default beta of a custom ``settings.betas``.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    settings = settings or (QUICK if quick else DemoSettings())
+    settings = settings or (QUICK if quick else FULL if full else DemoSettings())
     setup_torch(1)
     _quiet()
     import torch
@@ -280,13 +308,17 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
     base = DigitsAdapter.from_pretrained(base_dir)
     early = DigitsAdapter.from_pretrained(pretrained.early_dir)
 
-    # 2. reward, 3. pairs
+    # 2. reward, 3. pairs: the demo's mixed pairs and the strongly off-policy ones
     phase = time.perf_counter()
     reward = DigitReward(settings.reward_seed)
     real_images, real_labels = load_digit_images(base.resolution)
-    pairs_dir = output_dir / "pairs"
-    shutil.rmtree(pairs_dir, ignore_errors=True)
-    pairs = make_pairs(early, reward, real_images, real_labels, pairs_dir, settings.pairs, progress=progress)
+    pair_sets = {}
+    for source in settings.sources:
+        pairs_dir = output_dir / ("pairs" if source == "mixed" else f"pairs_{source}")
+        shutil.rmtree(pairs_dir, ignore_errors=True)
+        pair_settings = settings.pairs if source == "mixed" else settings.offpolicy_pairs
+        pair_sets[source] = make_pairs(early, reward, real_images, real_labels, pairs_dir, pair_settings, progress=progress)
+    pairs = pair_sets.get("mixed") or next(iter(pair_sets.values()))
     timings["pairs"] = time.perf_counter() - phase
 
     # base and early on the evaluation prompts
@@ -295,16 +327,23 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
     base_images, base_rewards = sample_and_score(base, reward, eval_set, settings.sampling_steps)
     _, early_rewards = sample_and_score(early, reward, eval_set, settings.sampling_steps)
 
-    # 4. w(t) profile: the demo's pairs vs the base model's own samples
+    # 4. w(t) profile: the demo's pairs vs the base model's own samples (and the off-policy source)
     n = min(settings.profile_pairs, len(pairs.prompts))
     generator = torch.Generator().manual_seed(settings.eval_seed + 1)
     labels = pairs.labels[:n]
     own_w = base.sample(labels, generator=generator, num_inference_steps=settings.sampling_steps)
     own_l = base.sample(labels, generator=generator, num_inference_steps=settings.sampling_steps)
+    profile_options = dict(weight_norm=config.objective.weight_norm, pair_weight=config.objective.pair_weight)
     profile_off = weight_profile(base, labels, pairs.chosen[:n], pairs.rejected[:n], settings.profile_buckets, seed=0,
-                                 weight_norm=config.objective.weight_norm, pair_weight=config.objective.pair_weight)
-    profile_on = weight_profile(base, labels, own_w, own_l, settings.profile_buckets, seed=0,
-                                weight_norm=config.objective.weight_norm, pair_weight=config.objective.pair_weight)
+                                 **profile_options)
+    profile_on = weight_profile(base, labels, own_w, own_l, settings.profile_buckets, seed=0, **profile_options)
+    source_weights = {}
+    for source, pair_set in pair_sets.items():
+        m = min(settings.profile_pairs, len(pair_set.prompts))
+        profile = weight_profile(base, pair_set.labels[:m], pair_set.chosen[:m], pair_set.rejected[:m],
+                                 settings.profile_buckets, seed=0, **profile_options)
+        source_weights[source] = _weight_summary(profile, config.objective.tau)
+    source_weights["base_own_samples"] = _weight_summary(profile_on, config.objective.tau)
     timings["base eval + w(t) profile"] = time.perf_counter() - phase
 
     # 4b. `sipo analyze` on the base model and the demo's pairs: the same study a user runs on theirs
@@ -317,34 +356,68 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                             output_dir=output_dir / "analysis", progress=progress, verbose=False)
     timings["sipo analyze"] = time.perf_counter() - phase
 
-    # 5. the sweep
+    # 5. the fine-tunes of the three claims (docs/demo.md): one run per (source, method, beta, seed);
+    # the long runs of claim 3 also give claim 1 its numbers at step max_steps (constant lr: their
+    # first max_steps steps are the short run's).
     phase = time.perf_counter()
+    long_steps = max_steps * settings.stability_factor
     jobs = []
-    for beta in settings.betas:
-        for seed in settings.seeds:
-            for method in settings.methods:
-                run_dir = output_dir / "runs" / f"{method}-beta{beta:g}-seed{seed}"
-                jobs.append(RunJob(
-                    method=method, beta=beta, seed=seed, config_path=str(config_path),
-                    overrides=[
-                        *config_overrides,
-                        f"model.pretrained_path={base_dir.resolve()}",
-                        f"data.path={pairs.manifest.resolve()}",
-                        f"objective.name={method}", f"objective.beta={beta}", f"train.seed={seed}",
-                        f"train.max_steps={max_steps}", f"train.output_dir={run_dir.resolve()}",
-                    ],
-                    base_dir=str(base_dir.resolve()), run_dir=str(run_dir), eval_every=settings.eval_every,
-                    eval_per_class=settings.eval_per_class, eval_seed=settings.eval_seed,
-                    sampling_steps=settings.sampling_steps, reward_seed=settings.reward_seed,
-                ))
+    for source in settings.sources:
+        for beta in settings.betas:
+            for seed in settings.seeds:
+                for method in settings.methods:
+                    swept = method in settings.sensitivity_methods and source in settings.sensitivity_sources
+                    if beta != default_beta and not swept:
+                        continue
+                    long = beta == default_beta and method in settings.stability_methods and source in settings.stability_sources
+                    steps = long_steps if long else max_steps
+                    name = f"{method}-beta{beta:g}-seed{seed}"
+                    run_dir = output_dir / "runs" / (name if source == "mixed" else f"{source}/{name}")
+                    jobs.append(RunJob(
+                        method=method, beta=beta, seed=seed, config_path=str(config_path),
+                        overrides=[
+                            *config_overrides,
+                            f"model.pretrained_path={base_dir.resolve()}",
+                            f"data.path={pair_sets[source].manifest.resolve()}",
+                            f"objective.name={method}", f"objective.beta={beta}", f"train.seed={seed}",
+                            f"train.max_steps={steps}", f"train.output_dir={run_dir.resolve()}",
+                        ],
+                        base_dir=str(base_dir.resolve()), run_dir=str(run_dir),
+                        eval_every=settings.eval_every if long else max_steps,
+                        eval_per_class=settings.eval_per_class, eval_seed=settings.eval_seed,
+                        sampling_steps=settings.sampling_steps, reward_seed=settings.reward_seed,
+                        variant="" if source == "mixed" else source, source=source,
+                    ))
     results = run_sweep(jobs, settings.workers, progress=progress)
     timings["fine-tune + evaluate"] = time.perf_counter() - phase
 
     # 6. report
     phase = time.perf_counter()
+    from sipo.demo import claims as claims_module
+
     for result in results:
-        result["curve"].insert(0, {"step": 0, "mean_reward": float(base_rewards.mean())})
-    summary = report.summarise(results, base_rewards, settings.methods, settings.betas)
+        result["curve"].insert(0, {"step": 0, "mean_reward": float(base_rewards.mean()), "rewards": base_rewards.tolist()})
+    # the per-method/beta table of the mixed pairs, at step max_steps
+    at_max = []
+    for result in results:
+        if result["source"] != "mixed":
+            continue
+        view = dict(result, rewards=claims_module.rewards_at(result, max_steps).tolist(),
+                    curve=[p for p in result["curve"] if p["step"] <= max_steps])
+        at_max.append(view)
+    swept_methods = [m for m in settings.methods if m in settings.sensitivity_methods and "mixed" in settings.sensitivity_sources]
+    summary = report.summarise(at_max, base_rewards, swept_methods, settings.betas) if swept_methods else {}
+    for method in settings.methods:
+        if method not in summary:
+            summary.update(report.summarise(at_max, base_rewards, [method], [default_beta]))
+    claims = {
+        "win_rate": claims_module.claim_win_rate(results, base_rewards, settings.sources, settings.methods, default_beta, max_steps),
+        "beta_sensitivity": claims_module.claim_beta_sensitivity(
+            results, base_rewards, settings.sensitivity_sources, settings.sensitivity_methods, settings.betas, max_steps)
+        if settings.sensitivity_methods else {},
+        "stability": claims_module.claim_stability(results, settings.stability_sources, settings.stability_methods,
+                                                   default_beta, long_steps),
+    }
     timings["report"] = time.perf_counter() - phase
     wall = time.perf_counter() - started
     context = {
@@ -355,12 +428,18 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         "config": config.to_dict(),
         "default_beta": default_beta,
         "max_steps": max_steps,
+        "long_steps": long_steps,
+        "betas": list(settings.betas),
         "wall_seconds": wall,
         "timings": timings,
+        "fine_tune_steps": sum(load_steps(job) for job in jobs),
+        "fine_tunes": len(jobs),
         "pretrain_cached": pretrained.cached,
         "pretrain_info": pretrained.info,
         "reward_held_out_accuracy": reward.held_out_accuracy(),
         "pairs": pairs.summary(),
+        "pair_sources": {source: pair_set.summary() for source, pair_set in pair_sets.items()},
+        "pair_source_weights": source_weights,
         "base_mean_reward": float(base_rewards.mean()),
         "early_mean_reward": float(early_rewards.mean()),
         "eval_samples": len(eval_set),
@@ -372,13 +451,36 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         },
     }
     context["report_path"] = str(output_dir / "report.md")
-    report.write_report(output_dir, context, summary, results, base_images, base_rewards, eval_set, profile_off, profile_on,
-                        analysis=analysis)
+    report_results = [r for r in at_max if r["method"] in swept_methods] or at_max
+    report_summary = {m: summary[m] for m in swept_methods} if swept_methods else summary
+    report.write_report(output_dir, context, report_summary, report_results, base_images, base_rewards, eval_set,
+                        profile_off, profile_on, analysis=analysis)
+    claims_text = claims_module.claims_markdown(claims, context)
+    claim_files = claims_module.plot_claims(output_dir, claims, context)
+    weights_text = "\n".join(
+        f"| {source} | {w['mean_log_w']:.4f} | {w['masked_fraction']:.3f} |" for source, w in source_weights.items())
+    with open(output_dir / "report.md", "a") as handle:
+        handle.write("\n" + claims_text + "\n")
+        handle.write("\n".join(f"![{key}]({Path(path).name})" for key, path in claim_files.items()) + "\n\n")
+        handle.write("How off-policy each pair source is (base model's pair weights, all timestep buckets):\n\n"
+                     f"| pairs | mean log w | masked at tau {config.objective.tau:g} |\n|---|---|---|\n{weights_text}\n")
+    (output_dir / "claims.json").write_text(json.dumps(_jsonable(claims), indent=2))
     table = report.format_table(summary, context)
     print(table)
-    line = report.final_line(summary, default_beta, settings.methods)
+    print(claims_text)
+    line = report.final_line(summary, default_beta, HEADLINE_METHODS)
+    print(claims_module.penultimate_line(claims, "mixed" if "mixed" in settings.sources else settings.sources[0]))
     print(line)
-    return {"summary": summary, "context": context, "final_line": line, "report": str(output_dir / "report.md")}
+    return {"summary": summary, "claims": claims, "context": context, "final_line": line,
+            "report": str(output_dir / "report.md")}
+
+
+def _weight_summary(profile, tau: float) -> dict[str, float]:
+    """Mean log w of the pair over every defined bucket, and the fraction of pairs the mask drops."""
+    import numpy as np
+
+    values = np.asarray(profile.log_w_pair, dtype=float)
+    return {"mean_log_w": float(np.nanmean(values)), "masked_fraction": float(np.mean(profile.masked_fraction(tau)))}
 
 
 def _jsonable(value: Any) -> Any:

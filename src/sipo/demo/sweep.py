@@ -35,16 +35,16 @@ def variants(taus=TAUS, clips=CLIPS, sources=SOURCES) -> list[tuple[str, str, li
     """``(variant label, method, objective overrides)`` for every cell of the sweep."""
     out: list[tuple[str, str, list[str]]] = [("dpo", "dpo", [])]
     for tau in taus:
-        out.append((f"cm_tau{tau:g}", "dpo-cm", [f"objective.tau={tau}"]))
+        out.append((f"cm_tau{tau:g}", "dpo-cm-outside", [f"objective.tau={tau}"]))
     for tau, clip, source in product(taus, clips, sources):
-        out.append((f"sipo_tau{tau:g}_clip{clip:g}_{source}", "sipo",
-                    [f"objective.tau={tau}", f"objective.w_clip={clip}", f"objective.weight_source={source}"]))
+        out.append((f"sipo_tau{tau:g}_clip{clip:g}_{source}", "sipo-outside",
+                    [f"objective.tau={tau}", f"objective.clip_eps={clip - 1.0:g}", f"objective.weight_source={source}"]))
     for tau in taus:
-        out.append((f"sipo_sum_tau{tau:g}", "sipo", [f"objective.tau={tau}", "objective.weight_norm=sum"]))
+        out.append((f"sipo_sum_tau{tau:g}", "sipo-outside", [f"objective.tau={tau}", "objective.weight_norm=sum"]))
     # diagnostics: the timestep band alone (no weights: C&M with tau 0 keeps every t >= 100), and
     # SIPO's reweighting alone (tau 0: only the undefined last step is masked)
-    out.append(("band_t100_only", "dpo-cm", ["objective.tau=0.0", "objective.t_min=100"]))
-    out.append(("sipo_tau0_reweight_only", "sipo", ["objective.tau=0.0"]))
+    out.append(("band_t100_only", "dpo-cm-outside", ["objective.tau=0.0", "objective.t_min=100"]))
+    out.append(("sipo_tau0_reweight_only", "sipo-outside", ["objective.tau=0.0"]))
     return out
 
 

@@ -1,0 +1,280 @@
+"""The paper's three claims, tested on the demo with 95% confidence intervals over seeds.
+
+1. **Win rate vs base**: SIPO (and C&M) beat Diffusion-DPO, under both readings of SPEC 4a.
+2. **beta sensitivity**: SIPO's win rate varies less than DPO's across a 10x range of beta.
+3. **Stability**: in a run 3x longer, DPO's reward falls from its peak ("late-stage degradation")
+   and SIPO's does not.
+
+Every comparison is paired per seed (the same seed means the same LoRA initialisation, data order,
+timesteps and noise for every method), and its interval is the t-interval of the per-seed paired
+differences: ``mean +- t_{0.975, n-1} * sd / sqrt(n)``. A claim counts as *supported* only when the
+interval excludes zero in the claimed direction, *contradicted* when it excludes zero the other
+way, and *not resolved* otherwise. Nothing here trains; it reads the runs of :mod:`sipo.demo.run`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sipo.demo.evaluate import win_rate
+
+LABELS = {
+    "dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M (paper reading)", "sipo": "SIPO (paper reading)",
+    "dpo-cm-outside": "DPO-C&M (project reading)", "sipo-outside": "SIPO (project reading)",
+}
+COLORS = {"dpo": "tab:blue", "dpo-cm": "tab:orange", "sipo": "tab:green", "dpo-cm-outside": "tab:red",
+          "sipo-outside": "tab:purple"}
+SOURCE_LABELS = {"mixed": "mixed pairs (real vs early samples)", "offpolicy": "strongly off-policy pairs (early samples only)"}
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: the t-interval of the mean over seeds; ``lo = hi = nan`` with one value."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def rewards_at(result: dict[str, Any], step: int) -> torch.Tensor:
+    """The run's per-sample rewards at evaluation ``step`` (its curve holds every evaluation)."""
+    for point in result["curve"]:
+        if point["step"] == step and "rewards" in point:
+            return torch.tensor(point["rewards"])
+    raise KeyError(f"run {result['name']} was not evaluated at step {step}")
+
+
+def _runs(results, source: str, method: str, beta: float) -> dict[int, dict[str, Any]]:
+    return {r["seed"]: r for r in results if r["source"] == source and r["method"] == method and r["beta"] == beta}
+
+
+def _fmt_ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    if not math.isfinite(lo):
+        return f"{mean:{sign}.3f} [95% CI n/a]"
+    return f"{mean:{sign}.3f} [95% CI {lo:{sign}.3f}, {hi:{sign}.3f}]"
+
+
+def _verdict(lo: float, hi: float, claimed_positive: bool) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "not resolved (one seed)"
+    if lo > 0:
+        return "supported" if claimed_positive else "contradicted"
+    if hi < 0:
+        return "contradicted" if claimed_positive else "supported"
+    return "not resolved (CI contains 0)"
+
+
+# ----------------------------------------------------------------------------- claim 1
+def claim_win_rate(results, base_rewards, sources, methods, beta: float, step: int) -> dict[str, Any]:
+    """Per source and method: win rate vs base (mean, CI) and the paired difference to DPO."""
+    out: dict[str, Any] = {}
+    for source in sources:
+        dpo = {s: win_rate(rewards_at(r, step), base_rewards) for s, r in _runs(results, source, "dpo", beta).items()}
+        rows = {}
+        for method in methods:
+            wins = {s: win_rate(rewards_at(r, step), base_rewards) for s, r in _runs(results, source, method, beta).items()}
+            if not wins:
+                continue
+            seeds = sorted(set(wins) & set(dpo))
+            differences = [wins[s] - dpo[s] for s in seeds]
+            rows[method] = {
+                "per_seed": [wins[s] for s in sorted(wins)],
+                "win_rate": t_interval(list(wins.values())),
+                "minus_dpo": t_interval(differences) if method != "dpo" else None,
+                "minus_dpo_per_seed": differences,
+                "verdict": _verdict(*t_interval(differences)[1:], claimed_positive=True) if method != "dpo" else "",
+            }
+        out[source] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- claim 2
+def claim_beta_sensitivity(results, base_rewards, sources, methods, betas, step: int) -> dict[str, Any]:
+    """Per seed, the spread (max - min) of a method's win rate over ``betas``; paired vs DPO's spread."""
+    out: dict[str, Any] = {}
+    for source in sources:
+        spreads: dict[str, dict[int, float]] = {}
+        by_beta: dict[str, dict[str, Any]] = {}
+        for method in methods:
+            per_beta = {beta: _runs(results, source, method, beta) for beta in betas}
+            seeds = set.intersection(*(set(runs) for runs in per_beta.values())) if per_beta else set()
+            if not seeds:
+                continue
+            wins = {beta: {s: win_rate(rewards_at(per_beta[beta][s], step), base_rewards) for s in seeds} for beta in betas}
+            spreads[method] = {s: max(wins[b][s] for b in betas) - min(wins[b][s] for b in betas) for s in seeds}
+            by_beta[method] = {f"{b:g}": t_interval(list(wins[b].values())) for b in betas}
+        rows = {}
+        for method, spread in spreads.items():
+            row = {"spread": t_interval(list(spread.values())), "win_rate_by_beta": by_beta[method]}
+            if method != "dpo" and "dpo" in spreads:
+                seeds = sorted(set(spread) & set(spreads["dpo"]))
+                differences = [spread[s] - spreads["dpo"][s] for s in seeds]
+                row["minus_dpo"] = t_interval(differences)
+                row["verdict"] = _verdict(*row["minus_dpo"][1:], claimed_positive=False)
+            rows[method] = row
+        if rows:
+            out[source] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- claim 3
+def claim_stability(results, sources, methods, beta: float, long_steps: int) -> dict[str, Any]:
+    """Per seed, ``drop = peak - end`` of the mean reward along a long run (peak over every
+    evaluation after step 0); paired vs DPO's drop. The claim: DPO drops, SIPO drops less."""
+    out: dict[str, Any] = {}
+    for source in sources:
+        drops: dict[str, dict[int, float]] = {}
+        curves: dict[str, Any] = {}
+        for method in methods:
+            runs = {s: r for s, r in _runs(results, source, method, beta).items() if r["steps"] == long_steps}
+            if not runs:
+                continue
+            drops[method] = {}
+            for seed, run in runs.items():
+                values = [p["mean_reward"] for p in run["curve"] if p["step"] > 0]
+                drops[method][seed] = max(values) - values[-1]
+            steps = [p["step"] for p in next(iter(runs.values()))["curve"]]
+            curves[method] = {"steps": steps, "mean_reward": np.mean(
+                [[p["mean_reward"] for p in r["curve"]] for r in runs.values()], axis=0).tolist()}
+        rows = {}
+        for method, drop in drops.items():
+            row = {"drop": t_interval(list(drop.values())), "per_seed": [drop[s] for s in sorted(drop)],
+                   "curve": curves[method]}
+            if method == "dpo":
+                row["verdict"] = "DPO degrades: " + _verdict(*row["drop"][1:], claimed_positive=True)
+            elif "dpo" in drops:
+                seeds = sorted(set(drop) & set(drops["dpo"]))
+                row["minus_dpo"] = t_interval([drop[s] - drops["dpo"][s] for s in seeds])
+                row["verdict"] = _verdict(*row["minus_dpo"][1:], claimed_positive=False)
+            rows[method] = row
+        if rows:
+            out[source] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- text
+def claims_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
+    """The three claims' tables and verdicts (report.md section and docs/demo.md source)."""
+    lines = ["## The paper's three claims (95% CI over seeds, paired per seed)", ""]
+    beta, steps, long_steps = context["default_beta"], context["max_steps"], context["long_steps"]
+    lines += [f"### Claim 1: win rate vs base at beta {beta:g}, {steps} steps", "",
+              "| pairs | method | win rate vs base | minus Diffusion-DPO (paired) | claim: beats DPO |",
+              "|---|---|---|---|---|"]
+    for source, rows in claims["win_rate"].items():
+        for method, row in rows.items():
+            diff = _fmt_ci(*row["minus_dpo"], signed=True) if row["minus_dpo"] else "-"
+            lines.append(f"| {source} | {LABELS.get(method, method)} | {_fmt_ci(*row['win_rate'])} | {diff} | {row['verdict'] or '-'} |")
+    betas = ", ".join(f"{b:g}" for b in context["betas"])
+    lines += ["", f"### Claim 2: beta sensitivity (spread = max - min win rate over beta in {{{betas}}}, per seed)", "",
+              "| pairs | method | win rate per beta | spread | minus DPO's spread | claim: less sensitive than DPO |",
+              "|---|---|---|---|---|---|"]
+    for source, rows in claims["beta_sensitivity"].items():
+        for method, row in rows.items():
+            per_beta = "; ".join(f"{k}: {v[0]:.3f}" for k, v in row["win_rate_by_beta"].items())
+            diff = _fmt_ci(*row["minus_dpo"], signed=True) if "minus_dpo" in row else "-"
+            lines.append(f"| {source} | {LABELS.get(method, method)} | {per_beta} | {_fmt_ci(*row['spread'])} | {diff} | {row.get('verdict', '-')} |")
+    lines += ["", f"### Claim 3: stability over {long_steps} steps (drop = peak mean reward - final mean reward)", "",
+              "| pairs | method | reward at step " + f"{steps} | final reward | drop from peak | minus DPO's drop | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for source, rows in claims["stability"].items():
+        for method, row in rows.items():
+            curve = row["curve"]
+            at = curve["mean_reward"][curve["steps"].index(steps)] if steps in curve["steps"] else float("nan")
+            diff = _fmt_ci(*row["minus_dpo"], signed=True) if "minus_dpo" in row else "-"
+            lines.append(f"| {source} | {LABELS.get(method, method)} | {at:.4f} | {curve['mean_reward'][-1]:.4f} | "
+                         f"{_fmt_ci(*row['drop'])} | {diff} | {row.get('verdict', '-')} |")
+    lines += ["", "Verdicts: *supported* = the 95% CI of the paired difference excludes 0 in the paper's "
+              "direction; *contradicted* = it excludes 0 the other way; *not resolved* = it contains 0. "
+              "Peak-minus-final is biased upward by noise (a maximum of noisy values), for every method alike.", ""]
+    return "\n".join(lines)
+
+
+def penultimate_line(claims: dict[str, Any], source: str = "mixed") -> str:
+    """``sipo - dpo: +0.0NN [95% CI lo, hi]`` (claim 1, the demo's main pairs, default beta)."""
+    mean, lo, hi = claims["win_rate"][source]["sipo"]["minus_dpo"]
+    ci = f"[95% CI {lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) else "[95% CI n/a]"
+    return f"sipo - dpo: {mean:+.3f} {ci}"
+
+
+# ----------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_claims(output_dir: Path, claims: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
+    """claim1_win_rate.png, claim2_beta.png, claim3_stability.png (those with data)."""
+    plt = _plt()
+    files = {}
+    sources = list(claims["win_rate"])
+    fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 3.4), squeeze=False, sharey=True)
+    for ax, source in zip(axes[0], sources):
+        rows = claims["win_rate"][source]
+        for i, (method, row) in enumerate(rows.items()):
+            mean, lo, hi = row["win_rate"]
+            err = [[mean - lo], [hi - mean]] if math.isfinite(lo) else None
+            ax.bar(i, mean, color=COLORS.get(method), yerr=err, capsize=4)
+        ax.axhline(0.5, color="grey", ls="--", lw=1)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([m for m in rows], rotation=20, fontsize=8)
+        ax.set_title(SOURCE_LABELS.get(source, source), fontsize=9)
+    axes[0][0].set_ylabel("win rate vs base (95% CI)")
+    fig.tight_layout()
+    files["claim1"] = str(output_dir / "claim1_win_rate.png")
+    fig.savefig(files["claim1"], dpi=120)
+    plt.close(fig)
+
+    sources = list(claims["beta_sensitivity"])
+    if sources:
+        fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 3.4), squeeze=False, sharey=True)
+        for ax, source in zip(axes[0], sources):
+            for i, (method, row) in enumerate(claims["beta_sensitivity"][source].items()):
+                betas = [float(k) for k in row["win_rate_by_beta"]]
+                values = list(row["win_rate_by_beta"].values())
+                mean = [v[0] for v in values]
+                err = [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]] if math.isfinite(values[0][1]) else None
+                ax.errorbar([b * (1 + 0.03 * (i - 2)) for b in betas], mean, yerr=err, marker="o", capsize=3,
+                            color=COLORS.get(method), label=method)
+            ax.axhline(0.5, color="grey", ls="--", lw=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("beta")
+            ax.set_title(SOURCE_LABELS.get(source, source), fontsize=9)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("win rate vs base (95% CI)")
+        fig.tight_layout()
+        files["claim2"] = str(output_dir / "claim2_beta.png")
+        fig.savefig(files["claim2"], dpi=120)
+        plt.close(fig)
+
+    sources = list(claims["stability"])
+    if sources:
+        fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 3.4), squeeze=False, sharey=True)
+        for ax, source in zip(axes[0], sources):
+            for method, row in claims["stability"][source].items():
+                ax.plot(row["curve"]["steps"], row["curve"]["mean_reward"], marker="o", ms=3, color=COLORS.get(method), label=method)
+            ax.axvline(context["max_steps"], color="grey", ls=":", lw=1)
+            ax.set_xlabel("optimizer step")
+            ax.set_title(SOURCE_LABELS.get(source, source), fontsize=9)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("mean reward (mean over seeds)")
+        fig.tight_layout()
+        files["claim3"] = str(output_dir / "claim3_stability.png")
+        fig.savefig(files["claim3"], dpi=120)
+        plt.close(fig)
+    return files

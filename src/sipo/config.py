@@ -44,7 +44,7 @@ def _choice(name: str, value: Any, options: typing.Iterable[Any]) -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = _help("model family: sd15 or digits (see sipo.models.FAMILIES)", default="sd15")
+    family: str = _help("model family: sd15, sdxl or digits (see sipo.models.FAMILIES)", default="sd15")
     pretrained_path: str = _help(
         "local diffusers pipeline directory (or hub id where online)", default=""
     )
@@ -54,6 +54,12 @@ class ModelConfig:
     )
     trust_remote_code: bool = _help(
         "allow custom code from the model directory; off unless you trust its source", default=False
+    )
+    vae_path: str = _help(
+        "sdxl: an AutoencoderKL directory replacing the pipeline's vae/ (empty: the pipeline's own). SDXL's "
+        "own VAE overflows in fp16 and is kept fp32 under mixed precision (its config says force_upcast); "
+        "an fp16-safe VAE (force_upcast false, e.g. madebyollin/sdxl-vae-fp16-fix) runs in the compute dtype",
+        default="",
     )
 
     def __post_init__(self) -> None:

@@ -200,7 +200,8 @@ def train(
                 continue  # every row of this micro-batch was malformed; counted above
             with torch.no_grad():
                 encoded = adapter.encode(
-                    batch["prompts"], batch["chosen"].to(accelerator.device), batch["rejected"].to(accelerator.device)
+                    batch["prompts"], batch["chosen"].to(accelerator.device), batch["rejected"].to(accelerator.device),
+                    size_info=batch.get("size_info"),
                 )
             noise = draw_pair_noise(encoded.x0_winner.shape, num_train_timesteps, generator)
             last_micro = micro == tc.gradient_accumulation_steps - 1

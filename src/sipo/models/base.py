@@ -84,8 +84,11 @@ class DiffusionAdapter(ABC):
         """Load every component from a local diffusers directory (or a hub id where online)."""
 
     @abstractmethod
-    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor) -> EncodedPairs:
+    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None) -> EncodedPairs:
         """Images/videos in ``[-1, 1]`` (``[B, C, H, W]`` or ``[B, F, C, H, W]``) -> ``x0`` + conditioning.
+
+        ``size_info`` (``[B, 4]``: original height/width, crop top/left) is for families whose
+        conditioning needs it (SDXL); others ignore it.
 
         Runs frozen encoders only, under ``no_grad``.
         """

@@ -154,7 +154,7 @@ class SD15Adapter(DiffusionAdapter):
         states = self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
         return {"encoder_hidden_states": states}
 
-    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor) -> EncodedPairs:
+    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None) -> EncodedPairs:
         if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
             raise ValueError(
                 f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "

@@ -335,8 +335,9 @@ def run_analysis(
     bar = tqdm(total=num_pairs, desc="sipo analyze", unit="pair", disable=not progress, dynamic_ncols=True)
     for _, item in iter_pairs(dataset, num_pairs, seed):
         with torch.no_grad():
+            sizes = item["size_info"][None] if "size_info" in item else None
             encoded = adapter.encode(
-                [item["prompt"]], item["chosen"][None].to(device), item["rejected"][None].to(device)
+                [item["prompt"]], item["chosen"][None].to(device), item["rejected"][None].to(device), size_info=sizes
             )
         for bucket in range(num_buckets):
             noise = draw_bucket_noise(encoded.x0_winner.shape, T, bucket, num_buckets, generator)

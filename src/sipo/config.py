@@ -66,7 +66,7 @@ def _choice(name: str, value: Any, options: typing.Iterable[Any]) -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = _help("model family: sd15 or digits (see sipo.models.FAMILIES)", default="sd15")
+    family: str = _help("model family: sd15, sdxl or digits (see sipo.models.FAMILIES)", default="sd15")
     pretrained_path: str = _help(
         "local diffusers pipeline directory (or hub id where online)", default=""
     )
@@ -80,6 +80,12 @@ class ModelConfig:
     # performance (issue 8)
     encode_chunk_size: int = _help(
         "pictures per VAE call when encoding a batch: bounds the encoder's peak memory", default=8
+    )
+    vae_path: str = _help(
+        "sdxl: an AutoencoderKL directory replacing the pipeline's vae/ (empty: the pipeline's own). SDXL's "
+        "own VAE overflows in fp16 and is kept fp32 under mixed precision (its config says force_upcast); "
+        "an fp16-safe VAE (force_upcast false, e.g. madebyollin/sdxl-vae-fp16-fix) runs in the compute dtype",
+        default="",
     )
 
     def __post_init__(self) -> None:

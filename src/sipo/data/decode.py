@@ -157,15 +157,12 @@ def _grey_to_rgb(levels: np.ndarray) -> Image.Image:
 
 def _resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     """Shorter side -> ``resolution`` (bicubic), then the centred square, as torchvision does."""
+    from sipo.data.sizes import resize_crop_box  # the one geometry, also recorded for SDXL
+
     width, height = image.size
-    if width <= height:
-        new_width, new_height = resolution, int(resolution * height / width)
-    else:
-        new_width, new_height = int(resolution * width / height), resolution
+    new_width, new_height, left, top = resize_crop_box(width, height, resolution)
     if (new_width, new_height) != (width, height):
         image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    left = int(round((new_width - resolution) / 2.0))
-    top = int(round((new_height - resolution) / 2.0))
     return image.crop((left, top, left + resolution, top + resolution))
 
 

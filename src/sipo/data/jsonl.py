@@ -18,6 +18,7 @@ import torch
 
 from sipo.data.decode import MalformedRow, decode_file
 from sipo.data.pairs import PreferenceDataset
+from sipo.data.sizes import original_size
 from sipo.data.report import (
     INVALID_PATH,
     MALFORMED_JSON,
@@ -158,7 +159,10 @@ class JsonlDataset(PreferenceDataset):
     def _load(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         chosen = self._read(self._chosen[index], "chosen")
         rejected = self._read(self._rejected[index], "rejected")
-        return self._prompts[index], chosen, rejected
+        if chosen.ndim != 3:  # a video: no SDXL size conditioning
+            return self._prompts[index], chosen, rejected
+        where = os.path.realpath(os.path.join(self._root, self._chosen[index]))
+        return self._prompts[index], chosen, rejected, original_size(where)
 
     def _read(self, relative: str, which: str) -> torch.Tensor:
         real = os.path.realpath(os.path.join(self._root, relative))

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from sipo.data.decode import MalformedRow
 from sipo.data.report import PAIR_KIND_MISMATCH, DataReport, SkippedRow
+from sipo.data.sizes import size_info
 from sipo.errors import SipoError
 
 Item = dict[str, Any] | SkippedRow
@@ -64,7 +65,11 @@ class PreferenceDataset(Dataset):
         raise NotImplementedError
 
     def _load(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
-        """(prompt, chosen, rejected) of pair ``index``; raises `MalformedRow`."""
+        """(prompt, chosen, rejected) of pair ``index``; raises `MalformedRow`.
+
+        An image format may append the chosen picture's original ``(height, width)`` (see
+        ``sipo.data.sizes``); the item then carries ``size_info`` for SDXL's size conditioning.
+        """
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
@@ -79,7 +84,7 @@ class PreferenceDataset(Dataset):
         if not 0 <= index < length:
             raise IndexError(f"pair index {index} out of range for {length} pairs")
         try:
-            prompt, chosen, rejected = self._load(index)
+            prompt, chosen, rejected, *original = self._load(index)
             if chosen.shape != rejected.shape:
                 raise MalformedRow(PAIR_KIND_MISMATCH, f"{tuple(chosen.shape)} vs {tuple(rejected.shape)}")
         except MalformedRow as problem:
@@ -94,10 +99,13 @@ class PreferenceDataset(Dataset):
             skipped = SkippedRow(index=index, reason=problem.reason, where=where)
             self.report.record([skipped])
             return skipped
-        if self.random_flip and flip_decision(self.seed, self.epoch, index):
+        flipped = self.random_flip and flip_decision(self.seed, self.epoch, index)
+        if flipped:
             # Both pictures together: a flip must not become a difference between them.
             chosen, rejected = chosen.flip(-1), rejected.flip(-1)
         item = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": index}
+        if original and original[0] is not None:
+            item["size_info"] = size_info(original[0], self.resolution, flipped)
         self.report.record([item])
         return item
 
@@ -115,7 +123,8 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
     """Stack dataset items into a batch, setting aside the skipped ones.
 
     Returns ``dict(prompts=list[str], chosen=Tensor[B, ...], rejected=Tensor[B, ...],
-    skipped=list[SkippedRow], indices=list[int])``. When every item was skipped (B == 0),
+    skipped=list[SkippedRow], indices=list[int])``, plus ``size_info`` (``[B, 4]`` long: original
+    height/width, crop top/left) when every pair recorded one (images). When every item was skipped (B == 0),
     ``chosen`` and ``rejected`` are None: the caller skips the step rather than running the
     model on an empty batch.
     """
@@ -131,10 +140,13 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
             )
         chosen = torch.stack([pair["chosen"] for pair in pairs])
         rejected = torch.stack([pair["rejected"] for pair in pairs])
-    return {
+    batch = {
         "prompts": [pair["prompt"] for pair in pairs],
         "chosen": chosen,
         "rejected": rejected,
         "skipped": skipped,
         "indices": [pair["index"] for pair in pairs],
     }
+    if pairs and all("size_info" in pair for pair in pairs):
+        batch["size_info"] = torch.stack([pair["size_info"] for pair in pairs])
+    return batch

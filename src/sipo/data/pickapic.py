@@ -23,6 +23,7 @@ import torch
 
 from sipo.data.decode import MalformedRow, decode_image
 from sipo.data.pairs import PreferenceDataset
+from sipo.data.sizes import original_size
 from sipo.data.report import (
     INVALID_LABEL,
     MISSING_FIELD,
@@ -216,7 +217,8 @@ class PickapicDataset(PreferenceDataset):
         if not isinstance(caption, str):
             raise MalformedRow(MISSING_FIELD, "caption is null")
         winner, loser = (jpg_0, jpg_1) if self._winner_is_0[index] else (jpg_1, jpg_0)
-        return caption, self._decode(winner, "chosen"), self._decode(loser, "rejected")
+        chosen, rejected = self._decode(winner, "chosen"), self._decode(loser, "rejected")
+        return caption, chosen, rejected, original_size(winner.get("bytes") if isinstance(winner, dict) else winner)
 
     def _decode(self, cell: Any, which: str) -> torch.Tensor:
         if isinstance(cell, dict):  # Hugging Face Image feature

@@ -11,6 +11,7 @@ from sipo.models.base import DiffusionAdapter, EncodedPairs, add_lora, lora_disa
 FAMILIES: dict[str, str] = {
     "sd15": "sipo.models.sd15:SD15Adapter",
     "digits": "sipo.models.digits:DigitsAdapter",
+    "sdxl": "sipo.models.sdxl:SDXLAdapter",
 }
 
 
@@ -37,6 +38,7 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
         model_config.pretrained_path,
         num_inference_steps=model_config.num_inference_steps,
         trust_remote_code=model_config.trust_remote_code,
+        vae_path=model_config.vae_path or None,
     )
     adapter.freeze_encoders()
     return adapter

@@ -221,7 +221,7 @@ class DigitsAdapter(DiffusionAdapter):
             )
         return images.float().mean(dim=1, keepdim=True).to(self.device)
 
-    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor) -> EncodedPairs:
+    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None) -> EncodedPairs:
         if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
             raise ValueError(
                 f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "

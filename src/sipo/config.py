@@ -55,6 +55,15 @@ class ModelConfig:
     trust_remote_code: bool = _help(
         "allow custom code from the model directory; off unless you trust its source", default=False
     )
+    # Video families (cogvideox, wan): their T5-XXL / UMT5-XXL text encoders are 19-23 GB in fp32.
+    text_encoder_device: str = _help(
+        "auto: the text encoder moves to the training device; cpu: it stays in host memory "
+        "(video families; embeddings are computed on the CPU and moved to the device)", default="auto"
+    )
+    prompt_cache_size: int = _help(
+        "remember the text embeddings of this many recently used prompts so each is encoded once "
+        "(video families; 0: encode every batch); `sipo cache` stores all of them instead", default=0
+    )
 
     def __post_init__(self) -> None:
         from sipo.models import FAMILIES
@@ -62,6 +71,9 @@ class ModelConfig:
         _choice("model.family", self.family, FAMILIES)
         if self.resolution <= 0 or self.num_inference_steps <= 0:
             raise SipoError("model.resolution and model.num_inference_steps must be positive integers")
+        _choice("model.text_encoder_device", self.text_encoder_device, ("auto", "cpu"))
+        if self.prompt_cache_size < 0:
+            raise SipoError("model.prompt_cache_size must be 0 (off) or a positive number of prompts")
 
 
 @dataclass

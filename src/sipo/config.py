@@ -89,8 +89,21 @@ class DataConfig:
         "full: one uniform permutation (reads a row group per pair); JSONL manifests always use full",
         default="block",
     )
+    # Video manifests (docs/data.md, sipo.data.video): how each clip is sampled.
+    num_frames: int | None = _help(
+        "frames per clip, from its start after fps resampling; shorter clips are skipped "
+        "(None: every frame; cogvideox 49, wan 81: 1 + 4k frames)", default=None
+    )
+    fps: float | None = _help("resample clips to this frame rate first (None: the clip's own rate; cogvideox 8, wan 16)", default=None)
+    height: int | None = _help("frame height clips are resized and centre-cropped to (None: model.resolution)", default=None)
+    width: int | None = _help("frame width clips are resized and centre-cropped to (None: model.resolution)", default=None)
 
     def __post_init__(self) -> None:
+        for name in ("num_frames", "height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SipoError(f"data.{name} must be a positive integer or null, got {getattr(self, name)}")
+        if self.fps is not None and self.fps <= 0:
+            raise SipoError(f"data.fps must be positive or null, got {self.fps}")
         _choice("data.format", self.format, ("pickapic", "jsonl"))
         _choice("data.shuffle", self.shuffle, ("block", "full"))
         if self.max_pairs is not None and self.max_pairs <= 0:

@@ -87,6 +87,15 @@ class ModelConfig:
         "an fp16-safe VAE (force_upcast false, e.g. madebyollin/sdxl-vae-fp16-fix) runs in the compute dtype",
         default="",
     )
+    # Video families (cogvideox, wan): their T5-XXL / UMT5-XXL text encoders are 19-23 GB in fp32.
+    text_encoder_device: str = _help(
+        "auto: the text encoder moves to the training device; cpu: it stays in host memory "
+        "(video families; embeddings are computed on the CPU and moved to the device)", default="auto"
+    )
+    prompt_cache_size: int = _help(
+        "remember the text embeddings of this many recently used prompts so each is encoded once "
+        "(video families; 0: encode every batch); `sipo cache` stores all of them instead", default=0
+    )
 
     def __post_init__(self) -> None:
         from sipo.models import FAMILIES
@@ -96,6 +105,9 @@ class ModelConfig:
             raise SipoError("model.resolution and model.num_inference_steps must be positive integers")
         if self.encode_chunk_size < 1:
             raise SipoError(f"model.encode_chunk_size must be at least 1, got {self.encode_chunk_size}")
+        _choice("model.text_encoder_device", self.text_encoder_device, ("auto", "cpu"))
+        if self.prompt_cache_size < 0:
+            raise SipoError("model.prompt_cache_size must be 0 (off) or a positive number of prompts")
 
 
 @dataclass
@@ -119,8 +131,21 @@ class DataConfig:
     cache_dir: str | None = _help(
         "latent cache folder (None: <data dir>/.sipo-cache/<key of model, resolution and data>)", default=None
     )
+    # Video manifests (docs/data.md, sipo.data.video): how each clip is sampled.
+    num_frames: int | None = _help(
+        "frames per clip, from its start after fps resampling; shorter clips are skipped "
+        "(None: every frame; cogvideox 49, wan 81: 1 + 4k frames)", default=None
+    )
+    fps: float | None = _help("resample clips to this frame rate first (None: the clip's own rate; cogvideox 8, wan 16)", default=None)
+    height: int | None = _help("frame height clips are resized and centre-cropped to (None: model.resolution)", default=None)
+    width: int | None = _help("frame width clips are resized and centre-cropped to (None: model.resolution)", default=None)
 
     def __post_init__(self) -> None:
+        for name in ("num_frames", "height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SipoError(f"data.{name} must be a positive integer or null, got {getattr(self, name)}")
+        if self.fps is not None and self.fps <= 0:
+            raise SipoError(f"data.fps must be positive or null, got {self.fps}")
         _choice("data.format", self.format, ("pickapic", "jsonl"))
         _choice("data.shuffle", self.shuffle, ("block", "full"))
         _choice("data.use_cache", self.use_cache, ("auto", "always", "never"))

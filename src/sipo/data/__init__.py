@@ -20,6 +20,7 @@ from sipo.data.jsonl import JsonlDataset
 from sipo.data.pairs import PreferenceDataset, collate_pairs, flip_decision
 from sipo.data.pickapic import PickapicDataset
 from sipo.data.report import DataReport, SkippedRow
+from sipo.data.video import VideoSpec
 from sipo.errors import SipoError
 
 #: data.format -> dataset class (DataConfig already checks the name; this is the one dispatch)
@@ -39,6 +40,8 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0) 
     """
     if cfg.format not in FORMATS:
         raise SipoError(f"data.format={cfg.format!r} is not valid; choose one of {list(FORMATS)}")
+    # Only manifests can list videos: they alone take the clip sampling.
+    video = {"video": video_spec(cfg)} if cfg.format == "jsonl" else {}
     return FORMATS[cfg.format](
         cfg.path,
         resolution,
@@ -46,7 +49,13 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0) 
         strict=cfg.strict,
         random_flip=cfg.random_flip,
         seed=seed,
+        **video,
     )
+
+
+def video_spec(cfg: DataConfig) -> VideoSpec:
+    """How the clips of a video manifest are sampled: ``data.num_frames/fps/height/width``."""
+    return VideoSpec(num_frames=cfg.num_frames, fps=cfg.fps, height=cfg.height, width=cfg.width)
 
 
 __all__ = [
@@ -57,10 +66,12 @@ __all__ = [
     "PickapicDataset",
     "PreferenceDataset",
     "SkippedRow",
+    "VideoSpec",
     "collate_pairs",
     "decode_file",
     "decode_image",
     "decode_video",
     "flip_decision",
     "open_preference_dataset",
+    "video_spec",
 ]

@@ -29,6 +29,7 @@ from sipo.data.report import (
     UNSUPPORTED_MODE,
     VIDEO_NEEDS_AV,
 )
+from sipo.data.video import VideoSpec, resize_cover_crop, select_frames
 
 #: images with a side below this many pixels are skipped: upscaling them invents the picture
 MIN_IMAGE_SIDE = 8
@@ -71,13 +72,21 @@ def decode_image(source: bytes | str | os.PathLike[str], resolution: int) -> tor
             raise MalformedRow(CORRUPT_IMAGE, f"{type(error).__name__}: {error}") from None
 
 
-def decode_video(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
-    """Decode a .gif (PIL) or .mp4/.webm/.mov (PyAV, when installed) to ``[F, 3, r, r]`` in [-1, 1]."""
+def decode_video(
+    path: str | os.PathLike[str], resolution: int, spec: VideoSpec | None = None
+) -> torch.Tensor:
+    """Decode a .gif (PIL) or .mp4/.webm/.mov (PyAV) to ``[F, 3, H, W]`` in [-1, 1].
+
+    ``spec`` (`sipo.data.video.VideoSpec`) sets the frame rate, frame count and ``H x W``; by
+    default every frame is kept at ``resolution x resolution``. A clip shorter than the spec asks
+    raises `MalformedRow` ("video too short").
+    """
+    spec = spec or VideoSpec()
     suffix = Path(path).suffix.lower()
     if suffix in GIF_SUFFIXES:
-        return _decode_gif(_read_bytes(path), resolution)
+        return _decode_gif(_read_bytes(path), resolution, spec, os.fspath(path))
     if suffix in AV_VIDEO_SUFFIXES:
-        return _decode_with_av(path, resolution)
+        return _decode_with_av(path, resolution, spec)
     raise ValueError(f"{path} is not a video suffix: {GIF_SUFFIXES + AV_VIDEO_SUFFIXES}")
 
 
@@ -86,10 +95,10 @@ def is_video_path(path: str) -> bool:
     return path.lower().endswith(GIF_SUFFIXES + AV_VIDEO_SUFFIXES)
 
 
-def decode_file(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
-    """Decode a file by its suffix: an image to ``[3, r, r]``, a video to ``[F, 3, r, r]``."""
+def decode_file(path: str | os.PathLike[str], resolution: int, video: VideoSpec | None = None) -> torch.Tensor:
+    """Decode a file by its suffix: an image to ``[3, r, r]``, a video to ``[F, 3, H, W]`` per ``video``."""
     if is_video_path(os.fspath(path)):
-        return decode_video(path, resolution)
+        return decode_video(path, resolution, video)
     return decode_image(path, resolution)
 
 
@@ -171,16 +180,23 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return pixels.permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
 
 
-def _decode_gif(data: bytes, resolution: int) -> torch.Tensor:
+def _frame_tensor(image: Image.Image, resolution: int, spec: VideoSpec) -> torch.Tensor:
+    if spec.height is None and spec.width is None:
+        return _to_tensor(_resize_center_crop(_to_rgb8(image), resolution))
+    return _to_tensor(resize_cover_crop(_to_rgb8(image), *spec.size(resolution)))
+
+
+def _decode_gif(data: bytes, resolution: int, spec: VideoSpec, source: str = "") -> torch.Tensor:
     with warnings.catch_warnings():
         _quiet_pil_warnings()
         try:
             with Image.open(io.BytesIO(data)) as image:
                 _check_size(image.size)
-                frames = [
-                    _to_tensor(_resize_center_crop(_to_rgb8(frame.copy()), resolution))
-                    for frame in ImageSequence.Iterator(image)
-                ]
+                duration_ms = float(image.info.get("duration") or 100.0)  # GIF's per-frame delay
+                chosen = select_frames(
+                    (frame.copy() for frame in ImageSequence.Iterator(image)), 1000.0 / duration_ms, spec, source
+                )
+                frames = [_frame_tensor(frame, resolution, spec) for frame in chosen]
         except MalformedRow:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -192,20 +208,29 @@ def _decode_gif(data: bytes, resolution: int) -> torch.Tensor:
     return torch.stack(frames)
 
 
-def _decode_with_av(path: str | os.PathLike[str], resolution: int) -> torch.Tensor:
+def _decode_with_av(path: str | os.PathLike[str], resolution: int, spec: VideoSpec) -> torch.Tensor:
     try:
-        import av  # optional: only video manifests need it
+        import av  # optional: only video manifests need it (pip install "sipo[video]")
     except ImportError:
         raise MalformedRow(VIDEO_NEEDS_AV, os.fspath(path)) from None
     if not Path(path).is_file():
         raise MalformedRow(MISSING_FILE, os.fspath(path))
-    frames = []
+
+    def pictures(container, stream):
+        for frame in container.decode(stream):
+            image = frame.to_image()
+            _check_size(image.size)
+            yield image
+
     try:
         with av.open(os.fspath(path)) as container:
-            for frame in container.decode(video=0):
-                image = frame.to_image()
-                _check_size(image.size)
-                frames.append(_to_tensor(_resize_center_crop(_to_rgb8(image), resolution)))
+            if not container.streams.video:
+                raise MalformedRow(UNREADABLE_VIDEO, "no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            native_fps = float(rate) if rate else 0.0
+            chosen = select_frames(pictures(container, stream), native_fps, spec, os.fspath(path))
+            frames = [_frame_tensor(image, resolution, spec) for image in chosen]
     except MalformedRow:
         raise
     except Exception as error:  # noqa: BLE001 - PyAV/FFmpeg errors on untrusted files

@@ -4,7 +4,8 @@ Paths are relative to the manifest's directory, the dataset root, and may never 
 that is absolute outside the root, climbs out with ``..`` or goes through a symlink that points
 outside is skipped ("path escapes dataset root"), so a manifest from elsewhere cannot make
 training read arbitrary files. ``.gif`` paths load as videos through PIL; ``.mp4``, ``.webm`` and
-``.mov`` through PyAV when it is installed.
+``.mov`` through PyAV when it is installed; clips are sampled to the ``VideoSpec`` the config's
+``data.num_frames``, ``data.fps``, ``data.height`` and ``data.width`` describe (`sipo.data.video`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from sipo.data.decode import MalformedRow, decode_file
 from sipo.data.pairs import PreferenceDataset
 from sipo.data.sizes import original_size
+from sipo.data.video import VideoSpec
 from sipo.data.report import (
     INVALID_PATH,
     MALFORMED_JSON,
@@ -77,8 +79,10 @@ class JsonlDataset(PreferenceDataset):
         strict: bool = False,
         random_flip: bool = False,
         seed: int = 0,
+        video: VideoSpec | None = None,
     ) -> None:
         super().__init__(path, resolution, strict=strict, random_flip=random_flip, seed=seed)
+        self.video = video or VideoSpec()
         if not path:
             raise SipoError("data.path is empty; set data.path to a JSONL manifest of prompt/chosen/rejected rows")
         manifest = Path(path)
@@ -169,6 +173,6 @@ class JsonlDataset(PreferenceDataset):
         if not _inside(real, self._root):
             raise MalformedRow(PATH_ESCAPES_ROOT, f"{which} {relative!r} resolves to {real}")
         try:
-            return decode_file(real, self.resolution)
+            return decode_file(real, self.resolution, self.video)
         except MalformedRow as problem:
             raise MalformedRow(problem.reason, f"{which} {relative!r}: {problem.detail}") from None

@@ -12,6 +12,8 @@ FAMILIES: dict[str, str] = {
     "sd15": "sipo.models.sd15:SD15Adapter",
     "digits": "sipo.models.digits:DigitsAdapter",
     "sdxl": "sipo.models.sdxl:SDXLAdapter",
+    "cogvideox": "sipo.models.cogvideox:CogVideoXAdapter",
+    "wan": "sipo.models.wan:WanAdapter",
 }
 
 
@@ -39,6 +41,9 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
         num_inference_steps=model_config.num_inference_steps,
         trust_remote_code=model_config.trust_remote_code,
         vae_path=model_config.vae_path or None,
+        # video families: where T5/UMT5 lives and how many prompt embeddings to remember
+        text_encoder_device=model_config.text_encoder_device,
+        prompt_cache_size=model_config.prompt_cache_size,
     )
     adapter.freeze_encoders()
     return adapter

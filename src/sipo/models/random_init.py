@@ -65,3 +65,31 @@ def tiny_clip_tokenizer(directory: str | Path, model_max_length: int = TINY_MAX_
 
     write_tiny_clip_vocab(directory)
     return CLIPTokenizer.from_pretrained(str(directory), model_max_length=model_max_length)
+
+
+def tiny_t5_vocab() -> list[tuple[str, float]]:
+    """A T5/UMT5-style Unigram vocabulary: ``<pad>``, ``</s>``, ``<unk>`` (ids 0-2, as in T5), then
+    every printable ASCII character alone and after the word-start mark ``▁``, then a few words.
+
+    Scores are log-probabilities; whole words score higher than their letters, so the words of
+    ``_WORDS`` become single tokens and anything else falls back to characters.
+    """
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    characters = [chr(code) for code in range(ord("!"), ord("~") + 1)]
+    vocab += [("▁", -2.0)] + [(c, -5.0) for c in characters] + [("▁" + c, -5.5) for c in characters]
+    vocab += [("▁" + word, -3.0) for word in _WORDS]
+    return vocab
+
+
+def tiny_t5_tokenizer(directory: str | Path | None = None, model_max_length: int = 226):
+    """A ``T5Tokenizer`` (backed by the ``tokenizers`` library) over `tiny_t5_vocab`; no download.
+
+    Serves both T5 (CogVideoX) and UMT5 (Wan2.1): the pipelines only need ids, an attention mask
+    and ``</s>`` appended. Saved to ``directory`` when given (``tokenizer.json`` + config).
+    """
+    from transformers import T5Tokenizer
+
+    tokenizer = T5Tokenizer(vocab=tiny_t5_vocab(), extra_ids=0, model_max_length=model_max_length)
+    if directory is not None:
+        tokenizer.save_pretrained(str(directory))
+    return tokenizer

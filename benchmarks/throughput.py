@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     peak = device_peak_tflops(device) if precision in ("bf16", "fp16") else None
     rows = []
-    header = f"| objective | cache | grad ckpt | s/step | pairs/s | peak GB | TFLOP/step | TFLOP/s | MFU |"
+    header = "| objective | cache | grad ckpt | s/step | pairs/s | peak GB | TFLOP/step | TFLOP/s | MFU |"
     print(header + "\n|---|---|---|---|---|---|---|---|---|")
     for variant in variants:
         objective, cache, ckpt = variant

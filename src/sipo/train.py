@@ -15,7 +15,6 @@ import contextlib
 import copy
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +30,7 @@ from sipo.errors import SipoError
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora, lora_disabled
 from sipo.models.base import EncodedPairs, hold_frozen_weights_in
 from sipo.performance import (
-    COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, peak_memory_gb, restore_device_rng, save_device_rng,
+    COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng, save_device_rng,
 )
 from sipo.preference import PairNoise, PairTerms, compute_pair_terms, draw_pair_noise
 

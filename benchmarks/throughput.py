@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (model_dir / "model_index.json").is_file():
         adapter_class(args.family).build_random_pipeline(model_dir, scale=scale, seed=0)
     base = load_adapter(args.family, str(model_dir))
-    resolution = getattr(base, "random_resolution", None) or (512 if full else 32)
+    # a family may name its pictures' side per scale (e.g. SDXL 1024): random_resolution = {"full": ..., "tiny": ...}
+    resolution = (getattr(base, "random_resolution", None) or {"full": 512, "tiny": 32})[scale]
     manifest = write_pairs(work / "pairs", num_pairs=batch * 4, size=resolution)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {args.family} {scale}, "
           f"{resolution} px, {batch} pairs/step, {precision}, {steps} timed steps x {rounds} rounds "
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     peak = device_peak_tflops(device) if precision in ("bf16", "fp16") else None
     rows = []
-    header = f"| objective | cache | grad ckpt | s/step | pairs/s | peak GB | TFLOP/step | TFLOP/s | MFU |"
+    header = "| objective | cache | grad ckpt | s/step | pairs/s | peak GB | TFLOP/step | TFLOP/s | MFU |"
     print(header + "\n|---|---|---|---|---|---|---|---|---|")
     for variant in variants:
         objective, cache, ckpt = variant

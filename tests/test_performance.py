@@ -58,7 +58,7 @@ def test_peak_memory_reads_the_process_or_the_gpu(test_device):
 
 
 def test_frozen_weights_in_compute_dtype_lora_and_optimizer_in_float32(tiny_sd15_dir, manifest, tmp_path):
-    config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path, **{"train.mixed_precision": "bf16", "objective.tau": 0.05}))
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path, **{"train.mixed_precision": "bf16", "objective.tau": 0.05, "train.max_steps": 1}))
     result = train(config, progress=False)
     adapter = result.adapter
     assert all(r["finite"] == 1.0 for r in result.history)

@@ -33,12 +33,14 @@ def configure_kernels(deterministic: bool) -> None:
     and TF32 off (TF32 rounds fp32 matmul/conv inputs to 10 mantissa bits). Call before CUDA
     initialises: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it creates its handle.
     """
+    if not deterministic and not torch.are_deterministic_algorithms_enabled():
+        return  # leave the user's own settings (TF32, cuDNN autotuning) alone
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = deterministic
-    # PyTorch's defaults: TF32 off for matmuls, on for cuDNN convolutions.
+    # off, or PyTorch's defaults back: TF32 off for matmuls, on for cuDNN convolutions
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = not deterministic
 

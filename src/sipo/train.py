@@ -15,7 +15,6 @@ import contextlib
 import copy
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

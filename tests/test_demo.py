@@ -19,11 +19,12 @@ from sipo.demo.cache import cache_root, settings_key
 from sipo.demo.evaluate import TIE_TOLERANCE, EvalSet, win_rate
 from sipo.demo.pretrain import PretrainSettings, load_digit_images, pretrain
 from sipo.demo.reward import DigitReward
-from sipo.demo.run import QUICK, DemoSettings, demo_config_path
+from sipo.demo.run import FULL, QUICK, DemoSettings, demo_config_path
 from sipo.models.digits import DigitsAdapter, build_digits_scheduler, build_digits_unet, parse_digit_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL_LINE = re.compile(r"^win rate vs base: dpo=[01]\.\d\d dpo-cm=[01]\.\d\d sipo=[01]\.\d\d$")
+PENULTIMATE_LINE = re.compile(r"^sipo - dpo: [+-]\d\.\d{3} \[95% CI (n/a|[+-]\d\.\d{3}, [+-]\d\.\d{3})\]$")
 TINY_PRETRAIN = PretrainSettings(block_out_channels=(8, 16), steps=3, batch_size=8, early_step=1, warmup_steps=1)
 
 
@@ -168,12 +169,14 @@ def test_weight_profile_shapes_and_the_undefined_last_step(reward):
 def test_demo_config_and_settings_agree():
     config = load_config(demo_config_path())
     assert config.model.family == "digits" and config.data.format == "jsonl"
-    for settings in (DemoSettings(), QUICK):
+    for settings in (DemoSettings(), QUICK, FULL):
         assert config.objective.beta in settings.betas
-    full = DemoSettings()
-    assert len(full.seeds) == 3 and len(full.betas) == 3
-    assert max(full.betas) / min(full.betas) == pytest.approx(10.0)
-    assert set(full.methods) == {"dpo", "dpo-cm", "sipo"}
+    for settings in (DemoSettings(), FULL):
+        assert len(settings.seeds) >= 5 and len(settings.betas) == 3 and settings.stability_factor == 3
+        assert max(settings.betas) / min(settings.betas) == pytest.approx(10.0)
+        assert set(settings.methods) == {"dpo", "dpo-cm", "sipo", "dpo-cm-outside", "sipo-outside"}
+        assert set(settings.sources) == {"mixed", "offpolicy"}
+    assert set(FULL.sensitivity_methods) == set(FULL.stability_methods) == set(FULL.methods)
 
 
 def test_report_helpers():
@@ -205,8 +208,10 @@ def test_quick_demo_end_to_end_through_the_cli(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.strip().splitlines()
     assert FINAL_LINE.match(lines[-1]), lines[-5:]
+    assert PENULTIMATE_LINE.match(lines[-2]), lines[-5:]
     for name in ("report.md", "reward_vs_step.png", "win_rate_vs_beta.png", "samples.png", "w_profile.png",
-                 "w_profile.csv", "results.json", "base/model_index.json", "pairs/manifest.jsonl"):
+                 "w_profile.csv", "results.json", "base/model_index.json", "pairs/manifest.jsonl",
+                 "pairs_offpolicy/manifest.jsonl", "claims.json", "claim1_win_rate.png", "claim3_stability.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
@@ -216,8 +221,12 @@ def test_quick_demo_end_to_end_through_the_cli(tmp_path):
     assert "Diffusion-DPO" in completed.stdout and "SIPO" in completed.stdout
     report = (out / "report.md").read_text()
     assert "Wall time" in report and "win rate vs base" in report.lower()
-    # every run was trained for the quick number of steps and saved its LoRA
+    # every run was trained for the quick number of steps (3x for the stability runs) and saved its LoRA
     for method in ("dpo", "dpo-cm", "sipo"):
-        run = out / "runs" / f"{method}-beta{beta}-seed0"
-        assert (run / "pytorch_lora_weights.safetensors").is_file()
-        assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == QUICK.max_steps
+        for run in (out / "runs" / f"{method}-beta{beta}-seed0", out / "runs" / "offpolicy" / f"{method}-beta{beta}-seed0"):
+            assert (run / "pytorch_lora_weights.safetensors").is_file()
+            long = method in QUICK.stability_methods and "offpolicy" not in str(run)
+            steps = QUICK.max_steps * (QUICK.stability_factor if long else 1)
+            assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
+    claims = json.loads((out / "claims.json").read_text())
+    assert set(claims["win_rate"]) == {"mixed", "offpolicy"}

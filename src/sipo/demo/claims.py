@@ -278,3 +278,60 @@ def plot_claims(output_dir: Path, claims: dict[str, Any], context: dict[str, Any
         fig.savefig(files["claim3"], dpi=120)
         plt.close(fig)
     return files
+
+
+# ----------------------------------------------------------------------------- from saved runs
+def load_runs(output_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``runs/**/result.json`` a demo wrote (each run writes its own as it ends)."""
+    return [__import__("json").loads(p.read_text()) for p in sorted(Path(output_dir).glob("runs/**/result.json"))]
+
+
+def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed: int = 1234,
+                     sampling_steps: int = 25, reward_seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The three claims from the runs a (possibly interrupted) demo left in ``output_dir``.
+
+    The base model's rewards are recomputed from ``output_dir/base`` on the same fixed prompts and
+    noise (DDIM is deterministic), so this needs nothing but the run directories.
+    """
+    from sipo.demo.evaluate import EvalSet, sample_and_score
+    from sipo.demo.reward import DigitReward
+    from sipo.models.digits import DigitsAdapter
+
+    results = load_runs(output_dir)
+    if not results:
+        raise FileNotFoundError(f"no runs/**/result.json under {output_dir}")
+    base = DigitsAdapter.from_pretrained(Path(output_dir) / "base")
+    eval_set = EvalSet.make(eval_per_class, base.resolution, eval_seed)
+    _, base_rewards = sample_and_score(base, DigitReward(reward_seed), eval_set, sampling_steps)
+    for result in results:
+        if result["curve"] and result["curve"][0]["step"] != 0:
+            result["curve"].insert(0, {"step": 0, "mean_reward": float(base_rewards.mean()), "rewards": base_rewards.tolist()})
+    counts: dict[float, int] = {}
+    for result in results:
+        counts[result["beta"]] = counts.get(result["beta"], 0) + 1
+    default_beta = max(counts, key=counts.get)
+    max_steps = min(r["steps"] for r in results)
+    long_steps = max(r["steps"] for r in results)
+    sources = [s for s in ("mixed", "offpolicy") if any(r["source"] == s for r in results)]
+    methods = [m for m in LABELS if any(r["method"] == m for r in results)]
+    betas = sorted(counts)
+    swept = [m for m in methods if all(any(r["method"] == m and r["beta"] == b for r in results) for b in betas)]
+    claims = {
+        "win_rate": claim_win_rate(results, base_rewards, sources, methods, default_beta, max_steps),
+        "beta_sensitivity": claim_beta_sensitivity(results, base_rewards, sources, swept, betas, max_steps) if len(betas) > 1 else {},
+        "stability": claim_stability(results, sources, methods, default_beta, long_steps) if long_steps > max_steps else {},
+    }
+    context = {"default_beta": default_beta, "max_steps": max_steps, "long_steps": long_steps, "betas": betas,
+               "runs": len(results), "base_mean_reward": float(base_rewards.mean())}
+    return claims, context
+
+
+if __name__ == "__main__":
+    import sys
+
+    directory = sys.argv[1] if len(sys.argv) > 1 else "runs/demo"
+    found, info = claims_from_runs(directory)
+    print(f"{info['runs']} runs; base mean reward {info['base_mean_reward']:.4f}")
+    print(claims_markdown(found, info))
+    plot_claims(Path(directory), found, info)
+    print(penultimate_line(found))

@@ -193,12 +193,15 @@ def run_one(job: RunJob, tick=None) -> dict[str, Any]:
         result = train(config, step_callback=on_step, progress=False, adapter=copy.deepcopy(base), overwrite=True)
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(job.run_dir) / "train.log").write_text(log.getvalue())
-    return {
+    record = {
         "method": job.method, "beta": job.beta, "seed": job.seed, "name": job.name, "variant": job.variant,
         "source": job.source,
-        "curve": curve, "rewards": final["rewards"].tolist(), "images": final["images"],
+        "curve": curve, "rewards": final["rewards"].tolist(),
         "history": result.history, "steps": result.steps, "wall_seconds": time.perf_counter() - started,
     }
+    # each run's numbers on disk as soon as it ends, so an interrupted sweep keeps what it finished
+    (Path(job.run_dir) / "result.json").write_text(json.dumps(record, default=float))
+    return {**record, "images": final["images"]}
 
 
 def _worker_main(job: RunJob, progress_queue) -> dict[str, Any]:
@@ -388,6 +391,8 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                         sampling_steps=settings.sampling_steps, reward_seed=settings.reward_seed,
                         variant="" if source == "mixed" else source, source=source,
                     ))
+    # the default-beta runs first (claims 1 and 3, longest first), then the beta sweep
+    jobs.sort(key=lambda job: (job.beta != default_beta, -load_steps(job)))
     results = run_sweep(jobs, settings.workers, progress=progress)
     timings["fine-tune + evaluate"] = time.perf_counter() - phase
 

@@ -1,0 +1,282 @@
+"""Peak memory of one LoRA preference step of the video transformers, measured and extrapolated.
+
+    # CPU: measure full-width transformers with 1-2 blocks at a few token counts, fit, extrapolate
+    OMP_NUM_THREADS=2 python benchmarks/video_memory.py scan [--families cogvideox-2b wan]
+    # GPU: the real thing, full configs at the paper's clip sizes (random weights, no download)
+    python benchmarks/video_memory.py step --family cogvideox-2b --device cuda --full
+
+One step is what the trainer does for one pair: the policy (LoRA on) on winner and loser with
+gradients, the reference (LoRA off) on both under no_grad, the SIPO weights, backward through
+the LoRA weights with gradient checkpointing, AdamW. Frozen weights are bf16 (as the trainer's
+mixed precision runs them), LoRA weights and their AdamW state fp32, activations under bf16
+autocast. Latents and text embeddings are given (the latent cache / CPU text encoder path of the
+configs), so neither the VAE nor T5/UMT5 is in the step.
+
+CPU peak = the process's peak resident memory during the step (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs`` just before it) minus the resident memory just before it. GPU peak =
+``torch.cuda.max_memory_allocated``. The scan fits ``activation bytes = c0 + N * (c1 + c2 * L)``
+(``N`` tokens per sequence, ``L`` blocks) over its points and extrapolates to the full model: the
+activations of checkpointed blocks grow linearly in tokens as long as attention never stores an
+``N x N`` matrix (flash / memory-efficient SDPA on a GPU; the CPU's SDPA is the flash kernel too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Target:
+    """A family at the paper's clip size: latent grid per sample and the text length."""
+
+    family: str
+    variant: str
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    text_tokens: int
+
+
+# 49 x 480 x 720 -> 13 x 60 x 90 latents; 81 x 480 x 832 -> 21 x 60 x 104 (VAE: 4x time, 8x space)
+TARGETS = {
+    "cogvideox-2b": Target("cogvideox", "2b", 13, 60, 90, 226),
+    "cogvideox-5b": Target("cogvideox", "5b", 13, 60, 90, 226),
+    "wan": Target("wan", "1.3b", 21, 60, 104, 512),
+}
+#: latent (frames, height, width) of the CPU scan points: 2 token counts
+SCAN_GRIDS = [(3, 16, 24), (5, 24, 32)]
+SCAN_LAYERS = [1, 2]
+
+
+def transformer_config(target: Target, layers: int | None) -> dict:
+    if target.family == "cogvideox":
+        from sipo.models.cogvideox import FULL_TRANSFORMER_CONFIGS
+
+        config = dict(FULL_TRANSFORMER_CONFIGS[target.variant])
+    else:
+        from sipo.models.wan import FULL_TRANSFORMER_CONFIG
+
+        config = dict(FULL_TRANSFORMER_CONFIG)
+    if layers is not None:
+        config["num_layers"] = layers
+    return config
+
+
+def tokens_per_sequence(target: Target, grid: tuple[int, int, int]) -> int:
+    frames, height, width = grid
+    patches = frames * (height // 2) * (width // 2)
+    # CogVideoX puts the text into the same sequence; Wan attends to it by cross-attention.
+    return patches + (target.text_tokens if target.family == "cogvideox" else 0)
+
+
+def build_adapter(target: Target, layers: int | None, device: torch.device, dtype: torch.dtype):
+    """The family adapter around a random full-width transformer (``dtype``) and a toy VAE (config only)."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        AutoencoderKLWan,
+        CogVideoXDDIMScheduler,
+        CogVideoXTransformer3DModel,
+        UniPCMultistepScheduler,
+        WanTransformer3DModel,
+    )
+
+    config = transformer_config(target, layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        if target.family == "cogvideox":
+            from sipo.models.cogvideox import FULL_SCHEDULER_CONFIG, TINY_VAE_CONFIG, CogVideoXAdapter
+
+            transformer = CogVideoXTransformer3DModel(**config).to(dtype)
+            vae = AutoencoderKLCogVideoX(**TINY_VAE_CONFIG)  # only its config is read (scale factors)
+            adapter = CogVideoXAdapter(transformer, vae, None, None, CogVideoXDDIMScheduler(**FULL_SCHEDULER_CONFIG))
+        else:
+            from sipo.models.wan import FULL_SCHEDULER_CONFIG, TINY_VAE_CONFIG, WanAdapter
+
+            transformer = WanTransformer3DModel(**config).to(dtype)
+            vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
+            adapter = WanAdapter(transformer, vae, None, None, UniPCMultistepScheduler(**FULL_SCHEDULER_CONFIG))
+    return adapter
+
+
+def resident_bytes() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_resident() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def measure_step(
+    target: Target, layers: int | None, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype, rank: int = 64
+) -> dict:
+    """Peak bytes of one LoRA SIPO step on one pair (on a GPU: after one warm-up step).
+
+    ``dtype`` bf16: frozen weights in bf16 and bf16 autocast (the GPU setting); float32: no
+    autocast (the CPU scan: this CPU has no fast bf16 matmul, ~100x slower than fp32).
+    """
+    from sipo.config import load_config
+    from sipo.models import add_lora, lora_disabled
+    from sipo.models.base import EncodedPairs
+    from sipo.preference import compute_pair_terms, draw_pair_noise
+
+    adapter = build_adapter(target, layers, device, dtype)
+    config = load_config(None, [f"train.lora_rank={rank}", f"train.lora_alpha={rank}"])
+    add_lora(adapter, config)
+    for name, param in adapter.denoiser.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()  # trainable weights stay fp32, as under accelerate's autocast
+    adapter.denoiser.enable_gradient_checkpointing()
+    adapter.denoiser.train()
+    frames, height, width = grid
+    channels = adapter.denoiser.config.in_channels
+    shape = (1, frames, channels, height, width) if target.family == "cogvideox" else (1, channels, frames, height, width)
+    text_dim = adapter.denoiser.config.text_embed_dim if target.family == "cogvideox" else adapter.denoiser.config.text_dim
+    generator = torch.Generator().manual_seed(0)
+    encoded = EncodedPairs(
+        torch.randn(shape, generator=generator).to(device),
+        torch.randn(shape, generator=generator).to(device),
+        {"encoder_hidden_states": torch.randn(1, target.text_tokens, text_dim, generator=generator).to(device, dtype)},
+    )
+    trainable = [p for p in adapter.denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+
+    def reference(x_t, t, cond):
+        with lora_disabled(adapter.denoiser):
+            return adapter.predict(x_t, t, cond)
+
+    def step():
+        noise = draw_pair_noise(encoded.x0_winner.shape, 1000, generator, t_low=100, t_high=900)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            terms = compute_pair_terms(adapter, encoded, noise, beta=20.0, reference_predict=reference)
+            loss = terms.loss_pair.mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    if device.type == "cuda":
+        step()  # warm-up: optimizer state and allocator caches exist from here on
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = step()
+        torch.cuda.synchronize()
+        peak_total = torch.cuda.max_memory_allocated()
+    else:
+        before = resident_bytes()
+        reset_peak_resident()
+        loss = step()
+        peak_total = peak_resident_bytes()
+    frozen = sum(p.numel() * p.element_size() for p in adapter.denoiser.parameters() if not p.requires_grad)
+    lora = sum(p.numel() for p in trainable)
+    return {
+        "family": f"{target.family}-{target.variant}", "layers": adapter.denoiser.config.num_layers, "grid": list(grid),
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens": tokens_per_sequence(target, grid), "device": device.type, "loss": loss,
+        "frozen_weight_bytes": frozen, "lora_parameters": lora,
+        "before_step_bytes": before, "peak_bytes": peak_total, "step_bytes": peak_total - before,
+    }
+
+
+def fit_and_extrapolate(points: list[dict], target: Target) -> dict:
+    """Least squares ``step_bytes = c0 + N (c1 + c2 L)``; then the full model at the target grid."""
+    rows = torch.tensor([[1.0, p["tokens"], p["tokens"] * p["layers"]] for p in points], dtype=torch.float64)
+    values = torch.tensor([float(p["step_bytes"]) for p in points], dtype=torch.float64)
+    coefficients = torch.linalg.lstsq(rows, values.unsqueeze(1)).solution.squeeze(1)
+    residual = (rows @ coefficients - values).abs().max().item()
+    full_layers = transformer_config(target, None)["num_layers"]
+    full_tokens = tokens_per_sequence(target, (target.latent_frames, target.latent_height, target.latent_width))
+    activations = float(coefficients[0] + full_tokens * (coefficients[1] + coefficients[2] * full_layers))
+    with torch.device("meta"):
+        adapter_params = _full_parameter_count(target)
+    weights = adapter_params * 2  # bf16 frozen weights
+    lora = points[-1]["lora_parameters"] / points[-1]["layers"] * full_layers * 16  # fp32 weight, grad, 2 AdamW moments
+    # The scan runs in fp32; under bf16 autocast the saved activations are mostly bf16: half of
+    # them is the estimate, the fp32 figure an upper bound.
+    scale = 0.5 if points[-1]["dtype"] == "float32" else 1.0
+    return {
+        "family": f"{target.family}-{target.variant}", "tokens": full_tokens, "layers": full_layers,
+        "coefficients": [float(c) for c in coefficients], "fit_max_residual_gib": residual / GIB,
+        "activations_measured_dtype_gib": activations / GIB, "activations_bf16_gib": activations * scale / GIB,
+        "weights_bf16_gib": weights / GIB, "lora_gib": lora / GIB,
+        "total_bf16_gib": (activations * scale + weights + lora) / GIB,
+        "total_upper_gib": (activations + weights + lora) / GIB,
+    }
+
+
+def _full_parameter_count(target: Target) -> int:
+    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+
+    cls = CogVideoXTransformer3DModel if target.family == "cogvideox" else WanTransformer3DModel
+    return sum(p.numel() for p in cls(**transformer_config(target, None)).parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    scan = commands.add_parser("scan", help="CPU: measure small points in subprocesses, fit, extrapolate")
+    scan.add_argument("--families", nargs="+", default=["cogvideox-2b", "wan"], choices=sorted(TARGETS))
+    scan.add_argument("--json", type=Path, default=None, help="also write the points and estimates here")
+    one = commands.add_parser("step", help="measure one configuration in this process (prints JSON)")
+    one.add_argument("--family", choices=sorted(TARGETS), required=True)
+    one.add_argument("--layers", type=int, default=None, help="blocks (default: the full model's)")
+    one.add_argument("--grid", type=int, nargs=3, default=None, metavar=("F", "H", "W"), help="latent grid")
+    one.add_argument("--full", action="store_true", help="the paper's clip size and every block")
+    one.add_argument("--device", default="cpu")
+    one.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on cuda, float32 on cpu")
+    args = parser.parse_args()
+
+    if args.command == "step":
+        target = TARGETS[args.family]
+        grid = (target.latent_frames, target.latent_height, target.latent_width) if args.full else tuple(args.grid or SCAN_GRIDS[0])
+        layers = None if args.full else args.layers
+        device = torch.device(args.device)
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        print(json.dumps(measure_step(target, layers, grid, device, dtype)))
+        return
+
+    report = {}
+    for name in args.families:
+        points = []
+        for layers in SCAN_LAYERS:
+            for grid in SCAN_GRIDS:
+                command = [sys.executable, __file__, "step", "--family", name, "--layers", str(layers), "--grid", *map(str, grid)]
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                point = json.loads(output.strip().splitlines()[-1])
+                points.append(point)
+                print(f"{name:13s} L={layers} tokens={point['tokens']:5d} step peak {point['step_bytes'] / GIB:6.3f} GiB", flush=True)
+        estimate = fit_and_extrapolate(points, TARGETS[name])
+        report[name] = {"points": points, "estimate": estimate}
+        print(
+            f"{name:13s} full: {estimate['layers']} blocks x {estimate['tokens']} tokens: activations "
+            f"{estimate['activations_bf16_gib']:.1f} GiB (fp32: {estimate['activations_measured_dtype_gib']:.1f}) + bf16 weights "
+            f"{estimate['weights_bf16_gib']:.1f} GiB + LoRA/AdamW {estimate['lora_gib']:.2f} GiB = "
+            f"{estimate['total_bf16_gib']:.1f} GiB (upper bound {estimate['total_upper_gib']:.1f}; fit residual "
+            f"{estimate['fit_max_residual_gib']:.3f} GiB)",
+            flush=True,
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -256,3 +256,16 @@ def test_checkpoint_of_another_family_is_one_sentence(tiny_sd15_dir, tmp_path):
         run_eval(config, EvalOptions(prompts=str(prompts), checkpoint=str(run), output_dir=tmp_path / "out"))
     with pytest.raises(SipoError, match="not a sipo run directory"):
         run_eval(config, EvalOptions(prompts=str(prompts), checkpoint=str(tmp_path), output_dir=tmp_path / "out"))
+
+
+def test_images_made_with_other_settings_are_not_reused(tmp_path):
+    from sipo.evaluate import check_generation_settings
+
+    settings = {"model": "m", "num_inference_steps": 50, "guidance_scale": 7.5}
+    check_generation_settings(tmp_path, settings, ["a", "b"])
+    check_generation_settings(tmp_path, settings, ["a", "b", "c"])  # more prompts: fine
+    check_generation_settings(tmp_path, settings, ["a"])  # fewer: fine
+    with pytest.raises(SipoError, match="guidance_scale"):
+        check_generation_settings(tmp_path, {**settings, "guidance_scale": 5.0}, ["a", "b"])
+    with pytest.raises(SipoError, match="the prompts"):
+        check_generation_settings(tmp_path, settings, ["a", "x"])

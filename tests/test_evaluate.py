@@ -256,3 +256,73 @@ def test_checkpoint_of_another_family_is_one_sentence(tiny_sd15_dir, tmp_path):
         run_eval(config, EvalOptions(prompts=str(prompts), checkpoint=str(run), output_dir=tmp_path / "out"))
     with pytest.raises(SipoError, match="not a sipo run directory"):
         run_eval(config, EvalOptions(prompts=str(prompts), checkpoint=str(tmp_path), output_dir=tmp_path / "out"))
+
+
+def test_images_made_with_other_settings_are_not_reused(tmp_path):
+    from sipo.evaluate import check_generation_settings
+
+    settings = {"model": "m", "num_inference_steps": 50, "guidance_scale": 7.5}
+    check_generation_settings(tmp_path, settings, ["a", "b"])
+    check_generation_settings(tmp_path, settings, ["a", "b", "c"])  # more prompts: fine
+    check_generation_settings(tmp_path, settings, ["a"])  # fewer: fine
+    with pytest.raises(SipoError, match="guidance_scale"):
+        check_generation_settings(tmp_path, {**settings, "guidance_scale": 5.0}, ["a", "b"])
+    with pytest.raises(SipoError, match="the prompts"):
+        check_generation_settings(tmp_path, settings, ["a", "x"])
+
+
+# ----------------------------------------------------------------------------- video benchmark hook
+def test_video_benchmark_hook_gets_each_models_videos_and_prompts(tmp_path):
+    from sipo.evaluate import save_picture, video_table
+    from sipo.rewards.vbench import run_video_benchmarks
+
+    samples = [Sample(0, 0, "a cat"), Sample(1, 0, "a dog")]
+    for model in ("base", "aligned"):
+        for sample in samples:
+            save_picture(image_path(tmp_path, model, sample), torch.rand(3, 3, 8, 8))
+
+    class StandIn:
+        name = "standin"
+
+        def __init__(self):
+            self.calls = []
+
+        def evaluate(self, videos, prompts, output_dir):
+            self.calls.append((list(videos), list(prompts), output_dir))
+            return {"frames": float(sum(len(load_picture(v)) for v in videos))}
+
+    bench = StandIn()
+    videos = {m: [image_path(tmp_path, m, s) for s in samples] for m in ("base", "aligned")}
+    results = run_video_benchmarks([bench], videos, [s.prompt for s in samples], tmp_path)
+    assert results == {"standin": {"base": {"frames": 6.0}, "aligned": {"frames": 6.0}}}
+    assert [c[1] for c in bench.calls] == [["a cat", "a dog"]] * 2
+    assert all(v.is_dir() for v in bench.calls[0][0])
+    assert "| standin frames | 6.0000 | 6.0000 |" in video_table(results, ("base", "aligned"))
+
+
+def test_vbench_not_installed_is_one_sentence(tmp_path):
+    import importlib.util
+
+    from sipo.rewards.vbench import VBench
+
+    if importlib.util.find_spec("vbench") is not None:
+        pytest.skip("vbench is installed here")
+    with pytest.raises(SipoError, match="pip install vbench"):
+        VBench(["subject_consistency"]).evaluate([tmp_path / "v"], ["a cat"], tmp_path / "out")
+    with pytest.raises(SipoError, match="at least one dimension"):
+        VBench([])
+
+
+def test_base_only_reports_means_without_win_rate(trained_run, scorer_paths, tmp_path, capsys):
+    from sipo.cli import main
+
+    config, _ = trained_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    status = main(["eval", "--config", str(config), "--base", "--prompts", str(prompts), "--scorers", "pickscore",
+                   "--scorer-path", f"pickscore={scorer_paths['pickscore']}", "--num-inference-steps", "2",
+                   "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "base mean" in out and "win rate" not in out and "aligned" not in out
+    assert not (tmp_path / "out" / "images" / "aligned").exists()

@@ -201,3 +201,26 @@ def test_missing_scorer_directory_and_wrong_checkpoint(scorer_dirs, tmp_path):
 
 def test_registry_names_every_paper_scorer():
     assert {"pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore", "digits-classifier"} <= set(SCORERS)
+
+
+def test_built_in_vit_h_14_config_has_the_published_open_clip_shapes():
+    """open_clip ViT-H-14 (HPSv2's architecture), shapes from its config: visual width 1280, 32 layers, patch 14,
+    16 heads of 80; text width 1024, 24 layers, context 77, vocab 49408; embed 1024. Built on the meta device."""
+    from transformers import CLIPModel
+
+    from sipo.rewards.hpsv2 import VIT_H_14, clip_config_from_open_clip
+
+    with torch.device("meta"):
+        model = CLIPModel(clip_config_from_open_clip(VIT_H_14))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["vision_model.embeddings.position_embedding.weight"] == (257, 1280)  # (224/14)^2 + 1
+    assert shapes["vision_model.embeddings.patch_embedding.weight"] == (1280, 3, 14, 14)
+    assert shapes["vision_model.encoder.layers.31.mlp.fc1.weight"] == (5120, 1280)
+    assert "vision_model.encoder.layers.32.mlp.fc1.weight" not in shapes
+    assert shapes["visual_projection.weight"] == (1024, 1280)
+    assert shapes["text_model.embeddings.token_embedding.weight"] == (49408, 1024)
+    assert shapes["text_model.encoder.layers.23.mlp.fc1.weight"] == (4096, 1024)
+    assert shapes["text_projection.weight"] == (1024, 1024)
+    assert model.config.vision_config.num_attention_heads == 16
+    # about 986M parameters, open_clip's figure for ViT-H-14
+    assert 0.95e9 < sum(v.numel() for v in model.state_dict().values() if v.ndim) < 1.0e9

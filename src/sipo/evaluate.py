@@ -317,6 +317,8 @@ class EvalOptions:
     pickapic_path: str | None = None
     max_prompts: int | None = None
     progress: bool = True
+    #: weights dtype while sampling: fp32, fp16 or bf16 (scorers stay fp32)
+    dtype: str = "fp32"
     #: video benchmarks (sipo.rewards.vbench.VideoBenchmark) run on the saved videos of each model
     video_benchmarks: list = field(default_factory=list)
 
@@ -345,6 +347,25 @@ def check_run_family(run_dir: str | Path, family: str) -> None:
                         "pass the config the run was trained with")
 
 
+def check_generation_settings(output_dir: Path, settings: dict, prompts: list[str]) -> None:
+    """Images on disk are reused only if made with the same model, run, sampler settings and prompts.
+
+    ``generation.json`` records them on the first run; a later run may add prompts or seeds, nothing else.
+    """
+    record = output_dir / "generation.json"
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        old_prompts = previous.pop("prompts", [])
+        changed = sorted(k for k in set(settings) | set(previous) if settings.get(k) != previous.get(k))
+        shared = min(len(old_prompts), len(prompts))
+        if changed or old_prompts[:shared] != prompts[:shared]:
+            what = ", ".join(changed) if changed else "the prompts"
+            raise SipoError(f"{output_dir} holds images made with other settings ({what}); pass another --output-dir "
+                            "or delete that one")
+        prompts = prompts if len(prompts) >= len(old_prompts) else old_prompts
+    record.write_text(json.dumps({**settings, "prompts": prompts}, indent=2))
+
+
 def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     """Generate, score and report (see the module docstring); returns one summary per scorer."""
     from sipo.models import adapter_from_config
@@ -370,10 +391,27 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     output_dir = Path(options.output_dir or Path(options.checkpoint or config.train.output_dir) / "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
     models = ("base",) if options.base_only else MODELS
+    check_generation_settings(output_dir, {
+        "model": str(config.model.pretrained_path), "family": config.model.family,
+        "checkpoint": None if options.base_only else str(Path(options.checkpoint).resolve()),
+        "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale,
+        "dtype": options.dtype,
+    }, prompts)
 
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if options.dtype not in dtypes:
+        raise SipoError(f"--dtype {options.dtype!r} is not valid; choose one of {list(dtypes)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adapter = adapter_from_config(config.model).to(device)
-    adapter.denoiser.eval()
+
+    def cast() -> None:
+        keep = {id(m) for m in getattr(adapter, "keep_fp32_modules", lambda: [])()}
+        for module in (adapter.denoiser, *adapter.frozen_modules()):
+            if id(module) not in keep:
+                module.to(dtypes[options.dtype])
+        adapter.denoiser.eval()
+
+    cast()
     sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale}
     # Base first, then the run's weights go in: the same code path for LoRA and full fine-tunes.
     generate(adapter.sample, samples, output_dir, "base", options.batch_size, options.progress, **sample_options)
@@ -383,7 +421,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
             from sipo.checkpoints import load_run_weights
 
             load_run_weights(adapter, options.checkpoint)
-            adapter.denoiser.eval()
+            cast()
             generate(adapter.sample, samples, output_dir, "aligned", options.batch_size, options.progress, **sample_options)
     del adapter
     if device.type == "cuda":

@@ -101,6 +101,8 @@ class ImageReward(Scorer):
             num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
             layer_norm_eps=med.get("layer_norm_eps", 1e-12), hidden_act=med.get("hidden_act", "gelu"),
             pad_token_id=med.get("pad_token_id", 0),
+            # med_config.json names neither; the score never uses them
+            bos_token_id=med.get("bos_token_id"), sep_token_id=med.get("sep_token_id"),
         )
         vision, text = BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False)
         head = AestheticHead(mlp_state["layers.0.weight"].shape[1])  # ImageReward's MLP is that same MLP

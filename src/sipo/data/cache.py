@@ -376,6 +376,6 @@ def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], No
         why = f"no latent cache under {root}"
     if mode == "always":
         raise SipoError(f"{why}; run `sipo cache --config FILE` with this run's config first, or set data.use_cache=auto")
-    if log:
+    if log and (location.is_dir() or others):  # no cache at all: nothing worth a line
         log(f"{why}; encoding pictures every step (`sipo cache --config FILE` makes steps faster)")
     return None

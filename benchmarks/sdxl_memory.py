@@ -34,10 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = [(0.125, 16), (0.125, 24), (0.125, 32), (0.25, 16), (0.25, 24)]
-HELD_OUT = (0.25, 32)
+GRID = [(0.125, 32), (0.125, 48), (0.125, 64), (0.25, 32), (0.25, 48)]
+HELD_OUT = (0.25, 64)
+VAE_GRID = [128, 256, 384]
+VAE_HELD_OUT = 512
 GiB = 2**30
 
 
@@ -84,38 +87,77 @@ def measure_point(width: float, latent: int) -> dict:
     scheduler = DDPMScheduler(**{k: v for k, v in SDXL_SCHEDULER.items() if k not in ("interpolation_type", "use_karras_sigmas")})
     adapter = SDXLAdapter(unet, None, None, None, None, None, scheduler)
     generator = torch.Generator().manual_seed(0)
-    x0 = torch.randn(2, 4, latent, latent, generator=generator)
-    conditioning = {
-        "encoder_hidden_states": torch.randn(1, 77, 2048, generator=generator),
-        "text_embeds": torch.randn(1, 1280, generator=generator),
-        "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]),
-    }
-    encoded = EncodedPairs(x0_winner=x0[:1], x0_loser=x0[1:], conditioning=conditioning)
-    noise = draw_pair_noise(encoded.x0_winner.shape, 1000, generator)
 
     def reference_predict(x_t, t, cond):
         with lora_disabled(unet):
             return adapter.predict(x_t, t, cond)
 
+    def step(size: int) -> Tensor:
+        x0 = torch.randn(2, 4, size, size, generator=generator)
+        conditioning = {
+            "encoder_hidden_states": torch.randn(1, 77, 2048, generator=generator),
+            "text_embeds": torch.randn(1, 1280, generator=generator),
+            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]),
+        }
+        encoded = EncodedPairs(x0_winner=x0[:1], x0_loser=x0[1:], conditioning=conditioning)
+        noise = draw_pair_noise(encoded.x0_winner.shape, 1000, generator)
+        terms = compute_pair_terms(adapter, encoded, noise, beta=1000.0, reference_predict=reference_predict)
+        loss = terms.loss_pair.mean()  # plain DPO: every objective backpropagates through the same terms
+        loss.backward()
+        return loss.detach()
+
+    step(8)  # warm-up: one-time library and autograd allocations (and the LoRA .grad tensors) happen here
     before = _rss_bytes()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset VmHWM to the current resident set
     start = time.perf_counter()
-    terms = compute_pair_terms(adapter, encoded, noise, beta=1000.0, reference_predict=reference_predict)
-    loss = terms.loss_pair.mean()  # plain DPO: every objective backpropagates through the same terms
-    loss.backward()
+    loss = step(latent)
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in unet.parameters())
     return {"width": width, "latent": latent, "step_bytes": _peak_rss_bytes() - before, "weights_bytes": parameters * 4,
             "seconds": round(seconds, 2), "loss": float(loss)}
 
 
-def _run_point(width: float, latent: int) -> dict:
+def measure_vae_point(pixels: int) -> dict:
+    """Peak memory above the loaded model of encoding one pair (2 images) with the full-size SDXL VAE."""
+    from diffusers import AutoencoderKL
+
+    from sipo.models.sdxl import sdxl_component_configs
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**sdxl_component_configs("full")["vae"]).requires_grad_(False).eval()
+    with torch.no_grad():
+        vae.encode(torch.zeros(2, 3, 64, 64))  # warm-up
+        pictures = torch.rand(2, 3, pixels, pixels) * 2 - 1
+        before = _rss_bytes()
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        vae.encode(pictures).latent_dist.mode()
+    return {"pixels": pixels, "encode_bytes": _peak_rss_bytes() - before}
+
+
+def _run(*arguments: str) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    output = subprocess.run([sys.executable, __file__, "--point", str(width), str(latent)], env=env,
+    output = subprocess.run([sys.executable, __file__, *arguments], env=env,
                             capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def vae_estimate() -> float:
+    """Fit encode_bytes = a * pixels^2 + c on 128..384 px, check on 512 px, return the 1024-px value."""
+    points = [_run("--vae-point", str(p)) for p in VAE_GRID]
+    held_out = _run("--vae-point", str(VAE_HELD_OUT))
+    for point in points + [held_out]:
+        print(json.dumps(point))
+    rows = lambda ps: torch.tensor([[p["pixels"] ** 2, 1.0] for p in ps], dtype=torch.float64)  # noqa: E731
+    values = lambda ps: torch.tensor([[float(p["encode_bytes"])] for p in ps], dtype=torch.float64)  # noqa: E731
+    a, c = torch.linalg.lstsq(rows(points), values(points)).solution[:, 0].tolist()
+    guess = a * VAE_HELD_OUT**2 + c
+    print(f"VAE held-out {VAE_HELD_OUT} px: measured {held_out['encode_bytes'] / GiB:.3f} GiB, fit {guess / GiB:.3f} GiB "
+          f"({(guess / held_out['encode_bytes'] - 1) * 100:+.1f}%)")
+    a, c = torch.linalg.lstsq(rows(points + [held_out]), values(points + [held_out])).solution[:, 0].tolist()
+    return a * 1024**2 + c
 
 
 def full_size_static_bytes() -> dict:
@@ -153,8 +195,11 @@ def predict(coefficients: torch.Tensor, width: float, latent: int) -> float:
 
 
 def main() -> None:
-    points = [_run_point(w, n) for w, n in GRID]
-    held_out = _run_point(*HELD_OUT)
+    vae_encode = vae_estimate()
+    print(f"SDXL VAE (fp32), encoding one pair at 1024 px, no grad: {vae_encode / GiB:.2f} GiB above its weights "
+          "(transient, before the UNet step)")
+    points = [_run("--point", str(w), str(n)) for w, n in GRID]
+    held_out = _run("--point", *map(str, HELD_OUT))
     for point in points + [held_out]:
         print(json.dumps(point))
     coefficients = fit(points)
@@ -168,15 +213,20 @@ def main() -> None:
     print(f"SDXL, 1024 px, 1 pair, LoRA r8, checkpointing: step activations+temporaries {step_fp32 / GiB:.2f} GiB in fp32 "
           f"(~{step_fp32 / 2 / GiB:.2f} GiB if every saved activation were fp16)")
     lora_state = static["lora_rank8"] * 4 * 4  # fp32 weight, grad, 2 AdamW moments
+    # The VAE encodes before the UNet step and frees its activations: the peak is the larger of the two.
+    # sdxl encodes one image per VAE call (SDXLAdapter.encode_chunk_size = 1): half the pair's figure.
+    encode_one = vae_encode / 2
+    print(f"peak = weights + LoRA/AdamW + max(VAE encode of one image {encode_one / GiB:.2f}, UNet step)")
     for label, unet_bytes, text_bytes in (
-        ("frozen weights fp16, text encoders resident", 2, 2),
-        ("frozen weights fp16, prompt embeddings cached (no text encoders)", 2, 0),
-        ("all weights fp32 (no casting of frozen weights)", 4, 4),
+        ("frozen weights fp16 (VAE fp32), text encoders resident", 2, 2),
+        ("frozen weights fp16 (VAE fp32), prompt embeddings cached (no text encoders)", 2, 0),
+        ("all weights fp32 (frozen weights not cast)", 4, 4),
     ):
         weights = static["unet"] * unet_bytes + static["text_encoders"] * text_bytes + static["vae"] * 4
         for name, step in (("fp16 activations", step_fp32 / 2), ("fp32 activations", step_fp32)):
-            print(f"  {label}; {name}: {(weights + lora_state + step) / GiB:.1f} GiB "
-                  f"(weights {weights / GiB:.1f} + LoRA/AdamW {lora_state / GiB:.2f} + step {step / GiB:.1f})")
+            print(f"  {label}; {name}: {(weights + lora_state + max(step, encode_one)) / GiB:.1f} GiB "
+                  f"(weights {weights / GiB:.1f} + LoRA/AdamW {lora_state / GiB:.2f} + max(encode "
+                  f"{encode_one / GiB:.1f}, step {step / GiB:.1f}))")
 
 
 def measure_pipeline(model_dir: str, resolution: int) -> dict:
@@ -234,6 +284,9 @@ def measure_pipeline(model_dir: str, resolution: int) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--pipeline":
         print(json.dumps(measure_pipeline(sys.argv[2], int(sys.argv[3]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--vae-point":
+        torch.set_num_threads(1)
+        print(json.dumps(measure_vae_point(int(sys.argv[2]))))
     elif len(sys.argv) == 4 and sys.argv[1] == "--point":
         torch.set_num_threads(1)
         print(json.dumps(measure_point(float(sys.argv[2]), int(sys.argv[3]))))

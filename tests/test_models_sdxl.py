@@ -81,6 +81,14 @@ class TestSDXL(AdapterContract, FamilyContract):
         torch.testing.assert_close(encoded.x0_loser, mean * 0.13025)
         assert encoded.x0_winner.shape == (2, 4, 16, 16)
 
+    def test_vae_chunks_do_not_change_the_latents(self, adapter, pairs):
+        _, winners, losers = pairs
+        pictures = torch.cat([winners, losers])
+        assert adapter.encode_chunk_size == 1
+        one_by_one = adapter.encode_images(pictures)
+        adapter.encode_chunk_size = 4
+        torch.testing.assert_close(adapter.encode_images(pictures), one_by_one, rtol=1e-5, atol=1e-6)
+
     def test_time_ids_come_from_size_info(self, adapter, pairs):
         prompts, winners, losers = pairs
         sizes = torch.tensor([[512, 683, 0, 43], [1024, 1024, 0, 0]])

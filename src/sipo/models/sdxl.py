@@ -43,8 +43,6 @@ _COMPONENTS = {
     "scheduler": "scheduler config",
 }
 
-#: images per VAE call when encoding (bounds the VAE's activation memory at 1024 px).
-ENCODE_CHUNK_SIZE = 4
 
 
 def _is_local(path: str | Path) -> bool:
@@ -60,6 +58,9 @@ class SDXLAdapter(DiffusionAdapter):
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     # The attention projections, as in diffusers' train_dreambooth_lora_sdxl.py and its SDXL DPO example.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    #: images per VAE call. One: at 1024 px the fp32 VAE's encoder peaks at ~2.5 GiB per image
+    #: (measured, docs/models.md), more than the checkpointed UNet step, and one image fills a GPU.
+    encode_chunk_size: int = 1
 
     def __init__(
         self,
@@ -190,7 +191,7 @@ class SDXLAdapter(DiffusionAdapter):
         if pictures.ndim != 4 or pictures.shape[1] != 3:
             raise ValueError(f"expected images [N, 3, H, W], got {tuple(pictures.shape)}")
         param = next(self.vae.parameters())
-        chunk_size = int(getattr(self, "encode_chunk_size", ENCODE_CHUNK_SIZE))
+        chunk_size = int(self.encode_chunk_size)
         latents = [
             self.vae.encode(part.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
             for part in pictures.split(max(1, chunk_size))

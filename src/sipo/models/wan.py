@@ -112,6 +112,10 @@ class WanAdapter(VideoAdapter):
     def max_sequence_length(self) -> int:
         return MAX_SEQUENCE_LENGTH
 
+    def keep_fp32_modules(self) -> list[nn.Module]:
+        """Wan's VAE stays float32 when frozen weights are cast (diffusers' Wan examples load it so)."""
+        return [self.vae]
+
     @classmethod
     def from_pretrained(
         cls,

@@ -78,7 +78,9 @@ def test_packaged_configs_resolve_by_bare_name_from_any_directory(name, tmp_path
 def test_unknown_config_name_lists_the_packaged_ones(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sentence = _cli_error(capsys, ["train", "--config", "sd15_pickapic_lorra"])
-    assert "does not exist; pass --config with a YAML file or a packaged name (demo, sd15_pickapic" in sentence
+    assert "does not exist; pass --config with a YAML file or a packaged name (" in sentence
+    listed = sentence.rsplit("(", 1)[1].rstrip(")").split(", ")
+    assert {"demo", "sd15_pickapic", "sd15_pickapic_lora"} <= set(listed) and listed == sorted(listed)
 
 
 # ----------------------------------------------------------------------------- model directory
@@ -215,7 +217,8 @@ def test_sipo_config_prints_every_key_with_value_default_and_help(capsys):
     text = capsys.readouterr().out
     resolved = load_config(packaged, ["objective.beta=1234"])
     assert yaml.safe_load(text) == json.loads(json.dumps(resolved.to_dict()))  # parses back to the same values
-    assert "beta: 1234.0  # " in text and "[default: 5000.0]" in text
+    # an unset beta takes the preset's (sipo: 1000, docs/method.md), so that is the default shown
+    assert "beta: 1234.0  # " in text and "[default: 1000.0]" in text
     assert "train:" in text and "report_to: \"tensorboard\"  # where accelerate sends the scalars" in text
     lines = [line for line in text.splitlines() if line.startswith("  ")]
     assert len(lines) == sum(len(section) for section in resolved.to_dict().values())

@@ -409,13 +409,15 @@ def resolve_config_path(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    if path.exists():
-        raise SipoError(f"config {path} is not a file; pass --config with a YAML file")
+    # A bare name is a packaged config even where the working directory has a folder of that
+    # name (`sipo demo --output-dir demo` makes one).
     if len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "configs"):
         stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
         packaged = resources.files("sipo") / "configs" / f"{stem}.yaml"
         if packaged.is_file():
             return Path(str(packaged))
+    if path.exists():
+        raise SipoError(f"config {path} is not a file; pass --config with a YAML file")
     raise SipoError(
         f"config file {path} does not exist; pass --config with a YAML file or a packaged name "
         f"({', '.join(packaged_config_names())})"

@@ -323,11 +323,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted((key for key in values if key not in fields), key=str)
     if unknown:
         where = prefix.rstrip(".") or "the top level"
+        shown = unknown[0] if isinstance(unknown[0], str) and unknown[0].isidentifier() else repr(unknown[0])
         raise SipoError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys in {where}: {sorted(fields)}"
+            f"unknown config key {prefix}{shown}; valid keys in {where}: {sorted(fields)}"
         )
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
@@ -353,7 +354,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SipoError(f"override {dotted} goes through a non-mapping key {part}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw  # not a YAML scalar (e.g. a path with odd characters): the plain string
     return values
 
 

@@ -54,6 +54,20 @@ def check_output_dir(output_dir: Path, name: str = "train.output_dir") -> None:
                         f"set {name} to a writable directory") from None
 
 
+def check_model_dir(model_config) -> None:
+    """A local model directory holds the configured family's pipeline (its model_index.json reads).
+
+    Runs before anything is written, so a wrong path does not leave a config.yaml that would make
+    the directory look like a run. Hub ids (``owner/name``, not on disk) are left to the loader.
+    """
+    from sipo.models import adapter_class
+
+    path = Path(model_config.pretrained_path).expanduser()
+    looks_local = path.exists() or path.is_absolute() or str(model_config.pretrained_path).startswith((".", "~"))
+    if looks_local or not model_config.pretrained_path:
+        adapter_class(model_config.family).check_family(path)
+
+
 def holds_a_run(output_dir: Path) -> bool:
     return any((output_dir / marker).exists() for marker in RUN_MARKERS)
 

@@ -158,6 +158,8 @@ def train(
     # Prologue: every check that can fail runs before the first byte is written into output_dir.
     check_values(config)
     notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
+    if adapter is None:
+        rundir.check_model_dir(config.model)
     rundir.check_output_dir(output_dir)
     if resume and overwrite:
         raise SipoError("--resume and --overwrite contradict each other; pass one of them")

@@ -99,7 +99,8 @@ def logits(adapter, x_t, timesteps, conditioning, target, autocast_dtype, fp32_o
     return objectives.dpo_logits(err_w, err_l, ref_w, ref_l, beta=1.0)
 
 
-def measure(family: str, pairs: int, scales, digits_path, device, repeats: int = 3):
+def measure(family: str, pairs: int, scales, digits_path, device, repeats: int = 3, report=print,
+            dtypes=("bf16", "fp16")):
     device_type = torch.device(device).type
     with tempfile.TemporaryDirectory() as tmp:
         adapter, prompts, size = build(family, Path(tmp), digits_path, device)
@@ -116,8 +117,9 @@ def measure(family: str, pairs: int, scales, digits_path, device, repeats: int =
         conditioning = {k: torch.cat([v, v]) for k, v in encoded.conditioning.items()}
         timesteps = timesteps.to(device)
         rows = []
-        variants = [("bf16 autocast", torch.bfloat16, False), ("bf16 autocast + fp32 conv_out", torch.bfloat16, True),
-                    ("fp16 autocast", torch.float16, False), ("fp16 autocast + fp32 conv_out", torch.float16, True)]
+        variants = [(f"{name} autocast{' + fp32 conv_out' if out else ''}", dtype, out)
+                    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)) if name in dtypes
+                    for out in (False, True)]
         for scale in scales:
             perturb_lora(adapter.denoiser, scale, seed=1)
             z32 = logits(adapter, x_t, timesteps, conditioning, target, None, False, device_type)
@@ -126,6 +128,7 @@ def measure(family: str, pairs: int, scales, digits_path, device, repeats: int =
                     z = logits(adapter, x_t, timesteps, conditioning, target, dtype, fp32_out, device_type)
                 except RuntimeError as error:  # a dtype the device's autocast does not support
                     rows.append((family, scale, name, float("nan"), float("nan"), str(error).splitlines()[0][:60]))
+                    report(rows[-1])
                     continue
                 agree = float((torch.sign(z) == torch.sign(z32)).float().mean())
                 times = []
@@ -135,7 +138,9 @@ def measure(family: str, pairs: int, scales, digits_path, device, repeats: int =
                     if device_type == "cuda":
                         torch.cuda.synchronize()
                     times.append((time.perf_counter() - start) * 1000)
-                rows.append((family, scale, name, agree, statistics.median(times), f"median |z32| {z32.abs().median():.2e}"))
+                rows.append((family, scale, name, agree, statistics.median(times) if times else float("nan"),
+                             f"median |z/beta| {z32.abs().median():.2e}"))
+                report(rows[-1])
         return rows
 
 
@@ -145,15 +150,20 @@ def main() -> None:
     parser.add_argument("--scales", default="1e-4,1e-3,1e-2")
     parser.add_argument("--digits-path", default=None, help="a saved digits model (e.g. runs/demo/base); default: random weights")
     parser.add_argument("--families", default="digits,sd15")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per variant")
+    parser.add_argument("--variants", default="bf16,fp16", help="autocast dtypes to try (fp16 autocast on CPU is slow)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scales = [float(s) for s in args.scales.split(",")]
     print(f"device {device}, {args.pairs} pairs, LoRA B ~ N(0, scale^2); sign(z) agreement with float32")
     print(f"{'model':7} {'scale':>7}  {'variant':32} {'agree':>6} {'ms':>8}  note")
+    def report(row):
+        family_name, scale, name, agree, ms, note = row
+        print(f"{family_name:7} {scale:7.0e}  {name:32} {agree:6.3f} {ms:8.1f}  {note}", flush=True)
+
     for family in args.families.split(","):
-        for row in measure(family, args.pairs, scales, args.digits_path if family == "digits" else None, device):
-            family_name, scale, name, agree, ms, note = row
-            print(f"{family_name:7} {scale:7.0e}  {name:32} {agree:6.3f} {ms:8.1f}  {note}")
+        measure(family, args.pairs, scales, args.digits_path if family == "digits" else None, device,
+                repeats=args.repeats, report=report, dtypes=tuple(args.variants.split(",")))
 
 
 if __name__ == "__main__":

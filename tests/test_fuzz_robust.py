@@ -37,7 +37,7 @@ from sipo.checkpoints import (
 )
 from sipo.config import SipoConfig, load_config
 from sipo.errors import SipoError
-from sipo.rundir import check_output_dir, choose_resume_checkpoint, holds_a_run, refuse_foreign_run
+from sipo.rundir import check_output_dir, choose_resume_checkpoint, discard_damaged, holds_a_run, refuse_foreign_run
 
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -264,7 +264,8 @@ def test_damaged_run_directories_fall_back_to_the_newest_intact_checkpoint(prist
             refuse_foreign_run(run)
         _one_sentence(refused.value)
         try:
-            path, notes = choose_resume_checkpoint(run, dict(FINGERPRINT))
+            path, damaged_paths, notes = choose_resume_checkpoint(run, dict(FINGERPRINT))
+            notes += discard_damaged(run, damaged_paths)
         except SipoError as error:
             _one_sentence(error)
             assert not intact or not list_checkpoints(run)

@@ -261,3 +261,12 @@ def test_errors_are_one_line_through_a_real_subprocess(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"sipo: error: config file {path} is not UTF-8 text (byte 0); save it as UTF-8"]
+
+
+def test_report_to_a_tracker_that_is_not_installed(config_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    assert _cli_error(capsys, ["train", "--config", str(config_path), "train.report_to=wandb"]) == (
+        "train.report_to=wandb needs the wandb package; pip install wandb, or set train.report_to=none")

@@ -68,6 +68,17 @@ def check_model_dir(model_config) -> None:
         adapter_class(model_config.family).check_family(path)
 
 
+def check_reporting(config) -> None:
+    """``train.report_to`` names a tracker whose package is installed."""
+    import importlib.util
+
+    target = config.train.report_to
+    if target != "none" and importlib.util.find_spec(target) is None:
+        package = "tensorboard" if target == "tensorboard" else "wandb"
+        raise SipoError(f"train.report_to={target} needs the {package} package; pip install {package}, "
+                        "or set train.report_to=none")
+
+
 def holds_a_run(output_dir: Path) -> bool:
     return any((output_dir / marker).exists() for marker in RUN_MARKERS)
 
@@ -95,13 +106,13 @@ def remove_previous_run(output_dir: Path) -> list[str]:
     return removed
 
 
-def choose_resume_checkpoint(output_dir: Path, fingerprint: dict) -> tuple[Path, list[str]]:
-    """The checkpoint ``--resume`` continues from, and lines to print about it.
+def choose_resume_checkpoint(output_dir: Path, fingerprint: dict) -> tuple[Path, list[Path], list[str]]:
+    """The checkpoint ``--resume`` continues from, the damaged newer ones, and lines to print.
 
-    Verifies the newest checkpoint against its manifest and falls back to the newest intact one
-    (the damaged newer ones are deleted: nothing can load them and pruning must not keep them);
-    compares the run's fingerprint and refuses any change outside ``RESUME_MAY_CHANGE``. Writes
-    nothing before every check has passed.
+    Verifies the newest checkpoint against its manifest and falls back to the newest intact one;
+    compares the run's fingerprint and refuses any change outside ``RESUME_MAY_CHANGE``. Reads
+    only: :func:`discard_damaged` then removes what cannot be loaded (main process, after every
+    process has checked).
     """
     if not list_checkpoints(output_dir):
         raise SipoError(f"--resume found no checkpoint under {output_dir}/checkpoints; start without --resume "
@@ -118,18 +129,22 @@ def choose_resume_checkpoint(output_dir: Path, fingerprint: dict) -> tuple[Path,
                         "or another train.output_dir")
     lines = []
     for path, why in damaged:
-        lines.append(f"checkpoint {path.name} is damaged ({why}); deleted it")
+        lines.append(f"checkpoint {path.name} is damaged ({why}); deleting it")
     if damaged:
         lines.append(f"resuming from {chosen.name}, the newest intact checkpoint")
     if allowed:
         lines.append("changed since the checkpoint: " + "; ".join(allowed))
     if not saved:
         lines.append(f"{chosen.name} has no fingerprint (written by an older sipo); settings not compared")
-    for path, _ in damaged:
+    return chosen, [path for path, _ in damaged], lines
+
+
+def discard_damaged(output_dir: Path, damaged: list[Path]) -> list[str]:
+    """Delete damaged checkpoints (nothing can load them; pruning must not keep them over intact
+    ones) and stale ``.tmp-*`` directories; returns lines to print."""
+    for path in damaged:
         shutil.rmtree(path, ignore_errors=True)
-    for stale in remove_stale_temporaries(output_dir):
-        lines.append(f"removed {stale.name}, a checkpoint that was never finished")
-    return chosen, lines
+    return [f"removed {stale.name}, a checkpoint that was never finished" for stale in remove_stale_temporaries(output_dir)]
 
 
 def _read_json(path: Path) -> dict:

@@ -156,6 +156,9 @@ def train(
     tc, oc = config.train, config.objective
     output_dir = Path(tc.output_dir)
     # Prologue: every check that can fail runs before the first byte is written into output_dir.
+    from accelerate import PartialState
+
+    process = PartialState()  # under `accelerate launch`: every rank checks before the main one writes
     check_values(config)
     notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
     if adapter is None:
@@ -168,14 +171,20 @@ def train(
     # Open the data before loading a model: a bad path should fail in a second, not a minute.
     dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed)
     fingerprint = run_fingerprint(config)
-    resume_from = None
+    rundir.check_reporting(config)
+    resume_from, damaged = None, []
     if resume:
-        resume_from, resume_notes = rundir.choose_resume_checkpoint(output_dir, fingerprint)
+        resume_from, damaged, resume_notes = rundir.choose_resume_checkpoint(output_dir, fingerprint)
         notes += resume_notes
-    elif overwrite:
-        removed = rundir.remove_previous_run(output_dir)
-        if removed:
-            notes.append(f"--overwrite: removed the earlier run's {', '.join(removed)}")
+    process.wait_for_everyone()
+    if process.is_main_process:
+        if resume:
+            notes += rundir.discard_damaged(output_dir, damaged)
+        elif overwrite:
+            removed = rundir.remove_previous_run(output_dir)
+            if removed:
+                notes.append(f"--overwrite: removed the earlier run's {', '.join(removed)}")
+    process.wait_for_everyone()
 
     # A second train() in one process (notebooks, the demo, tests) may ask for another precision;
     # accelerate keeps a process-wide state that would refuse it. The process group is kept.

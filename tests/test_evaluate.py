@@ -199,7 +199,7 @@ def test_sipo_eval_end_to_end(trained_run, scorer_paths, tmp_path, capsys):
     keys = sorted({(r["prompt_index"], r["seed"]) for r in rows})
     expected = reference_win_rate(torch.tensor([score[("aligned", *k)] for k in keys]),
                                   torch.tensor([score[("base", *k)] for k in keys]))
-    assert f"| pickscore |" in (output / "summary.md").read_text()
+    assert "| pickscore |" in (output / "summary.md").read_text()
     import json
 
     summary = json.loads((output / "summary.json").read_text())

@@ -130,7 +130,7 @@ class TestSDXL(AdapterContract, FamilyContract):
         config = {**sdxl_component_configs("tiny")["vae"], "force_upcast": False}
         torch.manual_seed(5)
         AutoencoderKL(**config).save_pretrained(tmp_path / "vae_fp16_fix", safe_serialization=True)
-        run = load_config(None, [f"model.family=sdxl", f"model.pretrained_path={tiny_sdxl_dir}",
+        run = load_config(None, ["model.family=sdxl", f"model.pretrained_path={tiny_sdxl_dir}",
                                  f"model.vae_path={tmp_path / 'vae_fp16_fix'}"])
         adapter = adapter_from_config(run.model)
         assert adapter.keep_fp32_modules() == []

@@ -78,8 +78,9 @@ class ModelConfig:
         "allow custom code from the model directory; off unless you trust its source", default=False
     )
     # performance (issue 8)
-    encode_chunk_size: int = _help(
-        "pictures per VAE call when encoding a batch: bounds the encoder's peak memory", default=8
+    encode_chunk_size: int | None = _help(
+        "pictures per VAE call when encoding a batch: bounds the encoder's peak memory "
+        "(None: the family's own, sd15 8, sdxl 1 at 1024 px)", default=None
     )
     vae_path: str = _help(
         "sdxl: an AutoencoderKL directory replacing the pipeline's vae/ (empty: the pipeline's own). SDXL's "
@@ -103,7 +104,7 @@ class ModelConfig:
         _choice("model.family", self.family, FAMILIES)
         if self.resolution <= 0 or self.num_inference_steps <= 0:
             raise SipoError("model.resolution and model.num_inference_steps must be positive integers")
-        if self.encode_chunk_size < 1:
+        if self.encode_chunk_size is not None and self.encode_chunk_size < 1:
             raise SipoError(f"model.encode_chunk_size must be at least 1, got {self.encode_chunk_size}")
         _choice("model.text_encoder_device", self.text_encoder_device, ("auto", "cpu"))
         if self.prompt_cache_size < 0:
@@ -494,8 +495,6 @@ def describe_config(config: SipoConfig) -> str:
 
     The text loads back with ``yaml.safe_load`` to exactly ``config.to_dict()``.
     """
-    import json
-
     lines = []
     defaults = SipoConfig()
     for section in dataclasses.fields(config):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,7 +367,7 @@ def check_generation_settings(output_dir: Path, settings: dict, prompts: list[st
 
 def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     """Generate, score and report (see the module docstring); returns one summary per scorer."""
-    from sipo.models import adapter_from_config
+    from sipo.models import DiffusionAdapter, adapter_from_config
     from sipo.rewards import load_scorer, scorer_class
 
     if not options.base_only and options.checkpoint is None:
@@ -404,14 +403,14 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adapter = adapter_from_config(config.model).to(device)
 
-    def cast() -> None:
-        keep = {id(m) for m in getattr(adapter, "keep_fp32_modules", lambda: [])()}
-        for module in (adapter.denoiser, *adapter.frozen_modules()):
+    def cast(model: DiffusionAdapter) -> None:
+        keep = {id(m) for m in model.keep_fp32_modules()}
+        for module in (model.denoiser, *model.frozen_modules()):
             if id(module) not in keep:
                 module.to(dtypes[options.dtype])
-        adapter.denoiser.eval()
+        model.denoiser.eval()
 
-    cast()
+    cast(adapter)
     sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale}
     # Base first, then the run's weights go in: the same code path for LoRA and full fine-tunes.
     generate(adapter.sample, samples, output_dir, "base", options.batch_size, options.progress, **sample_options)
@@ -421,7 +420,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
             from sipo.checkpoints import load_run_weights
 
             load_run_weights(adapter, options.checkpoint)
-            cast()
+            cast(adapter)
             generate(adapter.sample, samples, output_dir, "aligned", options.batch_size, options.progress, **sample_options)
     del adapter
     if device.type == "cuda":

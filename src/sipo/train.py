@@ -220,7 +220,8 @@ def train(
     if tc.mixed_precision in COMPUTE_DTYPES:
         hold_frozen_weights_in(adapter, COMPUTE_DTYPES[tc.mixed_precision],
                                [reference_denoiser] if reference_denoiser is not None else [])
-    adapter.encode_chunk_size = config.model.encode_chunk_size
+    if config.model.encode_chunk_size is not None:
+        adapter.encode_chunk_size = config.model.encode_chunk_size
     # A matching latent cache replaces the encoders: they stay on the CPU, unused.
     from sipo.data.cache import open_cache_for_training
 
@@ -276,7 +277,6 @@ def train(
         dataset, batch_sampler=sampler, collate_fn=getattr(dataset, "collate", collate_pairs),
         num_workers=config.data.num_workers, pin_memory=pin,
     ))
-    switches = oc.switches()
     num_train_timesteps = adapter.schedule.num_train_timesteps
 
     # Per-step metrics stay device tensors until they are logged: no host synchronisation per

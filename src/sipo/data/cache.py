@@ -152,7 +152,8 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
     if adapter is None:
         adapter = adapter_from_config(config.model)
     adapter.freeze_encoders()
-    adapter.encode_chunk_size = config.model.encode_chunk_size
+    if config.model.encode_chunk_size is not None:
+        adapter.encode_chunk_size = config.model.encode_chunk_size
     if config.train.mixed_precision in COMPUTE_DTYPES:
         hold_frozen_weights_in(adapter, COMPUTE_DTYPES[config.train.mixed_precision])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
+from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict, encode_in_chunks
 from sipo.schedules import vp_schedule
 
 #: subfolder -> what it holds, for the "missing subfolder" error.
@@ -110,7 +110,7 @@ class SDXLAdapter(DiffusionAdapter):
         own ``config.json``, or a pipeline directory with a ``vae/`` folder), e.g. an fp16-safe VAE.
         Weights load from safetensors when present; nothing executes code from the directory.
         """
-        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+        from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         if _is_local(path):
@@ -191,12 +191,11 @@ class SDXLAdapter(DiffusionAdapter):
         if pictures.ndim != 4 or pictures.shape[1] != 3:
             raise ValueError(f"expected images [N, 3, H, W], got {tuple(pictures.shape)}")
         param = next(self.vae.parameters())
-        chunk_size = int(self.encode_chunk_size)
-        latents = [
-            self.vae.encode(part.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
-            for part in pictures.split(max(1, chunk_size))
-        ]
-        return torch.cat(latents) * self.vae.config.scaling_factor
+
+        def encode_chunk(part: Tensor) -> Tensor:
+            return self.vae.encode(part.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
+
+        return encode_in_chunks(encode_chunk, pictures, self.encode_chunk_size) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

@@ -15,13 +15,10 @@ quick-GELU), layer norm eps 1e-5, text pooled at the end-of-text token: as open_
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import torch
 from torch import Tensor
 
 from sipo.errors import SipoError
-from sipo.rewards.base import Scorer, first_existing, require_files
+from sipo.rewards.base import first_existing, require_files
 from sipo.rewards.clip import CLIPSimilarityScorer, load_state_dict_file
 
 HPS_WEIGHT_FILES = ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt", "model.safetensors")

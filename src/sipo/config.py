@@ -88,11 +88,11 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = _help(f"objective preset: one of {list(OBJECTIVE_PRESETS)}", default="sipo")
-    beta: float = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (SPEC 2)", default=5000.0)
+    beta: float = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (docs/spec.md section 2)", default=5000.0)
     mask: bool | None = _help("override the preset: mask pairs with w < tau or t outside [t_min, t_max]", default=None)
     clip: bool | None = _help("override the preset: clamp weights to [w_floor, w_clip]", default=None)
     reweight: bool | None = _help("override the preset: weight each pair's loss by its (clipped) weight", default=None)
-    tau: float = _help("mask threshold on the pair weight w (SPEC 4); see docs/defaults.md", default=0.5)
+    tau: float = _help("mask threshold on the pair weight w (docs/spec.md section 4); see docs/defaults.md", default=0.5)
     t_min: int | None = _help("lowest timestep kept by the mask (None: 0)", default=None)
     t_max: int | None = _help("highest timestep kept by the mask (None: T-1)", default=None)
     w_clip: float | None = _help("upper clip of w (None: no upper clip)", default=2.0)
@@ -101,7 +101,7 @@ class ObjectiveConfig:
     weight_source: str = _help("sample: each pair's own w; timestep_ema: EMA of w in its timestep bucket", default="sample")
     ema_buckets: int = _help("timestep buckets over [0, T) for timestep_ema", default=20)
     ema_decay: float = _help("EMA decay for timestep_ema", default=0.99)
-    weight_norm: str = _help("per-element mean or sum of the log weight over the D elements (SPEC 3)", default="mean")
+    weight_norm: str = _help("per-element mean or sum of the log weight over the D elements (docs/spec.md section 3)", default="mean")
     pair_weight: str = _help("combine winner and loser weights: product, min or mean", default="product")
     weight_model: str = _help("model whose prediction defines p_theta in w: policy or reference", default="policy")
 

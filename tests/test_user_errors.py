@@ -248,6 +248,7 @@ def test_help_texts_cite_shipped_docs_not_spec_numbers():
     texts = [describe_config(SipoConfig()), build_parser().format_help()]
     subparsers = build_parser()._subparsers._group_actions[0].choices
     texts += [p.format_help() for p in subparsers.values()]
+    assert not re.search(r"\bSPEC \d", "\n".join(texts)), "cite the shipped docs/spec.md, not the SPEC"
     cited = set(re.findall(r"docs/[\w/.-]+\.md", "\n".join(texts)))
     assert cited, "help texts cite the docs"
     for path in cited:

@@ -19,9 +19,9 @@ import yaml
 
 from sipo.errors import SipoError
 
-# name -> switches (SPEC 5). "+clip" reweights by the clipped weight without masking: clipping
+# name -> switches (docs/spec.md section 5). "+clip" reweights by the clipped weight without masking: clipping
 # only acts on weights that are used, so alone it would be DPO again. C&M keeps `clip` on for
-# fidelity to its name and logs the clipped weights, but its loss is the masked mean (SPEC 4).
+# fidelity to its name and logs the clipped weights, but its loss is the masked mean (docs/spec.md section 4).
 OBJECTIVE_PRESETS: dict[str, dict[str, bool]] = {
     "dpo": {"mask": False, "clip": False, "reweight": False},
     "dpo+mask": {"mask": True, "clip": False, "reweight": False},
@@ -39,7 +39,7 @@ OBJECTIVE_PRESETS: dict[str, dict[str, bool]] = {
 # (w_w * w_l) outside on the per-pair loss, tau 0.5, clip [0, 2] (= eps 1), self-normalised.
 PAPER_READING: dict[str, Any] = {"weight_placement": "inside", "tau": 0.9, "clip_eps": 0.1, "pair_weight": "min"}
 PROJECT_READING: dict[str, Any] = {"weight_placement": "outside", "tau": 0.5, "clip_eps": 1.0, "pair_weight": "product"}
-# beta per objective (SPEC 4a, the paper's Table A1 read as x1000 code units on images): DPO 5000,
+# beta per objective (docs/spec.md section 4a, the paper's Table A1 read as x1000 code units on images): DPO 5000,
 # C&M and SIPO 5x smaller; the project reading used one beta for all. The ablations are pieces of
 # SIPO and share its beta, so each differs from SIPO by its switches alone.
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
@@ -157,12 +157,12 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = _help(f"objective preset: one of {list(OBJECTIVE_PRESETS)} (docs/method.md says which reading each implements)", default="sipo")
-    beta: float | None = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (SPEC 2); null: the preset's (dpo 5000, dpo-cm/sipo 1000)", default=None)
+    beta: float | None = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (docs/spec.md section 2); null: the preset's (dpo 5000, dpo-cm/sipo 1000)", default=None)
     mask: bool | None = _help("override the preset: mask pairs with w < tau or t outside [t_min, t_max]", default=None)
     clip: bool | None = _help("override the preset: clamp weights to [1 - clip_eps, 1 + clip_eps]", default=None)
     reweight: bool | None = _help("override the preset: use the (clipped) weights (inside z, or on each pair's loss outside)", default=None)
-    weight_placement: str | None = _help("inside: each trajectory's weight scales its log-ratio inside the log-sigmoid (SPEC 4a); outside: one weight per pair on the per-pair loss (SPEC 5); null: the preset's", default=None)
-    tau: float | None = _help("mask threshold on the pair weight w (SPEC 4); null: the preset's (0.9 paper reading, 0.5 project reading)", default=None)
+    weight_placement: str | None = _help("inside: each trajectory's weight scales its log-ratio inside the log-sigmoid (docs/spec.md section 4a); outside: one weight per pair on the per-pair loss (docs/spec.md section 5); null: the preset's", default=None)
+    tau: float | None = _help("mask threshold on the pair weight w (docs/spec.md section 4); null: the preset's (0.9 paper reading, 0.5 project reading)", default=None)
     t_min: int | None = _help("lowest timestep kept by the mask (None: 0)", default=None)
     t_max: int | None = _help("highest timestep kept by the mask (None: T-1)", default=None)
     clip_eps: float | None = _help("weights are clipped to [max(0, 1 - clip_eps), 1 + clip_eps]; null: the preset's (0.1 paper reading, 1.0 = [0, 2] project reading)", default=None)
@@ -170,10 +170,10 @@ class ObjectiveConfig:
     weight_source: str = _help("sample: each pair's own w; timestep_ema: EMA of w in its timestep bucket (outside placement only)", default="sample")
     ema_buckets: int = _help("timestep buckets over [0, T) for timestep_ema", default=20)
     ema_decay: float = _help("EMA decay for timestep_ema", default=0.99)
-    weight_norm: str = _help("per-element mean or sum of the log weight over the D elements (SPEC 3)", default="mean")
+    weight_norm: str = _help("per-element mean or sum of the log weight over the D elements (docs/spec.md section 3)", default="mean")
     pair_weight: str | None = _help("combine winner and loser weights for the mask: product, min (thresholds each trajectory) or mean; null: the preset's", default=None)
     weight_model: str = _help("model whose prediction defines p_theta in w: policy or reference", default="policy")
-    weight_step: str = _help("s of SPEC 3: inference = previous step of the model.num_inference_steps grid; adjacent = t - 1", default="inference")
+    weight_step: str = _help("s of docs/spec.md section 3: inference = previous step of the model.num_inference_steps grid; adjacent = t - 1", default="inference")
 
     def __post_init__(self) -> None:
         _choice("objective.name", self.name, OBJECTIVE_PRESETS)

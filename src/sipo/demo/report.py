@@ -329,7 +329,7 @@ Mean reward: the reward averaged over the {context["eval_samples"]} samples, the
 fraction of prompts where the fine-tune's sample scores higher than the base model's sample from
 the same initial noise (rewards within {TIE_TOLERANCE} count as a tie, half a win); 0.5 = no change.
 ± is the sample standard deviation over seeds. Masked fraction and mean w are the trainer's
-logged averages over training (w = the pair's importance weight, SPEC 3).
+logged averages over training (w = the pair's importance weight, docs/spec.md section 3).
 
 {verdict(summary, context["default_beta"]).replace(chr(10), chr(10) + chr(10))}
 
@@ -371,7 +371,7 @@ logged averages over training (w = the pair's importance weight, SPEC 3).
 
 ![w(t) profile](w_profile.png)
 
-log w of the pair (SPEC 3, per-element mean, product over winner and loser) of the base model,
+log w of the pair (docs/spec.md section 3, per-element mean, product over winner and loser) of the base model,
 {len(profile_off.log_w_pair[0])} pairs x {len(profile_off.t_mid)} timestep buckets, on the demo's off-policy pairs and on
 pairs of the base model's own samples (`w_profile.csv`). t = 0 is the clean end. In the lowest
 tenth of t the mean log w is {float(np.nanmean(off_low)):.3f} on the off-policy pairs (the

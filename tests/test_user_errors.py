@@ -75,6 +75,12 @@ def test_packaged_configs_resolve_by_bare_name_from_any_directory(name, tmp_path
     load_config(name)
 
 
+def test_a_folder_named_like_a_packaged_config_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. `sipo demo --output-dir demo` made it
+    assert resolve_config_path("demo").parent.parent.name == "sipo"
+
+
 def test_unknown_config_name_lists_the_packaged_ones(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sentence = _cli_error(capsys, ["train", "--config", "sd15_pickapic_lorra"])

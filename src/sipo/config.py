@@ -407,20 +407,26 @@ def packaged_config_names() -> list[str]:
     return sorted(entry.name[: -len(".yaml")] for entry in root.iterdir() if entry.name.endswith(".yaml"))
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A config file path, or a packaged config named bare (``demo``, ``sd15_pickapic_lora.yaml``)."""
+def packaged_config_path(name: str) -> Path | None:
+    """The packaged config ``name`` (``demo`` or ``demo.yaml``), or None if sipo ships none by that name."""
     from importlib import resources
 
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    packaged = resources.files("sipo") / "configs" / f"{stem}.yaml"
+    return Path(str(packaged)) if packaged.is_file() else None
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or a packaged config named bare (``demo``, ``sd15_pickapic_lora.yaml``)."""
     path = Path(name)
     if path.is_file():
         return path
     # A bare name is a packaged config even where the working directory has a folder of that
     # name (`sipo demo --output-dir demo` makes one).
     if len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "configs"):
-        stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
-        packaged = resources.files("sipo") / "configs" / f"{stem}.yaml"
-        if packaged.is_file():
-            return Path(str(packaged))
+        packaged = packaged_config_path(path.name)
+        if packaged is not None:
+            return packaged
     if path.exists():
         raise SipoError(f"config {path} is not a file; pass --config with a YAML file")
     raise SipoError(

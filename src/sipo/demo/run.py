@@ -110,9 +110,12 @@ FULL = DemoSettings(
 
 def demo_config_path() -> Path:
     """configs/demo.yaml, shipped inside the package (found with importlib.resources)."""
-    from sipo.config import resolve_config_path
+    from sipo.config import packaged_config_path
 
-    return resolve_config_path("demo")
+    path = packaged_config_path("demo")
+    if path is None:
+        raise SipoError("sipo's packaged configs/demo.yaml is missing; reinstall sipo")
+    return path
 
 
 def setup_torch(threads: int = 1) -> None:

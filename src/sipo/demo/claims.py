@@ -287,7 +287,8 @@ def load_runs(output_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed: int = 1234,
-                     sampling_steps: int = 25, reward_seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+                     sampling_steps: int = 25, reward_seed: int = 0,
+                     max_steps: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The three claims from the runs a (possibly interrupted) demo left in ``output_dir``.
 
     The base model's rewards are recomputed from ``output_dir/base`` on the same fixed prompts and
@@ -310,7 +311,11 @@ def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed
     for result in results:
         counts[result["beta"]] = counts.get(result["beta"], 0) + 1
     default_beta = max(counts, key=counts.get)
-    max_steps = min(r["steps"] for r in results)
+    if max_steps is None:  # the short runs' length: configs/demo.yaml's train.max_steps
+        from sipo.config import load_config
+        from sipo.demo.run import demo_config_path
+
+        max_steps = load_config(demo_config_path()).train.max_steps
     long_steps = max(r["steps"] for r in results)
     sources = [s for s in ("mixed", "offpolicy") if any(r["source"] == s for r in results)]
     methods = [m for m in LABELS if any(r["method"] == m for r in results)]

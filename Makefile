@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints/cpu.txt
-# where the CPU build of torch comes from when .venv has no torch yet (PyPI's default is a CUDA build)
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# An extra index for torch when .venv has none yet, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# for the CPU build (PyPI's torch is a CUDA build). Empty by default: pip's own configuration decides,
+# which on the project's machines finds the local CPU wheel of the pinned version.
+TORCH_INDEX ?=
 
 .PHONY: demo test install constraints clean
 
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip show torch >/dev/null 2>&1 || \
-		$(BIN)/python -m pip install --quiet --extra-index-url $(TORCH_INDEX) -c $(CONSTRAINTS) torch
+		$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -c $(CONSTRAINTS) torch
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 

@@ -293,6 +293,10 @@ RESUME_MAY_CHANGE = frozenset({
     "data.path",
     # read afresh every step: the way out of a divergence stop is to lower these and resume
     "objective.beta", "objective.mask", "objective.tau", "objective.t_min", "objective.t_max", "train.max_grad_norm",
+    # how the same computation runs, not what it computes (docs/performance.md): a resume may, e.g.,
+    # switch the latent cache on or keep the text encoder on the CPU
+    "train.compile", "train.deterministic", "data.use_cache", "data.cache_dir", "model.encode_chunk_size",
+    "model.text_encoder_device", "model.prompt_cache_size",
 })
 _HASH_WHOLE_FILE_BELOW = 16 << 20
 

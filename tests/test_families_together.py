@@ -1,0 +1,132 @@
+"""`sipo cache`, `sipo train` from the cache and `sipo eval` on the families beyond SD1.5 (SDXL, Wan, CogVideoX).
+
+Issue 11: every family gets the cache's guarantee (training from it equals training from the pictures,
+to test_cache.py's tolerance); issue 12: video families are scored with frame-averaged image scorers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_scorers import make_tiny_clip
+from torch import nn
+from train_fixtures import tiny_overrides
+from video_contract import video_overrides
+from video_fixtures import write_video_pairs
+
+from sipo.checkpoints import list_checkpoints
+from sipo.cli import main as cli_main
+from sipo.config import load_config, save_config
+from sipo.data.cache import open_cache
+from sipo.data.sizes import size_info
+from sipo.evaluate import EvalOptions, load_picture, run_eval
+from sipo.models import load_adapter
+from sipo.train import train
+
+SDXL_SIZE = 32
+#: test_cache.py's setting: one weight per pair outside the log-sigmoid, 3 steps, no intermediate checkpoints
+CACHE_RUN = {"objective.name": "sipo-outside", "objective.tau": 0.05, "train.max_steps": 3, "train.checkpoint_every": 0}
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(list_checkpoints(run)[-1] / "trainable.safetensors")
+
+
+def _assert_same_training(cached: Path, pictures: Path) -> None:
+    """test_cache.py's tolerance: equal to float32 rounding of the encoders, while the LoRA moved far more."""
+    weights_p, weights_c = _final_weights(pictures), _final_weights(cached)
+    assert weights_p.keys() == weights_c.keys()
+    for name in weights_p:
+        torch.testing.assert_close(weights_c[name], weights_p[name], rtol=0, atol=1e-5)
+    assert max(float(v.abs().max()) for k, v in weights_c.items() if "lora_B" in k) > 1e-3
+
+
+class RaisingEncoder(nn.Module):
+    """Stands in for T5/UMT5 in a run that must not encode a prompt."""
+
+    def __init__(self, like: nn.Module) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.config, self.dtype = like.config, like.dtype
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the text encoder ran during training from the latent cache")
+
+
+# ----------------------------------------------------------------------------- SDXL
+def _write_non_square_pairs(directory: Path, num_pairs: int = 4) -> Path:
+    """Pairs whose winners are wider than high or higher than wide: each has its own crop (SDXL's time_ids)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(num_pairs):
+        width, height = (45, 32) if i % 2 == 0 else (32, 41 + i)
+        ramp = np.linspace(0, 255, width)[None, :, None] * rng.uniform(0.3, 1.0, size=3)
+        Image.fromarray(np.repeat(ramp, height, axis=0).astype(np.uint8)).save(directory / f"{i}_c.png")
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(directory / f"{i}_r.png")
+        lines.append(json.dumps({"prompt": f"a wide gradient {i}", "chosen": f"{i}_c.png", "rejected": f"{i}_r.png"}))
+    (directory / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return directory / "pairs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    from sipo.models.sdxl import SDXLAdapter
+
+    return SDXLAdapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), scale="tiny", seed=0)
+
+
+def _sdxl_config(model_dir: Path, manifest: Path, output_dir: Path, **extra):
+    # batch 4 = the 4 pairs: the text encoders see as many prompts per call as while caching (the pooled
+    # embedding moves by ~2e-7 with the batch size, which beta = 5000 would carry past the tolerance)
+    values = {"model.family": "sdxl", "model.resolution": SDXL_SIZE, "data.random_flip": True, "train.batch_size": 4,
+              **CACHE_RUN, **extra}
+    return load_config(None, tiny_overrides(model_dir, manifest, output_dir, **values))
+
+
+@pytest.fixture(scope="module")
+def sdxl_runs(sdxl_dir, tmp_path_factory):
+    """`sipo cache` (the CLI, in process), then 3 steps from the pictures and 3 from the cache."""
+    root = tmp_path_factory.mktemp("sdxl_cache")
+    manifest = _write_non_square_pairs(root / "pairs")
+    config = _sdxl_config(sdxl_dir, manifest, root / "unused")
+    config_file = root / "sdxl.yaml"
+    save_config(config, config_file)
+    assert cli_main(["cache", "--config", str(config_file), "--no-progress"]) == 0
+    pictures = train(_sdxl_config(sdxl_dir, manifest, root / "pictures", **{"data.use_cache": "never"}), progress=False)
+    cached = train(_sdxl_config(sdxl_dir, manifest, root / "cached", **{"data.use_cache": "always"}), progress=False)
+    return root, config, pictures, cached
+
+
+def test_sdxl_training_from_the_cache_equals_training_from_pictures(sdxl_runs, capfd):
+    root, _, pictures, cached = sdxl_runs
+    _assert_same_training(root / "cached", root / "pictures")
+    assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in pictures.history], abs=1e-3)
+
+
+def test_sdxl_cache_carries_each_pairs_time_ids_in_both_orientations(sdxl_runs):
+    """time_ids = (orig_h, orig_w, crop_top, crop_left, 32, 32), from the recorded sizes; a flip mirrors crop_left."""
+    _, config, _, _ = sdxl_runs
+    cache = open_cache(config)
+    originals = [(32, 45), (42, 32), (32, 45), (44, 32)]  # (height, width) of each winner
+    flipped_seen = set()
+    for epoch in (0, 1, 2):
+        cache.set_epoch(epoch)
+        for index, original in enumerate(originals):
+            from sipo.data.pairs import flip_decision
+
+            flipped = flip_decision(config.train.seed, epoch, index)
+            flipped_seen.add(flipped)
+            item = cache[index]
+            expected = torch.cat([size_info(original, SDXL_SIZE, flipped), torch.tensor([SDXL_SIZE, SDXL_SIZE])]).float()
+            torch.testing.assert_close(item["conditioning"]["time_ids"], expected, rtol=0, atol=0)
+    assert flipped_seen == {True, False}
+    # by hand: 45x32 -> crop left round(13 / 2) = 6, mirrored 45 - 6 - 32 = 7
+    assert size_info((32, 45), SDXL_SIZE).tolist() == [32, 45, 0, 6]
+    assert size_info((32, 45), SDXL_SIZE, flipped=True).tolist() == [32, 45, 0, 7]

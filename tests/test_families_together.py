@@ -50,10 +50,9 @@ def _assert_same_training(cached: Path, pictures: Path) -> None:
 class RaisingEncoder(nn.Module):
     """Stands in for T5/UMT5 in a run that must not encode a prompt."""
 
-    def __init__(self, like: nn.Module) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.config, self.dtype = like.config, like.dtype
+        self.weight = nn.Parameter(torch.zeros(1), requires_grad=False)  # the trainer may move or cast it
 
     def forward(self, *args, **kwargs):
         raise AssertionError("the text encoder ran during training from the latent cache")
@@ -130,3 +129,57 @@ def test_sdxl_cache_carries_each_pairs_time_ids_in_both_orientations(sdxl_runs):
     # by hand: 45x32 -> crop left round(13 / 2) = 6, mirrored 45 - 6 - 32 = 7
     assert size_info((32, 45), SDXL_SIZE).tolist() == [32, 45, 0, 6]
     assert size_info((32, 45), SDXL_SIZE, flipped=True).tolist() == [32, 45, 0, 7]
+
+
+# ----------------------------------------------------------------------------- video (Wan, CogVideoX)
+@pytest.fixture(scope="module")
+def video_dirs(tmp_path_factory) -> dict[str, Path]:
+    from sipo.models.cogvideox import CogVideoXAdapter
+    from sipo.models.wan import WanAdapter
+
+    return {"wan": WanAdapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_wan")),
+            "cogvideox": CogVideoXAdapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_cogvideox"), variant="5b")}
+
+
+def _video_config(family: str, model_dir: Path, manifest: Path, output_dir: Path, **extra):
+    # batch 2 = the 2 pairs: the text encoder sees as many prompts per call as while caching
+    values = {"data.random_flip": True, "train.batch_size": 2, "model.prompt_cache_size": 0, **CACHE_RUN, **extra}
+    return load_config(None, video_overrides(family, model_dir, manifest, output_dir, **values))
+
+
+@pytest.fixture(scope="module", params=["wan", "cogvideox"])
+def video_runs(request, video_dirs, tmp_path_factory):
+    """`sipo cache` on mp4 pairs, then 3 steps from the clips and 3 from the cache with T5/UMT5 replaced by
+    a module that raises."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"{family}_cache")
+    manifest = write_video_pairs(root / "pairs", num_pairs=2)
+    config = _video_config(family, video_dirs[family], manifest, root / "unused")
+    config_file = root / f"{family}.yaml"
+    save_config(config, config_file)
+    assert cli_main(["cache", "--config", str(config_file), "--no-progress"]) == 0
+    # both runs get an adapter loaded before train(): loading draws from torch's generator, the LoRA init after it
+    pictures = train(_video_config(family, video_dirs[family], manifest, root / "pictures", **{"data.use_cache": "never"}),
+                     progress=False, adapter=load_adapter(family, str(video_dirs[family])))
+    adapter = load_adapter(family, str(video_dirs[family]))
+    adapter.text_encoder = RaisingEncoder()
+    cached = train(_video_config(family, video_dirs[family], manifest, root / "cached", **{"data.use_cache": "always"}),
+                   progress=False, adapter=adapter)
+    return family, root, config_file, pictures, cached
+
+
+def test_video_training_from_the_cache_equals_training_from_clips_without_the_text_encoder(video_runs):
+    family, root, _, pictures, cached = video_runs
+    _assert_same_training(root / "cached", root / "pictures")
+    assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in pictures.history], abs=1e-3)
+    with pytest.raises(AssertionError, match="text encoder ran"):  # the stand-in would have stopped a prompt
+        RaisingEncoder()(torch.zeros(1))
+
+
+def test_a_video_cache_is_keyed_by_the_clip_sampling(video_runs, video_dirs):
+    """Other frames per clip make other latents: that cache no longer matches."""
+    family, root, config_file, _, _ = video_runs
+    manifest = root / "pairs" / "pairs.jsonl"
+    same = _video_config(family, video_dirs[family], manifest, root / "x")
+    other = _video_config(family, video_dirs[family], manifest, root / "x", **{"data.num_frames": 5})
+    assert open_cache(same) is not None and open_cache(other) is None

@@ -183,3 +183,79 @@ def test_a_video_cache_is_keyed_by_the_clip_sampling(video_runs, video_dirs):
     same = _video_config(family, video_dirs[family], manifest, root / "x")
     other = _video_config(family, video_dirs[family], manifest, root / "x", **{"data.num_frames": 5})
     assert open_cache(same) is not None and open_cache(other) is None
+
+
+# ----------------------------------------------------------------------------- sipo eval
+@pytest.fixture(scope="module")
+def clip_scorer(tmp_path_factory) -> Path:
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "pickscore")
+
+
+def _eval(config_file: Path, run: Path, output: Path, scorer: Path, capsys) -> str:
+    prompts = output.parent / "prompts.txt"
+    prompts.write_text("a moving gradient 0\na red dog\n")
+    capsys.readouterr()
+    assert cli_main(["eval", "--config", str(config_file), "--checkpoint", str(run), "--prompts", str(prompts),
+                     "--seeds", "0,1", "--scorers", "pickscore", "--scorer-path", f"pickscore={scorer}",
+                     "--num-inference-steps", "2", "--batch-size", "2", "--output-dir", str(output), "--no-progress"]) == 0
+    return capsys.readouterr().out
+
+
+def _csv_scores(output: Path) -> dict[tuple[str, str, str], float]:
+    import csv
+
+    rows = list(csv.DictReader((output / "scores.csv").open()))
+    assert len(rows) == 2 * 2 * 2  # models x prompts x seeds
+    return {(r["model"], r["prompt_index"], r["seed"]): float(r["pickscore"]) for r in rows}
+
+
+def test_sipo_eval_on_a_video_family_scores_the_frame_average(video_runs, clip_scorer, tmp_path, capsys):
+    from sipo.rewards import load_scorer
+
+    family, root, config_file, _, _ = video_runs
+    output = tmp_path / "eval"
+    out = _eval(config_file, root / "cached", output, clip_scorer, capsys)
+    assert "| pickscore |" in out and "win rate" in out
+    for name in ("scores.csv", "summary.md", "summary.json", "grid.png"):
+        assert (output / name).is_file()
+    base, aligned = (output / "images" / m / "p00000_s0" for m in ("base", "aligned"))
+    assert base.is_dir() and len(list(base.glob("frame_*.png"))) == 9  # the 9 frames the run trained on, 32x32
+    video = load_picture(base)
+    assert video.shape == (9, 3, 32, 32)
+    assert (load_picture(aligned) - video).abs().max() > 2 / 255  # the LoRA changed the clip
+    # the reported score of a clip is the mean of its frames scored one by one as pictures
+    scorer = load_scorer("pickscore", str(clip_scorer), torch.device("cpu"))
+    by_frame = scorer.score(video, ["a moving gradient 0"] * 9)
+    assert _csv_scores(output)[("base", "0", "0")] == pytest.approx(float(by_frame.mean()), abs=1e-4)
+    assert float(by_frame.std()) > 0  # the frames differ, so the mean is not a single frame's score
+
+
+def test_sipo_eval_on_sdxl(sdxl_runs, clip_scorer, tmp_path, capsys):
+    root = sdxl_runs[0]
+
+    output = tmp_path / "eval"
+    out = _eval(root / "cached" / "config.yaml", root / "cached", output, clip_scorer, capsys)  # the run's own config
+    assert "| pickscore |" in out and "win rate" in out
+    base = load_picture(output / "images" / "base" / "p00001_s1.png")
+    aligned = load_picture(output / "images" / "aligned" / "p00001_s1.png")
+    assert base.shape == aligned.shape == (3, SDXL_SIZE, SDXL_SIZE)
+    assert (base - aligned).abs().max() > 2 / 255
+    assert len(_csv_scores(output)) == 8
+
+
+# ----------------------------------------------------------------------------- one generator per prompt
+def _sample_each_family(family: str, model_dir: Path, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    adapter = load_adapter(family, str(model_dir))
+    sizes = {} if family == "sdxl" else {"height": 32, "width": 32, "num_frames": 9}
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return adapter.sample(prompts, generator=generators, num_inference_steps=2, guidance_scale=5.0, **sizes)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "wan", "cogvideox"])
+def test_sample_takes_one_generator_per_prompt(family, sdxl_dir, video_dirs):
+    """What `sipo eval` relies on: picture (prompt, seed) is the same alone or in a batch, whatever its neighbours."""
+    model_dir = sdxl_dir if family == "sdxl" else video_dirs[family]
+    batch = _sample_each_family(family, model_dir, ["a red dog", "a cat"], [3, 5])
+    alone = _sample_each_family(family, model_dir, ["a cat"], [5])
+    torch.testing.assert_close(batch[1], alone[0], rtol=0, atol=1e-5)
+    assert (batch[0] - batch[1]).abs().max() > 1e-3  # other prompt and seed, another picture

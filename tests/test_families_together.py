@@ -6,6 +6,8 @@ to test_cache.py's tolerance); issue 12: video families are scored with frame-av
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from sipo.checkpoints import list_checkpoints
 from sipo.cli import main as cli_main
 from sipo.config import load_config, save_config
 from sipo.data.cache import open_cache
-from sipo.data.sizes import size_info
+from sipo.data.pairs import flip_decision
 from sipo.evaluate import EvalOptions, load_picture, run_eval
 from sipo.models import load_adapter
 from sipo.train import train
@@ -99,36 +101,35 @@ def sdxl_runs(sdxl_dir, tmp_path_factory):
     save_config(config, config_file)
     assert cli_main(["cache", "--config", str(config_file), "--no-progress"]) == 0
     pictures = train(_sdxl_config(sdxl_dir, manifest, root / "pictures", **{"data.use_cache": "never"}), progress=False)
-    cached = train(_sdxl_config(sdxl_dir, manifest, root / "cached", **{"data.use_cache": "always"}), progress=False)
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        cached = train(_sdxl_config(sdxl_dir, manifest, root / "cached", **{"data.use_cache": "always"}), progress=False)
+    assert "training from the latent cache" in said.getvalue()
     return root, config, pictures, cached
 
 
-def test_sdxl_training_from_the_cache_equals_training_from_pictures(sdxl_runs, capfd):
+def test_sdxl_training_from_the_cache_equals_training_from_pictures(sdxl_runs):
     root, _, pictures, cached = sdxl_runs
     _assert_same_training(root / "cached", root / "pictures")
     assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in pictures.history], abs=1e-3)
 
 
 def test_sdxl_cache_carries_each_pairs_time_ids_in_both_orientations(sdxl_runs):
-    """time_ids = (orig_h, orig_w, crop_top, crop_left, 32, 32), from the recorded sizes; a flip mirrors crop_left."""
+    """time_ids = (orig_h, orig_w, crop_top, crop_left, 32, 32) of each pair's winner; a flip mirrors crop_left."""
     _, config, _, _ = sdxl_runs
     cache = open_cache(config)
-    originals = [(32, 45), (42, 32), (32, 45), (44, 32)]  # (height, width) of each winner
+    # by hand (shorter side -> 32, centre crop): 45 wide x 32 high -> 45x32, left round(13 / 2) = 6, mirrored
+    # 45 - 6 - 32 = 7; 32 wide x 42 high -> 32x42, top round(10 / 2) = 5; 32 x 44 -> top 6; no left to mirror
+    plain = [[32, 45, 0, 6], [42, 32, 5, 0], [32, 45, 0, 6], [44, 32, 6, 0]]
+    mirrored = [[32, 45, 0, 7], [42, 32, 5, 0], [32, 45, 0, 7], [44, 32, 6, 0]]
     flipped_seen = set()
     for epoch in (0, 1, 2):
         cache.set_epoch(epoch)
-        for index, original in enumerate(originals):
-            from sipo.data.pairs import flip_decision
-
+        for index in range(4):
             flipped = flip_decision(config.train.seed, epoch, index)
             flipped_seen.add(flipped)
-            item = cache[index]
-            expected = torch.cat([size_info(original, SDXL_SIZE, flipped), torch.tensor([SDXL_SIZE, SDXL_SIZE])]).float()
-            torch.testing.assert_close(item["conditioning"]["time_ids"], expected, rtol=0, atol=0)
+            expected = torch.tensor((mirrored if flipped else plain)[index] + [SDXL_SIZE, SDXL_SIZE]).float()
+            torch.testing.assert_close(cache[index]["conditioning"]["time_ids"], expected, rtol=0, atol=0)
     assert flipped_seen == {True, False}
-    # by hand: 45x32 -> crop left round(13 / 2) = 6, mirrored 45 - 6 - 32 = 7
-    assert size_info((32, 45), SDXL_SIZE).tolist() == [32, 45, 0, 6]
-    assert size_info((32, 45), SDXL_SIZE, flipped=True).tolist() == [32, 45, 0, 7]
 
 
 # ----------------------------------------------------------------------------- video (Wan, CogVideoX)
@@ -163,8 +164,10 @@ def video_runs(request, video_dirs, tmp_path_factory):
                      progress=False, adapter=load_adapter(family, str(video_dirs[family])))
     adapter = load_adapter(family, str(video_dirs[family]))
     adapter.text_encoder = RaisingEncoder()
-    cached = train(_video_config(family, video_dirs[family], manifest, root / "cached", **{"data.use_cache": "always"}),
-                   progress=False, adapter=adapter)
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        cached = train(_video_config(family, video_dirs[family], manifest, root / "cached", **{"data.use_cache": "always"}),
+                       progress=False, adapter=adapter)
+    assert "training from the latent cache" in said.getvalue()
     return family, root, config_file, pictures, cached
 
 

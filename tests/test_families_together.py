@@ -27,7 +27,7 @@ from sipo.cli import main as cli_main
 from sipo.config import load_config, save_config
 from sipo.data.cache import open_cache
 from sipo.data.pairs import flip_decision
-from sipo.evaluate import EvalOptions, load_picture, run_eval
+from sipo.evaluate import load_picture
 from sipo.models import load_adapter
 from sipo.train import train
 

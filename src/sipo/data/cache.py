@@ -211,7 +211,8 @@ def mirrored_size_info(sizes: Tensor, resolution: int) -> Tensor:
     return mirrored
 
 
-def _encode_shard(adapter, loader, random_flip: bool, device, resolution: int) -> tuple[dict[str, Tensor], list[str], list[list]]:
+def _encode_shard(adapter, loader, random_flip: bool, device,
+                  resolution: int) -> tuple[dict[str, Tensor], list[str], list[list]]:
     parts: dict[str, list[Tensor]] = {}
     flipped_conditioning: dict[str, list[Tensor]] = {}
     differs: set[str] = set()
@@ -335,15 +336,18 @@ class CachedPairs(Dataset):
         suffix = "_flipped" if flip else ""
         read = lambda name: handle.get_slice(name)[row:row + 1][0]  # noqa: E731  (one row off the disk)
         keys = set(handle.keys())
-        # a mirrored pair's conditioning where the mirror changes it (SDXL's crop in time_ids)
-        conditioning_of = lambda name: f"cond_flipped.{name}" if flip and f"cond_flipped.{name}" in keys else f"cond.{name}"  # noqa: E731
+        conditioning = {}
+        for key in handle.keys():
+            if key.startswith("cond."):
+                # a mirrored pair's own conditioning where the mirror changes it (SDXL's crop in time_ids)
+                mirrored = f"cond_flipped.{key[len('cond.'):]}"
+                conditioning[key[len("cond."):]] = read(mirrored if flip and mirrored in keys else key)
         item: dict[str, Any] = {
             "prompt": self._prompts[index],
             "index": index,
             "x0_chosen": read(f"x0_chosen{suffix}"),
             "x0_rejected": read(f"x0_rejected{suffix}"),
-            "conditioning": {name[len("cond."):]: read(conditioning_of(name[len("cond."):]))
-                             for name in handle.keys() if name.startswith("cond.")},
+            "conditioning": conditioning,
         }
         if "size_info" in keys:
             item["size_info"] = read("size_info_flipped" if flip and "size_info_flipped" in keys else "size_info")

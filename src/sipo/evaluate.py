@@ -365,6 +365,20 @@ def check_generation_settings(output_dir: Path, settings: dict, prompts: list[st
     record.write_text(json.dumps({**settings, "prompts": prompts}, indent=2))
 
 
+def video_sample_sizes(config) -> dict[str, int]:
+    """A video family samples clips of the size it trained on (``data.num_frames/height/width``, sides
+    defaulting to ``model.resolution`` as the dataset's do), not its pipeline's 480p defaults; images: ``{}``."""
+    from sipo.models import adapter_class
+    from sipo.models.video import VideoAdapter
+
+    if not issubclass(adapter_class(config.model.family), VideoAdapter):
+        return {}
+    sizes = {"height": config.data.height or config.model.resolution, "width": config.data.width or config.model.resolution}
+    if config.data.num_frames:
+        sizes["num_frames"] = config.data.num_frames
+    return sizes
+
+
 def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     """Generate, score and report (see the module docstring); returns one summary per scorer."""
     from sipo.models import DiffusionAdapter, adapter_from_config
@@ -390,11 +404,12 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     output_dir = Path(options.output_dir or Path(options.checkpoint or config.train.output_dir) / "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
     models = ("base",) if options.base_only else MODELS
+    sizes = video_sample_sizes(config)
     check_generation_settings(output_dir, {
         "model": str(config.model.pretrained_path), "family": config.model.family,
         "checkpoint": None if options.base_only else str(Path(options.checkpoint).resolve()),
         "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale,
-        "dtype": options.dtype,
+        "dtype": options.dtype, **sizes,
     }, prompts)
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -411,7 +426,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         model.denoiser.eval()
 
     cast(adapter)
-    sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale}
+    sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale, **sizes}
     # Base first, then the run's weights go in: the same code path for LoRA and full fine-tunes.
     generate(adapter.sample, samples, output_dir, "base", options.batch_size, options.progress, **sample_options)
     if not options.base_only:

@@ -6,7 +6,9 @@
   ``index`` ``[m]``, ``x0_chosen`` / ``x0_rejected`` ``[m, ...]`` (float32 model-space x0),
   ``cond.<name>`` ``[m, ...]`` (the adapter's conditioning), with ``data.random_flip`` also
   ``x0_chosen_flipped`` / ``x0_rejected_flipped`` (the latents of the mirrored pictures: a flipped
-  latent is not the latent of the flipped image), and ``size_info`` when the dataset records it.
+  latent is not the latent of the flipped image), and ``size_info`` when the dataset records it
+  (then also ``size_info_flipped``, and ``cond_flipped.<name>`` for the conditioning a mirror
+  changes: SDXL's ``time_ids`` carry the crop, which a flip mirrors).
   The skipped rows and the prompts are in the file's metadata. Each shard is written under a
   temporary name and renamed, so an interrupted ``sipo cache`` continues from the missing shards.
 - ``manifest.json`` (written last): the key and what it hashes, the counts, the index-time data
@@ -14,7 +16,8 @@
   order and reports the same skips as a run from the pictures.
 
 The key hashes the family, the model's component configs and weight-file sizes and mtimes, the
-resolution, the data files' sizes and mtimes (and the JSONL manifest's content), ``max_pairs``,
+resolution, the clip sampling (``data.num_frames/fps/height/width``), the data files' sizes and mtimes
+(and the JSONL manifest's content), ``max_pairs``,
 ``random_flip``, the encoders' dtype and ``FORMAT_VERSION``: change any and the cache no longer
 matches. ``sipo train`` then refuses it (``data.use_cache=always``) or encodes on the fly (``auto``).
 """
@@ -38,9 +41,11 @@ from torch.utils.data import Dataset
 from sipo.config import SipoConfig
 from sipo.data.pairs import flip_decision
 from sipo.data.report import DataReport, SkippedRow
+from sipo.data.sizes import resize_crop_box
 from sipo.errors import SipoError
 
-FORMAT_VERSION = 1
+#: 2: mirrored pairs carry their own crop conditioning (``cond_flipped.*``); clip sampling is in the key
+FORMAT_VERSION = 2
 SHARD_PAIRS = 256
 #: pairs per encoder call while caching (the VAE itself still works in encode_chunk_size chunks)
 ENCODE_PAIRS = 32
@@ -102,6 +107,8 @@ def cache_identity(config: SipoConfig) -> dict[str, Any]:
         "max_pairs": config.data.max_pairs,
         "random_flip": config.data.random_flip,
         "encoder_dtype": encoder_dtype_name(config),
+        # how clips are sampled decides a video's latents as the resolution decides a picture's
+        "clips": [config.data.num_frames, config.data.fps, config.data.height, config.data.width],
     }
 
 
@@ -170,7 +177,8 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
                 dataset, batch_size=ENCODE_PAIRS, sampler=range(low, high), collate_fn=collate_pairs,
                 num_workers=config.data.num_workers,
             )
-            tensors, prompts, skipped = _encode_shard(adapter, loader, config.data.random_flip, device)
+            tensors, prompts, skipped = _encode_shard(adapter, loader, config.data.random_flip, device,
+                                                      config.model.resolution)
             metadata = {"prompts": json.dumps(prompts), "skipped": json.dumps(skipped)}
             partial = location / f".tmp-{target.name}"
             save_file(tensors, str(partial), metadata=metadata)
@@ -193,13 +201,26 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
     return location
 
 
-def _encode_shard(adapter, loader, random_flip: bool, device) -> tuple[dict[str, Tensor], list[str], list[list]]:
+def mirrored_size_info(sizes: Tensor, resolution: int) -> Tensor:
+    """``[B, 4]`` (orig_h, orig_w, crop_top, crop_left) of the same pictures mirrored: the crop's left edge
+    becomes ``new_width - left - resolution`` (what the dataset records for a flipped pair, `size_info`)."""
+    mirrored = sizes.clone()
+    for row in mirrored:
+        new_width = resize_crop_box(int(row[1]), int(row[0]), resolution)[0]
+        row[3] = new_width - row[3] - resolution
+    return mirrored
+
+
+def _encode_shard(adapter, loader, random_flip: bool, device,
+                  resolution: int) -> tuple[dict[str, Tensor], list[str], list[list]]:
     parts: dict[str, list[Tensor]] = {}
+    flipped_conditioning: dict[str, list[Tensor]] = {}
+    differs: set[str] = set()
     prompts: list[str] = []
     skipped: list[list] = []
 
-    def add(name: str, value: Tensor) -> None:
-        parts.setdefault(name, []).append(value.detach().cpu().contiguous())
+    def add(name: str, value: Tensor, into: dict[str, list[Tensor]] = parts) -> None:
+        into.setdefault(name, []).append(value.detach().cpu().contiguous())
 
     for batch in loader:
         skipped.extend([row.index, row.reason, row.where] for row in batch["skipped"])
@@ -217,12 +238,25 @@ def _encode_shard(adapter, loader, random_flip: bool, device) -> tuple[dict[str,
             add("size_info", batch["size_info"])
         if random_flip:
             # the pictures the dataset would hand out mirrored (PreferenceDataset flips the last axis)
-            latents = adapter.encode_images(torch.cat([batch["chosen"].flip(-1), batch["rejected"].flip(-1)]).to(device))
-            chosen, rejected = latents.chunk(2)
+            mirrored = [batch["chosen"].flip(-1).to(device), batch["rejected"].flip(-1).to(device)]
+            if extra:
+                # a mirror moves the crop, and the conditioning may depend on it (SDXL's time_ids)
+                sizes = mirrored_size_info(batch["size_info"], resolution)
+                flipped = adapter.encode(batch["prompts"], *mirrored, size_info=sizes)
+                chosen, rejected = flipped.x0_winner, flipped.x0_loser
+                add("size_info_flipped", sizes)
+                for name, value in flipped.conditioning.items():
+                    add(f"cond_flipped.{name}", value, flipped_conditioning)
+                    if not torch.equal(value.cpu(), encoded.conditioning[name].cpu()):
+                        differs.add(name)
+            else:
+                chosen, rejected = adapter.encode_images(torch.cat(mirrored)).chunk(2)
             add("x0_chosen_flipped", chosen)
             add("x0_rejected_flipped", rejected)
     if not parts:  # every row of the shard was malformed
         return {"index": torch.zeros(0, dtype=torch.long)}, prompts, skipped
+    # only the conditioning a mirror changes is stored twice (the prompts' embeddings are not)
+    parts.update({f"cond_flipped.{name}": flipped_conditioning[f"cond_flipped.{name}"] for name in differs})
     return {name: torch.cat(values) for name, values in parts.items()}, prompts, skipped
 
 
@@ -301,15 +335,22 @@ class CachedPairs(Dataset):
         flip = self.random_flip and flip_decision(self.seed, self.epoch, index)
         suffix = "_flipped" if flip else ""
         read = lambda name: handle.get_slice(name)[row:row + 1][0]  # noqa: E731  (one row off the disk)
+        keys = set(handle.keys())
+        conditioning = {}
+        for key in handle.keys():
+            if key.startswith("cond."):
+                # a mirrored pair's own conditioning where the mirror changes it (SDXL's crop in time_ids)
+                mirrored = f"cond_flipped.{key[len('cond.'):]}"
+                conditioning[key[len("cond."):]] = read(mirrored if flip and mirrored in keys else key)
         item: dict[str, Any] = {
             "prompt": self._prompts[index],
             "index": index,
             "x0_chosen": read(f"x0_chosen{suffix}"),
             "x0_rejected": read(f"x0_rejected{suffix}"),
-            "conditioning": {name[len("cond."):]: read(name) for name in handle.keys() if name.startswith("cond.")},
+            "conditioning": conditioning,
         }
-        if "size_info" in handle.keys():
-            item["size_info"] = read("size_info")
+        if "size_info" in keys:
+            item["size_info"] = read("size_info_flipped" if flip and "size_info_flipped" in keys else "size_info")
         self.report.record([item])
         return item
 

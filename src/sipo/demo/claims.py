@@ -180,6 +180,8 @@ def claims_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
     lines += ["", f"### Claim 2: beta sensitivity (spread = max - min win rate over beta in {{{betas}}}, per seed)", "",
               "| pairs | method | win rate per beta | spread | minus DPO's spread | claim: less sensitive than DPO |",
               "|---|---|---|---|---|---|"]
+    if not claims["beta_sensitivity"]:
+        lines.append("| (not run in this mode: `sipo demo --full`) | | | | | |")
     for source, rows in claims["beta_sensitivity"].items():
         for method, row in rows.items():
             per_beta = "; ".join(f"{k}: {v[0]:.3f}" for k, v in row["win_rate_by_beta"].items())
@@ -188,6 +190,8 @@ def claims_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
     lines += ["", f"### Claim 3: stability over {long_steps} steps (drop = peak mean reward - final mean reward)", "",
               "| pairs | method | reward at step " + f"{steps} | final reward | drop from peak | minus DPO's drop | verdict |",
               "|---|---|---|---|---|---|---|"]
+    if not claims["stability"]:
+        lines.append("| (not run in this mode: `sipo demo --full`) | | | | | | |")
     for source, rows in claims["stability"].items():
         for method, row in rows.items():
             curve = row["curve"]

@@ -14,7 +14,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,12 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def is_local_path(path: str | Path) -> bool:
+    """A path we must find on disk (never sent to the hub): it exists, or it is written like a path."""
+    text = str(path)
+    return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1
+
+
 class DiffusionAdapter(ABC):
     """One model family behind the interface the trainer, analysis and evaluation use."""
 
@@ -72,6 +78,11 @@ class DiffusionAdapter(ABC):
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
     #: default LoRA target modules of the denoiser.
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
+    #: subfolder -> what it holds, for the "missing subfolder" error of ``check_pipeline_directory``.
+    components: ClassVar[Mapping[str, str]] = {}
+    #: where a complete directory comes from, the fix named by the "missing subfolder" error;
+    #: ``None``: a complete ``pipeline_class_names[0]`` directory written by ``save_pretrained``.
+    directory_hint: ClassVar[str | None] = None
 
     schedule: GaussianSchedule
     denoiser: nn.Module
@@ -86,6 +97,52 @@ class DiffusionAdapter(ABC):
                 f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching "
                 "family or model.pretrained_path to a matching model"
             )
+
+    @classmethod
+    def check_pipeline_directory(cls, path: str | Path) -> Path:
+        """``path`` (``~`` expanded) after checking it holds this family and every one of ``components``.
+
+        Stops with one sentence naming the first missing subfolder and where a complete directory
+        comes from, before any loader meets the gap with a less helpful message.
+        """
+        path = Path(path).expanduser()
+        cls.check_family(path)
+        hint = cls.directory_hint or (
+            f"a complete {cls.pipeline_class_names[0]} directory (pipe.save_pretrained(dir) writes one)"
+        )
+        for subfolder, holds in cls.components.items():
+            if not (path / subfolder).is_dir():
+                raise SipoError(
+                    f"{path} has no {subfolder}/ folder ({holds}); point model.pretrained_path at {hint}"
+                )
+        return path
+
+    @classmethod
+    def locate_pipeline(cls, path: str | Path) -> tuple[str, dict[str, Any]]:
+        """``(source, model_index)`` for a local directory (checked by ``check_pipeline_directory``) or a hub id.
+
+        A hub id (where online) must be reachable and hold this family's pipeline; ``source`` is
+        what the component loaders take.
+        """
+        if is_local_path(path):
+            directory = cls.check_pipeline_directory(path)
+            return str(directory), read_model_index(directory)
+        from diffusers import DiffusionPipeline
+
+        try:
+            index = DiffusionPipeline.load_config(str(path))
+        except OSError as error:
+            raise SipoError(
+                f"{path} is neither a local directory nor a reachable hub model ({error}); set "
+                f"model.pretrained_path to a local {cls.pipeline_class_names[0]} directory"
+            ) from error
+        class_name = index.get("_class_name", "?")
+        if class_name not in cls.pipeline_class_names:
+            raise SipoError(
+                f"{path} holds a {class_name}, not a {cls.family} model "
+                f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching family"
+            )
+        return str(path), dict(index)
 
     @classmethod
     @abstractmethod

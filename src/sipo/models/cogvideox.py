@@ -123,8 +123,7 @@ class CogVideoXAdapter(VideoAdapter):
         from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
         from transformers import AutoTokenizer, T5EncoderModel
 
-        path = Path(path).expanduser()
-        cls.check_components(path)
+        path = cls.check_pipeline_directory(path)
         index = read_model_index(path)
         try:
             transformer = CogVideoXTransformer3DModel.from_pretrained(str(path), subfolder="transformer")

@@ -105,6 +105,8 @@ class DigitsAdapter(DiffusionAdapter):
     # Attention projections plus the ResNet convolutions: the tiny UNet has one attention block per
     # side, so LoRA on attention alone would leave most of the network out of reach.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+    components = {"unet": "UNet2DModel", "scheduler": "DDPMScheduler config"}
+    directory_hint = "a digits model written by `sipo demo` (its base/ folder)"
 
     def __init__(self, unet: nn.Module, scheduler, num_inference_steps: int = 50):
         self.denoiser: nn.Module = unet
@@ -136,14 +138,7 @@ class DigitsAdapter(DiffusionAdapter):
         """Load a ``SipoDigitsPipeline`` directory (local only: the demo writes it; nothing is downloaded)."""
         from diffusers import DDPMScheduler, UNet2DModel
 
-        path = Path(path).expanduser()
-        cls.check_family(path)
-        for subfolder in ("unet", "scheduler"):
-            if not (path / subfolder).is_dir():
-                raise SipoError(
-                    f"{path} has no {subfolder}/ folder; point model.pretrained_path at a digits model "
-                    "written by `sipo demo` (its base/ folder)"
-                )
+        path = cls.check_pipeline_directory(path)
         try:
             unet = UNet2DModel.from_pretrained(str(path), subfolder="unet")
             scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")

@@ -47,8 +47,6 @@ class VideoAdapter(DiffusionAdapter):
 
     #: the diffusers pipeline class (a name in ``diffusers``) used for prompts, sampling and LoRA files
     pipeline_class_name: ClassVar[str]
-    #: subfolder -> what it holds, for the "missing subfolder" error
-    components: ClassVar[dict[str, str]]
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(
@@ -77,16 +75,6 @@ class VideoAdapter(DiffusionAdapter):
         self._prompt_pipeline = None
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def check_components(cls, path: Path) -> None:
-        cls.check_family(path)
-        for subfolder, holds in cls.components.items():
-            if not (path / subfolder).is_dir():
-                raise SipoError(
-                    f"{path} has no {subfolder}/ folder ({holds}); point model.pretrained_path at a complete "
-                    f"{cls.pipeline_class_name} directory (pipe.save_pretrained(dir) writes one)"
-                )
-
     def pipeline(self, **overrides: Any):
         """The family's diffusers pipeline over this adapter's components (no copy of any weight)."""
         import diffusers

@@ -130,8 +130,7 @@ class WanAdapter(VideoAdapter):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        path = Path(path).expanduser()
-        cls.check_components(path)
+        path = cls.check_pipeline_directory(path)
         index = read_model_index(path)
         try:
             transformer = WanTransformer3DModel.from_pretrained(str(path), subfolder="transformer")

@@ -171,20 +171,30 @@ class DiffusionAdapter(ABC):
         """Images/videos in ``[-1, 1]`` (``[B, C, H, W]`` or ``[B, F, C, H, W]``) -> ``x0`` + conditioning.
 
         Runs frozen encoders only, under ``no_grad``: winners and losers go through one chunked
-        ``encode_images`` call, prompts through ``encode_prompts``. ``size_info`` (``[B, 4]``:
-        original height/width, crop top/left) is for families whose conditioning needs it (SDXL);
-        others ignore it.
+        ``encode_images`` call, prompts through ``encode_prompts``, then ``pair_conditioning``
+        adds what depends on each pair's pictures. ``size_info`` (``[B, 4]``: original
+        height/width, crop top/left) is for families whose conditioning needs it (SDXL); others
+        ignore it.
         """
         if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
             raise ValueError(
                 f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped images"
+                "expected one prompt per pair and equal-shaped images or videos"
             )
         with torch.no_grad():
             latents = self.encode_images(torch.cat([winners, losers], dim=0))
             conditioning = self.encode_prompts(list(prompts))
         x0_winner, x0_loser = latents.chunk(2, dim=0)
+        height, width = winners.shape[-2:]
+        conditioning = self.pair_conditioning(conditioning, size_info, int(height), int(width))
         return EncodedPairs(x0_winner=x0_winner, x0_loser=x0_loser, conditioning=conditioning)
+
+    def pair_conditioning(
+        self, conditioning: Conditioning, size_info: Tensor | None, height: int, width: int
+    ) -> Conditioning:
+        """The prompts' conditioning plus what depends on the pairs' pictures (``height`` x ``width``,
+        ``size_info`` as in ``encode``). Default: the prompts' conditioning unchanged."""
+        return conditioning
 
     @abstractmethod
     def predict(

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
+from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict
 from sipo.schedules import vp_schedule
 
 PIPELINE_CLASS_NAME = "SipoDigitsPipeline"
@@ -216,17 +216,9 @@ class DigitsAdapter(DiffusionAdapter):
             )
         return images.float().mean(dim=1, keepdim=True).to(self.device)
 
-    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None) -> EncodedPairs:
-        if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
-            raise ValueError(
-                f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped images"
-            )
-        return EncodedPairs(
-            x0_winner=self.encode_images(winners),
-            x0_loser=self.encode_images(losers),
-            conditioning={"class_labels": self.labels(prompts).to(self.device)},
-        )
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Prompts -> ``{"class_labels": [N]}`` on the denoiser's device."""
+        return {"class_labels": self.labels(prompts).to(self.device)}
 
     # ------------------------------------------------------------------ denoiser
     def predict(

@@ -32,7 +32,6 @@ from sipo.errors import SipoError
 from sipo.models.base import (
     Conditioning,
     DiffusionAdapter,
-    EncodedPairs,
     check_lora_state_dict,
     encode_in_chunks,
     is_local_path,
@@ -209,22 +208,12 @@ class SDXLAdapter(DiffusionAdapter):
         target = torch.tensor([[height, width]]).repeat(batch_size, 1).to(size_info.device)
         return torch.cat([size_info.long(), target.long()], dim=1).float()
 
-    def encode(
-        self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None
-    ) -> EncodedPairs:
-        if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
-            raise ValueError(
-                f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped images"
-            )
-        with torch.no_grad():
-            latents = self.encode_images(torch.cat([winners, losers], dim=0))
-            conditioning = self.encode_prompts(list(prompts))
-        x0_winner, x0_loser = latents.chunk(2, dim=0)
-        height, width = winners.shape[-2:]
-        ids = self.time_ids(size_info, len(prompts), int(height), int(width))
-        conditioning["time_ids"] = ids.to(conditioning["text_embeds"].device)
-        return EncodedPairs(x0_winner=x0_winner, x0_loser=x0_loser, conditioning=conditioning)
+    def pair_conditioning(
+        self, conditioning: Conditioning, size_info: Tensor | None, height: int, width: int
+    ) -> Conditioning:
+        """Adds ``time_ids`` ``[B, 6]`` (see `time_ids`) beside the text embeddings."""
+        ids = self.time_ids(size_info, conditioning["text_embeds"].shape[0], height, width)
+        return {**conditioning, "time_ids": ids.to(conditioning["text_embeds"].device)}
 
     # ------------------------------------------------------------------ denoiser
     def predict(

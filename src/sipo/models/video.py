@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
+from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict
 
 TEXT_ENCODER_DEVICES = ("auto", "cpu")
 
@@ -162,18 +162,6 @@ class VideoAdapter(DiffusionAdapter):
             for clip in videos
         ]
         return torch.cat(latents, dim=0)
-
-    def encode(
-        self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None
-    ) -> EncodedPairs:
-        if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
-            raise ValueError(
-                f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped videos"
-            )
-        latents = self.encode_images(torch.cat([winners, losers], dim=0))
-        x0_winner, x0_loser = latents.chunk(2, dim=0)
-        return EncodedPairs(x0_winner=x0_winner, x0_loser=x0_loser, conditioning=self.encode_prompts(prompts))
 
     # ------------------------------------------------------------------ family specifics
     temporal_compression: int = 4

@@ -1,9 +1,9 @@
 """What every video family must do, checked on its tiny random-weight pipeline (STYLE 9).
 
-A family's test module subclasses `VideoFamilyContract` and provides the fixtures ``model_dir``
-(a saved tiny pipeline) and sets ``family``; the tests train 2 steps with dpo and sipo on mp4
-clips written by PyAV, resume exactly, run the analysis, load the saved LoRA into the family's
-diffusers pipeline and generate, and compare log w against torch.distributions.
+A family's test module subclasses `VideoFamilyContract`, provides the fixture ``model_dir`` (a
+saved tiny pipeline) and sets ``family`` and ``prediction_kind``; the tests train 2 steps with dpo
+and sipo on mp4 clips written by PyAV, resume exactly, run the analysis, load the saved LoRA into
+the family's diffusers pipeline and generate, and compare log w against torch.distributions.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_contract import independent_x0_hat
 from safetensors.torch import load_file
 from video_fixtures import write_video_pairs
 
@@ -78,6 +79,9 @@ def gaussian_log_w_reference(x0, x0_hat, x_t, posterior_noise, a_t, b_t, a_s, b_
 
 class VideoFamilyContract:
     family: str = ""
+    #: what the family's transformer predicts ("v_prediction" or "flow"), stated by its test module
+    #: rather than read from the adapter, so a wrong schedule fails the log w check
+    prediction_kind: str = ""
     #: the test module's fixture `model_dir` gives the saved tiny pipeline
 
     @pytest.fixture(scope="class")
@@ -227,12 +231,7 @@ class VideoFamilyContract:
             x_t = a_t.double().view(-1, *[1] * len(shape)) * x0.double() + b_t.double().view(-1, *[1] * len(shape)) * noise.eps.double()
             with torch.no_grad():
                 prediction = adapter.predict(x_t.float(), timesteps, cond).double()
-            x0_hat = self.x0_from_prediction(prediction, x_t, a_t.double(), b_t.double())
+            x0_hat = independent_x0_hat(prediction, x_t, a_t, b_t, self.prediction_kind)
             expected = gaussian_log_w_reference(x0, x0_hat, x_t, noise.posterior_noise, a_t, b_t, a_s, b_s)
             assert expected.abs().min() > 0  # a real signal, not 0 == 0
             torch.testing.assert_close(log_w.double(), expected, rtol=2e-3, atol=1e-6)
-
-    @staticmethod
-    def x0_from_prediction(prediction, x_t, a_t, b_t):
-        """The family's SPEC 1 formula, written out here in float64."""
-        raise NotImplementedError

@@ -16,6 +16,7 @@ import pytest
 import torch
 from family_contract import independent_x0_hat
 from safetensors.torch import load_file
+from train_fixtures import tiny_overrides
 from video_fixtures import write_video_pairs
 
 from sipo.checkpoints import list_checkpoints
@@ -28,30 +29,19 @@ TINY_FRAMES, TINY_SIZE = 9, 32
 
 
 def video_overrides(family: str, model_dir: Path, manifest: Path, output_dir: Path, **extra: object) -> list[str]:
-    values = {
+    """``train_fixtures.tiny_overrides`` pointed at a video family's tiny pipeline and tiny clips."""
+    video = {
         "model.family": family,
-        "model.pretrained_path": str(model_dir),
         "model.resolution": TINY_SIZE,
         "model.prompt_cache_size": 16,
-        "data.format": "jsonl",
-        "data.path": str(manifest),
         "data.num_frames": TINY_FRAMES,
         "data.fps": 8,
         "data.height": TINY_SIZE,
         "data.width": TINY_SIZE,
-        "objective.beta": 5000.0,
         "objective.tau": 0.05,
-        "train.output_dir": str(output_dir),
-        "train.max_steps": 2,
         "train.batch_size": 1,
-        "train.learning_rate": 1e-3,
-        "train.log_every": 1,
-        "train.checkpoint_every": 1,
-        "train.lora_rank": 4,
-        "train.lora_alpha": 4.0,
     }
-    values.update(extra)
-    return [f"{key}={value}" for key, value in values.items()]
+    return tiny_overrides(model_dir, manifest, output_dir, **{**video, **extra})
 
 
 def gaussian_log_w_reference(x0, x0_hat, x_t, posterior_noise, a_t, b_t, a_s, b_s) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.schedules import GaussianSchedule
+from sipo.schedules import GaussianSchedule, vp_schedule
 
 Conditioning = dict[str, Tensor]
 
@@ -62,6 +62,18 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise SipoError(f"{index} is not a JSON object; restore it from the original pipeline")
     return values
+
+
+def epsilon_or_v_schedule(family: str, scheduler: Any, num_inference_steps: int) -> GaussianSchedule:
+    """The VP schedule of a diffusers scheduler (its ``alphas_cumprod``) for an epsilon- or
+    v-prediction model; any other ``prediction_type`` stops with one sentence naming ``family``."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise SipoError(
+            f"the scheduler's prediction_type is {prediction_type!r}; the {family} family trains "
+            "'epsilon' or 'v_prediction' models only: use a model with one of those"
+        )
+    return vp_schedule(scheduler.alphas_cumprod, prediction_type, num_inference_steps)
 
 
 def is_local_path(path: str | Path) -> bool:

@@ -15,8 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict, encode_in_chunks
-from sipo.schedules import vp_schedule
+from sipo.models.base import (
+    Conditioning,
+    DiffusionAdapter,
+    check_lora_state_dict,
+    encode_in_chunks,
+    epsilon_or_v_schedule,
+)
 
 #: sizes of ``SD15Adapter.build_random_pipeline``: "full" is runwayml/stable-diffusion-v1-5's configs
 _RANDOM_SCALES: dict[str, dict[str, Any]] = {
@@ -50,13 +55,7 @@ class SD15Adapter(DiffusionAdapter):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise SipoError(
-                f"the scheduler's prediction_type is {prediction_type!r}; the sd15 family trains "
-                "'epsilon' or 'v_prediction' models only: use a model with one of those"
-            )
-        self.schedule = vp_schedule(scheduler.alphas_cumprod, prediction_type, num_inference_steps)
+        self.schedule = epsilon_or_v_schedule(self.family, scheduler, num_inference_steps)
 
     @property
     def unet(self) -> nn.Module:

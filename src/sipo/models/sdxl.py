@@ -34,9 +34,9 @@ from sipo.models.base import (
     DiffusionAdapter,
     check_lora_state_dict,
     encode_in_chunks,
+    epsilon_or_v_schedule,
     is_local_path,
 )
-from sipo.schedules import vp_schedule
 
 class SDXLAdapter(DiffusionAdapter):
     """SDXL behind the adapter protocol; the denoiser is the UNet, the VAE and both text encoders stay frozen."""
@@ -78,13 +78,7 @@ class SDXLAdapter(DiffusionAdapter):
         self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise SipoError(
-                f"the scheduler's prediction_type is {prediction_type!r}; the sdxl family trains "
-                "'epsilon' or 'v_prediction' models only: use a model with one of those"
-            )
-        self.schedule = vp_schedule(scheduler.alphas_cumprod, prediction_type, num_inference_steps)
+        self.schedule = epsilon_or_v_schedule(self.family, scheduler, num_inference_steps)
 
     @property
     def unet(self) -> nn.Module:

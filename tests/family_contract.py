@@ -2,8 +2,7 @@
 
 Two mixins:
 
-- ``AdapterContract`` (defined beside SD1.5's tests, re-exported here): loading, shapes, the
-  target-space round trip, LoRA saved by the adapter loading with the pipeline's
+- ``AdapterContract``: loading, shapes, the target-space round trip, LoRA saved by the adapter loading with the pipeline's
   ``load_lora_weights``, ``lora_disabled``, clear errors for wrong directories.
 - ``FamilyContract``: the issue-11 guarantees end to end on the tiny model: 2 training steps with
   each of dpo and sipo (finite loss, LoRA changed), an exact resume, ``sipo analyze``, the trained
@@ -32,14 +31,162 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_models_sd15 import AdapterContract, inject_lora, noisy_input  # noqa: F401 - re-exported
 from train_fixtures import tiny_overrides, write_tiny_config
 
 from sipo.checkpoints import list_checkpoints
 from sipo.config import load_config
-from sipo.models import load_adapter
+from sipo.errors import SipoError
+from sipo.models import adapter_class, load_adapter, lora_disabled
+from sipo.models.base import concat_conditioning
 from sipo.preference import PairNoise, compute_pair_terms
-from sipo.schedules import add_noise
+from sipo.schedules import add_noise, predicted_x0_and_eps, training_target
+
+# timesteps covering both ends of the schedule (t=999: a_t ~ 0.068 for SD1.5 betas)
+TIMESTEPS = (0, 1, 250, 500, 999)
+
+
+def inject_lora(adapter, r: int = 4, lora_alpha: int = 8, seed: int = 1) -> None:
+    """LoRA on the adapter's denoiser as the trainer adds it, with non-zero B so it changes outputs.
+
+    ``lora_alpha != r`` on purpose: the scale ``alpha / r = 2`` only survives saving and loading
+    if the adapter writes the LoraConfig into the file (the loader assumes ``alpha == r`` otherwise).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=list(adapter.lora_target_modules),
+        init_lora_weights="gaussian",
+    )
+    inject_adapter_in_model(config, adapter.denoiser)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapter.denoiser.named_parameters():
+            if "lora_B" in name:  # peft initialises B to zero: the LoRA would be a no-op
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+def noisy_input(adapter, encoded, seed: int = 0):
+    """``x_t`` for the winners at a few timesteps, with the caller's noise."""
+    generator = torch.Generator().manual_seed(seed)
+    x0 = encoded.x0_winner
+    timesteps = torch.tensor([TIMESTEPS[i % len(TIMESTEPS)] for i in range(x0.shape[0])])
+    eps = torch.randn(x0.shape, generator=generator)
+    a_t, b_t = adapter.schedule.coefficients(timesteps)
+    return add_noise(x0, eps, a_t, b_t), timesteps
+
+
+class AdapterContract:
+    """What every family's adapter guarantees; subclasses provide ``family``, ``model_dir``, ``pairs``."""
+
+    family: str
+
+    @pytest.fixture
+    def adapter(self, model_dir):
+        return load_adapter(self.family, str(model_dir))
+
+    def test_loads_through_registry(self, model_dir):
+        adapter = adapter_class(self.family).from_pretrained(str(model_dir))
+        assert adapter.family == self.family
+        assert adapter.schedule.num_train_timesteps == 1000
+        assert adapter.schedule.num_inference_steps == 50
+        coarser = adapter_class(self.family).from_pretrained(str(model_dir), num_inference_steps=25)
+        assert coarser.schedule.step_stride == 40
+
+    def test_encode_is_deterministic_and_shared_conditioning(self, adapter, pairs):
+        prompts, winners, losers = pairs
+        first = adapter.encode(prompts, winners, losers)
+        second = adapter.encode(prompts, winners, losers)
+        assert torch.equal(first.x0_winner, second.x0_winner)
+        assert first.x0_winner.shape == first.x0_loser.shape
+        assert not torch.equal(first.x0_winner, first.x0_loser)
+        for value in first.conditioning.values():
+            assert value.shape[0] == len(prompts)
+            assert not value.requires_grad
+
+    def test_predict_shape_matches_input(self, adapter, pairs):
+        prompts, winners, losers = pairs
+        encoded = adapter.encode(prompts, winners, losers)
+        x_t, timesteps = noisy_input(adapter, encoded)
+        prediction = adapter.predict(x_t, timesteps, encoded.conditioning)
+        assert prediction.shape == x_t.shape
+        assert torch.isfinite(prediction).all()
+        # winner and loser in one forward pass, conditioning stacked by concat_conditioning
+        both = torch.cat([x_t, x_t], dim=0)
+        stacked = adapter.predict(
+            both, timesteps.repeat(2), concat_conditioning(encoded.conditioning, encoded.conditioning)
+        )
+        assert stacked.shape == both.shape
+        torch.testing.assert_close(stacked[: x_t.shape[0]], prediction, rtol=1e-4, atol=1e-5)
+
+    def test_exact_target_round_trips_to_x0_and_eps(self, adapter, pairs):
+        """``x_t = a x0 + b eps`` and prediction = the exact target: SPEC 1's conversion gives (x0, eps)."""
+        prompts, winners, losers = pairs
+        x0 = adapter.encode(prompts, winners, losers).x0_winner
+        kind = adapter.schedule.prediction_type
+        for t in TIMESTEPS:
+            timesteps = torch.full((x0.shape[0],), t)
+            a_t, b_t = adapter.schedule.coefficients(timesteps)
+            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
+            x_t = add_noise(x0, eps, a_t, b_t)
+            target = training_target(x0, eps, a_t, b_t, kind)
+            x0_hat, eps_hat = predicted_x0_and_eps(target, x_t, a_t, b_t, kind)
+            torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-5)
+            torch.testing.assert_close(eps_hat, eps, rtol=0, atol=1e-5)
+
+    def test_saved_lora_loads_with_the_pipeline(self, adapter, pairs, model_dir, tmp_path):
+        """The issue's demand: ``DiffusionPipeline.from_pretrained(base).load_lora_weights(out)``
+        reproduces the trained LoRA model's output, which differs from the base model's."""
+        from diffusers import DiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        prompts, winners, losers = pairs
+        encoded = adapter.encode(prompts, winners, losers)
+        x_t, timesteps = noisy_input(adapter, encoded)
+        with torch.no_grad():
+            base = adapter.predict(x_t, timesteps, encoded.conditioning)
+            inject_lora(adapter)
+            with_lora = adapter.predict(x_t, timesteps, encoded.conditioning)
+        adapter.save_lora(tmp_path / "lora", get_peft_model_state_dict(adapter.denoiser))
+
+        pipe = DiffusionPipeline.from_pretrained(str(model_dir))
+        assert type(pipe).__name__ in adapter.pipeline_class_names
+        pipe.load_lora_weights(str(tmp_path / "lora"))
+        loaded_denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        with torch.no_grad():
+            loaded = adapter.predict(x_t, timesteps, encoded.conditioning, denoiser=loaded_denoiser)
+        torch.testing.assert_close(loaded, with_lora, rtol=0, atol=1e-5)
+        assert (with_lora - base).abs().max() > 1e-2
+
+    def test_lora_disabled_is_the_base_model(self, adapter, pairs, model_dir):
+        prompts, winners, losers = pairs
+        encoded = adapter.encode(prompts, winners, losers)
+        x_t, timesteps = noisy_input(adapter, encoded)
+        fresh = load_adapter(self.family, str(model_dir))
+        with torch.no_grad():
+            base = fresh.predict(x_t, timesteps, encoded.conditioning)
+            inject_lora(adapter)
+            with_lora = adapter.predict(x_t, timesteps, encoded.conditioning)
+            with lora_disabled(adapter.denoiser):
+                disabled = adapter.predict(x_t, timesteps, encoded.conditioning)
+            after = adapter.predict(x_t, timesteps, encoded.conditioning)
+        assert torch.equal(disabled, base)
+        assert torch.equal(after, with_lora)  # switched back on when the block ends
+        assert not torch.equal(with_lora, base)
+
+    def test_wrong_family_directory_names_the_family(self, other_family_dir):
+        with pytest.raises(SipoError, match=rf"DDPMPipeline, not a {self.family} model"):
+            load_adapter(self.family, str(other_family_dir))
+
+    def test_missing_directory(self, tmp_path):
+        with pytest.raises(SipoError, match="does not exist"):
+            load_adapter(self.family, str(tmp_path / "nowhere"))
+
+    def test_directory_without_model_index(self, tmp_path):
+        with pytest.raises(SipoError, match="model_index.json"):
+            load_adapter(self.family, str(tmp_path))
+
 
 #: low, middle and high noise on a 1000-step grid; each has a previous inference step s >= 0.
 LOG_W_TIMESTEPS = (60, 500, 980)

@@ -25,16 +25,12 @@ class TestCogVideoX5B(VideoFamilyContract):
     """The 5B layout (rotary embeddings, no SNR shift) runs the whole contract."""
 
     family = "cogvideox"
+    prediction_kind = "v_prediction"
 
     @pytest.fixture(scope="class")
     @classmethod
     def model_dir(cls, cogvideox_5b_dir):
         return cogvideox_5b_dir
-
-    @staticmethod
-    def x0_from_prediction(v, x_t, a_t, b_t):
-        shape = (-1,) + (1,) * (x_t.ndim - 1)
-        return a_t.view(shape) * x_t - b_t.view(shape) * v  # SPEC 1: x0 = a x_t - b v
 
     def test_uses_rotary_embeddings_the_way_the_pipeline_builds_them(self, adapter):
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -58,16 +54,12 @@ class TestCogVideoX5B(VideoFamilyContract):
 
 class TestCogVideoX2B(VideoFamilyContract):
     family = "cogvideox"
+    prediction_kind = "v_prediction"
 
     @pytest.fixture(scope="class")
     @classmethod
     def model_dir(cls, cogvideox_2b_dir):
         return cogvideox_2b_dir
-
-    @staticmethod
-    def x0_from_prediction(v, x_t, a_t, b_t):
-        shape = (-1,) + (1,) * (x_t.ndim - 1)
-        return a_t.view(shape) * x_t - b_t.view(shape) * v
 
     def test_no_rotary_embeddings_for_2b(self, adapter):
         assert adapter.rotary_embedding(torch.zeros(1, 3, 4, 4, 4)) is None

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from test_models_sd15 import AdapterContract, inject_lora, noisy_input
+from family_contract import AdapterContract, inject_lora, noisy_input
 
 from sipo.errors import SipoError
 from sipo.models import load_adapter

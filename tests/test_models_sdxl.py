@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from family_contract import AdapterContract, FamilyContract
+from family_contract import AdapterContract, FamilyContract, inject_lora
 from PIL import Image
 from safetensors import safe_open
 from tiny_models import make_image_pairs
@@ -146,7 +146,6 @@ class TestSDXL(AdapterContract, FamilyContract):
             load_adapter("sdxl", str(tiny_sd15_dir))
 
     def test_lora_file_is_unet_only_with_its_config(self, adapter, tmp_path):
-        from family_contract import inject_lora
         from peft.utils import get_peft_model_state_dict
 
         inject_lora(adapter, r=4, lora_alpha=8)

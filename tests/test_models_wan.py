@@ -18,16 +18,12 @@ def wan_dir(tmp_path_factory):
 
 class TestWan(VideoFamilyContract):
     family = "wan"
+    prediction_kind = "flow"
 
     @pytest.fixture(scope="class")
     @classmethod
     def model_dir(cls, wan_dir):
         return wan_dir
-
-    @staticmethod
-    def x0_from_prediction(u, x_t, a_t, b_t):
-        shape = (-1,) + (1,) * (x_t.ndim - 1)
-        return x_t - b_t.view(shape) * u  # SPEC 1: x0 = x_t - sigma u
 
     def test_latents_are_normalised_vae_means_in_channels_first_layout(self, adapter):
         video = torch.rand(1, 9, 3, 32, 32) * 2 - 1

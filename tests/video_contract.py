@@ -1,9 +1,9 @@
 """What every video family must do, checked on its tiny random-weight pipeline (STYLE 9).
 
-A family's test module subclasses `VideoFamilyContract` and provides the fixtures ``model_dir``
-(a saved tiny pipeline) and sets ``family``; the tests train 2 steps with dpo and sipo on mp4
-clips written by PyAV, resume exactly, run the analysis, load the saved LoRA into the family's
-diffusers pipeline and generate, and compare log w against torch.distributions.
+A family's test module subclasses `VideoFamilyContract`, provides the fixture ``model_dir`` (a
+saved tiny pipeline) and sets ``family`` and ``prediction_kind``; the tests train 2 steps with dpo
+and sipo on mp4 clips written by PyAV, resume exactly, run the analysis, load the saved LoRA into
+the family's diffusers pipeline and generate, and compare log w against torch.distributions.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_contract import independent_x0_hat
 from safetensors.torch import load_file
+from train_fixtures import tiny_overrides
 from video_fixtures import write_video_pairs
 
 from sipo.checkpoints import list_checkpoints
@@ -27,30 +29,19 @@ TINY_FRAMES, TINY_SIZE = 9, 32
 
 
 def video_overrides(family: str, model_dir: Path, manifest: Path, output_dir: Path, **extra: object) -> list[str]:
-    values = {
+    """``train_fixtures.tiny_overrides`` pointed at a video family's tiny pipeline and tiny clips."""
+    video = {
         "model.family": family,
-        "model.pretrained_path": str(model_dir),
         "model.resolution": TINY_SIZE,
         "model.prompt_cache_size": 16,
-        "data.format": "jsonl",
-        "data.path": str(manifest),
         "data.num_frames": TINY_FRAMES,
         "data.fps": 8,
         "data.height": TINY_SIZE,
         "data.width": TINY_SIZE,
-        "objective.beta": 5000.0,
         "objective.tau": 0.05,
-        "train.output_dir": str(output_dir),
-        "train.max_steps": 2,
         "train.batch_size": 1,
-        "train.learning_rate": 1e-3,
-        "train.log_every": 1,
-        "train.checkpoint_every": 1,
-        "train.lora_rank": 4,
-        "train.lora_alpha": 4.0,
     }
-    values.update(extra)
-    return [f"{key}={value}" for key, value in values.items()]
+    return tiny_overrides(model_dir, manifest, output_dir, **{**video, **extra})
 
 
 def gaussian_log_w_reference(x0, x0_hat, x_t, posterior_noise, a_t, b_t, a_s, b_s) -> torch.Tensor:
@@ -78,6 +69,9 @@ def gaussian_log_w_reference(x0, x0_hat, x_t, posterior_noise, a_t, b_t, a_s, b_
 
 class VideoFamilyContract:
     family: str = ""
+    #: what the family's transformer predicts ("v_prediction" or "flow"), stated by its test module
+    #: rather than read from the adapter, so a wrong schedule fails the log w check
+    prediction_kind: str = ""
     #: the test module's fixture `model_dir` gives the saved tiny pipeline
 
     @pytest.fixture(scope="class")
@@ -227,12 +221,7 @@ class VideoFamilyContract:
             x_t = a_t.double().view(-1, *[1] * len(shape)) * x0.double() + b_t.double().view(-1, *[1] * len(shape)) * noise.eps.double()
             with torch.no_grad():
                 prediction = adapter.predict(x_t.float(), timesteps, cond).double()
-            x0_hat = self.x0_from_prediction(prediction, x_t, a_t.double(), b_t.double())
+            x0_hat = independent_x0_hat(prediction, x_t, a_t, b_t, self.prediction_kind)
             expected = gaussian_log_w_reference(x0, x0_hat, x_t, noise.posterior_noise, a_t, b_t, a_s, b_s)
             assert expected.abs().min() > 0  # a real signal, not 0 == 0
             torch.testing.assert_close(log_w.double(), expected, rtol=2e-3, atol=1e-6)
-
-    @staticmethod
-    def x0_from_prediction(prediction, x_t, a_t, b_t):
-        """The family's SPEC 1 formula, written out here in float64."""
-        raise NotImplementedError

@@ -14,13 +14,13 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.schedules import GaussianSchedule
+from sipo.schedules import GaussianSchedule, vp_schedule
 
 Conditioning = dict[str, Tensor]
 
@@ -64,6 +64,24 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def epsilon_or_v_schedule(family: str, scheduler: Any, num_inference_steps: int) -> GaussianSchedule:
+    """The VP schedule of a diffusers scheduler (its ``alphas_cumprod``) for an epsilon- or
+    v-prediction model; any other ``prediction_type`` stops with one sentence naming ``family``."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise SipoError(
+            f"the scheduler's prediction_type is {prediction_type!r}; the {family} family trains "
+            "'epsilon' or 'v_prediction' models only: use a model with one of those"
+        )
+    return vp_schedule(scheduler.alphas_cumprod, prediction_type, num_inference_steps)
+
+
+def is_local_path(path: str | Path) -> bool:
+    """A path we must find on disk (never sent to the hub): it exists, or it is written like a path."""
+    text = str(path)
+    return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1
+
+
 class DiffusionAdapter(ABC):
     """One model family behind the interface the trainer, analysis and evaluation use."""
 
@@ -72,6 +90,11 @@ class DiffusionAdapter(ABC):
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
     #: default LoRA target modules of the denoiser.
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
+    #: subfolder -> what it holds, for the "missing subfolder" error of ``check_pipeline_directory``.
+    components: ClassVar[Mapping[str, str]] = {}
+    #: where a complete directory comes from, the fix named by the "missing subfolder" error;
+    #: ``None``: a complete ``pipeline_class_names[0]`` directory written by ``save_pretrained``.
+    directory_hint: ClassVar[str | None] = None
 
     schedule: GaussianSchedule
     denoiser: nn.Module
@@ -86,6 +109,52 @@ class DiffusionAdapter(ABC):
                 f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching "
                 "family or model.pretrained_path to a matching model"
             )
+
+    @classmethod
+    def check_pipeline_directory(cls, path: str | Path) -> Path:
+        """``path`` (``~`` expanded) after checking it holds this family and every one of ``components``.
+
+        Stops with one sentence naming the first missing subfolder and where a complete directory
+        comes from, before any loader meets the gap with a less helpful message.
+        """
+        path = Path(path).expanduser()
+        cls.check_family(path)
+        hint = cls.directory_hint or (
+            f"a complete {cls.pipeline_class_names[0]} directory (pipe.save_pretrained(dir) writes one)"
+        )
+        for subfolder, holds in cls.components.items():
+            if not (path / subfolder).is_dir():
+                raise SipoError(
+                    f"{path} has no {subfolder}/ folder ({holds}); point model.pretrained_path at {hint}"
+                )
+        return path
+
+    @classmethod
+    def locate_pipeline(cls, path: str | Path) -> tuple[str, dict[str, Any]]:
+        """``(source, model_index)`` for a local directory (checked by ``check_pipeline_directory``) or a hub id.
+
+        A hub id (where online) must be reachable and hold this family's pipeline; ``source`` is
+        what the component loaders take.
+        """
+        if is_local_path(path):
+            directory = cls.check_pipeline_directory(path)
+            return str(directory), read_model_index(directory)
+        from diffusers import DiffusionPipeline
+
+        try:
+            index = DiffusionPipeline.load_config(str(path))
+        except OSError as error:
+            raise SipoError(
+                f"{path} is neither a local directory nor a reachable hub model ({error}); set "
+                f"model.pretrained_path to a local {cls.pipeline_class_names[0]} directory"
+            ) from error
+        class_name = index.get("_class_name", "?")
+        if class_name not in cls.pipeline_class_names:
+            raise SipoError(
+                f"{path} holds a {class_name}, not a {cls.family} model "
+                f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching family"
+            )
+        return str(path), dict(index)
 
     @classmethod
     @abstractmethod
@@ -114,20 +183,30 @@ class DiffusionAdapter(ABC):
         """Images/videos in ``[-1, 1]`` (``[B, C, H, W]`` or ``[B, F, C, H, W]``) -> ``x0`` + conditioning.
 
         Runs frozen encoders only, under ``no_grad``: winners and losers go through one chunked
-        ``encode_images`` call, prompts through ``encode_prompts``. ``size_info`` (``[B, 4]``:
-        original height/width, crop top/left) is for families whose conditioning needs it (SDXL);
-        others ignore it.
+        ``encode_images`` call, prompts through ``encode_prompts``, then ``pair_conditioning``
+        adds what depends on each pair's pictures. ``size_info`` (``[B, 4]``: original
+        height/width, crop top/left) is for families whose conditioning needs it (SDXL); others
+        ignore it.
         """
         if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
             raise ValueError(
                 f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped images"
+                "expected one prompt per pair and equal-shaped images or videos"
             )
         with torch.no_grad():
             latents = self.encode_images(torch.cat([winners, losers], dim=0))
             conditioning = self.encode_prompts(list(prompts))
         x0_winner, x0_loser = latents.chunk(2, dim=0)
+        height, width = winners.shape[-2:]
+        conditioning = self.pair_conditioning(conditioning, size_info, int(height), int(width))
         return EncodedPairs(x0_winner=x0_winner, x0_loser=x0_loser, conditioning=conditioning)
+
+    def pair_conditioning(
+        self, conditioning: Conditioning, size_info: Tensor | None, height: int, width: int
+    ) -> Conditioning:
+        """The prompts' conditioning plus what depends on the pairs' pictures (``height`` x ``width``,
+        ``size_info`` as in ``encode``). Default: the prompts' conditioning unchanged."""
+        return conditioning
 
     @abstractmethod
     def predict(

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, read_model_index
+from sipo.models.base import Conditioning
 from sipo.models.video import VideoAdapter, load_component
 from sipo.schedules import vp_schedule
 
@@ -110,33 +110,16 @@ class CogVideoXAdapter(VideoAdapter):
         return int(self.denoiser.config.max_text_seq_length)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        num_inference_steps: int = 50,
-        trust_remote_code: bool = False,
-        text_encoder_device: str = "auto",
-        prompt_cache_size: int = 0,
-        **ignored: Any,
-    ) -> "CogVideoXAdapter":
-        """Load a local ``CogVideoXPipeline`` directory; nothing executes code from it."""
+    def load_components(cls, path: Path, index: dict[str, Any]) -> dict[str, Any]:
         from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
         from transformers import AutoTokenizer, T5EncoderModel
 
-        path = Path(path).expanduser()
-        cls.check_components(path)
-        index = read_model_index(path)
-        try:
-            transformer = CogVideoXTransformer3DModel.from_pretrained(str(path), subfolder="transformer")
-            vae = AutoencoderKLCogVideoX.from_pretrained(str(path), subfolder="vae")
-            text_encoder = T5EncoderModel.from_pretrained(str(path), subfolder="text_encoder")
-            tokenizer = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer")
-            scheduler = load_component(path, "scheduler", index, CogVideoXDDIMScheduler)
-        except OSError as error:
-            raise SipoError(f"could not load the cogvideox model from {path}: {error}") from error
-        return cls(
-            transformer, vae, text_encoder, tokenizer, scheduler, num_inference_steps,
-            text_encoder_device=text_encoder_device, prompt_cache_size=prompt_cache_size,
+        return dict(
+            transformer=CogVideoXTransformer3DModel.from_pretrained(str(path), subfolder="transformer"),
+            vae=AutoencoderKLCogVideoX.from_pretrained(str(path), subfolder="vae"),
+            text_encoder=T5EncoderModel.from_pretrained(str(path), subfolder="text_encoder"),
+            tokenizer=AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer"),
+            scheduler=load_component(path, "scheduler", index, CogVideoXDDIMScheduler),
         )
 
     # ------------------------------------------------------------------ encoding
@@ -197,7 +180,6 @@ class CogVideoXAdapter(VideoAdapter):
         from diffusers import (
             AutoencoderKLCogVideoX,
             CogVideoXDDIMScheduler,
-            CogVideoXPipeline,
             CogVideoXTransformer3DModel,
         )
         from transformers import T5Config, T5EncoderModel
@@ -223,12 +205,5 @@ class CogVideoXAdapter(VideoAdapter):
             t5_config = T5Config(vocab_size=len(tokenizer), **TINY_T5_CONFIG)
         text_encoder = T5EncoderModel(t5_config) if with_text_encoder else None
         scheduler = CogVideoXDDIMScheduler(**dict(FULL_SCHEDULER_CONFIG, snr_shift_scale=FULL_SNR_SHIFT[variant]))
-        modules = [m for m in (transformer, vae, text_encoder) if m is not None]
-        if torch_dtype != torch.float32:
-            for module in modules:
-                module.to(torch_dtype)
-        pipe = CogVideoXPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-        )
-        pipe.save_pretrained(str(directory), safe_serialization=True)
-        return directory
+        parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+        return cls.save_random_pipeline(directory, parts, torch_dtype, cast=("transformer", "vae", "text_encoder"))

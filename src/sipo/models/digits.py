@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
+from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict
 from sipo.schedules import vp_schedule
 
 PIPELINE_CLASS_NAME = "SipoDigitsPipeline"
@@ -105,6 +105,8 @@ class DigitsAdapter(DiffusionAdapter):
     # Attention projections plus the ResNet convolutions: the tiny UNet has one attention block per
     # side, so LoRA on attention alone would leave most of the network out of reach.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+    components = {"unet": "UNet2DModel", "scheduler": "DDPMScheduler config"}
+    directory_hint = "a digits model written by `sipo demo` (its base/ folder)"
 
     def __init__(self, unet: nn.Module, scheduler, num_inference_steps: int = 50):
         self.denoiser: nn.Module = unet
@@ -136,14 +138,7 @@ class DigitsAdapter(DiffusionAdapter):
         """Load a ``SipoDigitsPipeline`` directory (local only: the demo writes it; nothing is downloaded)."""
         from diffusers import DDPMScheduler, UNet2DModel
 
-        path = Path(path).expanduser()
-        cls.check_family(path)
-        for subfolder in ("unet", "scheduler"):
-            if not (path / subfolder).is_dir():
-                raise SipoError(
-                    f"{path} has no {subfolder}/ folder; point model.pretrained_path at a digits model "
-                    "written by `sipo demo` (its base/ folder)"
-                )
+        path = cls.check_pipeline_directory(path)
         try:
             unet = UNet2DModel.from_pretrained(str(path), subfolder="unet")
             scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
@@ -221,17 +216,9 @@ class DigitsAdapter(DiffusionAdapter):
             )
         return images.float().mean(dim=1, keepdim=True).to(self.device)
 
-    def encode(self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None) -> EncodedPairs:
-        if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
-            raise ValueError(
-                f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped images"
-            )
-        return EncodedPairs(
-            x0_winner=self.encode_images(winners),
-            x0_loser=self.encode_images(losers),
-            conditioning={"class_labels": self.labels(prompts).to(self.device)},
-        )
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Prompts -> ``{"class_labels": [N]}`` on the denoiser's device."""
+        return {"class_labels": self.labels(prompts).to(self.device)}
 
     # ------------------------------------------------------------------ denoiser
     def predict(

@@ -15,24 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict, encode_in_chunks
-from sipo.schedules import vp_schedule
-
-#: subfolder -> what it holds, for the "missing subfolder" error.
-_COMPONENTS = {
-    "unet": "UNet2DConditionModel",
-    "vae": "AutoencoderKL",
-    "text_encoder": "CLIPTextModel",
-    "tokenizer": "CLIPTokenizer",
-    "scheduler": "scheduler config",
-}
-
-
-def _is_local(path: str | Path) -> bool:
-    """A path we must find on disk (never sent to the hub): it exists, or it is written like a path."""
-    text = str(path)
-    return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1
-
+from sipo.models.base import (
+    Conditioning,
+    DiffusionAdapter,
+    check_lora_state_dict,
+    encode_in_chunks,
+    epsilon_or_v_schedule,
+)
 
 #: sizes of ``SD15Adapter.build_random_pipeline``: "full" is runwayml/stable-diffusion-v1-5's configs
 _RANDOM_SCALES: dict[str, dict[str, Any]] = {
@@ -52,6 +41,13 @@ class SD15Adapter(DiffusionAdapter):
     pipeline_class_names = ("StableDiffusionPipeline",)
     # The attention projections, as in diffusers' train_text_to_image_lora.py / Diffusion-DPO LoRA.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    components = {
+        "unet": "UNet2DConditionModel",
+        "vae": "AutoencoderKL",
+        "text_encoder": "CLIPTextModel",
+        "tokenizer": "CLIPTokenizer",
+        "scheduler": "scheduler config",
+    }
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, num_inference_steps: int = 50):
         self.denoiser: nn.Module = unet
@@ -59,13 +55,7 @@ class SD15Adapter(DiffusionAdapter):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise SipoError(
-                f"the scheduler's prediction_type is {prediction_type!r}; the sd15 family trains "
-                "'epsilon' or 'v_prediction' models only: use a model with one of those"
-            )
-        self.schedule = vp_schedule(scheduler.alphas_cumprod, prediction_type, num_inference_steps)
+        self.schedule = epsilon_or_v_schedule(self.family, scheduler, num_inference_steps)
 
     @property
     def unet(self) -> nn.Module:
@@ -89,18 +79,7 @@ class SD15Adapter(DiffusionAdapter):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        if _is_local(path):
-            path = Path(path).expanduser()
-            cls.check_family(path)
-            for subfolder, holds in _COMPONENTS.items():
-                if not (Path(path) / subfolder).is_dir():
-                    raise SipoError(
-                        f"{path} has no {subfolder}/ folder ({holds}); point model.pretrained_path at a "
-                        "complete StableDiffusionPipeline directory (pipe.save_pretrained(dir) writes one)"
-                    )
-        else:
-            cls._check_hub_family(str(path))
-        source = str(path)
+        source, _ = cls.locate_pipeline(path)
         try:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
@@ -109,26 +88,8 @@ class SD15Adapter(DiffusionAdapter):
             # The training view of the schedule; any scheduler's config carries the same betas.
             scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
         except OSError as error:  # missing/corrupt weight files, or no network for a hub id
-            raise SipoError(f"could not load the sd15 model from {path}: {error}") from error
+            raise SipoError(f"could not load the sd15 model from {source}: {error}") from error
         return cls(unet, vae, text_encoder, tokenizer, scheduler, num_inference_steps)
-
-    @classmethod
-    def _check_hub_family(cls, repo_id: str) -> None:
-        from diffusers import DiffusionPipeline
-
-        try:
-            index = DiffusionPipeline.load_config(repo_id)
-        except OSError as error:
-            raise SipoError(
-                f"{repo_id} is neither a local directory nor a reachable hub model ({error}); set "
-                "model.pretrained_path to a local StableDiffusionPipeline directory"
-            ) from error
-        class_name = index.get("_class_name", "?")
-        if class_name not in cls.pipeline_class_names:
-            raise SipoError(
-                f"{repo_id} holds a {class_name}, not a {cls.family} model "
-                f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching family"
-            )
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vae, self.text_encoder]

@@ -29,27 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict, encode_in_chunks
-from sipo.schedules import vp_schedule
-
-#: subfolder -> what it holds, for the "missing subfolder" error.
-_COMPONENTS = {
-    "unet": "UNet2DConditionModel",
-    "vae": "AutoencoderKL",
-    "text_encoder": "CLIPTextModel",
-    "text_encoder_2": "CLIPTextModelWithProjection",
-    "tokenizer": "CLIPTokenizer",
-    "tokenizer_2": "CLIPTokenizer",
-    "scheduler": "scheduler config",
-}
-
-
-
-def _is_local(path: str | Path) -> bool:
-    """A path we must find on disk (never sent to the hub): it exists, or it is written like a path."""
-    text = str(path)
-    return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1
-
+from sipo.models.base import (
+    Conditioning,
+    DiffusionAdapter,
+    check_lora_state_dict,
+    encode_in_chunks,
+    epsilon_or_v_schedule,
+    is_local_path,
+)
 
 class SDXLAdapter(DiffusionAdapter):
     """SDXL behind the adapter protocol; the denoiser is the UNet, the VAE and both text encoders stay frozen."""
@@ -58,6 +45,15 @@ class SDXLAdapter(DiffusionAdapter):
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     # The attention projections, as in diffusers' train_dreambooth_lora_sdxl.py and its SDXL DPO example.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    components = {
+        "unet": "UNet2DConditionModel",
+        "vae": "AutoencoderKL",
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+        "tokenizer": "CLIPTokenizer",
+        "tokenizer_2": "CLIPTokenizer",
+        "scheduler": "scheduler config",
+    }
     #: images per VAE call. One: at 1024 px the fp32 VAE's encoder peaks at ~2.5 GiB per image
     #: (measured, docs/models.md), more than the checkpointed UNet step, and one image fills a GPU.
     encode_chunk_size: int = 1
@@ -82,13 +78,7 @@ class SDXLAdapter(DiffusionAdapter):
         self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise SipoError(
-                f"the scheduler's prediction_type is {prediction_type!r}; the sdxl family trains "
-                "'epsilon' or 'v_prediction' models only: use a model with one of those"
-            )
-        self.schedule = vp_schedule(scheduler.alphas_cumprod, prediction_type, num_inference_steps)
+        self.schedule = epsilon_or_v_schedule(self.family, scheduler, num_inference_steps)
 
     @property
     def unet(self) -> nn.Module:
@@ -110,33 +100,10 @@ class SDXLAdapter(DiffusionAdapter):
         own ``config.json``, or a pipeline directory with a ``vae/`` folder), e.g. an fp16-safe VAE.
         Weights load from safetensors when present; nothing executes code from the directory.
         """
-        from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        if _is_local(path):
-            path = Path(path).expanduser()
-            cls.check_family(path)
-            for subfolder, holds in _COMPONENTS.items():
-                if not (path / subfolder).is_dir():
-                    raise SipoError(
-                        f"{path} has no {subfolder}/ folder ({holds}); point model.pretrained_path at a "
-                        "complete StableDiffusionXLPipeline directory (pipe.save_pretrained(dir) writes one)"
-                    )
-            index = DiffusionPipeline.load_config(str(path))
-        else:
-            try:
-                index = DiffusionPipeline.load_config(str(path))
-            except OSError as error:
-                raise SipoError(
-                    f"{path} is neither a local directory nor a reachable hub model ({error}); set "
-                    "model.pretrained_path to a local StableDiffusionXLPipeline directory"
-                ) from error
-            if index.get("_class_name") not in cls.pipeline_class_names:
-                raise SipoError(
-                    f"{path} holds a {index.get('_class_name', '?')}, not a {cls.family} model "
-                    f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching family"
-                )
-        source = str(path)
+        source, index = cls.locate_pipeline(path)
         try:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
             vae = cls._load_vae(source, vae_path)
@@ -147,10 +114,10 @@ class SDXLAdapter(DiffusionAdapter):
             # The training view of the schedule; SDXL's EulerDiscreteScheduler config carries the same betas.
             scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
         except OSError as error:  # missing/corrupt weight files, or no network for a hub id
-            raise SipoError(f"could not load the sdxl model from {path}: {error}") from error
+            raise SipoError(f"could not load the sdxl model from {source}: {error}") from error
         if unet.config.get("addition_embed_type") != "text_time":
             raise SipoError(
-                f"the UNet in {path} has no SDXL size/text conditioning (addition_embed_type "
+                f"the UNet in {source} has no SDXL size/text conditioning (addition_embed_type "
                 f"{unet.config.get('addition_embed_type')!r}); point model.pretrained_path at an SDXL base model"
             )
         return cls(
@@ -165,13 +132,13 @@ class SDXLAdapter(DiffusionAdapter):
         if not vae_path:
             return AutoencoderKL.from_pretrained(source, subfolder="vae")
         where = Path(vae_path).expanduser()
-        if _is_local(vae_path) and not (where / "config.json").is_file() and not (where / "vae" / "config.json").is_file():
+        if is_local_path(vae_path) and not (where / "config.json").is_file() and not (where / "vae" / "config.json").is_file():
             raise SipoError(
                 f"model.vae_path {vae_path} holds no AutoencoderKL (no config.json there or in vae/); "
                 "point it at a VAE directory such as a download of madebyollin/sdxl-vae-fp16-fix, or leave it empty"
             )
         subfolder = "vae" if (where / "vae" / "config.json").is_file() else None
-        return AutoencoderKL.from_pretrained(str(where) if _is_local(vae_path) else vae_path, subfolder=subfolder)
+        return AutoencoderKL.from_pretrained(str(where) if is_local_path(vae_path) else vae_path, subfolder=subfolder)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vae, self.text_encoder, self.text_encoder_2]
@@ -235,22 +202,12 @@ class SDXLAdapter(DiffusionAdapter):
         target = torch.tensor([[height, width]]).repeat(batch_size, 1).to(size_info.device)
         return torch.cat([size_info.long(), target.long()], dim=1).float()
 
-    def encode(
-        self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None
-    ) -> EncodedPairs:
-        if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
-            raise ValueError(
-                f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped images"
-            )
-        with torch.no_grad():
-            latents = self.encode_images(torch.cat([winners, losers], dim=0))
-            conditioning = self.encode_prompts(list(prompts))
-        x0_winner, x0_loser = latents.chunk(2, dim=0)
-        height, width = winners.shape[-2:]
-        ids = self.time_ids(size_info, len(prompts), int(height), int(width))
-        conditioning["time_ids"] = ids.to(conditioning["text_embeds"].device)
-        return EncodedPairs(x0_winner=x0_winner, x0_loser=x0_loser, conditioning=conditioning)
+    def pair_conditioning(
+        self, conditioning: Conditioning, size_info: Tensor | None, height: int, width: int
+    ) -> Conditioning:
+        """Adds ``time_ids`` ``[B, 6]`` (see `time_ids`) beside the text embeddings."""
+        ids = self.time_ids(size_info, conditioning["text_embeds"].shape[0], height, width)
+        return {**conditioning, "time_ids": ids.to(conditioning["text_embeds"].device)}
 
     # ------------------------------------------------------------------ denoiser
     def predict(

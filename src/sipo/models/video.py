@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, check_lora_state_dict
+from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict, read_model_index
 
 TEXT_ENCODER_DEVICES = ("auto", "cpu")
 
@@ -47,8 +47,6 @@ class VideoAdapter(DiffusionAdapter):
 
     #: the diffusers pipeline class (a name in ``diffusers``) used for prompts, sampling and LoRA files
     pipeline_class_name: ClassVar[str]
-    #: subfolder -> what it holds, for the "missing subfolder" error
-    components: ClassVar[dict[str, str]]
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(
@@ -78,14 +76,31 @@ class VideoAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def check_components(cls, path: Path) -> None:
-        cls.check_family(path)
-        for subfolder, holds in cls.components.items():
-            if not (path / subfolder).is_dir():
-                raise SipoError(
-                    f"{path} has no {subfolder}/ folder ({holds}); point model.pretrained_path at a complete "
-                    f"{cls.pipeline_class_name} directory (pipe.save_pretrained(dir) writes one)"
-                )
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        num_inference_steps: int = 50,
+        trust_remote_code: bool = False,
+        text_encoder_device: str = "auto",
+        prompt_cache_size: int = 0,
+        **ignored: Any,
+    ) -> "VideoAdapter":
+        """Load a local directory of the family's pipeline; nothing executes code from it."""
+        path = cls.check_pipeline_directory(path)
+        index = read_model_index(path)
+        try:
+            parts = cls.load_components(path, index)
+        except OSError as error:
+            raise SipoError(f"could not load the {cls.family} model from {path}: {error}") from error
+        return cls(
+            **parts, num_inference_steps=num_inference_steps,
+            text_encoder_device=text_encoder_device, prompt_cache_size=prompt_cache_size,
+        )
+
+    @classmethod
+    def load_components(cls, path: Path, index: dict[str, Any]) -> dict[str, Any]:
+        """``transformer``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` from ``path``."""
+        raise NotImplementedError
 
     def pipeline(self, **overrides: Any):
         """The family's diffusers pipeline over this adapter's components (no copy of any weight)."""
@@ -175,18 +190,6 @@ class VideoAdapter(DiffusionAdapter):
         ]
         return torch.cat(latents, dim=0)
 
-    def encode(
-        self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None
-    ) -> EncodedPairs:
-        if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
-            raise ValueError(
-                f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
-                "expected one prompt per pair and equal-shaped videos"
-            )
-        latents = self.encode_images(torch.cat([winners, losers], dim=0))
-        x0_winner, x0_loser = latents.chunk(2, dim=0)
-        return EncodedPairs(x0_winner=x0_winner, x0_loser=x0_loser, conditioning=self.encode_prompts(prompts))
-
     # ------------------------------------------------------------------ family specifics
     temporal_compression: int = 4
     spatial_multiple: int = 16
@@ -220,6 +223,26 @@ class VideoAdapter(DiffusionAdapter):
     def save_full(self, output_dir: str | Path) -> None:
         """The fine-tuned transformer in diffusers format, where the pipeline looks for it."""
         self.denoiser.save_pretrained(Path(output_dir) / "transformer", safe_serialization=True)
+
+    # ------------------------------------------------------------------ random-weight builders
+    @classmethod
+    def save_random_pipeline(
+        cls, directory: str | Path, parts: dict[str, Any], torch_dtype: torch.dtype, cast: tuple[str, ...]
+    ) -> Path:
+        """Save ``parts`` as the family's pipeline in diffusers format; returns ``directory``.
+
+        The modules named in ``cast`` (when present: a builder may leave out the text encoder)
+        are held in ``torch_dtype`` first; the rest stay as built.
+        """
+        import diffusers
+
+        if torch_dtype != torch.float32:
+            for name in cast:
+                if parts.get(name) is not None:
+                    parts[name].to(torch_dtype)
+        pipe = getattr(diffusers, cls.pipeline_class_name)(**parts)
+        pipe.save_pretrained(str(directory), safe_serialization=True)
+        return Path(directory)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, read_model_index
+from sipo.models.base import Conditioning
 from sipo.models.video import VideoAdapter, load_component
 from sipo.schedules import flow_schedule
 
@@ -117,34 +117,17 @@ class WanAdapter(VideoAdapter):
         return [self.vae]
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        num_inference_steps: int = 50,
-        trust_remote_code: bool = False,
-        text_encoder_device: str = "auto",
-        prompt_cache_size: int = 0,
-        **ignored: Any,
-    ) -> "WanAdapter":
-        """Load a local ``WanPipeline`` directory; nothing executes code from it."""
+    def load_components(cls, path: Path, index: dict[str, Any]) -> dict[str, Any]:
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        path = Path(path).expanduser()
-        cls.check_components(path)
-        index = read_model_index(path)
-        try:
-            transformer = WanTransformer3DModel.from_pretrained(str(path), subfolder="transformer")
+        return dict(
+            transformer=WanTransformer3DModel.from_pretrained(str(path), subfolder="transformer"),
             # Wan's VAE runs in float32, as diffusers' Wan examples load it.
-            vae = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32)
-            text_encoder = UMT5EncoderModel.from_pretrained(str(path), subfolder="text_encoder")
-            tokenizer = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer")
-            scheduler = load_component(path, "scheduler", index, UniPCMultistepScheduler)
-        except OSError as error:
-            raise SipoError(f"could not load the wan model from {path}: {error}") from error
-        return cls(
-            transformer, vae, text_encoder, tokenizer, scheduler, num_inference_steps,
-            text_encoder_device=text_encoder_device, prompt_cache_size=prompt_cache_size,
+            vae=AutoencoderKLWan.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32),
+            text_encoder=UMT5EncoderModel.from_pretrained(str(path), subfolder="text_encoder"),
+            tokenizer=AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer"),
+            scheduler=load_component(path, "scheduler", index, UniPCMultistepScheduler),
         )
 
     # ------------------------------------------------------------------ encoding
@@ -189,7 +172,7 @@ class WanAdapter(VideoAdapter):
         ``with_text_encoder=False`` skips UMT5-XXL (5.7B parameters) for benchmarks that feed
         embeddings directly (such a directory is not loadable by the adapter).
         """
-        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
         from sipo.models.random_init import tiny_t5_tokenizer
@@ -208,13 +191,7 @@ class WanAdapter(VideoAdapter):
             vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
             text_config = UMT5Config(vocab_size=len(tokenizer), **TINY_UMT5_CONFIG)
         text_encoder = UMT5EncoderModel(text_config) if with_text_encoder else None
-        if torch_dtype != torch.float32:
-            transformer.to(torch_dtype)
-            if text_encoder is not None:
-                text_encoder.to(torch_dtype)
         scheduler = UniPCMultistepScheduler(**FULL_SCHEDULER_CONFIG)
-        pipe = WanPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-        )
-        pipe.save_pretrained(str(directory), safe_serialization=True)
-        return directory
+        parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+        # The VAE stays float32, as the adapter loads and holds it.
+        return cls.save_random_pipeline(directory, parts, torch_dtype, cast=("transformer", "text_encoder"))

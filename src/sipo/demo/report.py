@@ -168,6 +168,8 @@ def plot_reward_vs_step(path: Path, results, methods, betas, base_reward: float)
     for ax, beta in zip(axes[0], betas):
         for method in methods:
             runs = [r for r in results if r["method"] == method and r["beta"] == beta]
+            if not runs:  # a method not run at this beta (e.g. the beta sweep covers fewer methods)
+                continue
             steps = [p["step"] for p in runs[0]["curve"]]
             values = np.array([[p["mean_reward"] for p in r["curve"]] for r in runs])
             mean = values.mean(axis=0)

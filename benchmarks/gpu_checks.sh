@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for a short lease on one CUDA card (docs/performance.md):
+#   1. benchmarks/throughput.py: full-size random SD1.5, dpo vs sipo, cache and checkpointing on/off
+#      (alone on the card, so its timings are clean);
+#   2. then side by side (memory peaks are per process, so they do not disturb each other):
+#      the test suite on CUDA (exact resume included), the video and SDXL memory of one LoRA step
+#      at full size, and the z-sign agreement under bf16/fp16 autocast (benchmarks/z_precision.py).
+# Each part writes $OUT/<part>.log (OUT defaults to /tmp/sipo-gpu); a part that runs out of its
+# time is cut off by `timeout` without stopping the others.
+#   bash benchmarks/gpu_checks.sh                 # with sipo and its dependencies installed
+# Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
+# .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
+set -u
+OUT=${OUT:-/tmp/sipo-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
+PY=${PYTHON:-python3}
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD/src:/tmp/site
+else
+  export PYTHONPATH=$PWD/src
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  nproc; free -g | head -2; } 2>&1 | tee "$OUT/env.log"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+
+stamp "throughput"
+timeout "${THROUGHPUT_S:-170}" $PY benchmarks/throughput.py --rounds "${ROUNDS:-1}" --steps "${STEPS:-8}" \
+  --work-dir /tmp/sipo-throughput --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+echo "rc=$?" >> "$OUT/throughput.log"; tail -n 14 "$OUT/throughput.log"
+
+stamp "suite, memory, precision side by side"
+( timeout "${SUITE_S:-240}" $PY -m pytest -q -n "${WORKERS:-10}" -p no:cacheprovider --timeout 230 \
+    --ignore=tests/test_packaging.py tests > "$OUT/pytest.log" 2>&1; echo "rc=$?" >> "$OUT/pytest.log" ) &
+( for family in cogvideox-2b wan cogvideox-5b; do
+    echo "== $family"; timeout 100 $PY benchmarks/video_memory.py step --family "$family" --device cuda --full 2>&1 | tail -n 3
+  done > "$OUT/video_memory.log" 2>&1 ) &
+( echo "== build"; timeout 150 $PY -c "import torch; from sipo.models.sdxl import SDXLAdapter; SDXLAdapter.build_random_pipeline('/tmp/sdxl_full', scale='full', dtype=torch.float16)" 2>&1 | tail -n 3
+  echo "== step 1024"; timeout 90 $PY benchmarks/sdxl_memory.py --pipeline /tmp/sdxl_full 1024 2>&1 | tail -n 3 ) > "$OUT/sdxl_memory.log" 2>&1 &
+( digits=""; [ -d .gpu/digits_base ] && digits="--digits-path .gpu/digits_base"
+  timeout 150 $PY benchmarks/z_precision.py $digits 2>&1 | tail -n 40 ) > "$OUT/z_precision.log" 2>&1 &
+wait
+stamp "done"
+for part in pytest video_memory sdxl_memory z_precision; do echo "===== $part"; tail -n 25 "$OUT/$part.log"; done

@@ -8,9 +8,12 @@
 # Each part writes $OUT/<part>.log (OUT defaults to /tmp/sipo-gpu); a part that runs out of its
 # time is cut off by `timeout` without stopping the others.
 #   bash benchmarks/gpu_checks.sh                 # with sipo and its dependencies installed
+#   PARTS="suite video" bash benchmarks/gpu_checks.sh   # some parts: throughput suite video sdxl precision
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
 # .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
 set -u
+PARTS=" ${PARTS:-throughput suite video sdxl precision} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/sipo-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
@@ -27,21 +30,25 @@ fi
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
+if want throughput; then
 stamp "throughput"
 timeout "${THROUGHPUT_S:-170}" $PY benchmarks/throughput.py --rounds "${ROUNDS:-1}" --steps "${STEPS:-8}" \
   --work-dir /tmp/sipo-throughput --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
 echo "rc=$?" >> "$OUT/throughput.log"; tail -n 14 "$OUT/throughput.log"
+fi
 
 stamp "suite, memory, precision side by side"
-( timeout "${SUITE_S:-240}" $PY -m pytest -q -n "${WORKERS:-10}" -p no:cacheprovider --timeout 230 \
+want suite && ( timeout "${SUITE_S:-240}" $PY -m pytest -q -n "${WORKERS:-10}" -p no:cacheprovider --timeout 230 \
     --ignore=tests/test_packaging.py tests > "$OUT/pytest.log" 2>&1; echo "rc=$?" >> "$OUT/pytest.log" ) &
-( for family in cogvideox-2b wan cogvideox-5b; do
+want video && ( for family in cogvideox-2b wan cogvideox-5b; do
     echo "== $family"; timeout 100 $PY benchmarks/video_memory.py step --family "$family" --device cuda --full 2>&1 | tail -n 3
   done > "$OUT/video_memory.log" 2>&1 ) &
-( echo "== build"; timeout 150 $PY -c "import torch; from sipo.models.sdxl import SDXLAdapter; SDXLAdapter.build_random_pipeline('/tmp/sdxl_full', scale='full', dtype=torch.float16)" 2>&1 | tail -n 3
+want sdxl && ( echo "== build"; timeout 150 $PY -c "import torch; from sipo.models.sdxl import SDXLAdapter; SDXLAdapter.build_random_pipeline('/tmp/sdxl_full', scale='full', dtype=torch.float16)" 2>&1 | tail -n 3
   echo "== step 1024"; timeout 90 $PY benchmarks/sdxl_memory.py --pipeline /tmp/sdxl_full 1024 2>&1 | tail -n 3 ) > "$OUT/sdxl_memory.log" 2>&1 &
-( digits=""; [ -d .gpu/digits_base ] && digits="--digits-path .gpu/digits_base"
+want precision && ( digits=""; [ -d .gpu/digits_base ] && digits="--digits-path .gpu/digits_base"
   timeout 150 $PY benchmarks/z_precision.py $digits 2>&1 | tail -n 40 ) > "$OUT/z_precision.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory z_precision; do echo "===== $part"; tail -n 25 "$OUT/$part.log"; done
+for part in pytest video_memory sdxl_memory z_precision; do
+  [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
+done

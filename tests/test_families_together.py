@@ -33,7 +33,9 @@ from sipo.train import train
 
 SDXL_SIZE = 32
 #: test_cache.py's setting: one weight per pair outside the log-sigmoid, 3 steps, no intermediate checkpoints
-CACHE_RUN = {"objective.name": "sipo-outside", "objective.tau": 0.05, "train.max_steps": 3, "train.checkpoint_every": 0}
+#: and deterministic kernels, so the cache is encoded and the runs train with TF32 off on CUDA too
+CACHE_RUN = {"objective.name": "sipo-outside", "objective.tau": 0.05, "train.max_steps": 3, "train.checkpoint_every": 0,
+             "train.deterministic": True}
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ def video_overrides(family: str, model_dir: Path, manifest: Path, output_dir: Pa
         "data.width": TINY_SIZE,
         "objective.tau": 0.05,
         "train.batch_size": 1,
+        "train.deterministic": True,  # the exact comparisons (resume, cache) hold on CUDA too
     }
     return tiny_overrides(model_dir, manifest, output_dir, **{**video, **extra})
 
@@ -139,12 +140,14 @@ class VideoFamilyContract:
 
         result, config = trained
         adapter = result.adapter
-        pipe = getattr(diffusers, adapter.pipeline_class_name).from_pretrained(str(model_dir))
+        device = next(adapter.denoiser.parameters()).device  # where training left it (CUDA when present)
+        pipe = getattr(diffusers, adapter.pipeline_class_name).from_pretrained(str(model_dir)).to(device)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(0)
         x0 = torch.randn(adapter.encode_images(torch.zeros(1, TINY_FRAMES, 3, TINY_SIZE, TINY_SIZE)).shape, generator=generator)
+        x0 = x0.to(device)
         cond = adapter.encode_prompts(["a moving gradient 0"])
-        t = torch.tensor([500])
+        t = torch.tensor([500], device=device)
         with torch.no_grad():
             base = adapter.predict(x0, t, cond, denoiser=pipe.transformer)
             pipe.load_lora_weights(str(config.train.output_dir))

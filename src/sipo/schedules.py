@@ -79,7 +79,7 @@ class GaussianSchedule:
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(a_t, b_t)`` as float32 ``[B]`` for integer timesteps ``t`` ``[B]``."""
-        t = t.long().cpu()
+        t = t.long().to(self.a.device)  # the table may live on the CPU or beside the model
         return self.a[t].float(), self.b[t].float()
 
     def previous_timestep(self, t: Tensor, weight_step: str = "inference") -> Tensor:
@@ -96,7 +96,7 @@ class GaussianSchedule:
 
     def previous_coefficients(self, t: Tensor, weight_step: str = "inference") -> tuple[Tensor, Tensor]:
         """``(a_s, b_s)`` at the previous timestep ``s`` (:meth:`previous_timestep`); ``(1, 0)`` where ``s < 0``."""
-        s = self.previous_timestep(t, weight_step).cpu()
+        s = self.previous_timestep(t, weight_step).to(self.a.device)
         valid = s >= 0
         s_safe = s.clamp(min=0)
         a_s = torch.where(valid, self.a[s_safe], torch.ones_like(self.a[s_safe]))

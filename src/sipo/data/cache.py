@@ -148,8 +148,10 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
     from sipo.data import collate_pairs, open_preference_dataset
     from sipo.models import adapter_from_config
     from sipo.models.base import hold_frozen_weights_in
-    from sipo.performance import COMPUTE_DTYPES
+    from sipo.performance import COMPUTE_DTYPES, configure_kernels
 
+    # the latents a deterministic run trains on are encoded with its kernels (TF32 off on CUDA)
+    configure_kernels(config.train.deterministic)
     # The plain pictures; flipped latents come from mirrored pictures below.
     dataset = open_preference_dataset(dataclasses.replace(config.data, random_flip=False), config.model.resolution,
                                       seed=config.train.seed)

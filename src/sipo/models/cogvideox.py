@@ -63,10 +63,6 @@ TINY_VAE_CONFIG = dict(
     block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
     temporal_compression_ratio=4, sample_height=32, sample_width=32,
 )
-TINY_T5_CONFIG = dict(
-    d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
-    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-)
 
 
 class CogVideoXAdapter(VideoAdapter):
@@ -184,7 +180,7 @@ class CogVideoXAdapter(VideoAdapter):
         )
         from transformers import T5Config, T5EncoderModel
 
-        from sipo.models.random_init import tiny_t5_tokenizer
+        from sipo.models.random_init import TINY_T5_ENCODER_CONFIG, tiny_t5_tokenizer
 
         if scale not in ("tiny", "full") or variant not in FULL_TRANSFORMER_CONFIGS:
             raise ValueError(f"scale must be tiny or full and variant one of {list(FULL_TRANSFORMER_CONFIGS)}")
@@ -202,7 +198,7 @@ class CogVideoXAdapter(VideoAdapter):
             max_length = TINY_TRANSFORMER_CONFIG["max_text_seq_length"]
         tokenizer = tiny_t5_tokenizer(None, model_max_length=max_length)
         if scale == "tiny":
-            t5_config = T5Config(vocab_size=len(tokenizer), **TINY_T5_CONFIG)
+            t5_config = T5Config(vocab_size=len(tokenizer), **TINY_T5_ENCODER_CONFIG)
         text_encoder = T5EncoderModel(t5_config) if with_text_encoder else None
         scheduler = CogVideoXDDIMScheduler(**dict(FULL_SCHEDULER_CONFIG, snr_shift_scale=FULL_SNR_SHIFT[variant]))
         parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)

@@ -15,6 +15,13 @@ from pathlib import Path
 #: token length of the tiny CLIP tokenizer (CLIP's own).
 TINY_MAX_LENGTH = 77
 
+#: a one-layer T5-style text encoder, for T5Config (CogVideoX) and UMT5Config (Wan2.1) alike; the
+#: vocabulary size is the tokenizer's (`tiny_t5_tokenizer`).
+TINY_T5_ENCODER_CONFIG = dict(
+    d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+)
+
 _WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "the", "on", "in", "painting", "digit")
 
 

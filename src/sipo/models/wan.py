@@ -55,10 +55,6 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
 TINY_VAE_CONFIG: dict[str, Any] = dict(
     base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
 )
-TINY_UMT5_CONFIG: dict[str, Any] = dict(
-    d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
-    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-)
 #: WanPipeline's default prompt length (its __call__'s max_sequence_length).
 MAX_SEQUENCE_LENGTH = 512
 
@@ -175,7 +171,7 @@ class WanAdapter(VideoAdapter):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        from sipo.models.random_init import tiny_t5_tokenizer
+        from sipo.models.random_init import TINY_T5_ENCODER_CONFIG, tiny_t5_tokenizer
 
         if scale not in ("tiny", "full"):
             raise ValueError("scale must be tiny or full")
@@ -189,7 +185,7 @@ class WanAdapter(VideoAdapter):
         else:
             transformer = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
             vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
-            text_config = UMT5Config(vocab_size=len(tokenizer), **TINY_UMT5_CONFIG)
+            text_config = UMT5Config(vocab_size=len(tokenizer), **TINY_T5_ENCODER_CONFIG)
         text_encoder = UMT5EncoderModel(text_config) if with_text_encoder else None
         scheduler = UniPCMultistepScheduler(**FULL_SCHEDULER_CONFIG)
         parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)

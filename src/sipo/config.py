@@ -261,6 +261,11 @@ class TrainConfig:
             raise SipoError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if self.finetune == "lora" and self.lora_rank < 1:
             raise SipoError("train.lora_rank must be at least 1 for train.finetune=lora")
+        if self.finetune == "lora" and self.lora_alpha <= 0:
+            # peft scales the adapter's update by lora_alpha / r: 0 trains weights that change nothing
+            effect = "zero, so the trained adapters would change nothing" if self.lora_alpha == 0 else "negative"
+            raise SipoError(f"train.lora_alpha={self.lora_alpha:g} makes the LoRA scale alpha/rank {effect}; "
+                            f"set a positive alpha, e.g. train.lora_alpha={self.lora_rank} (the rank)")
 
 
 @dataclass
@@ -272,6 +277,25 @@ class SipoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: path-valued keys: a leading ``~`` is expanded once, here, so every reader sees the same path
+#: (tests/test_reliability_config.py checks that every ``*path`` / ``*_dir`` field is listed)
+PATH_KEYS: tuple[str, ...] = ("model.pretrained_path", "model.vae_path", "data.path", "data.cache_dir",
+                              "train.output_dir")
+
+
+def expand_user_paths(config: "SipoConfig") -> "SipoConfig":
+    """Expand a leading ``~`` in every key of :data:`PATH_KEYS` (a hub id such as ``org/name`` is unchanged)."""
+    import os
+
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        values = getattr(config, section)
+        value = getattr(values, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(values, name, os.path.expanduser(value))
+    return config
 
 
 #: string fields whose documented values YAML 1.1 reads as booleans (`mixed_precision: no` is False)
@@ -362,6 +386,47 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def find_duplicate_key(text: str) -> tuple[str, int, int] | None:
+    """The first key a YAML mapping names twice, as ``(dotted key, its line, the first one's line)``.
+
+    PyYAML keeps the last of two equal keys without a word, so ``beta: 5000`` further down a file
+    silently replaces an earlier ``beta``. Walks the composed node tree (``<<`` merge keys may be
+    overridden, as YAML intends). ``None`` when no key repeats (or the text is no valid YAML: the
+    loader reports that).
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+    def walk(node, prefix: str, seen_nodes: set[int]):
+        if id(node) in seen_nodes:  # an alias points back at a node already walked
+            return None
+        seen_nodes.add(id(node))
+        children = []
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                line = key_node.start_mark.line + 1
+                if key is not None and key in first_lines:
+                    return f"{prefix}{key}", line, first_lines[key]
+                if key is not None:
+                    first_lines[key] = line
+                children.append((value_node, f"{prefix}{key}." if key is not None else prefix))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, prefix) for item in node.value]
+        for child, child_prefix in children:
+            found = walk(child, child_prefix, seen_nodes)
+            if found:
+                return found
+        return None
+
+    return walk(root, "", set()) if root is not None else None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> SipoConfig:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
     values: dict[str, Any] = {}
@@ -369,7 +434,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         path = resolve_config_path(path)
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+            values = yaml.safe_load(text) or {}
         except UnicodeDecodeError as error:
             raise SipoError(f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
         except yaml.YAMLError as error:
@@ -378,8 +444,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SipoError(f"config file {path} cannot be read ({error.strerror}); pass a readable YAML file") from None
         if not isinstance(values, dict):
             raise SipoError(f"config file {path} must be a mapping of sections (model, data, objective, train)")
+        duplicate = find_duplicate_key(text)
+        if duplicate is not None:
+            key, line, first = duplicate
+            key = key if key.isprintable() and not any(c.isspace() for c in key) else repr(key)
+            raise SipoError(f"config file {path} sets {key} twice (line {first} and line {line}), and YAML would "
+                            "silently keep the last; delete one of them")
     values = apply_overrides(values, overrides or [])
-    config = _build(SipoConfig, values, "")
+    config = expand_user_paths(_build(SipoConfig, values, ""))
     check_values(config)
     return config
 
@@ -388,7 +460,7 @@ def config_from_dict(values: dict[str, Any]) -> SipoConfig:
     """Build and validate a config from a nested dict (as saved beside a run)."""
     if not isinstance(values, dict):
         raise SipoError("a saved config must be a mapping of sections (model, data, objective, train); restore config.yaml")
-    config = _build(SipoConfig, values, "")
+    config = expand_user_paths(_build(SipoConfig, values, ""))
     check_values(config)
     return config
 

@@ -17,12 +17,30 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from sipo.errors import SipoError
+
 #: train.mixed_precision -> the dtype frozen weights are held in (``no`` keeps float32)
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: cuBLAS needs a fixed workspace to be deterministic (CUDA docs, "Results reproducibility")
 CUBLAS_WORKSPACE = ":4096:8"
 DEVICE_RNG_FILE = "device_rng.pt"
+
+
+def check_precision_for_device(mixed_precision: str, device_type: str, setting: str = "train.mixed_precision") -> None:
+    """Stop before any model loads when the precision ``setting`` cannot run on ``device_type``.
+
+    fp16 autocast is a GPU feature: on the CPU, autocast leaves some matmuls in float32 while the
+    frozen weights are held in float16, and the first step dies with "mat1 and mat2 must have the
+    same dtype" (measured: torch 2.13, tiny SD1.5, 2 steps). bf16 autocast works on the CPU.
+    ``device_type`` is the one the run will use (the trainer: accelerate's ``PartialState().device.type``),
+    never assumed; ``setting`` is how the user spelled the choice (``--dtype`` for ``sipo eval``).
+    """
+    if mixed_precision == "fp16" and device_type == "cpu":
+        raise SipoError(
+            f"{setting}=fp16 needs a GPU, and this machine would run on the CPU; "
+            f"set {setting}=bf16 (or no) here, and keep fp16 for GPU machines"
+        )
 
 
 def configure_kernels(deterministic: bool) -> None:

@@ -82,6 +82,58 @@ def is_local_path(path: str | Path) -> bool:
     return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers at all: one HEAD request, no retries.
+
+    Through ``huggingface_hub``'s own HTTP session, so ``HF_ENDPOINT`` and proxy settings count as they
+    do for the loaders. Any HTTP answer (even an error status) means the network is there; a DNS or
+    connection failure returns in milliseconds on a machine without network, where the loaders
+    themselves would retry for ~28 s before failing (measured: diffusers 0.42, huggingface_hub 2.4).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 - whatever the transport raises, the hub is out of reach
+        return False
+    return True
+
+
+def require_hub_access(repo_id: str, what: str, fix: str, filename: str = "config.json") -> None:
+    """Stop in seconds, with one sentence naming the network and ``HF_HUB_OFFLINE=1``, when ``repo_id``
+    (a hub id, ``what`` says whose) cannot be fetched: offline mode without a cached copy, or no network.
+
+    ``fix`` is the local alternative (e.g. "set model.pretrained_path to a local directory").
+    With ``HF_HUB_OFFLINE=1`` a copy in the local hub cache (``filename`` of it) is used as the
+    libraries would; without it and without network the libraries would retry for half a minute.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        if isinstance(try_to_load_from_cache(repo_id, filename), str):
+            return
+        raise SipoError(
+            f"{what} {repo_id} is a hub id that is not in the local hub cache, and HF_HUB_OFFLINE=1 keeps sipo "
+            f"off the network; {fix}, or download it on a machine with network first"
+        )
+    if not hub_reachable():
+        raise SipoError(
+            f"{what} {repo_id} is a hub id, but the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+            f"from this machine (no network); {fix}, or set HF_HUB_OFFLINE=1 to use a copy in the local hub cache"
+        )
+
+
+def read_component_config(path: Path, subfolder: str) -> dict[str, Any] | None:
+    """``<path>/<subfolder>/config.json`` as a dict, or None where absent or unreadable (its loader says why)."""
+    file = Path(path) / subfolder / "config.json"
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None
+
+
 class DiffusionAdapter(ABC):
     """One model family behind the interface the trainer, analysis and evaluation use."""
 
@@ -96,12 +148,21 @@ class DiffusionAdapter(ABC):
     #: ``None``: a complete ``pipeline_class_names[0]`` directory written by ``save_pretrained``.
     directory_hint: ClassVar[str | None] = None
 
+    #: subfolder -> {config.json key: the value every model of this family has}: what tells this
+    #: family's component from another family's of the same class (an SDXL UNet is a
+    #: UNet2DConditionModel like SD1.5's, but with addition_embed_type "text_time").
+    component_config: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: (denoiser subfolder, its key, [text encoder subfolders]): the denoiser attends to text states
+    #: as wide as the encoders' ``hidden_size`` summed (SDXL concatenates its two encoders').
+    text_width_check: ClassVar[tuple[str, str, tuple[str, ...]] | None] = None
+
     schedule: GaussianSchedule
     denoiser: nn.Module
 
     @classmethod
     def check_family(cls, path: str | Path) -> None:
-        """Stop with one sentence when ``path`` holds another family's pipeline."""
+        """Stop with one sentence when ``path`` holds another family's pipeline, or another family's
+        component in one of its folders (``check_component_configs``)."""
         class_name = read_model_index(path).get("_class_name", "?")
         if class_name not in cls.pipeline_class_names:
             raise SipoError(
@@ -109,6 +170,7 @@ class DiffusionAdapter(ABC):
                 f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching "
                 "family or model.pretrained_path to a matching model"
             )
+        cls.check_component_configs(Path(path))
 
     @classmethod
     def check_pipeline_directory(cls, path: str | Path) -> Path:
@@ -130,6 +192,53 @@ class DiffusionAdapter(ABC):
         return path
 
     @classmethod
+    def check_component_configs(cls, path: Path) -> None:
+        """Stop with one sentence when a component folder holds another model than this family's.
+
+        Read from the components' ``config.json`` before any weights load, so a swapped-in component
+        (an SDXL ``unet/`` in an SD1.5 directory) is named here instead of failing as a TypeError deep
+        in the denoiser's forward pass. Three checks: the class ``model_index.json`` declares for the
+        folder is the class its config names; the family's ``component_config`` values; and the
+        denoiser's text width against the text encoders' (``text_width_check``).
+        """
+        index = read_model_index(path)
+        source = cls.directory_hint or f"a complete {cls.pipeline_class_names[0]} directory"
+        fix = f"take all component folders from one model ({source}), or set model.family to the family they belong to"
+        for subfolder, declared in index.items():
+            config = read_component_config(path, subfolder) if isinstance(declared, list) else None
+            if config is None or len(declared) != 2 or "_class_name" not in config:
+                continue
+            if declared[1] is not None and config["_class_name"] != declared[1]:
+                raise SipoError(
+                    f"{path / subfolder} holds a {config['_class_name']}, but model_index.json declares a "
+                    f"{declared[1]} there; {fix}"
+                )
+        for subfolder, expected in cls.component_config.items():
+            config = read_component_config(path, subfolder)
+            if config is None:
+                continue
+            for key, value in expected.items():
+                if config.get(key) != value:
+                    raise SipoError(
+                        f"{path / subfolder} is not a {cls.family} {subfolder} (its config.json has {key}="
+                        f"{config.get(key)!r}, every {cls.family} model has {value!r}), probably another family's; {fix}"
+                    )
+        if cls.text_width_check is not None:
+            denoiser, key, encoders = cls.text_width_check
+            denoiser_config = read_component_config(path, denoiser)
+            widths = [read_component_config(path, name) for name in encoders]
+            if denoiser_config is None or any(w is None or "hidden_size" not in w for w in widths):
+                return
+            total = sum(int(w["hidden_size"]) for w in widths)
+            width = denoiser_config.get(key)
+            if not (width == total or isinstance(width, list) and all(w == total for w in width)):
+                names = " + ".join(f"{name}/ {int(w['hidden_size'])}" for name, w in zip(encoders, widths))
+                raise SipoError(
+                    f"{path / denoiser} expects text states {denoiser_config.get(key)} wide ({key}), but the text "
+                    f"encoders give {total} ({names}), so they come from different models; {fix}"
+                )
+
+    @classmethod
     def locate_pipeline(cls, path: str | Path) -> tuple[str, dict[str, Any]]:
         """``(source, model_index)`` for a local directory (checked by ``check_pipeline_directory``) or a hub id.
 
@@ -141,6 +250,8 @@ class DiffusionAdapter(ABC):
             return str(directory), read_model_index(directory)
         from diffusers import DiffusionPipeline
 
+        require_hub_access(str(path), "model.pretrained_path", f"set model.pretrained_path to a local "
+                           f"{cls.pipeline_class_names[0]} directory", filename="model_index.json")
         try:
             index = DiffusionPipeline.load_config(str(path))
         except OSError as error:

@@ -48,6 +48,10 @@ class SD15Adapter(DiffusionAdapter):
         "tokenizer": "CLIPTokenizer",
         "scheduler": "scheduler config",
     }
+    # An SDXL UNet is a UNet2DConditionModel too: these tell the two apart before it loads
+    # (DiffusionAdapter.check_component_configs), as diffusers' UNet2DConditionModel.get_aug_embed does.
+    component_config = {"unet": {"addition_embed_type": None}}
+    text_width_check = ("unet", "cross_attention_dim", ("text_encoder",))
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, num_inference_steps: int = 50):
         self.denoiser: nn.Module = unet

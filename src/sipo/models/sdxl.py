@@ -54,6 +54,10 @@ class SDXLAdapter(DiffusionAdapter):
         "tokenizer_2": "CLIPTokenizer",
         "scheduler": "scheduler config",
     }
+    # SD1.5's UNet is a UNet2DConditionModel too: these tell the two apart before it loads
+    # (DiffusionAdapter.check_component_configs); SDXL's attends to both encoders' states concatenated.
+    component_config = {"unet": {"addition_embed_type": "text_time"}}
+    text_width_check = ("unet", "cross_attention_dim", ("text_encoder", "text_encoder_2"))
     #: images per VAE call. One: at 1024 px the fp32 VAE's encoder peaks at ~2.5 GiB per image
     #: (measured, docs/models.md), more than the checkpointed UNet step, and one image fills a GPU.
     encode_chunk_size: int = 1

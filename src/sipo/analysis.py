@@ -15,7 +15,8 @@ trainer uses. Per bucket we keep:
   vector per bucket and one scalar ``M2`` (the trace of the scatter matrix), so memory is
   ``K x P`` floats whatever ``N`` is, and no per-pair gradient is kept.
 
-Outputs (``output_dir``): ``analysis.csv`` (one row per bucket, columns :data:`CSV_COLUMNS`,
+Outputs (``output_dir``, keyed by the weights analysed as ``sipo eval``'s are: ``weights.json``):
+``analysis.csv`` (one row per bucket, columns :data:`CSV_COLUMNS`,
 documented in docs/analysis.md), ``masked_fraction_vs_tau.csv``, ``analysis.json`` (everything,
 plus the findings paragraph), and three plots. Deterministic given ``config.train.seed``.
 
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from sipo.performance import full_float32
 from sipo.config import SipoConfig, config_from_dict
 from sipo.errors import SipoError
+from sipo.evaluate import claim_output_folder, weights_key
 from sipo.models import DiffusionAdapter, adapter_from_config, lora_disabled
 from sipo.preference import PairNoise, compute_pair_terms, draw_pair_noise
 
@@ -63,6 +65,10 @@ CSV_COLUMNS: tuple[str, ...] = (
     "masked_fraction",
 )
 TAU_COLUMNS: tuple[str, ...] = ("tau", "log_tau", "masked_fraction")
+#: what run_analysis writes into its output folder; outputs of other weights are moved aside
+#: (sipo.evaluate.claim_output_folder), anything else there is left alone.
+ANALYSIS_PRODUCTS: tuple[str, ...] = ("analysis.csv", "masked_fraction_vs_tau.csv", "analysis.json", "log_w_vs_t.png",
+                                      "grad_variance_vs_t.png", "masked_fraction_vs_tau.png")
 
 
 # ----------------------------------------------------------------------------- streaming statistics
@@ -200,12 +206,14 @@ def prepare_model(
     checkpoint: str | Path | None = None,
     adapter: DiffusionAdapter | None = None,
     max_grad_elements: int = DEFAULT_MAX_GRAD_ELEMENTS,
+    weights_checkpoint: str | Path | None = None,
 ) -> tuple[DiffusionAdapter, Any, GradientParameters]:
     """Load the policy (base model, or a run's weights), its reference, and the gradient parameters.
 
     The reference is the trainer's: LoRA switched off for a LoRA model, the base weights (a frozen
     copy taken before a full run's weights are loaded) for a full model. Returns
-    ``(adapter, reference_predict, gradient_parameters)``.
+    ``(adapter, reference_predict, gradient_parameters)``. ``weights_checkpoint``: the checkpoint of
+    ``checkpoint`` to load (default its newest intact one), the one the outputs are keyed by.
     """
     if adapter is None:
         adapter = adapter_from_config(config.model)
@@ -223,7 +231,7 @@ def prepare_model(
     if checkpoint is not None:
         from sipo.checkpoints import load_run_weights
 
-        load_run_weights(adapter, checkpoint)
+        load_run_weights(adapter, checkpoint, weights_checkpoint)
     if finetune == "lora" and not has_lora(adapter.denoiser):
         from sipo.models import add_lora
 
@@ -310,17 +318,21 @@ def run_analysis(
         raise SipoError(f"--buckets must be at least 1, got {num_buckets}")
     oc = config.objective
     seed = config.train.seed
-    torch.manual_seed(seed)  # LoRA injection draws its initial weights from the global stream
-    adapter, reference_predict, grads = prepare_model(config, checkpoint, adapter, max_grad_elements)
-    T = adapter.schedule.num_train_timesteps
-    if num_buckets > T:
-        raise SipoError(f"--buckets ({num_buckets}) cannot exceed the model's {T} training timesteps")
+    # What needs no model comes first: a run without a checkpoint, or a bad data.path, fails in a second.
+    weights = weights_key(config, checkpoint)
     if dataset is None:
         from sipo.data import open_preference_dataset
 
         dataset = open_preference_dataset(config.data, config.model.resolution, seed=seed)
     if len(dataset) == 0:
         raise SipoError(f"the dataset {config.data.path!r} holds no pairs; point data.path at preference pairs")
+    torch.manual_seed(seed)  # LoRA injection draws its initial weights from the global stream
+    adapter, reference_predict, grads = prepare_model(
+        config, checkpoint, adapter, max_grad_elements,
+        weights_checkpoint=None if checkpoint is None else Path(weights["run"]) / "checkpoints" / weights["checkpoint"])
+    T = adapter.schedule.num_train_timesteps
+    if num_buckets > T:
+        raise SipoError(f"--buckets ({num_buckets}) cannot exceed the model's {T} training timesteps")
 
     device = adapter.device
     generator = torch.Generator().manual_seed(seed)
@@ -373,7 +385,9 @@ def run_analysis(
     findings = findings_paragraph(rows, T, correlation, used, oc.tau, tau_curve_at(all_log_w, oc.tau), grads.describe())
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    moved = claim_output_folder(output_dir, weights, products=ANALYSIS_PRODUCTS)
+    if moved and verbose:
+        print(f"sipo: {moved}")
     files = {"csv": output_dir / "analysis.csv", "tau_csv": output_dir / "masked_fraction_vs_tau.csv",
              "json": output_dir / "analysis.json"}
     write_csv(files["csv"], CSV_COLUMNS, rows)
@@ -383,6 +397,7 @@ def run_analysis(
     summary = {
         "model": {"family": config.model.family, "pretrained_path": config.model.pretrained_path,
                   "checkpoint": None if checkpoint is None else str(checkpoint),
+                  "checkpoint_step": weights.get("checkpoint"), "weights_sha256": weights["weights"],
                   "num_train_timesteps": T, "num_inference_steps": adapter.schedule.num_inference_steps,
                   "prediction_type": adapter.schedule.prediction_type},
         "objective": {"beta": oc.beta, "tau": oc.tau, "weight_norm": oc.weight_norm,

@@ -251,10 +251,12 @@ def load_checkpoint(path: Path, trainable_module_params: dict[str, nn.Parameter]
     return state
 
 
-def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path) -> SipoConfig:
+def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path, checkpoint: str | Path | None = None) -> SipoConfig:
     """Put a finished or interrupted run's trained weights into ``adapter`` (LoRA injected if needed).
 
-    Reads the run's saved config and its latest checkpoint (safetensors only). Returns that config.
+    Reads the run's saved config and its latest intact checkpoint, or ``checkpoint`` (the one
+    :func:`run_weights` named, so the weights loaded are the ones a digest was taken of; safetensors
+    only). Returns that config.
     """
     import yaml
 
@@ -264,7 +266,7 @@ def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path) -> SipoConf
     if not saved.is_file() or not checkpoints:
         raise SipoError(f"{run_dir} is not a sipo run directory (needs config.yaml and checkpoints/step-*); pass the train.output_dir of a run")
     run_config = config_from_dict(yaml.safe_load(saved.read_text()))
-    newest, _ = newest_intact_checkpoint(run_dir)
+    newest = Path(checkpoint) if checkpoint is not None else newest_intact_checkpoint(run_dir)[0]
     if newest is None:
         raise SipoError(f"every checkpoint under {run_dir}/checkpoints fails its manifest check; pass another run directory")
     checkpoints = [newest]
@@ -281,6 +283,37 @@ def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path) -> SipoConf
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
     return run_config
+
+
+@dataclass(frozen=True)
+class RunWeights:
+    """The trained weights a run holds now: its newest intact checkpoint and the sha256 of that
+    checkpoint's ``trainable.safetensors`` (read from its verified manifest), which is what
+    evaluation and analysis outputs are keyed by."""
+
+    checkpoint: Path
+    sha256: str
+
+    @property
+    def label(self) -> str:
+        """``step-00000004-3fa9c2d1e0b7``: the checkpoint and the first 12 hex digits of its digest."""
+        return f"{self.checkpoint.name}-{self.sha256[:12]}"
+
+
+def run_weights(run_dir: str | Path) -> RunWeights:
+    """The weights :func:`load_run_weights` would load from ``run_dir``, with their digest; stops with one
+    sentence when the directory holds no checkpoint (before anything is sampled or analysed)."""
+    run_dir = Path(run_dir)
+    if not list_checkpoints(run_dir):
+        raise SipoError(f"{run_dir} holds no checkpoint (checkpoints/step-*), so there are no trained weights to "
+                        "use; pass the train.output_dir of a run that has written a checkpoint")
+    newest, _ = newest_intact_checkpoint(run_dir)
+    if newest is None:
+        raise SipoError(f"every checkpoint under {run_dir}/checkpoints fails its manifest check; pass another run directory")
+    entry = json.loads((newest / MANIFEST).read_text())["files"].get("trainable.safetensors")  # verified just now
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        entry = {"sha256": _sha256(newest / "trainable.safetensors")}
+    return RunWeights(newest, entry["sha256"])
 
 
 # ----------------------------------------------------------------------------- run fingerprints

@@ -12,8 +12,15 @@ from pathlib import Path
 from sipo.errors import SipoError
 
 
+def _user_path(value: str) -> str:
+    """A path argument with a leading ``~`` expanded (``--output-dir=~/x`` reaches us unexpanded by the shell)."""
+    import os
+
+    return os.path.expanduser(value)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", required=required,
+    parser.add_argument("--config", required=required, type=_user_path,
                         help="YAML config file, or the name of a packaged one (see `sipo config --list`)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. objective.beta=2500")
 
@@ -40,27 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the embedded digits task: DPO vs DPO-C&M vs SIPO on CPU")
     demo.add_argument("--quick", action="store_true", help="a small variant that finishes in about a minute")
     demo.add_argument("--full", action="store_true", help="every claim for every method and pair source (about 3x the default's time)")
-    demo.add_argument("--output-dir", default="runs/demo", help="where the report and plots go")
+    demo.add_argument("--output-dir", default="runs/demo", type=_user_path, help="where the report and plots go")
 
     analyze = commands.add_parser("analyze", help="per-timestep importance weights and gradient variance (docs/spec.md section 6)")
     _add_config_arguments(analyze)
-    analyze.add_argument("--checkpoint", default=None, help="a trained run directory (LoRA or full) to analyse instead of the base model")
+    analyze.add_argument("--checkpoint", default=None, type=_user_path,
+                         help="a trained run directory (LoRA or full) to analyse instead of the base model")
     analyze.add_argument("--pairs", type=int, default=64, help="preference pairs to analyse")
     analyze.add_argument("--buckets", type=int, default=20, help="timestep buckets over [0, T)")
-    analyze.add_argument("--output-dir", default=None, help="default: <train.output_dir>/analysis")
+    analyze.add_argument("--output-dir", default=None, type=_user_path,
+                         help="default: <checkpoint>/analysis, or <train.output_dir>/analysis for the base model")
 
     evaluate = commands.add_parser("eval", help="sample base and aligned model, score with reward models, win rates")
     _add_config_arguments(evaluate)
-    evaluate.add_argument("--checkpoint", default=None, help="the trained run directory (train.output_dir) to compare with its base")
+    evaluate.add_argument("--checkpoint", default=None, type=_user_path, help="the trained run directory (train.output_dir) to compare with its base")
     evaluate.add_argument("--base", action="store_true", help="score the base model only (no --checkpoint needed)")
     evaluate.add_argument("--prompts", required=True, help="text file, one prompt per line, or pickapic-test")
-    evaluate.add_argument("--pickapic-path", default=None, help="Pick-a-Pic v2 test parquet (file, folder or glob) for --prompts pickapic-test")
+    evaluate.add_argument("--pickapic-path", default=None, type=_user_path, help="Pick-a-Pic v2 test parquet (file, folder or glob) for --prompts pickapic-test")
     evaluate.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     evaluate.add_argument("--seeds", default="0", help="comma-separated seeds (or a range 0-3); one image per prompt and seed")
     evaluate.add_argument("--scorers", default="pickscore", help="comma-separated: pickscore,hpsv2,imagereward,aesthetic,clipscore")
     evaluate.add_argument("--scorer-path", action="append", default=[], metavar="NAME=DIR",
                           help="local checkpoint directory of a scorer (repeatable); default: its hub id where online")
-    evaluate.add_argument("--output-dir", default=None, help="default: <checkpoint>/eval")
+    evaluate.add_argument("--output-dir", default=None, type=_user_path, help="default: <checkpoint>/eval")
     evaluate.add_argument("--batch-size", type=int, default=4, help="images per sampling and scoring batch")
     evaluate.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps (the same for both models)")
     evaluate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the same for both models)")
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from sipo.train import train
 
             config = load_config(args.config, args.overrides + (["data.strict=true"] if args.strict else []))
+            _check_precision(config)
             result = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
             print(f"trained {result.steps} steps; weights, config and logs in {result.output_dir}")
         elif args.command == "config":
@@ -131,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             from sipo.config import load_config
 
             config = load_config(args.config, args.overrides)
-            output_dir = Path(args.output_dir) if args.output_dir else Path(config.train.output_dir) / "analysis"
+            # beside the weights analysed: a run's own folder, never the config's train.output_dir for another run
+            home = Path(args.checkpoint) if args.checkpoint else Path(config.train.output_dir)
+            output_dir = Path(args.output_dir) if args.output_dir else home / "analysis"
             run_analysis(config, checkpoint=args.checkpoint, num_pairs=args.pairs, num_buckets=args.buckets,
                          output_dir=output_dir)
         elif args.command == "eval":
@@ -174,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sipo: error: {_os_error_sentence(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_precision(config) -> None:
+    """train.mixed_precision against the device accelerate will train on, before any model loads.
+
+    (Until train()'s own prologue makes this call; then this one can go.)
+    """
+    from accelerate import PartialState
+
+    from sipo.performance import check_precision_for_device
+
+    check_precision_for_device(config.train.mixed_precision, PartialState().device.type)
 
 
 def _after_interrupt(config) -> str:

@@ -7,6 +7,11 @@ guidance scale, so image ``(i, s)`` of the two models differs only by the weight
 as PNG under ``<output_dir>/images/<model>/`` and re-running skips those already there. Scores are
 computed from the saved PNGs (so a resumed run scores exactly what a fresh one would).
 
+Images are keyed by the weights that made them: ``images/aligned/weights.json`` records the sha256
+of the run's checkpoint weights (:func:`sipo.checkpoints.run_weights`). When the run has trained
+further, the old images move to ``images/aligned-<step>-<digest>/`` and the new weights are sampled,
+so images of old weights are never scored for new ones (:func:`claim_output_folder`).
+
 Per scorer we report the mean score of each model with a 95% percentile-bootstrap interval, and the
 win rate of aligned over base (per ``(prompt, seed)``: 1 if aligned scores higher, 0 if lower,
 1/2 on a tie) with its bootstrap interval. Outputs: ``scores.csv`` (every image's scores),
@@ -107,7 +112,7 @@ def read_prompts(source: str | Path, pickapic_path: str | None = None, limit: in
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SipoError(f"{source} holds no prompts; write one prompt per line")
-    return prompts[:limit] if limit else prompts
+    return prompts[:limit] if limit is not None else prompts
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -329,7 +334,7 @@ def parse_scorer_paths(items: Sequence[str]) -> dict[str, str]:
         if "=" not in item:
             raise SipoError(f"--scorer-path {item!r} is not NAME=DIR; write e.g. --scorer-path pickscore=/models/PickScore_v1")
         name, directory = item.split("=", 1)
-        paths[name.strip()] = directory.strip()
+        paths[name.strip()] = os.path.expanduser(directory.strip())
     return paths
 
 
@@ -379,26 +384,136 @@ def video_sample_sizes(config) -> dict[str, int]:
     return sizes
 
 
+WEIGHTS_RECORD = "weights.json"
+#: --dtype -> the dtype of the weights while sampling (plain casts, no autocast: fp16 also samples on a CPU)
+SAMPLING_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weights_key(config, checkpoint: str | Path | None) -> dict:
+    """What made a folder's outputs: ``{"weights": sha256, "checkpoint": "step-...", "run": path}`` for a
+    run's trained weights, ``{"weights": "base", "model": path}`` for the base model alone.
+
+    Stops with one sentence when ``checkpoint`` holds no checkpoint, before anything is sampled.
+    """
+    if checkpoint is None:
+        return {"weights": "base", "model": str(config.model.pretrained_path)}
+    from sipo.checkpoints import run_weights
+
+    weights = run_weights(checkpoint)
+    return {"weights": weights.sha256, "checkpoint": weights.checkpoint.name, "label": weights.label,
+            "run": str(Path(checkpoint).resolve())}
+
+
+def _same_weights(previous: dict, key: dict) -> bool:
+    return previous.get("weights") == key["weights"] and previous.get("model") == key.get("model")
+
+
+def describe_weights(key: dict) -> str:
+    if key.get("weights") == "base":
+        return f"the base model {key.get('model')}"
+    return f"{key.get('checkpoint', '?')} (weights sha256 {str(key.get('weights', '?'))[:12]})"
+
+
+def claim_output_folder(folder: Path, key: dict, products: Sequence[str] | None = None) -> str | None:
+    """Make ``folder`` hold outputs of the weights ``key`` names (:func:`weights_key`), and only those.
+
+    ``folder/weights.json`` records whose outputs it holds. Outputs of other weights (or of weights
+    nobody recorded) are moved, not deleted, to ``<folder>-<their label>`` beside it; ``products``
+    names the entries sipo writes there (None: everything in the folder is sipo's). Returns the
+    sentence to print when something moved, else None.
+    """
+    folder = Path(folder)
+    record = folder / WEIGHTS_RECORD
+    note = None
+    if folder.is_dir():
+        try:
+            previous = json.loads(record.read_text())
+            previous = previous if isinstance(previous, dict) else {}
+        except (OSError, ValueError):
+            previous = None
+        if previous is not None and _same_weights(previous, key):
+            return None
+        entries = [e for e in folder.iterdir() if e.name != WEIGHTS_RECORD
+                   and (products is None or e.name in products)]
+        if entries:
+            if previous is None:
+                label = "unrecorded"
+            else:
+                label = previous.get("label") or ("base" if previous.get("weights") == "base" else
+                                                   str(previous.get("weights", "unrecorded"))[:12])
+            archive = folder.resolve().parent / f"{folder.resolve().name}-{label}"
+            suffix = 1
+            while archive.exists():
+                suffix += 1
+                archive = archive.with_name(f"{folder.resolve().name}-{label}-{suffix}")
+            archive.mkdir(parents=True)
+            for entry in entries:
+                os.replace(entry, archive / entry.name)
+            if record.is_file():
+                os.replace(record, archive / WEIGHTS_RECORD)
+            made_by = describe_weights(previous) if previous is not None else "weights sipo did not record"
+            note = (f"{folder} held outputs of {made_by}, not of {describe_weights(key)}; they moved to "
+                    f"{archive.name} beside it and are not reported")
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(key, indent=2))
+    return note
+
+
+def check_eval_options(options: EvalOptions) -> None:
+    """The command-line values a run could not use, refused before anything loads or samples."""
+    import math
+
+    if options.batch_size < 1 or options.num_inference_steps < 1:
+        raise SipoError("--batch-size and --num-inference-steps must be at least 1")
+    if not math.isfinite(options.guidance_scale) or options.guidance_scale < 0:
+        raise SipoError(f"--guidance-scale {options.guidance_scale} is not a finite number >= 0, and the report would "
+                        "name a guidance the sampler never used; pass e.g. --guidance-scale 7.5 (1: unguided)")
+    if options.dtype not in SAMPLING_DTYPES:
+        raise SipoError(f"--dtype {options.dtype!r} is not valid; choose one of {list(SAMPLING_DTYPES)}")
+    if options.max_prompts is not None and options.max_prompts < 1:
+        raise SipoError(f"--max-prompts {options.max_prompts} would evaluate no prompt; pass a positive number, or leave "
+                        "it out to use every prompt")
+
+
+def check_scorers_loadable(scorers: Sequence[str], scorer_paths: dict[str, str]) -> None:
+    """Every scorer can be loaded, checked before any sampling: a named directory exists, and a
+    scorer without one either has a published checkpoint the hub (or, offline, its cache) holds, or
+    stops now with the sentence its loader would give after an hour of sampling."""
+    from sipo.models.base import require_hub_access
+    from sipo.rewards import scorer_class
+
+    for name in scorers:
+        cls = scorer_class(name)  # unknown names stop here
+        directory = scorer_paths.get(name)
+        if directory is not None:
+            if not Path(directory).expanduser().exists():  # a typo found now, not after an hour of sampling
+                raise SipoError(f"{name} scorer directory {directory} does not exist; download the checkpoint "
+                                f"docs/evaluation.md names and pass --scorer-path {name}=DIR")
+            continue
+        hub_ids = [h for h in (getattr(cls, "default_source", ""), getattr(cls, "default_tokenizer", None)) if h]
+        for hub_id in hub_ids:
+            require_hub_access(hub_id, f"the {name} scorer's checkpoint", f"pass --scorer-path {name}=DIR with the "
+                               "files docs/evaluation.md lists")
+        if not hub_ids:
+            cls.load(None, "cpu")  # scorers with no published default stop here, in a second, naming their files
+
+
 def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     """Generate, score and report (see the module docstring); returns one summary per scorer."""
     from sipo.models import DiffusionAdapter, adapter_from_config
-    from sipo.rewards import load_scorer, scorer_class
+    from sipo.rewards import load_scorer
 
     if not options.base_only and options.checkpoint is None:
         raise SipoError("sipo eval compares a trained run with its base: pass --checkpoint RUN_DIR (or --base to score the base only)")
-    for name in options.scorers:
-        scorer_class(name)  # unknown names stop here, before any sampling
+    check_eval_options(options)
     unknown_paths = sorted(set(options.scorer_paths) - set(options.scorers))
     if unknown_paths:
         raise SipoError(f"--scorer-path names {unknown_paths[0]}, which is not in --scorers {options.scorers}; add it to --scorers")
-    for name, directory in options.scorer_paths.items():
-        if not Path(directory).expanduser().exists():  # a typo found now, not after an hour of sampling
-            raise SipoError(f"{name} scorer directory {directory} does not exist; download the checkpoint "
-                            f"docs/evaluation.md names and pass --scorer-path {name}=DIR")
+    check_scorers_loadable(options.scorers, options.scorer_paths)
+    aligned_key = None
     if options.checkpoint is not None and not options.base_only:
         check_run_family(options.checkpoint, config.model.family)
-    if options.batch_size < 1 or options.num_inference_steps < 1:
-        raise SipoError("--batch-size and --num-inference-steps must be at least 1")
+        aligned_key = weights_key(config, options.checkpoint)  # no checkpoint in it: stop before the base half
     prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
     samples = [Sample(i, seed, prompt) for i, prompt in enumerate(prompts) for seed in options.seeds]
     output_dir = Path(options.output_dir or Path(options.checkpoint or config.train.output_dir) / "eval")
@@ -411,10 +526,12 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale,
         "dtype": options.dtype, **sizes,
     }, prompts)
+    if aligned_key is not None:
+        moved = claim_output_folder(output_dir / "images" / "aligned", aligned_key)
+        if moved:
+            print(f"sipo: {moved}")
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if options.dtype not in dtypes:
-        raise SipoError(f"--dtype {options.dtype!r} is not valid; choose one of {list(dtypes)}")
+    dtypes = SAMPLING_DTYPES
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adapter = adapter_from_config(config.model).to(device)
 
@@ -434,7 +551,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         if todo:
             from sipo.checkpoints import load_run_weights
 
-            load_run_weights(adapter, options.checkpoint)
+            load_run_weights(adapter, options.checkpoint, Path(aligned_key["run"]) / "checkpoints" / aligned_key["checkpoint"])
             cast(adapter)
             generate(adapter.sample, samples, output_dir, "aligned", options.batch_size, options.progress, **sample_options)
     del adapter
@@ -458,11 +575,14 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         videos = {m: [image_path(output_dir, m, s) for s in samples] for m in models}
         video_results = run_video_benchmarks(options.video_benchmarks, videos, [s.prompt for s in samples], output_dir)
         table += "\n\n" + video_table(video_results, models)
-    settings = (f"model {config.model.pretrained_path}; run {options.checkpoint}; {len(prompts)} prompts x "
+    run = "" if aligned_key is None else f" at {describe_weights(aligned_key)}"
+    settings = (f"model {config.model.pretrained_path}; run {options.checkpoint}{run}; {len(prompts)} prompts x "
                 f"{len(options.seeds)} seeds; {options.num_inference_steps} steps; guidance {options.guidance_scale}")
     (output_dir / "summary.md").write_text(f"# sipo eval\n\n{settings}\n\n{table}\n")
     (output_dir / "summary.json").write_text(json.dumps(
         {"settings": {"model": config.model.pretrained_path, "checkpoint": options.checkpoint,
+                      "checkpoint_step": None if aligned_key is None else aligned_key["checkpoint"],
+                      "weights_sha256": None if aligned_key is None else aligned_key["weights"],
                       "prompts": options.prompts, "num_prompts": len(prompts), "seeds": options.seeds,
                       "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale},
          "scorers": [s.__dict__ for s in summaries], "video_benchmarks": video_results}, indent=2))

@@ -13,6 +13,17 @@ import pytest
 
 # train.deterministic needs a fixed cuBLAS workspace, read when CUDA initialises: set it before any test does.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+# Every hypothesis test draws the same examples on every run and machine (issue 17, item 25): derandomized,
+# no example database carried between runs, a fixed example count and no deadline (a shared CI core
+# must not fail a slow example). A test's own @settings may raise max_examples; it inherits the rest.
+from hypothesis import HealthCheck, settings as hypothesis_settings
+
+hypothesis_settings.register_profile(
+    "sipo", derandomize=True, database=None, max_examples=100, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.load_profile("sipo")
 from tiny_models import make_image_pairs, make_other_family_dir, make_tiny_sd15
 
 

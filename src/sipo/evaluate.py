@@ -501,20 +501,23 @@ def check_scorers_loadable(scorers: Sequence[str], scorer_paths: dict[str, str])
 def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     """Generate, score and report (see the module docstring); returns one summary per scorer."""
     from sipo.models import DiffusionAdapter, adapter_from_config
-    from sipo.rewards import load_scorer
+    from sipo.rewards import load_scorer, scorer_class
 
     if not options.base_only and options.checkpoint is None:
         raise SipoError("sipo eval compares a trained run with its base: pass --checkpoint RUN_DIR (or --base to score the base only)")
+    # Every check that needs no GPU, before anything loads or samples: local ones first, the network last.
     check_eval_options(options)
+    for name in options.scorers:
+        scorer_class(name)  # unknown names stop here
     unknown_paths = sorted(set(options.scorer_paths) - set(options.scorers))
     if unknown_paths:
         raise SipoError(f"--scorer-path names {unknown_paths[0]}, which is not in --scorers {options.scorers}; add it to --scorers")
-    check_scorers_loadable(options.scorers, options.scorer_paths)
     aligned_key = None
     if options.checkpoint is not None and not options.base_only:
         check_run_family(options.checkpoint, config.model.family)
         aligned_key = weights_key(config, options.checkpoint)  # no checkpoint in it: stop before the base half
     prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
+    check_scorers_loadable(options.scorers, options.scorer_paths)
     samples = [Sample(i, seed, prompt) for i, prompt in enumerate(prompts) for seed in options.seeds]
     output_dir = Path(options.output_dir or Path(options.checkpoint or config.train.output_dir) / "eval")
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -396,3 +396,46 @@ def test_hypothesis_runs_under_the_fixed_profile():
     current = settings.default
     assert current.derandomize is True and current.database is None and current.deadline is None
     assert current.max_examples == 100
+
+
+# ----------------------------------------------------------------------------- a new user's pass over eval/analyze
+def test_eval_and_analyze_output_dir_that_is_a_file(trained_run, tmp_path, capsys):
+    config, run = trained_run
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    sentence = _cli_error(capsys, ["eval", "--config", "demo", "--base", "--prompts", str(prompts), "--scorers",
+                                   "digits-classifier", "--output-dir", str(blocker)])
+    assert sentence == f"--output-dir {blocker} is a file; set --output-dir to a directory path"  # was FileExistsError
+    sentence = _cli_error(capsys, ["analyze", "--config", str(config), "--checkpoint", str(run), "--pairs", "2",
+                                   "--output-dir", str(blocker)])
+    assert sentence == f"--output-dir {blocker} is a file; set --output-dir to a directory path"
+
+
+@pytest.mark.parametrize("text", ["-1", str(2**63), "99999999999999999999999"])
+def test_seeds_torch_cannot_take_or_that_alias_others_are_refused(text):
+    """torch.Generator().manual_seed(2**64) raises ValueError mid-sampling; manual_seed(-1) is 2**64 - 1."""
+    from sipo.evaluate import parse_seeds
+
+    with pytest.raises(SipoError, match=rf"^--seeds {text} is outside \[0, 2\*\*63\); pass seeds from 0 up"):
+        parse_seeds(text)
+    assert parse_seeds(str(2**63 - 1)) == [2**63 - 1]
+
+
+def test_scorer_path_without_a_directory_is_refused():
+    """``pickscore=`` read as "" is the working directory (it exists), and the loader then fell back to the hub."""
+    from sipo.evaluate import parse_scorer_paths
+
+    with pytest.raises(SipoError, match=r"^--scorer-path 'pickscore=' names no directory; write e.g. --scorer-path pickscore="):
+        parse_scorer_paths(["pickscore="])
+
+
+def test_analyze_checkpoint_of_another_family_stops_before_the_model_loads(trained_run, tmp_path, monkeypatch):
+    import sipo.analysis
+
+    _, run = trained_run
+    monkeypatch.setattr(sipo.analysis, "prepare_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    config = load_config(None, ["model.family=sdxl"])
+    with pytest.raises(SipoError, match="was trained on a sd15 model but --config loads a sdxl model"):
+        sipo.analysis.run_analysis(config, checkpoint=run, output_dir=tmp_path / "out", progress=False)

@@ -319,6 +319,13 @@ def run_analysis(
     oc = config.objective
     seed = config.train.seed
     # What needs no model comes first: a run without a checkpoint, or a bad data.path, fails in a second.
+    from sipo.rundir import check_output_dir
+
+    check_output_dir(Path(output_dir), name="--output-dir")
+    if checkpoint is not None:
+        from sipo.evaluate import check_run_family
+
+        check_run_family(checkpoint, config.model.family)
     weights = weights_key(config, checkpoint)
     if dataset is None:
         from sipo.data import open_preference_dataset

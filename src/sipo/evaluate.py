@@ -129,6 +129,9 @@ def parse_seeds(text: str) -> list[int]:
         raise SipoError(f"--seeds {text!r} is not a list of integers; write e.g. --seeds 0,1 or --seeds 0-3") from None
     if not seeds:
         raise SipoError("--seeds is empty; write e.g. --seeds 0,1")
+    outside = [seed for seed in seeds if not 0 <= seed < 2**63]
+    if outside:  # torch.Generator takes 64 bits, and a negative seed aliases a large one (-1 is 2**64 - 1)
+        raise SipoError(f"--seeds {outside[0]} is outside [0, 2**63); pass seeds from 0 up, e.g. --seeds 0-3")
     return list(dict.fromkeys(seeds))
 
 
@@ -334,6 +337,8 @@ def parse_scorer_paths(items: Sequence[str]) -> dict[str, str]:
         if "=" not in item:
             raise SipoError(f"--scorer-path {item!r} is not NAME=DIR; write e.g. --scorer-path pickscore=/models/PickScore_v1")
         name, directory = item.split("=", 1)
+        if not directory.strip():  # "" would read as the working directory, or fall back to the hub
+            raise SipoError(f"--scorer-path {item!r} names no directory; write e.g. --scorer-path {name.strip() or 'pickscore'}=/models/PickScore_v1")
         paths[name.strip()] = os.path.expanduser(directory.strip())
     return paths
 
@@ -517,10 +522,12 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         check_run_family(options.checkpoint, config.model.family)
         aligned_key = weights_key(config, options.checkpoint)  # no checkpoint in it: stop before the base half
     prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
-    check_scorers_loadable(options.scorers, options.scorer_paths)
     samples = [Sample(i, seed, prompt) for i, prompt in enumerate(prompts) for seed in options.seeds]
     output_dir = Path(options.output_dir or Path(options.checkpoint or config.train.output_dir) / "eval")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from sipo.rundir import check_output_dir
+
+    check_output_dir(output_dir, name="--output-dir")  # a file there: one sentence, not FileExistsError
+    check_scorers_loadable(options.scorers, options.scorer_paths)
     models = ("base",) if options.base_only else MODELS
     sizes = video_sample_sizes(config)
     check_generation_settings(output_dir, {

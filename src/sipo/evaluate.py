@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -446,6 +447,7 @@ def claim_output_folder(folder: Path, key: dict, products: Sequence[str] | None 
             else:
                 label = previous.get("label") or ("base" if previous.get("weights") == "base" else
                                                    str(previous.get("weights", "unrecorded"))[:12])
+            label = re.sub(r"[^A-Za-z0-9._-]", "_", str(label))  # a folder name, whatever the record says
             archive = folder.resolve().parent / f"{folder.resolve().name}-{label}"
             suffix = 1
             while archive.exists():

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sipo.errors import SipoError
+from sipo.errors import SipoError, TrainingInterrupted
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_manifest(location)
             print(f"cached {manifest['pairs']} pairs in {manifest['shards']} shards at {location}; "
                   "sipo train uses it while the model, resolution and data stay the same")
+    except TrainingInterrupted as stopped:
+        print(f"sipo: {_one_sentence(stopped)}", file=sys.stderr)
+        return 128 + stopped.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     except SipoError as error:
         print(f"sipo: error: {_one_sentence(error)}", file=sys.stderr)
         return 2

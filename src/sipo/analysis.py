@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from sipo.performance import full_float32
 from sipo.config import SipoConfig, config_from_dict
 from sipo.errors import SipoError
-from sipo.models import DiffusionAdapter, adapter_from_config, lora_disabled
-from sipo.preference import PairNoise, compute_pair_terms, draw_pair_noise
+from sipo.models import DiffusionAdapter, adapter_from_config
+from sipo.preference import PairNoise, compute_pair_terms, draw_pair_noise, reference_predictor
 
 #: quantiles of log w reported per bucket (column suffixes q05 ... q95).
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -236,14 +236,7 @@ def prepare_model(
     if reference_denoiser is not None:
         reference_denoiser.to(device)
     grads = select_gradient_parameters(adapter.denoiser, finetune, max_grad_elements)
-
-    def reference_predict(x_t: Tensor, t: Tensor, cond) -> Tensor:
-        if reference_denoiser is not None:
-            return adapter.predict(x_t, t, cond, denoiser=reference_denoiser)
-        with lora_disabled(adapter.denoiser):
-            return adapter.predict(x_t, t, cond)
-
-    return adapter, reference_predict, grads
+    return adapter, reference_predictor(adapter, adapter.denoiser, reference_denoiser), grads
 
 
 def _is_pair(item: Any) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo import objectives
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, concat_conditioning
+from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, concat_conditioning, lora_disabled
 from sipo.schedules import add_noise, predicted_x0_and_eps, training_target
 
 ReferencePredict = Callable[[Tensor, Tensor, Conditioning], Tensor]
@@ -43,6 +43,20 @@ class PairTerms:
     log_w_winner: Tensor
     log_w_loser: Tensor
     log_w_pair: Tensor
+
+
+def reference_predictor(adapter: DiffusionAdapter, denoiser: nn.Module, reference_denoiser: nn.Module | None = None
+                        ) -> ReferencePredict:
+    """The reference model's prediction, as the trainer and the analysis both define it: the frozen
+    copy ``reference_denoiser`` of a full fine-tune, or ``denoiser`` with its LoRA switched off."""
+
+    def reference_predict(x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if reference_denoiser is not None:
+            return adapter.predict(x_t, t, cond, denoiser=reference_denoiser)
+        with lora_disabled(denoiser):
+            return adapter.predict(x_t, t, cond, denoiser=denoiser)
+
+    return reference_predict
 
 
 def draw_pair_noise(

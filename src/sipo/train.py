@@ -33,10 +33,12 @@ from sipo.checkpoints import (
 from sipo.config import SipoConfig, check_against_model, check_values, save_config
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError, TrainingInterrupted
-from sipo.models import DiffusionAdapter, adapter_from_config, add_lora, lora_disabled
+from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import EncodedPairs, hold_frozen_weights_in
 from sipo.performance import COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng
-from sipo.preference import PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, objective_loss
+from sipo.preference import (
+    PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, objective_loss, reference_predictor,
+)
 
 #: ``callback(step, adapter)``, called after every optimizer step (benchmarks time steps with it,
 #: tests inject faults with it, validation and sampling hook in the same way)
@@ -441,18 +443,6 @@ def place_model_and_data(config: SipoConfig, dataset, adapter: DiffusionAdapter,
         reference_denoiser.to(accelerator.device)
     adapter.denoiser.train()
     return dataset
-
-
-def reference_predictor(adapter: DiffusionAdapter, forward_model: nn.Module, reference_denoiser: nn.Module | None):
-    """The reference model's prediction: the frozen copy, or the policy with its LoRA switched off."""
-
-    def reference_predict(x_t: Tensor, t: Tensor, cond) -> Tensor:
-        if reference_denoiser is not None:
-            return adapter.predict(x_t, t, cond, denoiser=reference_denoiser)
-        with lora_disabled(forward_model):
-            return adapter.predict(x_t, t, cond, denoiser=forward_model)
-
-    return reference_predict
 
 
 def restore_state(config: SipoConfig, plan: Plan, trainable, optimizer, lr_scheduler, generator,

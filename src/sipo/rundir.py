@@ -243,6 +243,7 @@ def claim(output_dir: Path, resume: bool, overwrite: bool, damaged: list[Path], 
         if holding and not resume and (run is None or run.state.step == result.start_step):
             _remove_new_entries(output_dir, before)
             if created_dir:
+                (output_dir / LOCK_FILE).unlink(missing_ok=True)
                 remove_if_empty(output_dir)
         raise
     finally:

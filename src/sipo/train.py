@@ -90,6 +90,8 @@ class Run:
     history: list[dict[str, float]]
     metrics: "MetricsWindow"
     first_micro_batch: int  # data consumed before this call (a resume's position)
+    first_step: int  # the step this call started from
+    masked_in_a_row: int = 0  # pairs masked since the start while none was kept (-1: one was kept)
 
     @property
     def output_dir(self) -> Path:
@@ -108,7 +110,9 @@ class StepOutput:
     keeps: list[Tensor] = field(default_factory=list)
     weights: list[Tensor] = field(default_factory=list)
     losses: list[Tensor] = field(default_factory=list)
+    mask_weights: list[Tensor] = field(default_factory=list)  # the pair weights the mask compared with tau
     pairs: int = 0
+    kept_pairs: int = 0
     grad_norm: Any = None
     finite: bool = True
 
@@ -155,6 +159,7 @@ def train(
                     callback(run.state.step, run.adapter)
                 if run.state.step % tc.log_every == 0 or run.state.step == tc.max_steps:
                     log_metrics(run, bar)
+                guard_all_masked(run, step)  # after logging: the masked steps stay in metrics.jsonl
                 checkpoint_if_due(run)
                 if stop.agreed(run.accelerator) and run.state.step < tc.max_steps:
                     raise interrupted(run, stop.signum)
@@ -194,6 +199,7 @@ def training_step(run: Run) -> StepOutput:
         step.terms.append(terms)
         step.keeps.append(keep)
         step.weights.append(effective_weight)
+        step.mask_weights.append(weight.detach())
     return step
 
 
@@ -205,7 +211,7 @@ def optimizer_step(run: Run, step: StepOutput) -> None:
     ) if step.terms else torch.tensor(0.0)
     # The one host synchronisation of the step: whether the loss and the gradient are finite,
     # and how many micro-batches had every pair masked.
-    loss_finite, grad_finite, all_masked = _step_flags(step.losses, step.grad_norm, step.keeps)
+    loss_finite, grad_finite, all_masked, step.kept_pairs = _step_flags(step.losses, step.grad_norm, step.keeps)
     state.all_masked_batches += all_masked
     step.finite = loss_finite and grad_finite
     if step.finite:
@@ -232,6 +238,30 @@ def guard_divergence(run: Run, step: StepOutput) -> None:
         raise SipoError(
             f"stopped at step {state.step}: {state.consecutive_bad_steps} optimizer steps in a row had a "
             f"non-finite loss or gradient (timesteps {bucket}); {_divergence_advice(run.output_dir)}"
+        )
+
+
+#: pairs in a row that every one masked before a run stops as useless (at a masked fraction of 0.8
+#: a healthy run meets this with probability 0.8**64 ~ 6e-7)
+ALL_MASKED_PATIENCE_PAIRS = 64
+
+
+def guard_all_masked(run: Run, step: StepOutput) -> None:
+    """Stop a run whose mask keeps no pair: each of its first 64 pairs fell below ``objective.tau`` or
+    outside ``[t_min, t_max]``, so nothing is learned. (A shorter run that keeps none is told so at its end.)"""
+    if step.kept_pairs:
+        run.masked_in_a_row = -1  # some pair was kept: the guard has done its job for this run
+    if run.masked_in_a_row < 0 or not step.pairs:
+        return
+    run.masked_in_a_row += step.pairs
+    if run.masked_in_a_row >= ALL_MASKED_PATIENCE_PAIRS:
+        oc = run.config.objective
+        largest = torch.cat(step.mask_weights).nan_to_num(nan=0.0).max().item()
+        raise SipoError(
+            f"objective.tau={oc.tau} (with t_min={oc.t_min}, t_max={oc.t_max}) masked all {run.masked_in_a_row} pairs "
+            f"of the first {run.state.step - run.first_step} steps, so the run learns nothing (the largest pair weight "
+            f"in the last step was {largest:.3g}); lower objective.tau below that, widen [t_min, t_max], or set "
+            "objective.mask=false"
         )
 
 
@@ -296,6 +326,9 @@ def finish(run: Run) -> None:
     if accelerator.is_main_process:
         (output_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
         accelerator.print(f"data: {dataset.report}")
+        if run.masked_in_a_row > 0:
+            accelerator.print(f"sipo: warning: the mask dropped all {run.masked_in_a_row} pairs of this run, so the "
+                              "weights did not learn from them; lower objective.tau or set objective.mask=false")
         if dataset.report.used == 0 and state.micro_batches > run.first_micro_batch:
             accelerator.end_training()
             raise SipoError(
@@ -348,6 +381,9 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
             rundir.check_overwrite(output_dir)
         # Open the data before loading a model: a bad path should fail in a second, not a minute.
         dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed)
+        if 0 < len(dataset) < tc.batch_size:
+            notes.append(f"train.batch_size={tc.batch_size} is more than the {len(dataset)} pairs, so every micro-batch "
+                         "repeats pairs (each with its own noise); pairs_per_s counts every pair evaluated")
         fingerprint = run_fingerprint(config)
         rundir.check_reporting(config)
         resume_from, damaged = None, []
@@ -382,7 +418,7 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
         reference_predict=reference_predictor(adapter, forward_model, reference_denoiser), trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, generator=generator, state=state, dataset=dataset,
         loader=data_loader(config, dataset, state, accelerator), history=history,
-        metrics=MetricsWindow(state.step), first_micro_batch=state.micro_batches,
+        metrics=MetricsWindow(state.step), first_micro_batch=state.micro_batches, first_step=state.step,
     )
 
 
@@ -579,16 +615,17 @@ def _to_device(noise: PairNoise, device: torch.device) -> PairNoise:
     return PairNoise(*(x.pin_memory().to(device, non_blocking=True) for x in (noise.timesteps, noise.eps, noise.posterior_noise)))
 
 
-def _step_flags(losses: list[Tensor], grad_norm, keeps: list[Tensor]) -> tuple[bool, bool, int]:
-    """(every loss finite, gradient norm finite, micro-batches with every pair masked) in one transfer."""
+def _step_flags(losses: list[Tensor], grad_norm, keeps: list[Tensor]) -> tuple[bool, bool, int, int]:
+    """(every loss finite, gradient norm finite, micro-batches with every pair masked, pairs kept) in one transfer."""
     if not losses:
-        return True, True, 0
+        return True, True, 0, 0
     flags = torch.stack([
         torch.isfinite(torch.stack(losses)).all().float(),
         torch.isfinite(torch.as_tensor(grad_norm, device=losses[0].device)).float(),
         torch.stack([~k.any() for k in keeps]).sum().float(),
+        torch.cat(keeps).sum().float(),
     ]).tolist()
-    return bool(flags[0]), bool(flags[1]), int(flags[2])
+    return bool(flags[0]), bool(flags[1]), int(flags[2]), int(flags[3])
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -4,6 +4,7 @@ disk-full writes and one stable log folder."""
 
 from __future__ import annotations
 
+import importlib
 import errno
 import json
 import shutil
@@ -200,7 +201,7 @@ def test_ctrl_c_suggests_resume_only_when_a_checkpoint_exists(tiny_sd15_dir, man
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sipo.train.train", interrupted)
+    monkeypatch.setattr(importlib.import_module("sipo.train"), "train", interrupted)  # sipo.train is the function
     config = write_tiny_config(tmp_path / "c.yaml", tiny_sd15_dir, manifest, run)
     assert cli_main(["train", "--config", str(config)]) == 130
     err = capsys.readouterr().err

@@ -127,13 +127,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(_demo_output_dir(args.output_dir), quick=args.quick, full=args.full)
         elif args.command == "analyze":
-            from sipo.analysis import run_analysis
+            from sipo.api import analyze
             from sipo.config import load_config
 
             config = load_config(args.config, args.overrides)
-            output_dir = Path(args.output_dir) if args.output_dir else Path(config.train.output_dir) / "analysis"
-            run_analysis(config, checkpoint=args.checkpoint, num_pairs=args.pairs, num_buckets=args.buckets,
-                         output_dir=output_dir)
+            analyze(config, checkpoint=args.checkpoint, num_pairs=args.pairs, num_buckets=args.buckets,
+                    output_dir=args.output_dir)
         elif args.command == "eval":
             from sipo.config import load_config
             from sipo.evaluate import EvalOptions, parse_scorer_paths, parse_seeds, run_eval

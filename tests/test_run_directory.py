@@ -21,7 +21,7 @@ from sipo.config import load_config
 from sipo.errors import SipoError, TrainingInterrupted
 from sipo.rundir import LOCK_FILE, RUN_MANIFEST
 from sipo.train import train
-from train_fixtures import tiny_overrides, write_jsonl_pairs, write_tiny_config
+from train_fixtures import snapshot, tiny_overrides, write_jsonl_pairs, write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,10 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _config(model_dir: Path, manifest: Path, output_dir: Path, **extra):
     values = {"train.max_steps": 2, "train.checkpoint_every": 1, "train.report_to": "none", **extra}
     return load_config(None, tiny_overrides(model_dir, manifest, output_dir, **values))
-
-
-def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +43,10 @@ def test_output_dir_at_the_base_model_is_refused_and_the_model_untouched(tiny_sd
     import shutil
 
     shutil.copytree(tiny_sd15_dir, model)
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(SipoError, match="is a diffusers model directory .* set train.output_dir to another directory"):
         train(_config(model, manifest, model), progress=False, overwrite=overwrite)
-    assert _snapshot(model) == before  # unet/ and every other file are still there, byte for byte
+    assert snapshot(model) == before  # unet/ and every other file are still there, byte for byte
 
 
 def test_overwrite_of_a_directory_without_manifest_is_refused(tiny_sd15_dir, manifest, tmp_path):
@@ -58,10 +54,10 @@ def test_overwrite_of_a_directory_without_manifest_is_refused(tiny_sd15_dir, man
     (folder / "unet").mkdir(parents=True)
     (folder / "unet" / "weights.bin").write_bytes(b"the user's")
     (folder / "config.yaml").write_text("mine: true\n")
-    before = _snapshot(folder)
+    before = snapshot(folder)
     with pytest.raises(SipoError, match=rf"--overwrite refused: .* has no readable {RUN_MANIFEST}"):
         train(_config(tiny_sd15_dir, manifest, folder), progress=False, overwrite=True)
-    assert _snapshot(folder) == before
+    assert snapshot(folder) == before
 
 
 def test_overwrite_removes_only_what_the_manifest_lists(tiny_sd15_dir, manifest, tmp_path):
@@ -132,11 +128,11 @@ def test_a_run_failing_before_its_first_step_leaves_nothing(tiny_sd15_dir, tmp_p
 def test_resume_with_max_steps_below_the_checkpoint_stops_and_keeps_the_config(tiny_sd15_dir, manifest, tmp_path):
     run = tmp_path / "run"
     train(_config(tiny_sd15_dir, manifest, run, **{"train.max_steps": 3}), progress=False)
-    before = _snapshot(run)
+    before = snapshot(run)
     with pytest.raises(SipoError, match=r"step-00000003 already holds 3 steps, more than train.max_steps=2; set "
                                         r"train.max_steps to at least 3"):
         train(_config(tiny_sd15_dir, manifest, run, **{"train.max_steps": 2}), progress=False, resume=True)
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_resume_reads_past_a_cut_and_a_non_utf8_metrics_line(tiny_sd15_dir, manifest, tmp_path, capsys):

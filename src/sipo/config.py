@@ -141,7 +141,20 @@ class DataConfig:
     height: int | None = _help("frame height clips are resized and centre-cropped to (None: model.resolution)", default=None)
     width: int | None = _help("frame width clips are resized and centre-cropped to (None: model.resolution)", default=None)
 
+    # held-out pairs (sipo.validation; docs/validation.md)
+    validation_path: str | None = _help(
+        "held-out preference pairs in data.format (a file, folder or glob): never trained on, evaluated every "
+        "train.validate_every steps", default=None)
+    validation_fraction: float | None = _help(
+        "hold out this fraction of data.path's pairs instead, chosen by a hash of each pair's place in the files "
+        "(the same split for every seed, worker count and resume), in (0, 1)", default=None)
+
     def __post_init__(self) -> None:
+        if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
+            raise SipoError(f"data.validation_fraction={self.validation_fraction} must be between 0 and 1 (exclusive), "
+                            "e.g. 0.05; or leave it unset to hold out nothing")
+        if self.validation_fraction is not None and self.validation_path:
+            raise SipoError("data.validation_path and data.validation_fraction both name held-out pairs; set one of them")
         for name in ("num_frames", "height", "width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SipoError(f"data.{name} must be a positive integer or null, got {getattr(self, name)}")
@@ -249,6 +262,14 @@ class TrainConfig:
         "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN, TF32 off): "
         "bit-exact resume on CUDA, somewhat slower", default=False
     )
+    # validation (sipo.validation; docs/validation.md)
+    validate_every: int = _help(
+        "evaluate the held-out pairs (data.validation_path / validation_fraction) every N optimizer steps, and at "
+        "step 0 and the end (0: only at step 0 and the end)", default=100)
+    validation_seed: int = _help("seed of the held-out pairs' fixed timesteps and noise (never the training stream)", default=1234)
+    keep_best: str = _help(
+        "none, or held_out_accuracy: keep the weights of the best validation under <output_dir>/best (never pruned)",
+        default="none")
 
     def __post_init__(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
@@ -259,6 +280,9 @@ class TrainConfig:
                 raise SipoError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise SipoError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.validate_every < 0:
+            raise SipoError(f"train.validate_every must be 0 or more, got {self.validate_every}")
+        _choice("train.keep_best", self.keep_best, ("none", "held_out_accuracy"))
         if self.finetune == "lora" and self.lora_rank < 1:
             raise SipoError("train.lora_rank must be at least 1 for train.finetune=lora")
 
@@ -470,6 +494,9 @@ def check_values(config: SipoConfig) -> None:
         raise SipoError(f"train.report_to={tc.report_to!r} is not valid; choose one of ['tensorboard', 'wandb', 'none']")
     if config.data.num_workers < 0:
         raise SipoError(f"data.num_workers={config.data.num_workers} is negative; set 0 or more")
+    if tc.keep_best == "held_out_accuracy" and not (config.data.validation_path or config.data.validation_fraction):
+        raise SipoError("train.keep_best=held_out_accuracy needs held-out pairs; set data.validation_fraction "
+                        "(e.g. 0.05) or data.validation_path")
 
 
 def check_against_model(config: SipoConfig, num_train_timesteps: int | None, latent_factor: int | None,

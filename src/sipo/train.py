@@ -36,6 +36,7 @@ from sipo.errors import SipoError, TrainingInterrupted
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import EncodedPairs, hold_frozen_weights_in
 from sipo.performance import COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng
+from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook
 from sipo.preference import (
     PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, objective_loss, reference_predictor,
 )
@@ -67,6 +68,13 @@ class Plan:
     damaged: list[Path]
     notes: list[str]
     created_dir: bool  # the checks made output_dir: a run that fails before its first step removes it
+    held_out: Any = None  # held-out pairs (data.validation_path / validation_fraction), or None
+    train_indices: list[int] | None = None  # with validation_fraction: the pairs left to train on
+    held_out_indices: list[int] | None = None
+
+    @property
+    def start_step(self) -> int:
+        return checkpoint_step(self.resume_from) if self.resume_from is not None else 0
 
 
 @dataclass
@@ -88,6 +96,7 @@ class Run:
     dataset: Any
     loader: Iterator[dict[str, Any]]
     history: list[dict[str, float]]
+    validation: Any  # sipo.validation.Validation, or its no-op twin
     metrics: "MetricsWindow"
     first_micro_batch: int  # data consumed before this call (a resume's position)
     first_step: int  # the step this call started from
@@ -148,6 +157,8 @@ def train(
         start_writing(run)
         bar = tqdm(total=tc.max_steps, initial=run.state.step, desc=f"{config.objective.name} train", unit="step",
                    disable=not (progress and run.accelerator.is_main_process), dynamic_ncols=True)
+        run.validation.at_start(run)
+        step = None
         with stop_signals() as stop:
             while run.state.step < tc.max_steps:
                 step = training_step(run)
@@ -160,10 +171,12 @@ def train(
                 if run.state.step % tc.log_every == 0 or run.state.step == tc.max_steps:
                     log_metrics(run, bar)
                 guard_all_masked(run, step)  # after logging: the masked steps stay in metrics.jsonl
+                run.validation.after_step(run, step)  # held-out pairs, samples, best/ (sipo.validation)
                 checkpoint_if_due(run)
                 if stop.agreed(run.accelerator) and run.state.step < tc.max_steps:
                     raise interrupted(run, stop.signum)
         bar.close()
+        run.validation.at_end(run, step)
         finish(run)
     return TrainResult(output_dir=run.output_dir, steps=run.state.step, history=run.history, adapter=run.adapter)
 
@@ -324,7 +337,12 @@ def finish(run: Run) -> None:
     output_dir = run.output_dir
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (output_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
+        report = dataset.report.to_dict()
+        if run.plan.held_out is not None:
+            report["validation"] = {
+                "source": config.data.validation_path or f"data.validation_fraction={config.data.validation_fraction}",
+                "held_out_pairs": len(run.plan.held_out), "training_pairs": len(dataset)}
+        (output_dir / "data_report.json").write_text(json.dumps(report, indent=2))
         accelerator.print(f"data: {dataset.report}")
         if run.masked_in_a_row > 0:
             accelerator.print(f"sipo: warning: the mask dropped all {run.masked_in_a_row} pairs of this run, so the "
@@ -384,6 +402,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
         if 0 < len(dataset) < tc.batch_size:
             notes.append(f"train.batch_size={tc.batch_size} is more than the {len(dataset)} pairs, so every micro-batch "
                          "repeats pairs (each with its own noise); pairs_per_s counts every pair evaluated")
+        held_out, train_indices, held_out_indices = open_held_out(config, dataset)
         fingerprint = run_fingerprint(config)
         rundir.check_reporting(config)
         resume_from, damaged = None, []
@@ -398,7 +417,8 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
         if created_dir:
             rundir.remove_if_empty(output_dir)
         raise
-    return Plan(output_dir, dataset, fingerprint, resume_from, damaged, notes, created_dir)
+    return Plan(output_dir, dataset, fingerprint, resume_from, damaged, notes, created_dir, held_out, train_indices,
+                held_out_indices)
 
 
 def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> Run:
@@ -406,6 +426,9 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
     accelerator = start_accelerator(config, plan.output_dir)
     adapter, reference_denoiser = build_model(config, adapter)
     dataset = place_model_and_data(config, plan.dataset, adapter, reference_denoiser, accelerator)
+    validation = validation_hook(config, plan, dataset)
+    if plan.train_indices is not None:
+        dataset = PairSubset(dataset, plan.train_indices)  # after the cache: it holds every pair, by index
     trainable = {name: p for name, p in adapter.denoiser.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(list(trainable.values()), config.train, accelerator.device)
     lr_scheduler = _lr_scheduler(config, optimizer)
@@ -417,7 +440,7 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
         config=config, plan=plan, accelerator=accelerator, adapter=adapter, model=model, forward_model=forward_model,
         reference_predict=reference_predictor(adapter, forward_model, reference_denoiser), trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, generator=generator, state=state, dataset=dataset,
-        loader=data_loader(config, dataset, state, accelerator), history=history,
+        loader=data_loader(config, dataset, state, accelerator), history=history, validation=validation,
         metrics=MetricsWindow(state.step), first_micro_batch=state.micro_batches, first_step=state.step,
     )
 
@@ -525,8 +548,12 @@ def start_writing(run: Run) -> None:
         _start_trackers(accelerator, config)
         if run.plan.resume_from is None:
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (output_dir / VALIDATION_LOG).unlink(missing_ok=True)
         else:
             rundir.write_metrics(output_dir / "metrics.jsonl", run.history)
+            if (output_dir / VALIDATION_LOG).is_file():  # validations after the checkpoint run again
+                kept, _ = rundir.read_metrics(output_dir / VALIDATION_LOG, up_to_step=run.state.step)
+                rundir.write_metrics(output_dir / VALIDATION_LOG, kept)
         for line in run.plan.notes:
             accelerator.print(f"sipo: {line}")
         accelerator.print(_run_header(config, run.dataset, output_dir))

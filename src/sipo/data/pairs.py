@@ -73,6 +73,11 @@ class PreferenceDataset(Dataset):
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
+    def pair_key(self, index: int) -> str:
+        """What identifies pair ``index`` across runs, seeds and workers (its place in the user's
+        files); the held-out split hashes it (sipo.validation)."""
+        return self._where(index)
+
     def set_epoch(self, epoch: int) -> None:
         """Change which pairs ``random_flip`` mirrors (call it before each epoch, like DDP samplers)."""
         self.epoch = epoch

@@ -109,11 +109,13 @@ def decode_file(path: str | os.PathLike[str], resolution: int, video: VideoSpec 
         if media == "video":
             return decode_video(path, resolution, video)
         data = _read_bytes(path)
-        if _frame_count(data) > 1:
-            if media == "image":
-                raise MalformedRow(NOT_A_PICTURE, f"{name} is an animated GIF")
-            return _decode_gif(data, resolution, video or VideoSpec(), name)
-        return decode_image(data, resolution)
+        frames = _frame_count(data)
+        if frames == 1 or (frames is None and media == "image"):
+            return decode_image(data, resolution)
+        if frames is not None and media == "image":
+            raise MalformedRow(NOT_A_PICTURE, f"{name} is an animated GIF")
+        # animated, or unreadable where either kind would do: the clip decoder classifies it
+        return _decode_gif(data, resolution, video or VideoSpec(), name)
     if is_video_path(name):
         return decode_video(path, resolution, video)
     return decode_image(path, resolution)
@@ -131,14 +133,13 @@ def _read_bytes(source: bytes | str | os.PathLike[str]) -> bytes:
         raise MalformedRow(MISSING_FILE, f"{os.fspath(source)}: {error.strerror}") from None
 
 
-def _frame_count(data: bytes) -> int:
-    """Frames in an encoded GIF (PIL counts them from the headers); 1 when unreadable, so the picture
-    decoder classifies the damage."""
+def _frame_count(data: bytes) -> int | None:
+    """Frames in an encoded GIF (PIL counts them from the headers); None when unreadable."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             return int(getattr(image, "n_frames", 1))
-    except Exception:  # noqa: BLE001 - untrusted bytes; decode_image reports what is wrong
-        return 1
+    except Exception:  # noqa: BLE001 - untrusted bytes; the decoder then says what is wrong
+        return None
 
 
 def _quiet_pil_warnings() -> None:

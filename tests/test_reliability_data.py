@@ -275,7 +275,7 @@ def test_a_video_family_given_an_image_manifest_stops_at_opening(tmp_path, tiny_
         open_preference_dataset(cfg, RESOLUTION, family="cogvideox")
     message = str(info.value)
     _one_sentence(message)
-    assert "model.family=cogvideox" in message and "videos" in message and "data.path" in message
+    assert "model.family=cogvideox" in message and "video clips" in message and "data.path" in message
     # `sipo cache` opens the data the same way, before any model is loaded
     config = _config(tiny_sd15_dir, manifest, tmp_path / "run", **{"model.family": "wan"})
     with pytest.raises(SipoError, match="model.family=wan"):

@@ -116,7 +116,7 @@ class JsonlDataset(PreferenceDataset):
         self.report.set_pairs(len(lines))
         wrong_kind = NOT_A_VIDEO if self.media == "video" else NOT_A_PICTURE
         if not lines and self.report.index_skips[wrong_kind]:
-            have, need, other = (("pictures", "videos", "an image family") if self.media == "video"
+            have, need, other = (("pictures", "video clips", "an image family (sd15, sdxl)") if self.media == "video"
                                  else ("video clips", "pictures", "a video family (cogvideox, wan)"))
             raise SipoError(
                 f"data.path {path} lists {have} (e.g. {self.report.examples[wrong_kind][0]}), but model.family="

@@ -165,8 +165,10 @@ def cache_identity(config: SipoConfig) -> dict[str, Any]:
     }
 
 
-def cache_key(config: SipoConfig) -> str:
-    text = json.dumps(cache_identity(config), sort_keys=True)
+def cache_key(config: SipoConfig, identity: dict[str, Any] | None = None) -> str:
+    """The key of ``cache_identity(config)`` (pass ``identity`` when it is already computed: for a large
+    manifest it stats every picture)."""
+    text = json.dumps(identity if identity is not None else cache_identity(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -181,8 +183,8 @@ def cache_root(config: SipoConfig) -> Path:
     return (files[0].parent if files else base.parent) / CACHE_FOLDER
 
 
-def cache_location(config: SipoConfig) -> Path:
-    return cache_root(config) / cache_key(config)
+def cache_location(config: SipoConfig, identity: dict[str, Any] | None = None) -> Path:
+    return cache_root(config) / cache_key(config, identity)
 
 
 def _shard_name(number: int) -> str:
@@ -234,7 +236,8 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
     dataset = open_preference_dataset(dataclasses.replace(config.data, random_flip=False), config.model.resolution,
                                       seed=config.train.seed, family=config.model.family)
     index_report = _index_time_report(dataset.report)
-    location = cache_location(config)
+    identity = cache_identity(config)  # the files as they are now, before any is encoded
+    location = cache_location(config, identity)
     location.mkdir(parents=True, exist_ok=True)
     # A rebuild checks the shards it keeps against the checksums of the last complete build; without
     # its manifest the cache reads as incomplete (not damaged) until this build finishes.
@@ -280,7 +283,7 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
 
     manifest = {
         "key": location.name,
-        "identity": cache_identity(config),
+        "identity": identity,
         "pairs": len(dataset),
         "shard_pairs": shard_pairs,
         "shards": num_shards,
@@ -519,10 +522,10 @@ def verify_cache(location: Path, manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def open_cache(config: SipoConfig, verify: bool = True) -> CachedPairs | None:
+def open_cache(config: SipoConfig, verify: bool = True, identity: dict[str, Any] | None = None) -> CachedPairs | None:
     """The complete cache matching ``config``, or None; raises `DamagedCache` when its files do not
     match their checksums (``verify``) or cannot be read."""
-    location = cache_location(config)
+    location = cache_location(config, identity)
     manifest = read_manifest(location)
     if manifest is None or manifest.get("key") != location.name:
         return None
@@ -548,15 +551,16 @@ def _changed_entries(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
     return changed
 
 
-def _what_changed(other: Path, config: SipoConfig) -> str:
-    """``"; changed since: data.pictures"`` for the cache in ``other``, or nothing when it cannot tell."""
+def _what_changed(other: Path, identity: dict[str, Any]) -> str:
+    """``"; changed since: data.pictures"`` for the cache in ``other`` against this run's ``identity``,
+    or nothing when it cannot tell."""
     try:
         saved = (read_manifest(other) or {}).get("identity")
     except DamagedCache:
         return ""
     if not isinstance(saved, dict):
         return ""
-    changed = _changed_entries(saved, cache_identity(config))
+    changed = _changed_entries(saved, identity)
     return f"; changed since: {', '.join(changed[:4])}" if changed else ""
 
 
@@ -570,8 +574,11 @@ def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], No
     if mode == "never":
         return None
     root = cache_root(config)
+    # no cache folder at all (the usual case under auto): nothing to match, and no key to compute,
+    # which for a JSONL dataset stats every picture
+    identity = cache_identity(config) if root.is_dir() else None
     try:
-        cached = open_cache(config)
+        cached = open_cache(config, identity=identity) if identity is not None else None
     except DamagedCache as damage:
         if mode == "always":
             raise SipoError(f"{damage}; run `sipo cache --config FILE` with this run's config again to re-encode "
@@ -586,19 +593,19 @@ def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], No
             log(f"training from the latent cache {cached.location} ({len(cached)} pairs); "
                 "the VAE and text encoders stay on the CPU")
         return cached
-    location = cache_location(config)
-    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != location.name) if root.is_dir() else []
-    if location.is_dir():
+    location = cache_location(config, identity) if identity is not None else None
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != location.name) if location else []
+    if location is not None and location.is_dir():
         why = f"the latent cache {location} is incomplete"
     elif others:
         # the newest other cache is the one this run most likely meant: say what no longer matches
         newest = max(others, key=lambda name: (root / name).stat().st_mtime_ns)
         why = (f"the latent cache under {root} was built for another model, resolution, data or precision "
-               f"(key {newest}, this run needs {location.name}{_what_changed(root / newest, config)})")
+               f"(key {newest}, this run needs {location.name}{_what_changed(root / newest, identity)})")
     else:
         why = f"no latent cache under {root}"
     if mode == "always":
         raise SipoError(f"{why}; run `sipo cache --config FILE` with this run's config first, or set data.use_cache=auto")
-    if log and (location.is_dir() or others):  # no cache at all: nothing worth a line
+    if log and location is not None and (location.is_dir() or others):  # no cache at all: nothing worth a line
         log(f"{why}; encoding pictures every step (`sipo cache --config FILE` makes steps faster)")
     return None

@@ -153,6 +153,15 @@ def test_an_unreadable_cache_manifest_is_a_damaged_cache(cached_pairs):
         _open_for_training(config)
 
 
+def test_no_cache_folder_at_all_is_still_one_sentence_under_always(tiny_sd15_dir, tmp_path):
+    # the key is not computed when no cache folder exists: the message must not change for that
+    manifest = write_jsonl_pairs(tmp_path / "pairs", num_pairs=2)
+    config = _config(tiny_sd15_dir, manifest, tmp_path / "run", **{"data.use_cache": "always"})
+    with pytest.raises(SipoError, match=r"no latent cache under .*\.sipo-cache; run `sipo cache --config FILE`"):
+        _open_for_training(config)
+    assert _open_for_training(_auto(config)) == (None, [])  # auto, nothing to say
+
+
 # ----------------------------------------------------------------------------- the resume fingerprint
 def test_resume_after_replacing_the_base_weights_in_place_stops(tiny_sd15_dir, tmp_path):
     # item 5: the same path, other weights; the old fingerprint held only the path

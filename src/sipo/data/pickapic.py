@@ -60,7 +60,7 @@ def select_split(shards: list[Path], split: str | tuple[str, ...], where: str, f
     by side, and reading them all trains (or evaluates) on every split at once. Raises `SipoError`
     when shards declare splits but none of ``split``; ``fix`` is the advice that ends the sentence.
     """
-    wanted = (split,) if isinstance(split, str) else tuple(split)
+    wanted = tuple(name.lower() for name in ((split,) if isinstance(split, str) else split))
     found = sorted({shard_split(p) for p in shards} - {None})
     kept = [p for p in shards if shard_split(p) in wanted or shard_split(p) is None]
     if found and not kept:

@@ -3,9 +3,12 @@
 Paths are relative to the manifest's directory, the dataset root, and may never leave it: a path
 that is absolute outside the root, climbs out with ``..`` or goes through a symlink that points
 outside is skipped ("path escapes dataset root"), so a manifest from elsewhere cannot make
-training read arbitrary files. ``.gif`` paths load as videos through PIL; ``.mp4``, ``.webm`` and
-``.mov`` through PyAV when it is installed; clips are sampled to the ``VideoSpec`` the config's
-``data.num_frames``, ``data.fps``, ``data.height`` and ``data.width`` describe (`sipo.data.video`).
+training read arbitrary files. ``.gif`` paths load through PIL, a still GIF as a picture and an
+animated one as a clip; ``.mp4``, ``.webm`` and ``.mov`` through PyAV when it is installed; clips are
+sampled to the ``VideoSpec`` the config's ``data.num_frames``, ``data.fps``, ``data.height`` and
+``data.width`` describe (`sipo.data.video`). Given the model's family, rows of the other kind
+(pictures for a video model, clips for an image model) are dropped at open, and a manifest of
+nothing else stops with one sentence.
 """
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ def run_analysis(
     if dataset is None:
         from sipo.data import open_preference_dataset
 
-        dataset = open_preference_dataset(config.data, config.model.resolution, seed=seed)
+        dataset = open_preference_dataset(config.data, config.model.resolution, seed=seed, family=config.model.family)
     if len(dataset) == 0:
         raise SipoError(f"the dataset {config.data.path!r} holds no pairs; point data.path at preference pairs")
 

@@ -104,6 +104,9 @@ class ModelConfig:
         _choice("model.family", self.family, FAMILIES)
         if self.resolution <= 0 or self.num_inference_steps <= 0:
             raise SipoError("model.resolution and model.num_inference_steps must be positive integers")
+        if not 8 <= self.resolution <= 4096:  # 4096: 4x SDXL's side; beyond, resizing one picture takes GBs
+            raise SipoError(f"model.resolution={self.resolution} is outside the 8 to 4096 pixels sipo trains at; "
+                            "set the model's own resolution (e.g. 512 for sd15, 1024 for sdxl)")
         if self.encode_chunk_size is not None and self.encode_chunk_size < 1:
             raise SipoError(f"model.encode_chunk_size must be at least 1, got {self.encode_chunk_size}")
         _choice("model.text_encoder_device", self.text_encoder_device, ("auto", "cpu"))
@@ -140,6 +143,10 @@ class DataConfig:
     fps: float | None = _help("resample clips to this frame rate first (None: the clip's own rate; cogvideox 8, wan 16)", default=None)
     height: int | None = _help("frame height clips are resized and centre-cropped to (None: model.resolution)", default=None)
     width: int | None = _help("frame width clips are resized and centre-cropped to (None: model.resolution)", default=None)
+    split: str = _help(
+        "pickapic: read the shards whose names declare this split (train-*.parquet; validation, test); "
+        "shards named for no split are always read", default="train"
+    )
 
     # held-out pairs (sipo.validation; docs/validation.md)
     validation_path: str | None = _help(
@@ -165,6 +172,8 @@ class DataConfig:
         _choice("data.use_cache", self.use_cache, ("auto", "always", "never"))
         if self.max_pairs is not None and self.max_pairs <= 0:
             raise SipoError("data.max_pairs must be a positive integer or null")
+        if not self.split.strip():
+            raise SipoError("data.split is empty; set it to train (the default), validation or test")
 
 
 @dataclass

@@ -398,7 +398,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
         if overwrite:
             rundir.check_overwrite(output_dir)
         # Open the data before loading a model: a bad path should fail in a second, not a minute.
-        dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed)
+        dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed, family=config.model.family)
         if 0 < len(dataset) < tc.batch_size:
             notes.append(f"train.batch_size={tc.batch_size} is more than the {len(dataset)} pairs, so every micro-batch "
                          "repeats pairs (each with its own noise); pairs_per_s counts every pair evaluated")

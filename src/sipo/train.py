@@ -34,11 +34,11 @@ from sipo.config import SipoConfig, check_against_model, check_values, save_conf
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError, TrainingInterrupted
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
-from sipo.models.base import EncodedPairs, hold_frozen_weights_in
+from sipo.models.base import hold_frozen_weights_in
 from sipo.performance import COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng
 from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook
 from sipo.preference import (
-    PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, objective_loss, reference_predictor,
+    PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor,
 )
 
 #: ``callback(step, adapter)``, called after every optimizer step (benchmarks time steps with it,
@@ -610,18 +610,6 @@ def stop_signals() -> Iterator[_StopSignals]:
 
 
 # ----------------------------------------------------------------------------- per-step pieces
-def encoded_batch(adapter: DiffusionAdapter, batch: dict[str, Any], device: torch.device) -> EncodedPairs:
-    """A batch in model space: from the latent cache as is, or through the frozen encoders."""
-    if "x0_chosen" in batch:
-        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-        return EncodedPairs(move(batch["x0_chosen"]), move(batch["x0_rejected"]),
-                            {k: move(v) for k, v in batch["conditioning"].items()})
-    extra = {"size_info": batch["size_info"]} if batch.get("size_info") is not None else {}
-    with torch.no_grad():
-        return adapter.encode(batch["prompts"], batch["chosen"].to(device, non_blocking=True),
-                              batch["rejected"].to(device, non_blocking=True), **extra)
-
-
 def pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_train_timesteps: int, decay: float) -> Tensor:
     """``w = exp(log_w_pair)``, or its per-timestep-bucket EMA (SPEC 5); undefined weights stay NaN."""
     # exp(88) already overflows float32; a weight that large must be clipped, not read as non-finite

@@ -236,7 +236,7 @@ def _encode(adapter, batch: dict[str, Any], device: torch.device):
     """A held-out batch in model space. Cached items are ready; pictures go through the encoders
     on the encoders' own device (with a latent cache they stay on the CPU), then to ``device``."""
     from sipo.models.base import EncodedPairs
-    from sipo.train import encoded_batch
+    from sipo.preference import encoded_batch
 
     if "x0_chosen" in batch:
         return encoded_batch(adapter, batch, device)

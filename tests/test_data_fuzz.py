@@ -94,6 +94,13 @@ def pil_decodes(data: bytes) -> bool:
         return False
 
 
+def same_picture(first: bytes, second: bytes) -> bool:
+    """Oracle, independent of sipo: do two valid images hold the same pixels (one picture twice, or a
+    PNG and a BMP of one bitmap)? Such a pair carries no preference and is skipped."""
+    with Image.open(io.BytesIO(first)) as a, Image.open(io.BytesIO(second)) as b:
+        return a.mode == b.mode and a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """An 8x8 PNG whose IHDR claims width x height (CRC fixed, so only the size is wrong)."""
     data = bytearray(make_image(("RGB", "PNG"), 8, 8, 0))
@@ -226,10 +233,14 @@ def test_pickapic_loader_survives_malformed_rows(dataset):
     TOTALS["malformed"] += malformed
     TOTALS["valid"] += sum(row[0] == "valid" for row in rows)
     expected = []
+    identical = 0
     for kind, caption, first, second, label in rows:
         if kind in ("tie", "bad:label"):
             continue  # dropped while indexing: no dataset index
-        if kind == "valid":
+        if kind == "valid" and same_picture(first, second):
+            identical += 1
+            expected.append(None)
+        elif kind == "valid":
             expected.append((caption, first, second) if label == 1.0 else (caption, second, first))
         else:
             expected.append(None)
@@ -238,10 +249,11 @@ def test_pickapic_loader_survives_malformed_rows(dataset):
         config = DataConfig(format="pickapic", path=directory)
         ds = open_preference_dataset(config, RESOLUTION)
         check_items(ds, expected)
-        assert ds.report.skipped_total == malformed, ds.report.to_dict()
+        assert ds.report.skipped_total == malformed + identical, ds.report.to_dict()
         assert ds.report.ties_dropped == sum(row[0] == "tie" for row in rows)
         assert ds.report.used == sum(row is not None for row in expected)
-        strict_run_raises_only_sipo_error(DataConfig(format="pickapic", path=directory, strict=True), malformed > 0)
+        strict_run_raises_only_sipo_error(DataConfig(format="pickapic", path=directory, strict=True),
+                                          malformed + identical > 0)
 
 
 # --- JSONL rows ----------------------------------------------------------------------------
@@ -306,7 +318,7 @@ def write_jsonl(base: Path, rows) -> tuple[Path, list]:
             record = {"prompt": prompt, "chosen": f"img/w{number}.png", "rejected": f"./img/sub/../l{number}.png"}
             (root / "img" / f"w{number}.png").write_bytes(winner)
             (root / "img" / f"l{number}.png").write_bytes(loser)
-            expected.append((prompt, winner, loser))
+            expected.append(None if same_picture(winner, loser) else (prompt, winner, loser))
         elif kind == "bad:image":
             side, data = payload
             (root / "img" / f"bad{number}.bin").write_bytes(data)
@@ -347,8 +359,10 @@ def test_jsonl_loader_survives_malformed_rows(rows):
     TOTALS["valid"] += len(rows) - malformed
     with tempfile.TemporaryDirectory() as directory:
         manifest, expected = write_jsonl(Path(directory), rows)
+        identical = sum(kind == "valid" and same_picture(*payload[1:]) for kind, payload in rows)
         ds = open_preference_dataset(DataConfig(format="jsonl", path=str(manifest)), RESOLUTION)
         check_items(ds, expected)
-        assert ds.report.skipped_total == malformed, ds.report.to_dict()
+        assert ds.report.skipped_total == malformed + identical, ds.report.to_dict()
         assert ds.report.rows_seen == len(rows)
-        strict_run_raises_only_sipo_error(DataConfig(format="jsonl", path=str(manifest), strict=True), malformed > 0)
+        strict_run_raises_only_sipo_error(DataConfig(format="jsonl", path=str(manifest), strict=True),
+                                          malformed + identical > 0)

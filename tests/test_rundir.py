@@ -4,6 +4,7 @@ disk-full writes and one stable log folder."""
 
 from __future__ import annotations
 
+import importlib
 import errno
 import json
 import shutil
@@ -19,7 +20,7 @@ from sipo.cli import main as cli_main
 from sipo.config import load_config
 from sipo.errors import SipoError
 from sipo.train import train
-from train_fixtures import tiny_overrides, write_jsonl_pairs, write_tiny_config
+from train_fixtures import snapshot, tiny_overrides, write_jsonl_pairs, write_tiny_config
 
 BASE_STEPS = 3
 
@@ -28,10 +29,6 @@ def _config(model_dir: Path, manifest: Path, output_dir: Path, **extra):
     values = {"train.max_steps": BASE_STEPS, "train.checkpoint_every": 1, "train.keep_last": 3, **extra}
     return load_config(None, tiny_overrides(model_dir, manifest, output_dir, **values))
 
-
-def _snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` with its bytes: 'nothing was written' means this is unchanged."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +54,13 @@ def run_copy(finished_run, tmp_path) -> Path:
 
 # ----------------------------------------------------------------------------- ownership
 def test_new_run_into_an_old_runs_directory_stops_and_changes_nothing(tiny_sd15_dir, manifest, run_copy):
-    before = _snapshot(run_copy)
+    before = snapshot(run_copy)
     with pytest.raises(SipoError) as info:
         train(_config(tiny_sd15_dir, manifest, run_copy, **{"train.seed": 7}), progress=False)
     message = str(info.value)
     assert "already holds another run" in message and "--resume" in message and "--overwrite" in message
     assert "step-00000003" in message and "\n" not in message
-    assert _snapshot(run_copy) == before
+    assert snapshot(run_copy) == before
 
 
 def test_overwrite_replaces_the_old_run_and_keeps_the_users_own_files(tiny_sd15_dir, manifest, run_copy):
@@ -124,7 +121,7 @@ def test_resume_with_every_checkpoint_damaged_is_one_sentence(tiny_sd15_dir, man
 
 def test_mismatched_resume_names_each_key_and_writes_nothing(tiny_sd15_dir, manifest, run_copy, tmp_path):
     other_data = write_jsonl_pairs(tmp_path / "other_pairs", num_pairs=3, seed=1)
-    before = _snapshot(run_copy)
+    before = snapshot(run_copy)
     changed = {"train.lora_rank": 8, "train.lora_alpha": 8.0, "train.seed": 3, "train.batch_size": 1,
                "data.path": str(other_data)}
     with pytest.raises(SipoError) as info:
@@ -133,7 +130,7 @@ def test_mismatched_resume_names_each_key_and_writes_nothing(tiny_sd15_dir, mani
     for key in ("train.lora_rank: 4 -> 8", "train.seed: 0 -> 3", "train.batch_size: 2 -> 1", "data.files: '1 files, sha256"):
         assert key in message, key
     assert "--overwrite" in message and "\n" not in message
-    assert _snapshot(run_copy) == before  # config.yaml included: `sipo analyze` still reads the old run
+    assert snapshot(run_copy) == before  # config.yaml included: `sipo analyze` still reads the old run
 
 
 def test_same_data_copied_elsewhere_with_other_mtimes_still_resumes(tiny_sd15_dir, manifest, run_copy, tmp_path, capsys):
@@ -200,7 +197,7 @@ def test_ctrl_c_suggests_resume_only_when_a_checkpoint_exists(tiny_sd15_dir, man
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sipo.train.train", interrupted)
+    monkeypatch.setattr(importlib.import_module("sipo.train"), "train", interrupted)  # sipo.train is the function
     config = write_tiny_config(tmp_path / "c.yaml", tiny_sd15_dir, manifest, run)
     assert cli_main(["train", "--config", str(config)]) == 130
     err = capsys.readouterr().err

@@ -77,11 +77,16 @@ def test_full_finetune_writes_a_diffusers_unet(tiny_sd15_dir, manifest, tmp_path
 
 
 def test_all_masked_batches_are_counted_not_hidden(tiny_sd15_dir, manifest, tmp_path):
-    config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path, **{"objective.name": "sipo", "objective.tau": 1.0e9}))
-    result = train(config, progress=False)
-    assert result.history[-1]["all_masked_batches"] == 2
-    assert result.history[-1]["masked_fraction"] == 1.0
-    assert result.history[-1]["loss"] == 0.0
+    # tau above any weight masks every pair: the run stops as useless (issue 17, item 10) after
+    # logging the masked steps, so they stay counted in metrics.jsonl and TensorBoard.
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path, **{
+        "objective.name": "sipo", "objective.tau": 1.0e9, "train.batch_size": 8, "train.max_steps": 10}))
+    with pytest.raises(SipoError, match=r"objective.tau=1000000000.0 .* masked all 64 pairs of the first 8 steps"):
+        train(config, progress=False)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["all_masked_batches"] == 8
+    assert last["masked_fraction"] == 1.0
+    assert last["loss"] == 0.0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars = set()

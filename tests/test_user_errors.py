@@ -4,6 +4,7 @@ start; plus `sipo --version` and `sipo config`."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -155,7 +156,7 @@ def test_a_disk_full_oserror_anywhere_is_one_sentence(config_path, monkeypatch, 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "/data/run/unet/model.safetensors")
 
-    monkeypatch.setattr("sipo.train.train", full)
+    monkeypatch.setattr(importlib.import_module("sipo.train"), "train", full)  # sipo.train is the function
     sentence = _cli_error(capsys, ["train", "--config", str(config_path)])
     assert sentence == "the disk is full (/data/run/unet/model.safetensors); free space there and run again"
 

@@ -61,3 +61,8 @@ def write_tiny_config(path: Path, model_dir: Path, manifest: Path, output_dir: P
         nested.setdefault(section, {})[name] = yaml.safe_load(value)
     path.write_text(yaml.safe_dump(nested))
     return path
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its bytes: 'nothing was written' means this is unchanged."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

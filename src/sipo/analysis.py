@@ -42,8 +42,8 @@ from sipo.performance import full_float32
 from sipo.config import SipoConfig, config_from_dict
 from sipo.errors import SipoError
 from sipo.evaluate import claim_output_folder, weights_key
-from sipo.models import DiffusionAdapter, adapter_from_config, lora_disabled
-from sipo.preference import PairNoise, compute_pair_terms, draw_pair_noise
+from sipo.models import DiffusionAdapter, adapter_from_config
+from sipo.preference import PairNoise, compute_pair_terms, draw_pair_noise, reference_predictor
 
 #: quantiles of log w reported per bucket (column suffixes q05 ... q95).
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -244,14 +244,7 @@ def prepare_model(
     if reference_denoiser is not None:
         reference_denoiser.to(device)
     grads = select_gradient_parameters(adapter.denoiser, finetune, max_grad_elements)
-
-    def reference_predict(x_t: Tensor, t: Tensor, cond) -> Tensor:
-        if reference_denoiser is not None:
-            return adapter.predict(x_t, t, cond, denoiser=reference_denoiser)
-        with lora_disabled(adapter.denoiser):
-            return adapter.predict(x_t, t, cond)
-
-    return adapter, reference_predict, grads
+    return adapter, reference_predictor(adapter, adapter.denoiser, reference_denoiser), grads
 
 
 def _is_pair(item: Any) -> bool:
@@ -330,7 +323,7 @@ def run_analysis(
     if dataset is None:
         from sipo.data import open_preference_dataset
 
-        dataset = open_preference_dataset(config.data, config.model.resolution, seed=seed)
+        dataset = open_preference_dataset(config.data, config.model.resolution, seed=seed, family=config.model.family)
     if len(dataset) == 0:
         raise SipoError(f"the dataset {config.data.path!r} holds no pairs; point data.path at preference pairs")
     torch.manual_seed(seed)  # LoRA injection draws its initial weights from the global stream

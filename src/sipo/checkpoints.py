@@ -321,7 +321,7 @@ def run_weights(run_dir: str | Path) -> RunWeights:
 #: is listed when the run resumes; any other difference stops the resume before anything is written.
 RESUME_MAY_CHANGE = frozenset({
     "train.max_steps", "train.checkpoint_every", "train.log_every", "train.keep_last", "train.report_to",
-    "train.max_bad_steps", "train.output_dir", "data.num_workers",
+    "train.max_bad_steps", "train.output_dir", "data.num_workers", "train.validate_every",
     # data moved or copied elsewhere: data.files (the files' digest) still has to match
     "data.path",
     # read afresh every step: the way out of a divergence stop is to lower these and resume
@@ -355,7 +355,9 @@ def data_signature(data_path: str) -> str:
     if path.is_file():
         files, root = [path], path.parent
     elif path.is_dir():
-        files, root = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")), path
+        # hidden files and folders are not data: .sipo-cache/ (which `sipo cache` writes beside the data)
+        files, root = sorted(p for p in path.rglob("*") if p.is_file()
+                             and not any(part.startswith(".") for part in p.relative_to(path).parts)), path
     else:
         files, root = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()), Path(".")
     digest = hashlib.sha256()
@@ -367,12 +369,17 @@ def data_signature(data_path: str) -> str:
 
 
 def run_fingerprint(config: SipoConfig) -> dict[str, Any]:
-    """What identifies a run: every resolved config key, flat, plus a digest of its data files."""
+    """What identifies a run: every resolved config key, flat, plus digests of its data files and of
+    the model's files (``model.files``: configs' contents, weight files' sizes and mtimes, the same
+    description the latent cache's key uses), so base weights replaced in place stop a ``--resume``."""
+    from sipo.data.cache import model_files_digest
+
     flat: dict[str, Any] = {}
     for section, values in config.to_dict().items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
     flat["data.files"] = data_signature(config.data.path)
+    flat["model.files"] = model_files_digest(config.model)
     return json.loads(json.dumps(flat, default=str))  # the form it takes after a JSON round trip
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sipo.errors import SipoError
+from sipo.errors import SipoError, TrainingInterrupted
 
 
 def _user_path(value: str) -> str:
@@ -137,15 +137,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(_demo_output_dir(args.output_dir), quick=args.quick, full=args.full)
         elif args.command == "analyze":
-            from sipo.analysis import run_analysis
+            from sipo.api import analyze
             from sipo.config import load_config
 
             config = load_config(args.config, args.overrides)
-            # beside the weights analysed: a run's own folder, never the config's train.output_dir for another run
-            home = Path(args.checkpoint) if args.checkpoint else Path(config.train.output_dir)
-            output_dir = Path(args.output_dir) if args.output_dir else home / "analysis"
-            run_analysis(config, checkpoint=args.checkpoint, num_pairs=args.pairs, num_buckets=args.buckets,
-                         output_dir=output_dir)
+            analyze(config, checkpoint=args.checkpoint, num_pairs=args.pairs, num_buckets=args.buckets,
+                    output_dir=args.output_dir)
         elif args.command == "eval":
             from sipo.config import load_config
             from sipo.evaluate import EvalOptions, parse_scorer_paths, parse_seeds, run_eval
@@ -174,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_manifest(location)
             print(f"cached {manifest['pairs']} pairs in {manifest['shards']} shards at {location}; "
                   "sipo train uses it while the model, resolution and data stay the same")
+    except TrainingInterrupted as stopped:
+        print(f"sipo: {_one_sentence(stopped)}", file=sys.stderr)
+        return 128 + stopped.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     except SipoError as error:
         print(f"sipo: error: {_one_sentence(error)}", file=sys.stderr)
         return 2

@@ -104,6 +104,9 @@ class ModelConfig:
         _choice("model.family", self.family, FAMILIES)
         if self.resolution <= 0 or self.num_inference_steps <= 0:
             raise SipoError("model.resolution and model.num_inference_steps must be positive integers")
+        if not 8 <= self.resolution <= 4096:  # 4096: 4x SDXL's side; beyond, resizing one picture takes GBs
+            raise SipoError(f"model.resolution={self.resolution} is outside the 8 to 4096 pixels sipo trains at; "
+                            "set the model's own resolution (e.g. 512 for sd15, 1024 for sdxl)")
         if self.encode_chunk_size is not None and self.encode_chunk_size < 1:
             raise SipoError(f"model.encode_chunk_size must be at least 1, got {self.encode_chunk_size}")
         _choice("model.text_encoder_device", self.text_encoder_device, ("auto", "cpu"))
@@ -140,8 +143,25 @@ class DataConfig:
     fps: float | None = _help("resample clips to this frame rate first (None: the clip's own rate; cogvideox 8, wan 16)", default=None)
     height: int | None = _help("frame height clips are resized and centre-cropped to (None: model.resolution)", default=None)
     width: int | None = _help("frame width clips are resized and centre-cropped to (None: model.resolution)", default=None)
+    split: str = _help(
+        "pickapic: read the shards whose names declare this split (train-*.parquet; validation, test); "
+        "shards named for no split are always read", default="train"
+    )
+
+    # held-out pairs (sipo.validation; docs/validation.md)
+    validation_path: str | None = _help(
+        "held-out preference pairs in data.format (a file, folder or glob): never trained on, evaluated every "
+        "train.validate_every steps", default=None)
+    validation_fraction: float | None = _help(
+        "hold out this fraction of data.path's pairs instead, chosen by a hash of each pair's place in the files "
+        "(the same split for every seed, worker count and resume), in (0, 1)", default=None)
 
     def __post_init__(self) -> None:
+        if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
+            raise SipoError(f"data.validation_fraction={self.validation_fraction} must be between 0 and 1 (exclusive), "
+                            "e.g. 0.05; or leave it unset to hold out nothing")
+        if self.validation_fraction is not None and self.validation_path:
+            raise SipoError("data.validation_path and data.validation_fraction both name held-out pairs; set one of them")
         for name in ("num_frames", "height", "width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SipoError(f"data.{name} must be a positive integer or null, got {getattr(self, name)}")
@@ -152,6 +172,8 @@ class DataConfig:
         _choice("data.use_cache", self.use_cache, ("auto", "always", "never"))
         if self.max_pairs is not None and self.max_pairs <= 0:
             raise SipoError("data.max_pairs must be a positive integer or null")
+        if not self.split.strip():
+            raise SipoError("data.split is empty; set it to train (the default), validation or test")
 
 
 @dataclass
@@ -249,6 +271,14 @@ class TrainConfig:
         "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN, TF32 off): "
         "bit-exact resume on CUDA, somewhat slower", default=False
     )
+    # validation (sipo.validation; docs/validation.md)
+    validate_every: int = _help(
+        "evaluate the held-out pairs (data.validation_path / validation_fraction) every N optimizer steps, and at "
+        "step 0 and the end (0: only at step 0 and the end)", default=100)
+    validation_seed: int = _help("seed of the held-out pairs' fixed timesteps and noise (never the training stream)", default=1234)
+    keep_best: str = _help(
+        "none, or held_out_accuracy: keep the weights of the best validation under <output_dir>/best (never pruned)",
+        default="none")
 
     def __post_init__(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
@@ -259,6 +289,9 @@ class TrainConfig:
                 raise SipoError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise SipoError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.validate_every < 0:
+            raise SipoError(f"train.validate_every must be 0 or more, got {self.validate_every}")
+        _choice("train.keep_best", self.keep_best, ("none", "held_out_accuracy"))
         if self.finetune == "lora" and self.lora_rank < 1:
             raise SipoError("train.lora_rank must be at least 1 for train.finetune=lora")
         if self.finetune == "lora" and self.lora_alpha <= 0:
@@ -542,6 +575,9 @@ def check_values(config: SipoConfig) -> None:
         raise SipoError(f"train.report_to={tc.report_to!r} is not valid; choose one of ['tensorboard', 'wandb', 'none']")
     if config.data.num_workers < 0:
         raise SipoError(f"data.num_workers={config.data.num_workers} is negative; set 0 or more")
+    if tc.keep_best == "held_out_accuracy" and not (config.data.validation_path or config.data.validation_fraction):
+        raise SipoError("train.keep_best=held_out_accuracy needs held-out pairs; set data.validation_fraction "
+                        "(e.g. 0.05) or data.validation_path")
 
 
 def check_against_model(config: SipoConfig, num_train_timesteps: int | None, latent_factor: int | None,

@@ -7,3 +7,13 @@ Everything else is a bug and keeps its traceback.
 
 class SipoError(Exception):
     """A problem with the user's input (config, data, model directory) that they can fix."""
+
+
+class TrainingInterrupted(SipoError):
+    """SIGTERM or SIGINT stopped a run after its current step; a checkpoint was written where one
+    could be. The CLI prints the sentence and exits with the conventional ``128 + signum``."""
+
+    def __init__(self, message: str, signum: int, step: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.step = step

@@ -91,10 +91,10 @@ def read_prompts(source: str | Path, pickapic_path: str | None = None, limit: in
             )
         import pyarrow.parquet as pq
 
-        from sipo.data.pickapic import find_shards
+        from sipo.data.pickapic import TEST_SPLITS, find_shards
 
         prompts: list[str] = []
-        for shard in find_shards(pickapic_path):
+        for shard in find_shards(pickapic_path, TEST_SPLITS, fix="pass --pickapic-path the test-*.parquet shards"):
             try:
                 captions = pq.read_table(shard, columns=["caption"]).column("caption").to_pylist()
             except (KeyError, OSError, ValueError) as error:

@@ -8,13 +8,13 @@ share ``t``, ``eps`` and the posterior noise by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from sipo import objectives
-from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, concat_conditioning
+from sipo.models.base import Conditioning, DiffusionAdapter, EncodedPairs, concat_conditioning, lora_disabled
 from sipo.schedules import add_noise, predicted_x0_and_eps, training_target
 
 ReferencePredict = Callable[[Tensor, Tensor, Conditioning], Tensor]
@@ -43,6 +43,32 @@ class PairTerms:
     log_w_winner: Tensor
     log_w_loser: Tensor
     log_w_pair: Tensor
+
+
+def encoded_batch(adapter: DiffusionAdapter, batch: dict[str, Any], device: torch.device) -> EncodedPairs:
+    """A batch in model space: from the latent cache as is, or through the frozen encoders."""
+    if "x0_chosen" in batch:
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        return EncodedPairs(move(batch["x0_chosen"]), move(batch["x0_rejected"]),
+                            {k: move(v) for k, v in batch["conditioning"].items()})
+    extra = {"size_info": batch["size_info"]} if batch.get("size_info") is not None else {}
+    with torch.no_grad():
+        return adapter.encode(batch["prompts"], batch["chosen"].to(device, non_blocking=True),
+                              batch["rejected"].to(device, non_blocking=True), **extra)
+
+
+def reference_predictor(adapter: DiffusionAdapter, denoiser: nn.Module, reference_denoiser: nn.Module | None = None
+                        ) -> ReferencePredict:
+    """The reference model's prediction, as the trainer and the analysis both define it: the frozen
+    copy ``reference_denoiser`` of a full fine-tune, or ``denoiser`` with its LoRA switched off."""
+
+    def reference_predict(x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if reference_denoiser is not None:
+            return adapter.predict(x_t, t, cond, denoiser=reference_denoiser)
+        with lora_disabled(denoiser):
+            return adapter.predict(x_t, t, cond, denoiser=denoiser)
+
+    return reference_predict
 
 
 def draw_pair_noise(

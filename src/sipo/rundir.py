@@ -3,17 +3,22 @@
 ``train()`` calls, in order: :func:`check_output_dir` (a directory sipo can write), then either
 :func:`refuse_foreign_run` (a new run must not mix with another run's files) or
 :func:`choose_resume_checkpoint` (a resume continues only the run it names, from an intact
-checkpoint, with a config that can load it); :func:`remove_previous_run` runs for ``--overwrite``.
-:func:`model_numbers` reads the model directory's JSON configs so values can be checked against
-the model before it is loaded.
+checkpoint, with a config that can load it), then :func:`claim`: the directory's lock (one run at a
+time), ``--overwrite`` (which removes only what the run's manifest, ``.sipo-run.json``, says sipo
+wrote) and the clean-up of a run that fails before its first step. :func:`model_numbers` reads the
+model directory's JSON configs so values can be checked against the model before it is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from sipo.checkpoints import (
     fingerprint_differences,
@@ -27,10 +32,14 @@ from sipo.errors import SipoError
 #: what a sipo run writes into its output_dir; --overwrite removes these and nothing else, so an
 #: output_dir pointed at a folder with the user's own files never loses them
 RUN_FILES = ("config.yaml", "metrics.jsonl", "data_report.json", "README.md", "pytorch_lora_weights.safetensors",
-             "adapter_config.json")
-RUN_FOLDERS = ("checkpoints", "logs", "unet", "transformer", "analysis")
+             "adapter_config.json", "validation.jsonl", "validation.png")
+RUN_FOLDERS = ("checkpoints", "logs", "unet", "transformer", "analysis", "eval", "best", "samples")
 #: any of these marks the directory as holding a run
 RUN_MARKERS = ("checkpoints", "config.yaml", "pytorch_lora_weights.safetensors", "unet", "transformer", "metrics.jsonl")
+#: the run's manifest: the names in output_dir that sipo runs wrote (and that did not exist before the first)
+RUN_MANIFEST = ".sipo-run.json"
+#: held while a trainer works in the directory: pid and host of the process holding it
+LOCK_FILE = ".sipo-lock"
 
 
 def check_output_dir(output_dir: Path, name: str = "train.output_dir") -> None:
@@ -80,7 +89,16 @@ def check_reporting(config) -> None:
 
 
 def holds_a_run(output_dir: Path) -> bool:
-    return any((output_dir / marker).exists() for marker in RUN_MARKERS)
+    return (output_dir / RUN_MANIFEST).exists() or any((output_dir / marker).exists() for marker in RUN_MARKERS)
+
+
+def refuse_model_dir(output_dir: Path, pretrained_path: str) -> None:
+    """``train.output_dir`` must not be a model directory: a run's files would mix with the model's."""
+    model = Path(pretrained_path).expanduser()
+    same = model.exists() and output_dir.exists() and model.resolve() == output_dir.resolve()
+    if same or (output_dir / "model_index.json").is_file():
+        raise SipoError(f"train.output_dir {output_dir} is a diffusers model directory (it holds model_index.json), "
+                        "and a run must not write among a model's files; set train.output_dir to another directory")
 
 
 def refuse_foreign_run(output_dir: Path) -> None:
@@ -92,18 +110,184 @@ def refuse_foreign_run(output_dir: Path) -> None:
                         "--overwrite to replace it, or set another train.output_dir")
 
 
+def read_run_manifest(output_dir: Path) -> list[str] | None:
+    """The names the run's manifest says sipo wrote; ``None`` when there is no readable manifest."""
+    values = _read_json(output_dir / RUN_MANIFEST)
+    owned = values.get("owned")
+    if not isinstance(owned, list) or not all(isinstance(name, str) for name in owned):
+        return None
+    return [name for name in owned if name and "/" not in name and name not in (".", "..")]
+
+
+def _write_run_manifest(output_dir: Path, owned: list[str]) -> None:
+    tmp = output_dir / f"{RUN_MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"owned": sorted(set(owned))}, indent=2))
+    os.replace(tmp, output_dir / RUN_MANIFEST)
+
+
+def check_overwrite(output_dir: Path) -> None:
+    """``--overwrite`` replaces only a run whose manifest says which files are sipo's."""
+    if holds_a_run(output_dir) and read_run_manifest(output_dir) is None:
+        raise SipoError(f"--overwrite refused: {output_dir} has no readable {RUN_MANIFEST}, so sipo cannot tell its "
+                        "files from yours; delete what you want replaced yourself, or set another train.output_dir")
+
+
 def remove_previous_run(output_dir: Path) -> list[str]:
-    """``--overwrite``: delete the files an earlier run wrote (and only those); returns their names."""
+    """``--overwrite``: delete what the run's manifest lists (and only that); returns the names removed."""
     removed = []
-    for name in RUN_FILES:
-        if (output_dir / name).is_file():
-            (output_dir / name).unlink()
-            removed.append(name)
-    for name in RUN_FOLDERS:
-        if (output_dir / name).is_dir():
-            shutil.rmtree(output_dir / name)
+    for name in read_run_manifest(output_dir) or []:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
             removed.append(f"{name}/")
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+            removed.append(name)
+    (output_dir / RUN_MANIFEST).unlink(missing_ok=True)
     return removed
+
+
+# ----------------------------------------------------------------------------- the lock and the claim
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _lock_holder(output_dir: Path) -> dict | None:
+    """Who holds the directory's lock; ``None`` when nobody does or its holder has died on this host."""
+    lock = output_dir / LOCK_FILE
+    if not lock.exists():
+        return None
+    holder = _read_json(lock)
+    pid, host = holder.get("pid"), holder.get("host")
+    if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        return None  # stale: its process is gone
+    return holder or {"pid": "unknown", "host": "unknown"}
+
+
+def refuse_if_locked(output_dir: Path) -> None:
+    """Another live sipo process is training in ``output_dir``."""
+    holder = _lock_holder(output_dir)
+    if holder is not None:
+        raise SipoError(f"{output_dir} is in use by another sipo run (pid {holder.get('pid')} on {holder.get('host')}); "
+                        f"wait for it to finish, or set another train.output_dir (delete {output_dir / LOCK_FILE} "
+                        "only if no such run is alive)")
+
+
+def _acquire_lock(output_dir: Path) -> None:
+    lock = output_dir / LOCK_FILE
+    if lock.exists() and _lock_holder(output_dir) is None:
+        lock.unlink(missing_ok=True)  # left by a process that died
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        refuse_if_locked(output_dir)
+        raise SipoError(f"{output_dir} was claimed by another sipo run a moment ago; set another train.output_dir") from None
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+
+
+@dataclass
+class Claim:
+    """A run's hold on its directory; see :func:`claim`."""
+
+    output_dir: Path
+    notes: list[str] = field(default_factory=list)
+    watched: object = None
+    start_step: int = 0
+
+    def watch(self, run) -> None:
+        """From here on ``run.state.step`` tells whether the run got past its first step."""
+        self.watched, self.start_step = run, run.state.step
+
+
+@contextlib.contextmanager
+def claim(output_dir: Path, resume: bool, overwrite: bool, damaged: list[Path], created_dir: bool = False) -> Iterator[Claim]:
+    """Hold ``output_dir`` for one run: lock it, apply ``--overwrite`` / drop damaged checkpoints, and
+    record in the run's manifest every name sipo writes there.
+
+    A run that fails before its first optimizer step leaves the directory as it found it (a fresh
+    run's config, logs and metrics are removed, and ``output_dir`` itself when ``created_dir`` says the
+    checks made it), so the corrected command needs no ``--overwrite``.
+    Only the main process touches the directory; every process waits for it.
+    """
+    from accelerate import PartialState
+
+    process = PartialState()
+    holding = process.is_main_process
+    before = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
+    result = Claim(output_dir)
+    try:
+        if holding:
+            _acquire_lock(output_dir)
+            if resume:
+                result.notes += discard_damaged(output_dir, damaged)
+            elif overwrite:
+                removed = remove_previous_run(output_dir)
+                before -= {name.rstrip("/") for name in removed} | {RUN_MANIFEST}
+                if removed:
+                    result.notes.append(f"--overwrite: removed the earlier run's {', '.join(removed)}")
+            previous = read_run_manifest(output_dir) or []
+            # What sipo may write here and the user did not have before: the run's from now on.
+            owned = set(previous) | ({*RUN_FILES, *RUN_FOLDERS} - before)
+            _write_run_manifest(output_dir, sorted(owned))
+        process.wait_for_everyone()
+        yield result
+    except BaseException:
+        run = result.watched
+        if holding and not resume and (run is None or run.state.step == result.start_step):
+            _remove_new_entries(output_dir, before)
+            if created_dir:
+                (output_dir / LOCK_FILE).unlink(missing_ok=True)
+                remove_if_empty(output_dir)
+        raise
+    finally:
+        if holding:
+            (output_dir / LOCK_FILE).unlink(missing_ok=True)
+
+
+def _remove_new_entries(output_dir: Path, before: set[str]) -> None:
+    """Undo a run that never reached its first step: what it added goes, the directory too if it is empty."""
+    for name in set(os.listdir(output_dir)) - before - {LOCK_FILE}:
+        path = output_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+def read_metrics(path: Path, up_to_step: int) -> tuple[list[dict], int]:
+    """The records of ``metrics.jsonl`` up to ``up_to_step`` and how many lines could not be read
+    (a kill during a write leaves a partial last line; a disk error can leave bytes that are not UTF-8)."""
+    if not path.is_file():
+        return [], 0
+    records, dropped = [], 0
+    for raw in path.read_bytes().splitlines():
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            dropped += 1
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            dropped += 1
+        elif record["step"] <= up_to_step:
+            records.append(record)
+    return records, dropped
+
+
+def write_metrics(path: Path, records: list[dict]) -> None:
+    """Rewrite ``metrics.jsonl`` atomically with ``records`` (a resume's history up to its checkpoint)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(tmp, path)
 
 
 def choose_resume_checkpoint(output_dir: Path, fingerprint: dict) -> tuple[Path, list[Path], list[str]]:

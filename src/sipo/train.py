@@ -1,9 +1,12 @@
 """The training loop: read it top to bottom.
 
-config -> adapter + dataset -> (per micro-batch) encode, draw t/eps, per-pair terms, weights,
-reduce -> backward -> (per optimizer step) guard against non-finite values, clip, step, log,
-checkpoint. One code path serves DPO, +mask, +clip, +reweight, C&M and SIPO: the objective
-switches only change how ``objectives.preference_loss`` reduces the per-pair losses.
+``train()`` sets a run up with one named function per concern (checks before any write, the
+accelerator, the model and its reference, the optimizer, the state, the data), then runs a loop
+that calls :func:`training_step` (the micro-batches: encode, draw t/eps, per-pair terms, objective,
+backward), :func:`optimizer_step` (finite check, clip, step) and the hooks: the divergence guard,
+metrics, callbacks (validation and sampling plug in here), checkpoints and the stop signals.
+One code path serves DPO, +mask, +clip, +reweight, C&M and SIPO: the objective switches only
+change how ``objectives.preference_loss`` reduces the per-pair losses.
 
 Multi-GPU runs go through ``accelerate launch -m sipo train ...``: accelerate wraps the denoiser
 (DDP/FSDP/DeepSpeed), each process reads its own shard of every global batch.
@@ -17,38 +20,742 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from sipo import objectives
+from sipo import objectives, rundir
 from sipo.checkpoints import (
-    TrainState, is_write_failure, disk_is_full, list_checkpoints, load_checkpoint, run_fingerprint, save_checkpoint,
-    write_error,
+    TrainState, checkpoint_step, disk_is_full, is_write_failure, list_checkpoints, load_checkpoint, run_fingerprint,
+    save_checkpoint, write_error,
 )
 from sipo.config import SipoConfig, check_against_model, check_values, save_config
 from sipo.data.order import DataOrder, ResumableBatchSampler
-from sipo.errors import SipoError
-from sipo.models import DiffusionAdapter, adapter_from_config, add_lora, lora_disabled
-from sipo.models.base import EncodedPairs, hold_frozen_weights_in
-from sipo.performance import (
-    COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng,
+from sipo.errors import SipoError, TrainingInterrupted
+from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
+from sipo.models.base import hold_frozen_weights_in
+from sipo.performance import COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng
+from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook
+from sipo.preference import (
+    PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor,
 )
-from sipo.preference import PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, objective_loss
 
+#: ``callback(step, adapter)``, called after every optimizer step (benchmarks time steps with it,
+#: tests inject faults with it, validation and sampling hook in the same way)
 StepCallback = Callable[[int, DiffusionAdapter], None]
 
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns: where the run is, how many optimizer steps it holds, the logged
+    metrics (one dict per log point, as in ``metrics.jsonl``) and the trained adapter."""
+
     output_dir: Path
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
     adapter: DiffusionAdapter | None = None
 
 
-# ----------------------------------------------------------------------------- set-up helpers
+@dataclass
+class Plan:
+    """The outcome of the checks: nothing has been written when it exists."""
+
+    output_dir: Path
+    dataset: Any
+    fingerprint: dict[str, Any]
+    resume_from: Path | None
+    damaged: list[Path]
+    notes: list[str]
+    created_dir: bool  # the checks made output_dir: a run that fails before its first step removes it
+    held_out: Any = None  # held-out pairs (data.validation_path / validation_fraction), or None
+    train_indices: list[int] | None = None  # with validation_fraction: the pairs left to train on
+    held_out_indices: list[int] | None = None
+
+    @property
+    def start_step(self) -> int:
+        return checkpoint_step(self.resume_from) if self.resume_from is not None else 0
+
+
+@dataclass
+class Run:
+    """Everything the loop reads and updates, built by the set-up functions below."""
+
+    config: SipoConfig
+    plan: Plan
+    accelerator: Any
+    adapter: DiffusionAdapter
+    model: nn.Module  # the accelerate-prepared denoiser (DDP's no_sync and unwrapping use it)
+    forward_model: nn.Module  # what forward calls go through: ``model``, compiled when train.compile
+    reference_predict: Callable[[Tensor, Tensor, Any], Tensor]
+    trainable: dict[str, nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    generator: torch.Generator  # t and eps: one CPU generator per process, saved in every checkpoint
+    state: TrainState
+    dataset: Any
+    loader: Iterator[dict[str, Any]]
+    history: list[dict[str, float]]
+    validation: Any  # sipo.validation.Validation, or its no-op twin
+    metrics: "MetricsWindow"
+    first_micro_batch: int  # data consumed before this call (a resume's position)
+    first_step: int  # the step this call started from
+    masked_in_a_row: int = 0  # pairs masked since the start while none was kept (-1: one was kept)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.plan.output_dir
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.adapter.schedule.num_train_timesteps
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step's micro-batches: per-pair terms, mask, weights and losses stay on the device."""
+
+    terms: list[PairTerms] = field(default_factory=list)
+    keeps: list[Tensor] = field(default_factory=list)
+    weights: list[Tensor] = field(default_factory=list)
+    losses: list[Tensor] = field(default_factory=list)
+    mask_weights: list[Tensor] = field(default_factory=list)  # the pair weights the mask compared with tau
+    pairs: int = 0
+    kept_pairs: int = 0
+    grad_norm: Any = None
+    finite: bool = True
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(
+    config: SipoConfig,
+    resume: bool = False,
+    step_callback: StepCallback | None = None,
+    progress: bool = True,
+    adapter: DiffusionAdapter | None = None,
+    overwrite: bool = False,
+    callbacks: Sequence[StepCallback] = (),
+) -> TrainResult:
+    """Train per ``config`` into a fresh ``train.output_dir``.
+
+    ``resume`` continues the run already there from its newest intact checkpoint; ``overwrite``
+    replaces the run already there (only the files a sipo run wrote). Without either, a directory
+    holding a run stops the call. ``adapter`` replaces the model ``config`` names (an in-memory
+    model: the demo, notebooks); ``callbacks`` (and ``step_callback``) run after every optimizer
+    step. SIGTERM or SIGINT finish the current step, write a checkpoint and raise
+    :class:`sipo.errors.TrainingInterrupted`.
+    """
+    from tqdm.auto import tqdm
+
+    plan = check_run(config, resume, overwrite, check_model=adapter is None)
+    callbacks = [*callbacks, *([step_callback] if step_callback is not None else [])]
+    tc = config.train
+    with rundir.claim(plan.output_dir, resume, overwrite, plan.damaged, plan.created_dir) as claim:
+        plan.notes += claim.notes
+        run = set_up(config, plan, adapter)
+        claim.watch(run)
+        start_writing(run)
+        bar = tqdm(total=tc.max_steps, initial=run.state.step, desc=f"{config.objective.name} train", unit="step",
+                   disable=not (progress and run.accelerator.is_main_process), dynamic_ncols=True)
+        run.validation.at_start(run)
+        step = None
+        with stop_signals() as stop:
+            while run.state.step < tc.max_steps:
+                step = training_step(run)
+                optimizer_step(run, step)
+                bar.update(1)
+                guard_divergence(run, step)
+                run.metrics.add(run, step)
+                for callback in callbacks:
+                    callback(run.state.step, run.adapter)
+                if run.state.step % tc.log_every == 0 or run.state.step == tc.max_steps:
+                    log_metrics(run, bar)
+                guard_all_masked(run, step)  # after logging: the masked steps stay in metrics.jsonl
+                run.validation.after_step(run, step)  # held-out pairs, samples, best/ (sipo.validation)
+                checkpoint_if_due(run)
+                if stop.agreed(run.accelerator) and run.state.step < tc.max_steps:
+                    raise interrupted(run, stop.signum)
+        bar.close()
+        run.validation.at_end(run, step)
+        finish(run)
+    return TrainResult(output_dir=run.output_dir, steps=run.state.step, history=run.history, adapter=run.adapter)
+
+
+def training_step(run: Run) -> StepOutput:
+    """The micro-batches of one optimizer step: encode, draw t/eps, per-pair terms, objective, backward."""
+    tc, oc, accelerator = run.config.train, run.config.objective, run.accelerator
+    step = StepOutput()
+    for micro in range(tc.gradient_accumulation_steps):
+        batch = next(run.loader)
+        run.state.micro_batches += 1
+        run.state.skipped_rows += len(batch["skipped"])
+        run.dataset.report.record(batch)
+        if not batch["indices"]:
+            continue  # every row of this micro-batch was malformed; counted above
+        step.pairs += len(batch["indices"])
+        encoded = encoded_batch(run.adapter, batch, accelerator.device)
+        noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator),
+                           accelerator.device)
+        last_micro = micro == tc.gradient_accumulation_steps - 1
+        # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
+        with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):
+            with accelerator.autocast():
+                terms = compute_pair_terms(
+                    run.adapter, encoded, noise, beta=oc.beta, reference_predict=run.reference_predict,
+                    denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                    weight_model=oc.weight_model, weight_step=oc.weight_step,
+                )
+                weight = pair_weight(terms, run.state, oc.weight_source, run.num_train_timesteps, oc.ema_decay)
+                loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings())
+            accelerator.backward(loss / tc.gradient_accumulation_steps)
+        step.losses.append(loss.detach().float())
+        step.terms.append(terms)
+        step.keeps.append(keep)
+        step.weights.append(effective_weight)
+        step.mask_weights.append(weight.detach())
+    return step
+
+
+def optimizer_step(run: Run, step: StepOutput) -> None:
+    """Clip, then step only when the loss and the gradient are finite; advance the schedule and the counters."""
+    tc, state, accelerator = run.config.train, run.state, run.accelerator
+    step.grad_norm = accelerator.clip_grad_norm_(
+        list(run.trainable.values()), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+    ) if step.terms else torch.tensor(0.0)
+    # The one host synchronisation of the step: whether the loss and the gradient are finite,
+    # and how many micro-batches had every pair masked.
+    loss_finite, grad_finite, all_masked, step.kept_pairs = _step_flags(step.losses, step.grad_norm, step.keeps)
+    state.all_masked_batches += all_masked
+    step.finite = loss_finite and grad_finite
+    if step.finite:
+        run.optimizer.step()
+        state.consecutive_bad_steps = 0
+    elif loss_finite and accelerator.scaler is not None:
+        # fp16: an overflowing gradient with a finite loss is the loss scaler's normal search for
+        # its scale; its step() skips the update and lowers the scale. Not a divergence.
+        run.optimizer.step()
+        step.finite = True
+    else:
+        state.bad_steps += 1
+        state.consecutive_bad_steps += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.lr_scheduler.step()
+    state.step += 1
+
+
+def guard_divergence(run: Run, step: StepOutput) -> None:
+    """Stop after ``train.max_bad_steps`` non-finite steps in a row, naming the timesteps and the way out."""
+    state = run.state
+    if not step.finite and state.consecutive_bad_steps >= run.config.train.max_bad_steps:
+        bucket = _worst_bucket(step.terms, run.num_train_timesteps)
+        raise SipoError(
+            f"stopped at step {state.step}: {state.consecutive_bad_steps} optimizer steps in a row had a "
+            f"non-finite loss or gradient (timesteps {bucket}); {_divergence_advice(run.output_dir)}"
+        )
+
+
+#: pairs in a row that every one masked before a run stops as useless (at a masked fraction of 0.8
+#: a healthy run meets this with probability 0.8**64 ~ 6e-7)
+ALL_MASKED_PATIENCE_PAIRS = 64
+
+
+def guard_all_masked(run: Run, step: StepOutput) -> None:
+    """Stop a run whose mask keeps no pair: each of its first 64 pairs fell below ``objective.tau`` or
+    outside ``[t_min, t_max]``, so nothing is learned. (A shorter run that keeps none is told so at its end.)"""
+    if step.kept_pairs:
+        run.masked_in_a_row = -1  # some pair was kept: the guard has done its job for this run
+    if run.masked_in_a_row < 0 or not step.pairs:
+        return
+    run.masked_in_a_row += step.pairs
+    if run.masked_in_a_row >= ALL_MASKED_PATIENCE_PAIRS:
+        oc = run.config.objective
+        largest = torch.cat(step.mask_weights).nan_to_num(nan=0.0).max().item()
+        raise SipoError(
+            f"objective.tau={oc.tau} (with t_min={oc.t_min}, t_max={oc.t_max}) masked all {run.masked_in_a_row} pairs "
+            f"of the first {run.state.step - run.first_step} steps, so the run learns nothing (the largest pair weight "
+            f"in the last step was {largest:.3g}); lower objective.tau below that, widen [t_min, t_max], or set "
+            "objective.mask=false"
+        )
+
+
+def log_metrics(run: Run, bar=None) -> dict[str, float]:
+    """One record per log point: the window's means, lr, counters and throughput, to every sink."""
+    accelerator = run.accelerator
+    record = run.metrics.summarise(run)
+    run.history.append(record)
+    if accelerator.is_main_process:
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.state.step)
+        with open(run.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if bar is not None:
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                            acc=f"{record.get('implicit_acc', float('nan')):.2f}",
+                            masked=f"{record.get('masked_fraction', float('nan')):.2f}",
+                            pairs_s=f"{record['pairs_per_s']:.1f}")
+    return record
+
+
+def checkpoint_if_due(run: Run) -> None:
+    """Every ``train.checkpoint_every`` steps; never while steps are failing (the last good one must stay newest)."""
+    tc, state = run.config.train, run.state
+    if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps
+            and state.consecutive_bad_steps == 0):
+        write_checkpoint(run)
+
+
+def write_checkpoint(run: Run) -> Path | None:
+    """A resumable checkpoint of the current step (main process writes, every process waits)."""
+    tc, accelerator = run.config.train, run.accelerator
+    path = None
+    if accelerator.is_main_process:
+        path = save_checkpoint(run.output_dir, run.trainable, run.optimizer, run.lr_scheduler, run.state,
+                               run.generator, tc.keep_last, run.plan.fingerprint, device=accelerator.device)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def interrupted(run: Run, signum: int) -> TrainingInterrupted:
+    """SIGTERM/SIGINT arrived: the step in flight has finished; checkpoint it and say how to continue."""
+    import signal
+
+    path = write_checkpoint(run) if run.state.consecutive_bad_steps == 0 else None
+    newest = list_checkpoints(run.output_dir)
+    name = signal.Signals(signum).name
+    if newest:
+        where = "its checkpoint" if path is not None else f"the last good checkpoint {newest[-1].name}"
+        message = (f"stopped by {name} after step {run.state.step}; {where} is saved, continue with "
+                   f"--resume (from {newest[-1].name})")
+    else:
+        message = f"stopped by {name} after step {run.state.step} before any checkpoint; start again with --overwrite"
+    run.accelerator.end_training()
+    return TrainingInterrupted(message, signum=signum, step=run.state.step)
+
+
+def finish(run: Run) -> None:
+    """The data summary always; the final checkpoint, weights and model card only when some pair was used."""
+    config, accelerator, state, dataset = run.config, run.accelerator, run.state, run.dataset
+    output_dir = run.output_dir
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        report = dataset.report.to_dict()
+        if run.plan.held_out is not None:
+            report["validation"] = {
+                "source": config.data.validation_path or f"data.validation_fraction={config.data.validation_fraction}",
+                "held_out_pairs": len(run.plan.held_out), "training_pairs": len(dataset)}
+        (output_dir / "data_report.json").write_text(json.dumps(report, indent=2))
+        accelerator.print(f"data: {dataset.report}")
+        if run.masked_in_a_row > 0:
+            accelerator.print(f"sipo: warning: the mask dropped all {run.masked_in_a_row} pairs of this run, so the "
+                              "weights did not learn from them; lower objective.tau or set objective.mask=false")
+        if dataset.report.used == 0 and state.micro_batches > run.first_micro_batch:
+            accelerator.end_training()
+            raise SipoError(
+                f"no usable pair in {config.data.path}: every row read was skipped ({dataset.report.skip_summary()}), "
+                f"so no weights were written; fix the rows listed in {output_dir / 'data_report.json'}"
+            )
+        save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, run.generator,
+                        config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
+        unwrapped = accelerator.unwrap_model(run.model)
+        try:
+            if config.train.finetune == "lora":
+                from peft.utils import get_peft_model_state_dict
+
+                run.adapter.save_lora(output_dir, get_peft_model_state_dict(unwrapped))
+            else:
+                run.adapter.save_full(output_dir)
+            _write_model_card(output_dir, config, state)
+        except Exception as error:
+            if not is_write_failure(error):
+                raise
+            raise write_error(error, f"the final weights into {output_dir}", disk_is_full(error, output_dir),
+                              "run again with --resume (the final checkpoint is saved)") from None
+    accelerator.end_training()
+
+
+# ----------------------------------------------------------------------------- set-up, in the order train() calls it
+def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bool = True) -> Plan:
+    """Every check that can fail, before the first byte is written into ``train.output_dir``.
+
+    Under ``accelerate launch`` every rank runs them, so each stops with the same sentence.
+    """
+    from sipo.data import open_preference_dataset
+
+    tc = config.train
+    output_dir = Path(tc.output_dir)
+    check_values(config)
+    notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
+    if check_model:
+        rundir.check_model_dir(config.model)
+    if resume and overwrite:
+        raise SipoError("--resume and --overwrite contradict each other; pass one of them")
+    rundir.refuse_model_dir(output_dir, config.model.pretrained_path)
+    created_dir = not output_dir.exists()
+    rundir.check_output_dir(output_dir)
+    try:
+        rundir.refuse_if_locked(output_dir)
+        if not resume and not overwrite:
+            rundir.refuse_foreign_run(output_dir)
+        if overwrite:
+            rundir.check_overwrite(output_dir)
+        # Open the data before loading a model: a bad path should fail in a second, not a minute.
+        dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed, family=config.model.family)
+        if 0 < len(dataset) < tc.batch_size:
+            notes.append(f"train.batch_size={tc.batch_size} is more than the {len(dataset)} pairs, so every micro-batch "
+                         "repeats pairs (each with its own noise); pairs_per_s counts every pair evaluated")
+        held_out, train_indices, held_out_indices = open_held_out(config, dataset)
+        fingerprint = run_fingerprint(config)
+        rundir.check_reporting(config)
+        resume_from, damaged = None, []
+        if resume:
+            resume_from, damaged, resume_notes = rundir.choose_resume_checkpoint(output_dir, fingerprint)
+            notes += resume_notes
+            done = checkpoint_step(resume_from)
+            if done > tc.max_steps:
+                raise SipoError(f"--resume: {resume_from.name} already holds {done} steps, more than "
+                                f"train.max_steps={tc.max_steps}; set train.max_steps to at least {done}")
+    except BaseException:
+        if created_dir:
+            rundir.remove_if_empty(output_dir)
+        raise
+    return Plan(output_dir, dataset, fingerprint, resume_from, damaged, notes, created_dir, held_out, train_indices,
+                held_out_indices)
+
+
+def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> Run:
+    """Accelerator, model and reference, optimizer, state and data: everything the loop needs."""
+    accelerator = start_accelerator(config, plan.output_dir)
+    adapter, reference_denoiser = build_model(config, adapter)
+    dataset = place_model_and_data(config, plan.dataset, adapter, reference_denoiser, accelerator)
+    validation = validation_hook(config, plan, dataset)
+    if plan.train_indices is not None:
+        dataset = PairSubset(dataset, plan.train_indices)  # after the cache: it holds every pair, by index
+    trainable = {name: p for name, p in adapter.denoiser.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(list(trainable.values()), config.train, accelerator.device)
+    lr_scheduler = _lr_scheduler(config, optimizer)
+    model, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
+    forward_model = torch.compile(model) if config.train.compile else model
+    generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
+    state, history = restore_state(config, plan, trainable, optimizer, lr_scheduler, generator, accelerator)
+    return Run(
+        config=config, plan=plan, accelerator=accelerator, adapter=adapter, model=model, forward_model=forward_model,
+        reference_predict=reference_predictor(adapter, forward_model, reference_denoiser), trainable=trainable,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, generator=generator, state=state, dataset=dataset,
+        loader=data_loader(config, dataset, state, accelerator), history=history, validation=validation,
+        metrics=MetricsWindow(state.step), first_micro_batch=state.micro_batches, first_step=state.step,
+    )
+
+
+def start_accelerator(config: SipoConfig, output_dir: Path):
+    """A fresh ``Accelerator`` for this run, with the kernels and the global seed set first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    tc = config.train
+    configure_kernels(tc.deterministic)  # before CUDA initialises: cuBLAS reads its workspace setting once
+    # A second train() in one process (notebooks, the demo, tests) may ask for another precision;
+    # accelerate keeps a process-wide state that would refuse it. The process group is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision, log_with=None if tc.report_to == "none" else tc.report_to,
+        project_dir=str(output_dir),
+    )
+    torch.manual_seed(tc.seed)
+    return accelerator
+
+
+def build_model(config: SipoConfig, adapter: DiffusionAdapter | None) -> tuple[DiffusionAdapter, nn.Module | None]:
+    """The policy, and the frozen reference: for LoRA the same weights with adapters switched off
+    (``None`` here), for a full fine-tune a frozen copy of the denoiser."""
+    tc = config.train
+    if adapter is None:
+        adapter = adapter_from_config(config.model)
+    adapter.freeze_encoders()
+    reference_denoiser = None
+    if tc.finetune == "lora":
+        add_lora(adapter, config)
+    else:
+        adapter.denoiser.requires_grad_(True)
+        reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
+    if tc.gradient_checkpointing and hasattr(adapter.denoiser, "enable_gradient_checkpointing"):
+        adapter.denoiser.enable_gradient_checkpointing()
+    # Frozen weights in the compute dtype, trainable ones (and so the optimizer state) in float32.
+    if tc.mixed_precision in COMPUTE_DTYPES:
+        hold_frozen_weights_in(adapter, COMPUTE_DTYPES[tc.mixed_precision],
+                               [reference_denoiser] if reference_denoiser is not None else [])
+    if config.model.encode_chunk_size is not None:
+        adapter.encode_chunk_size = config.model.encode_chunk_size
+    return adapter, reference_denoiser
+
+
+def place_model_and_data(config: SipoConfig, dataset, adapter: DiffusionAdapter, reference_denoiser: nn.Module | None,
+                         accelerator):
+    """A matching latent cache replaces the pictures (the encoders then stay on the CPU, unused)."""
+    from sipo.data.cache import open_cache_for_training
+
+    cached = open_cache_for_training(config, dataset, log=accelerator.print)
+    if cached is not None:
+        dataset = cached
+        adapter.denoiser.to(accelerator.device)
+    else:
+        adapter.to(accelerator.device)
+    if reference_denoiser is not None:
+        reference_denoiser.to(accelerator.device)
+    adapter.denoiser.train()
+    return dataset
+
+
+def restore_state(config: SipoConfig, plan: Plan, trainable, optimizer, lr_scheduler, generator,
+                  accelerator) -> tuple[TrainState, list[dict[str, float]]]:
+    """A fresh state, or the checkpoint's (weights, optimizer, schedule, RNG, EMA) and the metrics up to it."""
+    state = TrainState()
+    num_buckets = config.objective.ema_buckets
+    state.ema = torch.full((num_buckets,), float("nan"), dtype=torch.float64)
+    state.ema_seen = torch.zeros(num_buckets, dtype=torch.bool)
+    if plan.resume_from is None:
+        return state, []
+    state = load_checkpoint(plan.resume_from, trainable, optimizer, lr_scheduler, generator)
+    restore_device_rng(plan.resume_from, accelerator.device)
+    history, dropped = rundir.read_metrics(plan.output_dir / "metrics.jsonl", up_to_step=state.step)
+    if dropped:
+        plan.notes.append(f"metrics.jsonl: dropped {dropped} unreadable line(s) (a write cut short); "
+                          "the checkpoint itself is intact")
+    plan.notes.append(f"resumed from {plan.resume_from} at step {state.step}")
+    return state, history
+
+
+def data_loader(config: SipoConfig, dataset, state: TrainState, accelerator) -> Iterator[dict[str, Any]]:
+    """Batches in the seed's order from the state's data position, this process's share of each."""
+    from sipo.data import collate_pairs
+
+    tc = config.train
+    block_ids = dataset.row_group_ids() if config.data.shuffle == "block" and hasattr(dataset, "row_group_ids") else None
+    sampler = ResumableBatchSampler(
+        DataOrder(len(dataset), tc.seed, block_ids), tc.batch_size, state.micro_batches,
+        accelerator.process_index, accelerator.num_processes,
+    )
+    pin = accelerator.device.type == "cuda"  # pinned host memory: copies to the GPU need not wait
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=getattr(dataset, "collate", collate_pairs),
+        num_workers=config.data.num_workers, pin_memory=pin,
+    ))
+
+
+def start_writing(run: Run) -> None:
+    """The first writes of the run, once every set-up step has succeeded: config, logs, metrics file."""
+    accelerator, config, output_dir = run.accelerator, run.config, run.output_dir
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+        _start_trackers(accelerator, config)
+        if run.plan.resume_from is None:
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (output_dir / VALIDATION_LOG).unlink(missing_ok=True)
+        else:
+            rundir.write_metrics(output_dir / "metrics.jsonl", run.history)
+            if (output_dir / VALIDATION_LOG).is_file():  # validations after the checkpoint run again
+                kept, _ = rundir.read_metrics(output_dir / VALIDATION_LOG, up_to_step=run.state.step)
+                rundir.write_metrics(output_dir / VALIDATION_LOG, kept)
+        for line in run.plan.notes:
+            accelerator.print(f"sipo: {line}")
+        accelerator.print(_run_header(config, run.dataset, output_dir))
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- stop signals
+class _StopSignals:
+    """SIGTERM (what SLURM and Kubernetes send before SIGKILL) and SIGINT set a flag that the loop
+    reads after the step in flight; a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handle(self, signum, frame) -> None:
+        import os
+        import signal
+
+        if self.signum is not None:  # the second signal: no checkpoint, exit now
+            signal.signal(signum, signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was signalled (every process must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([self.signum or 0], device=accelerator.device)
+        flag = accelerator.reduce(flag, reduction="max")
+        if self.signum is None and int(flag.item()):
+            self.signum = int(flag.item())
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[_StopSignals]:
+    """Install the handlers for the loop's duration (main thread only: elsewhere Python cannot)."""
+    import signal
+    import threading
+
+    stop = _StopSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------- per-step pieces
+def pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_train_timesteps: int, decay: float) -> Tensor:
+    """``w = exp(log_w_pair)``, or its per-timestep-bucket EMA (SPEC 5); undefined weights stay NaN."""
+    # exp(88) already overflows float32; a weight that large must be clipped, not read as non-finite
+    # and masked (possible with weight_norm=sum, where log w scales with the element count).
+    weight = terms.log_w_pair.double().clamp(max=80.0).exp()
+    if weight_source == "sample":
+        return weight.float()
+    buckets = objectives.timestep_bucket(terms.timesteps.cpu(), num_train_timesteps, state.ema.shape[0])
+    state.ema, state.ema_seen = objectives.update_timestep_ema(state.ema, state.ema_seen, buckets, weight.cpu(), decay)
+    smoothed = state.ema[buckets].to(weight.device)
+    return torch.where(torch.isfinite(weight), smoothed, weight).float()
+
+
+def _to_device(noise: PairNoise, device: torch.device) -> PairNoise:
+    """The CPU-drawn noise on the device; from pinned memory on CUDA, so the copy does not block the host."""
+    if device.type != "cuda":
+        return noise
+    return PairNoise(*(x.pin_memory().to(device, non_blocking=True) for x in (noise.timesteps, noise.eps, noise.posterior_noise)))
+
+
+def _step_flags(losses: list[Tensor], grad_norm, keeps: list[Tensor]) -> tuple[bool, bool, int, int]:
+    """(every loss finite, gradient norm finite, micro-batches with every pair masked, pairs kept) in one transfer."""
+    if not losses:
+        return True, True, 0, 0
+    flags = torch.stack([
+        torch.isfinite(torch.stack(losses)).all().float(),
+        torch.isfinite(torch.as_tensor(grad_norm, device=losses[0].device)).float(),
+        torch.stack([~k.any() for k in keeps]).sum().float(),
+        torch.cat(keeps).sum().float(),
+    ]).tolist()
+    return bool(flags[0]), bool(flags[1]), int(flags[2]), int(flags[3])
+
+
+# ----------------------------------------------------------------------------- metrics
+#: the per-step metrics, in the order ``_step_metrics`` stacks them
+STEP_METRICS = ("loss", "implicit_acc", "reward_margin", "err_winner", "err_loser", "ref_err_winner", "ref_err_loser",
+                "kl_proxy", "masked_fraction", "mean_weight", "mean_log_w_pair", "grad_norm", "finite")
+
+
+class MetricsWindow:
+    """The steps since the last log point. Per-step metrics stay device tensors until they are
+    logged: no host synchronisation per micro-step, one per optimizer step (the finite check)."""
+
+    def __init__(self, step: int) -> None:
+        self.rows: list[Tensor] = []
+        self.weight_log: list[tuple[Tensor, Tensor]] = []
+        self.pairs = 0
+        self.clock = StepClock(step)
+
+    def add(self, run: Run, step: StepOutput) -> None:
+        self.pairs += step.pairs
+        self.weight_log.extend((t.timesteps.detach(), t.log_w_pair.detach()) for t in step.terms)
+        if step.terms:
+            self.rows.append(_step_metrics(step.terms, step.keeps, step.weights, step.losses, step.grad_norm, step.finite))
+
+    def summarise(self, run: Run) -> dict[str, float]:
+        """The window's record, and the window emptied; the weight histogram goes to TensorBoard."""
+        accelerator, state = run.accelerator, run.state
+        record = _summarise(self.rows, state, run.lr_scheduler.get_last_lr()[0])
+        record.update(self.clock.lap(state.step, self.pairs * accelerator.num_processes, accelerator.device))
+        if accelerator.is_main_process and self.weight_log:
+            weight_log = [(t.cpu(), w.cpu()) for t, w in self.weight_log]
+            oc = run.config.objective
+            _log_weight_histogram(accelerator, weight_log, run.num_train_timesteps, oc.ema_buckets, state.step)
+        self.rows, self.weight_log, self.pairs = [], [], 0
+        return record
+
+
+def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[Tensor],
+                  grad_norm, finite: bool) -> Tensor:
+    """The step's metrics (``STEP_METRICS``) as one device tensor; read on the host only when logged."""
+    cat = lambda name: torch.cat([getattr(t, name).detach().float() for t in terms])  # noqa: E731
+    z = cat("z")
+    err_winner, err_loser = cat("err_winner"), cat("err_loser")
+    ref_err_winner, ref_err_loser = cat("ref_err_winner"), cat("ref_err_loser")
+    log_w_pair = cat("log_w_pair")
+    keep = torch.cat(keeps)
+    weight = torch.cat([w.detach().float() for w in weights])
+    return torch.stack([
+        torch.stack(losses).mean(),
+        (z > 0).float().mean(),
+        z.mean(),
+        err_winner.mean(),
+        err_loser.mean(),
+        ref_err_winner.mean(),
+        ref_err_loser.mean(),
+        ((err_winner + err_loser) - (ref_err_winner + ref_err_loser)).mean() / 2,
+        1.0 - keep.float().mean(),
+        _finite_mean(weight),
+        _finite_mean(log_w_pair),
+        torch.as_tensor(grad_norm, device=z.device).float(),
+        torch.tensor(float(finite), device=z.device),
+    ])
+
+
+def _finite_mean(values: Tensor) -> Tensor:
+    """Mean of the finite entries, NaN when there are none (no host synchronisation)."""
+    finite = torch.isfinite(values)
+    total = torch.where(finite, values, torch.zeros_like(values)).sum()
+    return total / finite.sum()  # 0/0 = NaN when nothing is finite
+
+
+def _summarise(window: list[Tensor], state: TrainState, lr: float) -> dict[str, float]:
+    record: dict[str, float] = {"step": state.step}
+    if window:
+        rows = torch.stack(window).cpu().tolist()  # the window's one device -> host transfer
+        for column, key in enumerate(STEP_METRICS):
+            values = [row[column] for row in rows if math.isfinite(row[column])]
+            record[key] = sum(values) / len(values) if values else float("nan")
+    record.update(lr=lr, bad_steps=state.bad_steps, all_masked_batches=state.all_masked_batches,
+                  skipped_rows=state.skipped_rows)
+    return record
+
+
+def _log_weight_histogram(accelerator, weight_log, num_train_timesteps: int, num_buckets: int, step: int) -> None:
+    """TensorBoard: histogram of log w over the window, and its mean per timestep bucket (SPEC 4)."""
+    timesteps = torch.cat([t for t, _ in weight_log])
+    log_w = torch.cat([w for _, w in weight_log])
+    finite = torch.isfinite(log_w)
+    if not finite.any():
+        return
+    try:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    except (ValueError, KeyError):
+        return
+    if not hasattr(writer, "add_histogram"):  # train.report_to is not tensorboard
+        return
+    writer.add_histogram("weights/log_w_pair", log_w[finite].numpy(), step)
+    buckets = objectives.timestep_bucket(timesteps, num_train_timesteps, num_buckets)
+    for bucket in buckets[finite].unique().tolist():
+        selected = finite & (buckets == bucket)
+        writer.add_scalar(f"weights_by_bucket/log_w_t{bucket * num_train_timesteps // num_buckets:04d}",
+                          float(log_w[selected].mean()), step)
+
+
+def _worst_bucket(terms: list[PairTerms], num_train_timesteps: int) -> str:
+    if not terms:
+        return "unknown: every row of the batch was skipped"
+    timesteps = torch.cat([t.timesteps.cpu() for t in terms])
+    bad = torch.cat([~torch.isfinite(t.loss_pair.detach().cpu()) for t in terms])
+    chosen = timesteps[bad] if bad.any() else timesteps
+    low = int(chosen.min()) * 20 // num_train_timesteps * num_train_timesteps // 20
+    return f"{int(chosen.min())}-{int(chosen.max())}, bucket starting at t={low}"
+
+
+# ----------------------------------------------------------------------------- small helpers
 def _lr_scheduler(config: SipoConfig, optimizer):
     from diffusers.optimization import get_scheduler
 
@@ -127,413 +834,6 @@ def _divergence_advice(output_dir: Path) -> str:
                 "good checkpoint, or lower train.learning_rate and start again with --overwrite")
     return ("no checkpoint was written before it, so lower objective.beta or train.learning_rate, or turn on "
             "objective.mask, and start again with --overwrite")
-
-
-def _trainable_named(module: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
-
-
-# ----------------------------------------------------------------------------- the loop
-def train(
-    config: SipoConfig,
-    resume: bool = False,
-    step_callback: StepCallback | None = None,
-    progress: bool = True,
-    adapter: DiffusionAdapter | None = None,
-    overwrite: bool = False,
-) -> TrainResult:
-    """Train per ``config`` into a fresh ``train.output_dir``.
-
-    ``resume`` continues the run already there from its newest intact checkpoint; ``overwrite``
-    replaces the run already there. Without either, a directory holding a run stops the call.
-    """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from sipo import rundir
-    from sipo.data import collate_pairs, open_preference_dataset
-
-    tc, oc = config.train, config.objective
-    output_dir = Path(tc.output_dir)
-    # Prologue: every check that can fail runs before the first byte is written into output_dir.
-    from accelerate import PartialState
-
-    process = PartialState()  # under `accelerate launch`: every rank checks before the main one writes
-    check_values(config)
-    notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
-    if adapter is None:
-        rundir.check_model_dir(config.model)
-    rundir.check_output_dir(output_dir)
-    if resume and overwrite:
-        raise SipoError("--resume and --overwrite contradict each other; pass one of them")
-    if not resume and not overwrite:
-        rundir.refuse_foreign_run(output_dir)
-    # Open the data before loading a model: a bad path should fail in a second, not a minute.
-    dataset = open_preference_dataset(config.data, config.model.resolution, seed=tc.seed)
-    fingerprint = run_fingerprint(config)
-    rundir.check_reporting(config)
-    resume_from, damaged = None, []
-    if resume:
-        resume_from, damaged, resume_notes = rundir.choose_resume_checkpoint(output_dir, fingerprint)
-        notes += resume_notes
-    process.wait_for_everyone()
-    if process.is_main_process:
-        if resume:
-            notes += rundir.discard_damaged(output_dir, damaged)
-        elif overwrite:
-            removed = rundir.remove_previous_run(output_dir)
-            if removed:
-                notes.append(f"--overwrite: removed the earlier run's {', '.join(removed)}")
-    process.wait_for_everyone()
-
-    # A second train() in one process (notebooks, the demo, tests) may ask for another precision;
-    # accelerate keeps a process-wide state that would refuse it. The process group is kept.
-    from accelerate.state import AcceleratorState
-
-    configure_kernels(tc.deterministic)  # before CUDA initialises: cuBLAS reads its workspace setting once
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision, log_with=None if tc.report_to == "none" else tc.report_to,
-        project_dir=str(output_dir),
-    )
-    torch.manual_seed(tc.seed)
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-        _start_trackers(accelerator, config)
-        for line in notes:
-            accelerator.print(f"sipo: {line}")
-        accelerator.print(_run_header(config, dataset, output_dir))
-
-    # Model: policy, and the frozen reference (LoRA: the same weights with adapters switched off).
-    if adapter is None:
-        adapter = adapter_from_config(config.model)
-    adapter.freeze_encoders()
-    reference_denoiser = None
-    if tc.finetune == "lora":
-        add_lora(adapter, config)
-    else:
-        adapter.denoiser.requires_grad_(True)
-        reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
-    if tc.gradient_checkpointing and hasattr(adapter.denoiser, "enable_gradient_checkpointing"):
-        adapter.denoiser.enable_gradient_checkpointing()
-    # Frozen weights in the compute dtype, trainable ones (and so the optimizer state) in float32.
-    if tc.mixed_precision in COMPUTE_DTYPES:
-        hold_frozen_weights_in(adapter, COMPUTE_DTYPES[tc.mixed_precision],
-                               [reference_denoiser] if reference_denoiser is not None else [])
-    if config.model.encode_chunk_size is not None:
-        adapter.encode_chunk_size = config.model.encode_chunk_size
-    # A matching latent cache replaces the encoders: they stay on the CPU, unused.
-    from sipo.data.cache import open_cache_for_training
-
-    cached = open_cache_for_training(config, dataset, log=accelerator.print)
-    if cached is not None:
-        dataset = cached
-        adapter.denoiser.to(accelerator.device)
-    else:
-        adapter.to(accelerator.device)
-    if reference_denoiser is not None:
-        reference_denoiser.to(accelerator.device)
-    adapter.denoiser.train()
-
-    trainable = _trainable_named(adapter.denoiser)
-    optimizer = make_optimizer(list(trainable.values()), tc, accelerator.device)
-    lr_scheduler = _lr_scheduler(config, optimizer)
-    model, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
-    # Forward calls go through the compiled module; DDP's no_sync and unwrapping use `model`.
-    forward_model = torch.compile(model) if tc.compile else model
-
-    def reference_predict(x_t: Tensor, t: Tensor, cond) -> Tensor:
-        if reference_denoiser is not None:
-            return adapter.predict(x_t, t, cond, denoiser=reference_denoiser)
-        with lora_disabled(forward_model):
-            return adapter.predict(x_t, t, cond, denoiser=forward_model)
-
-    # Randomness of t and eps: one CPU generator per process, saved in every checkpoint.
-    generator = torch.Generator().manual_seed(tc.seed * 1009 + accelerator.process_index)
-    state = TrainState()
-    num_buckets = oc.ema_buckets
-    state.ema = torch.full((num_buckets,), float("nan"), dtype=torch.float64)
-    state.ema_seen = torch.zeros(num_buckets, dtype=torch.bool)
-    history: list[dict[str, float]] = []
-    metrics_path = output_dir / "metrics.jsonl"
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, generator)
-        restore_device_rng(resume_from, accelerator.device)
-        if metrics_path.is_file():
-            history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= state.step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
-    elif accelerator.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
-    first_micro_batch = state.micro_batches  # data consumed before this call (a resume's position)
-
-    block_ids = dataset.row_group_ids() if config.data.shuffle == "block" and hasattr(dataset, "row_group_ids") else None
-    sampler = ResumableBatchSampler(
-        DataOrder(len(dataset), tc.seed, block_ids), tc.batch_size, state.micro_batches,
-        accelerator.process_index, accelerator.num_processes,
-    )
-    pin = accelerator.device.type == "cuda"  # pinned host memory: copies to the GPU need not wait
-    loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=getattr(dataset, "collate", collate_pairs),
-        num_workers=config.data.num_workers, pin_memory=pin,
-    ))
-    num_train_timesteps = adapter.schedule.num_train_timesteps
-
-    # Per-step metrics stay device tensors until they are logged: no host synchronisation per
-    # micro-step, one per optimizer step (the finite check that decides whether to step).
-    window: list[Tensor] = []
-    weight_log: list[tuple[Tensor, Tensor]] = []
-    clock = StepClock(state.step)
-    window_pairs = 0
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"{oc.name} train", unit="step",
-               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
-    while state.step < tc.max_steps:
-        step_terms: list[PairTerms] = []
-        step_keep: list[Tensor] = []
-        step_weights: list[Tensor] = []
-        losses: list[Tensor] = []
-        for micro in range(tc.gradient_accumulation_steps):
-            batch = next(loader)
-            state.micro_batches += 1
-            state.skipped_rows += len(batch["skipped"])
-            dataset.report.record(batch)
-            if not batch["indices"]:
-                continue  # every row of this micro-batch was malformed; counted above
-            window_pairs += len(batch["indices"])
-            encoded = _encoded_batch(adapter, batch, accelerator.device)
-            noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, num_train_timesteps, generator), accelerator.device)
-            last_micro = micro == tc.gradient_accumulation_steps - 1
-            # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
-            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    terms = compute_pair_terms(
-                        adapter, encoded, noise, beta=oc.beta, reference_predict=reference_predict,
-                        denoiser=forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
-                        weight_model=oc.weight_model, weight_step=oc.weight_step,
-                    )
-                    weight = _pair_weight(terms, state, oc.weight_source, num_train_timesteps, oc.ema_decay)
-                    loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings())
-                accelerator.backward(loss / tc.gradient_accumulation_steps)
-            losses.append(loss.detach().float())
-            step_terms.append(terms)
-            step_keep.append(keep)
-            step_weights.append(effective_weight)
-
-        grad_norm = accelerator.clip_grad_norm_(
-            list(trainable.values()), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-        ) if step_terms else torch.tensor(0.0)
-        # The one host synchronisation of the step: whether the loss and the gradient are finite,
-        # and how many micro-batches had every pair masked.
-        loss_finite, grad_finite, all_masked = _step_flags(losses, grad_norm, step_keep)
-        state.all_masked_batches += all_masked
-        finite = loss_finite and grad_finite
-        if finite:
-            optimizer.step()
-            state.consecutive_bad_steps = 0
-        elif loss_finite and accelerator.scaler is not None:
-            # fp16: an overflowing gradient with a finite loss is the loss scaler's normal search for
-            # its scale; its step() skips the update and lowers the scale. Not a divergence.
-            optimizer.step()
-            finite = True
-        else:
-            state.bad_steps += 1
-            state.consecutive_bad_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        state.step += 1
-        bar.update(1)
-
-        if not finite and state.consecutive_bad_steps >= tc.max_bad_steps:
-            bucket = _worst_bucket(step_terms, num_train_timesteps)
-            raise SipoError(
-                f"stopped at step {state.step}: {state.consecutive_bad_steps} optimizer steps in a row had a "
-                f"non-finite loss or gradient (timesteps {bucket}); {_divergence_advice(output_dir)}"
-            )
-        weight_log.extend((t.timesteps.detach(), t.log_w_pair.detach()) for t in step_terms)
-        if step_terms:
-            window.append(_step_metrics(step_terms, step_keep, step_weights, losses, grad_norm, finite))
-        if step_callback is not None:
-            step_callback(state.step, adapter)
-        if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-            record = _summarise(window, state, lr_scheduler.get_last_lr()[0])
-            record.update(clock.lap(state.step, window_pairs * accelerator.num_processes, accelerator.device))
-            window, window_pairs = [], 0
-            if accelerator.is_main_process and weight_log:
-                weight_log = [(t.cpu(), w.cpu()) for t, w in weight_log]
-                _log_weight_histogram(accelerator, weight_log, num_train_timesteps, oc.ema_buckets, state.step)
-            weight_log = []
-            history.append(record)
-            if accelerator.is_main_process:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
-                with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
-                                masked=f"{record.get('masked_fraction', float('nan')):.2f}",
-                                pairs_s=f"{record['pairs_per_s']:.1f}")
-        # No checkpoint while steps are failing: the last good one must stay the newest.
-        if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps
-                and state.consecutive_bad_steps == 0):
-            if accelerator.is_main_process:
-                save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last,
-                                fingerprint, device=accelerator.device)
-            accelerator.wait_for_everyone()
-    bar.close()
-
-    # Epilogue: the data summary always; weights and a model card only when some pair was used.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (output_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2))
-        accelerator.print(f"data: {dataset.report}")
-        if dataset.report.used == 0 and state.micro_batches > first_micro_batch:
-            accelerator.end_training()
-            raise SipoError(
-                f"no usable pair in {config.data.path}: every row read was skipped ({dataset.report.skip_summary()}), "
-                f"so no weights were written; fix the rows listed in {output_dir / 'data_report.json'}"
-            )
-        save_checkpoint(output_dir, trainable, optimizer, lr_scheduler, state, generator, tc.keep_last, fingerprint,
-                        device=accelerator.device)
-        unwrapped = accelerator.unwrap_model(model)
-        try:
-            if tc.finetune == "lora":
-                from peft.utils import get_peft_model_state_dict
-
-                adapter.save_lora(output_dir, get_peft_model_state_dict(unwrapped))
-            else:
-                adapter.save_full(output_dir)
-            _write_model_card(output_dir, config, state)
-        except Exception as error:
-            if not is_write_failure(error):
-                raise
-            raise write_error(error, f"the final weights into {output_dir}", disk_is_full(error, output_dir),
-                              "run again with --resume (the final checkpoint is saved)") from None
-    accelerator.end_training()
-    return TrainResult(output_dir=output_dir, steps=state.step, history=history, adapter=adapter)
-
-
-def _pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_train_timesteps: int, decay: float) -> Tensor:
-    """``w = exp(log_w_pair)``, or its per-timestep-bucket EMA (SPEC 5); undefined weights stay NaN."""
-    # exp(88) already overflows float32; a weight that large must be clipped, not read as non-finite
-    # and masked (possible with weight_norm=sum, where log w scales with the element count).
-    weight = terms.log_w_pair.double().clamp(max=80.0).exp()
-    if weight_source == "sample":
-        return weight.float()
-    buckets = objectives.timestep_bucket(terms.timesteps.cpu(), num_train_timesteps, state.ema.shape[0])
-    state.ema, state.ema_seen = objectives.update_timestep_ema(state.ema, state.ema_seen, buckets, weight.cpu(), decay)
-    smoothed = state.ema[buckets].to(weight.device)
-    return torch.where(torch.isfinite(weight), smoothed, weight).float()
-
-
-#: the per-step metrics, in the order ``_step_metrics`` stacks them
-STEP_METRICS = ("loss", "implicit_acc", "reward_margin", "err_winner", "err_loser", "ref_err_winner", "ref_err_loser",
-                "kl_proxy", "masked_fraction", "mean_weight", "mean_log_w_pair", "grad_norm", "finite")
-
-
-def _encoded_batch(adapter: DiffusionAdapter, batch: dict[str, Any], device: torch.device) -> EncodedPairs:
-    """A batch in model space: from the latent cache as is, or through the frozen encoders."""
-    if "x0_chosen" in batch:
-        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-        return EncodedPairs(move(batch["x0_chosen"]), move(batch["x0_rejected"]),
-                            {k: move(v) for k, v in batch["conditioning"].items()})
-    extra = {"size_info": batch["size_info"]} if batch.get("size_info") is not None else {}
-    with torch.no_grad():
-        return adapter.encode(batch["prompts"], batch["chosen"].to(device, non_blocking=True),
-                              batch["rejected"].to(device, non_blocking=True), **extra)
-
-
-def _to_device(noise: PairNoise, device: torch.device) -> PairNoise:
-    """The CPU-drawn noise on the device; from pinned memory on CUDA, so the copy does not block the host."""
-    if device.type != "cuda":
-        return noise
-    return PairNoise(*(x.pin_memory().to(device, non_blocking=True) for x in (noise.timesteps, noise.eps, noise.posterior_noise)))
-
-
-def _step_flags(losses: list[Tensor], grad_norm, keeps: list[Tensor]) -> tuple[bool, bool, int]:
-    """(every loss finite, gradient norm finite, micro-batches with every pair masked) in one transfer."""
-    if not losses:
-        return True, True, 0
-    flags = torch.stack([
-        torch.isfinite(torch.stack(losses)).all().float(),
-        torch.isfinite(torch.as_tensor(grad_norm, device=losses[0].device)).float(),
-        torch.stack([~k.any() for k in keeps]).sum().float(),
-    ]).tolist()
-    return bool(flags[0]), bool(flags[1]), int(flags[2])
-
-
-def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[Tensor],
-                  grad_norm, finite: bool) -> Tensor:
-    """The step's metrics (``STEP_METRICS``) as one device tensor; read on the host only when logged."""
-    cat = lambda name: torch.cat([getattr(t, name).detach().float() for t in terms])  # noqa: E731
-    z = cat("z")
-    err_winner, err_loser = cat("err_winner"), cat("err_loser")
-    ref_err_winner, ref_err_loser = cat("ref_err_winner"), cat("ref_err_loser")
-    log_w_pair = cat("log_w_pair")
-    keep = torch.cat(keeps)
-    weight = torch.cat([w.detach().float() for w in weights])
-    return torch.stack([
-        torch.stack(losses).mean(),
-        (z > 0).float().mean(),
-        z.mean(),
-        err_winner.mean(),
-        err_loser.mean(),
-        ref_err_winner.mean(),
-        ref_err_loser.mean(),
-        ((err_winner + err_loser) - (ref_err_winner + ref_err_loser)).mean() / 2,
-        1.0 - keep.float().mean(),
-        _finite_mean(weight),
-        _finite_mean(log_w_pair),
-        torch.as_tensor(grad_norm, device=z.device).float(),
-        torch.tensor(float(finite), device=z.device),
-    ])
-
-
-def _finite_mean(values: Tensor) -> Tensor:
-    """Mean of the finite entries, NaN when there are none (no host synchronisation)."""
-    finite = torch.isfinite(values)
-    total = torch.where(finite, values, torch.zeros_like(values)).sum()
-    return total / finite.sum()  # 0/0 = NaN when nothing is finite
-
-
-def _summarise(window: list[Tensor], state: TrainState, lr: float) -> dict[str, float]:
-    record: dict[str, float] = {"step": state.step}
-    if window:
-        rows = torch.stack(window).cpu().tolist()  # the window's one device -> host transfer
-        for column, key in enumerate(STEP_METRICS):
-            values = [row[column] for row in rows if math.isfinite(row[column])]
-            record[key] = sum(values) / len(values) if values else float("nan")
-    record.update(lr=lr, bad_steps=state.bad_steps, all_masked_batches=state.all_masked_batches,
-                  skipped_rows=state.skipped_rows)
-    return record
-
-
-def _log_weight_histogram(accelerator, weight_log, num_train_timesteps: int, num_buckets: int, step: int) -> None:
-    """TensorBoard: histogram of log w over the window, and its mean per timestep bucket (SPEC 4)."""
-    timesteps = torch.cat([t for t, _ in weight_log])
-    log_w = torch.cat([w for _, w in weight_log])
-    finite = torch.isfinite(log_w)
-    if not finite.any():
-        return
-    try:
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    except (ValueError, KeyError):
-        return
-    if not hasattr(writer, "add_histogram"):  # train.report_to is not tensorboard
-        return
-    writer.add_histogram("weights/log_w_pair", log_w[finite].numpy(), step)
-    buckets = objectives.timestep_bucket(timesteps, num_train_timesteps, num_buckets)
-    for bucket in buckets[finite].unique().tolist():
-        selected = finite & (buckets == bucket)
-        writer.add_scalar(f"weights_by_bucket/log_w_t{bucket * num_train_timesteps // num_buckets:04d}",
-                          float(log_w[selected].mean()), step)
-
-
-def _worst_bucket(terms: list[PairTerms], num_train_timesteps: int) -> str:
-    if not terms:
-        return "unknown: every row of the batch was skipped"
-    timesteps = torch.cat([t.timesteps.cpu() for t in terms])
-    bad = torch.cat([~torch.isfinite(t.loss_pair.detach().cpu()) for t in terms])
-    chosen = timesteps[bad] if bad.any() else timesteps
-    low = int(chosen.min()) * 20 // num_train_timesteps * num_train_timesteps // 20
-    return f"{int(chosen.min())}-{int(chosen.max())}, bucket starting at t={low}"
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from sipo.config import DataConfig
 from sipo.data.decode import MalformedRow, decode_file, decode_image, decode_video
 from sipo.data.jsonl import JsonlDataset
-from sipo.data.pairs import PreferenceDataset, collate_pairs, flip_decision
+from sipo.data.pairs import PreferenceDataset, collate_pairs, flip_decision, media_of_family
 from sipo.data.pickapic import PickapicDataset
 from sipo.data.report import DataReport, SkippedRow
 from sipo.data.video import VideoSpec
@@ -30,18 +30,27 @@ FORMATS: dict[str, type[PreferenceDataset]] = {
 }
 
 
-def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0) -> PreferenceDataset:
+def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0,
+                            family: str | None = None) -> PreferenceDataset:
     """Index the pairs that ``cfg`` names and return a map-style dataset of them.
 
     ``resolution`` is the square side of every returned picture; ``seed`` (the run's seed)
-    decides which pairs ``cfg.random_flip`` mirrors. Opening reads labels or the manifest only,
+    decides which pairs ``cfg.random_flip`` mirrors; ``family`` (``model.family``) says whether
+    the model needs pictures or clips, so data of the other kind stops here, not at a tensor
+    shape (``None``: each file's suffix decides). Opening reads labels or the manifest only,
     never the pictures; user-fixable problems (missing path, missing column, only ties, no
-    valid pair) raise `SipoError`.
+    valid pair, the wrong kind for the model) raise `SipoError`.
     """
     if cfg.format not in FORMATS:
         raise SipoError(f"data.format={cfg.format!r} is not valid; choose one of {list(FORMATS)}")
-    # Only manifests can list videos: they alone take the clip sampling.
-    video = {"video": video_spec(cfg)} if cfg.format == "jsonl" else {}
+    if cfg.format == "pickapic":
+        if media_of_family(family) == "video":
+            raise SipoError(f"data.format=pickapic holds pictures, but model.family={family} trains on videos; "
+                            "set data.format=jsonl with a manifest of video clips (docs/data.md) or set "
+                            "model.family to an image family")
+        options = {"split": cfg.split}
+    else:  # only manifests can list videos: they alone take the clip sampling
+        options = {"video": video_spec(cfg), "family": family}
     return FORMATS[cfg.format](
         cfg.path,
         resolution,
@@ -49,7 +58,7 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0) 
         strict=cfg.strict,
         random_flip=cfg.random_flip,
         seed=seed,
-        **video,
+        **options,
     )
 
 

@@ -12,14 +12,20 @@
   The skipped rows and the prompts are in the file's metadata. Each shard is written under a
   temporary name and renamed, so an interrupted ``sipo cache`` continues from the missing shards.
 - ``manifest.json`` (written last): the key and what it hashes, the counts, the index-time data
-  report and the parquet row-group ids, so a run from the cache reads the same pairs in the same
-  order and reports the same skips as a run from the pictures.
+  report, the parquet row-group ids (so a run from the cache reads the same pairs in the same
+  order and reports the same skips as a run from the pictures) and each shard's size and sha256.
 
-The key hashes the family, the model's component configs and weight-file sizes and mtimes, the
-resolution, the clip sampling (``data.num_frames/fps/height/width``), the data files' sizes and mtimes
-(and the JSONL manifest's content), ``max_pairs``,
+The key hashes the family, the model's component configs and weight-file sizes and mtimes (and
+``model.vae_path``'s), the resolution, the clip sampling (``data.num_frames/fps/height/width``), the
+data files' sizes and mtimes (a JSONL manifest's content, and the size and mtime of every picture it
+lists, so pictures regenerated under the same names change the key), ``max_pairs``,
 ``random_flip``, the encoders' dtype and ``FORMAT_VERSION``: change any and the cache no longer
 matches. ``sipo train`` then refuses it (``data.use_cache=always``) or encodes on the fly (``auto``).
+
+Every shard is checked against its size and sha256 when the cache is opened for training (reading
+the cache once, at about the disk's speed): a truncated or bit-flipped shard stops the run
+(``always``) or sends it to the pictures (``auto``), and ``sipo cache`` again re-encodes exactly the
+shards that fail.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from sipo.data.sizes import resize_crop_box
 from sipo.errors import SipoError
 
 #: 2: mirrored pairs carry their own crop conditioning (``cond_flipped.*``); clip sampling is in the key
-FORMAT_VERSION = 2
+#: 3: shard checksums in the manifest; a JSONL dataset's pictures and ``model.vae_path`` in the key
+FORMAT_VERSION = 3
 SHARD_PAIRS = 256
 #: pairs per encoder call while caching (the VAE itself still works in encode_chunk_size chunks)
 ENCODE_PAIRS = 32
@@ -59,6 +66,9 @@ def _file_stamp(path: Path) -> list[Any]:
     return [path.name, stat.st_size, stat.st_mtime_ns]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+
+
 def model_fingerprint(model_path: str) -> dict[str, Any]:
     """What identifies a local model directory: each component's config texts and weight-file stamps."""
     root = Path(model_path).expanduser()
@@ -69,25 +79,68 @@ def model_fingerprint(model_path: str) -> dict[str, Any]:
         relative = str(path.relative_to(root))
         if path.suffix in (".json", ".txt", ".yaml"):
             found[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth"):
+        elif path.suffix in WEIGHT_SUFFIXES:
             found[relative] = _file_stamp(path)[1:]
     return found
+
+
+def model_files_fingerprint(model_config) -> dict[str, Any]:
+    """The model's files a run depends on: the pipeline directory's, and ``model.vae_path``'s when set.
+
+    The one description of "these weights" shared by the cache key and the resume fingerprint
+    (``sipo.checkpoints.run_fingerprint``): weights replaced in place change both.
+    """
+    found = {"pipeline": model_fingerprint(model_config.pretrained_path)}
+    if getattr(model_config, "vae_path", ""):
+        found["vae"] = model_fingerprint(model_config.vae_path)
+    return found
+
+
+def files_digest(stamps: Any, count: int) -> str:
+    """``"N files, sha256 XXXX"`` of ``count`` files' stamps (any JSON value): short enough for a
+    message that says they changed."""
+    return f"{count} files, sha256 {hashlib.sha256(json.dumps(stamps, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def model_files_digest(model_config) -> str:
+    """`model_files_fingerprint` as ``"N files, sha256 XXXX"`` (the resume fingerprint's ``model.files``)."""
+    found = model_files_fingerprint(model_config)
+    return files_digest(found, sum(len(files) for files in found.values()))
 
 
 def _data_files(data_config) -> list[Path]:
     if data_config.format == "pickapic":
         from sipo.data.pickapic import find_shards
 
-        return find_shards(data_config.path)
+        return find_shards(data_config.path, data_config.split)
     return [Path(data_config.path)]
 
 
+def picture_stamps(manifest: Path) -> list[list[Any]]:
+    """``[relative path, size, mtime_ns]`` of every picture a JSONL manifest lists (``[path, None]``
+    for a missing one): rewriting a picture under its old name changes its stamp."""
+    from sipo.data.jsonl import listed_pictures
+
+    stamps: list[list[Any]] = []
+    for path in listed_pictures(manifest):
+        relative = os.path.relpath(path, manifest.parent)
+        try:
+            stat = path.stat()
+        except (OSError, ValueError):  # missing, or a name the file system refuses: the dataset skips it
+            stamps.append([relative, None])
+            continue
+        stamps.append([relative, stat.st_size, stat.st_mtime_ns])
+    return stamps
+
+
 def data_fingerprint(data_config) -> dict[str, Any]:
-    """The data files' names, sizes and mtimes; a JSONL manifest's content hash too."""
+    """The data files' names, sizes and mtimes; a JSONL manifest's content hash and its pictures' stamps too."""
     files = _data_files(data_config)
     found: dict[str, Any] = {"format": data_config.format, "files": [_file_stamp(p) for p in files]}
     if data_config.format == "jsonl" and files and files[0].is_file():
         found["manifest_sha256"] = hashlib.sha256(files[0].read_bytes()).hexdigest()
+        stamps = picture_stamps(files[0])
+        found["pictures"] = files_digest(stamps, len(stamps))
     return found
 
 
@@ -101,7 +154,7 @@ def cache_identity(config: SipoConfig) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "family": config.model.family,
-        "model": model_fingerprint(config.model.pretrained_path),
+        "model": model_files_fingerprint(config.model),
         "resolution": config.model.resolution,
         "data": data_fingerprint(config.data),
         "max_pairs": config.data.max_pairs,
@@ -112,8 +165,10 @@ def cache_identity(config: SipoConfig) -> dict[str, Any]:
     }
 
 
-def cache_key(config: SipoConfig) -> str:
-    text = json.dumps(cache_identity(config), sort_keys=True)
+def cache_key(config: SipoConfig, identity: dict[str, Any] | None = None) -> str:
+    """The key of ``cache_identity(config)`` (pass ``identity`` when it is already computed: for a large
+    manifest it stats every picture)."""
+    text = json.dumps(identity if identity is not None else cache_identity(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -128,12 +183,37 @@ def cache_root(config: SipoConfig) -> Path:
     return (files[0].parent if files else base.parent) / CACHE_FOLDER
 
 
-def cache_location(config: SipoConfig) -> Path:
-    return cache_root(config) / cache_key(config)
+def cache_location(config: SipoConfig, identity: dict[str, Any] | None = None) -> Path:
+    return cache_root(config) / cache_key(config, identity)
 
 
 def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksum(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _shard_is_sound(path: Path, expected: dict[str, Any] | None) -> bool:
+    """A shard kept from an earlier build: it matches the checksum its manifest recorded, or (an
+    interrupted build, no manifest yet) its header and index read."""
+    if isinstance(expected, dict):
+        return _checksum(path) == expected
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.get_tensor("index")
+        return True
+    except Exception:  # noqa: BLE001 - safetensors raises its own error type on a damaged file
+        return False
 
 
 # ----------------------------------------------------------------------------- writing
@@ -154,10 +234,19 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
     configure_kernels(config.train.deterministic)
     # The plain pictures; flipped latents come from mirrored pictures below.
     dataset = open_preference_dataset(dataclasses.replace(config.data, random_flip=False), config.model.resolution,
-                                      seed=config.train.seed)
+                                      seed=config.train.seed, family=config.model.family)
     index_report = _index_time_report(dataset.report)
-    location = cache_location(config)
+    identity = cache_identity(config)  # the files as they are now, before any is encoded
+    location = cache_location(config, identity)
     location.mkdir(parents=True, exist_ok=True)
+    # A rebuild checks the shards it keeps against the checksums of the last complete build; without
+    # its manifest the cache reads as incomplete (not damaged) until this build finishes.
+    try:
+        previous = (read_manifest(location) or {}).get("checksums")
+    except DamagedCache:
+        previous = None
+    previous = previous if isinstance(previous, dict) else {}
+    (location / MANIFEST).unlink(missing_ok=True)
     if adapter is None:
         adapter = adapter_from_config(config.model)
     adapter.freeze_encoders()
@@ -170,10 +259,13 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
         module.to(device)
 
     num_shards = max(1, math.ceil(len(dataset) / shard_pairs))
+    checksums: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(dataset), desc="sipo cache", unit="pair", disable=not progress, dynamic_ncols=True)
     for number in range(num_shards):
         low, high = number * shard_pairs, min((number + 1) * shard_pairs, len(dataset))
         target = location / _shard_name(number)
+        if target.is_file() and not _shard_is_sound(target, previous.get(target.name)):
+            target.unlink()  # truncated or bit-flipped: encoded again below
         if not target.is_file():
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=ENCODE_PAIRS, sampler=range(low, high), collate_fn=collate_pairs,
@@ -185,17 +277,19 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
             partial = location / f".tmp-{target.name}"
             save_file(tensors, str(partial), metadata=metadata)
             os.replace(partial, target)
+        checksums[target.name] = _checksum(target)
         bar.update(high - low)
     bar.close()
 
     manifest = {
         "key": location.name,
-        "identity": cache_identity(config),
+        "identity": identity,
         "pairs": len(dataset),
         "shard_pairs": shard_pairs,
         "shards": num_shards,
         "report": index_report,
         "row_group_ids": dataset.row_group_ids().tolist() if hasattr(dataset, "row_group_ids") else None,
+        "checksums": checksums,
     }
     temporary = location / f".tmp-{MANIFEST}"
     temporary.write_text(json.dumps(manifest))
@@ -377,18 +471,97 @@ class CachedPairs(Dataset):
         return batch
 
 
+class DamagedCache(Exception):
+    """A complete cache whose files do not match its manifest (``why``: one short phrase)."""
+
+    def __init__(self, location: Path, why: str) -> None:
+        super().__init__(f"the latent cache {location} is damaged ({why})")
+        self.location, self.why = Path(location), why
+
+
 def read_manifest(location: Path) -> dict[str, Any] | None:
+    """The manifest of a complete cache, None when there is none; `DamagedCache` when it cannot be read."""
     path = Path(location) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # a write cut short, bad bytes
+        raise DamagedCache(location, f"its {MANIFEST} is unreadable ({type(error).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise DamagedCache(location, f"its {MANIFEST} is not a JSON object")
+    return manifest
 
 
-def open_cache(config: SipoConfig) -> CachedPairs | None:
-    """The complete cache matching ``config``, or None."""
-    location = cache_location(config)
+def verify_cache(location: Path, manifest: dict[str, Any]) -> str | None:
+    """``None`` when every shard has the size and sha256 the manifest recorded, else why not (one phrase)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    checksums = manifest.get("checksums")
+    if not isinstance(checksums, dict):
+        return f"its {MANIFEST} records no checksums"
+    names = [_shard_name(number) for number in range(int(manifest.get("shards", 0)))]
+    for name in names:  # the cheap checks first: a truncated copy fails here without reading anything
+        path, expected = Path(location) / name, checksums.get(name)
+        if not isinstance(expected, dict) or "size" not in expected or "sha256" not in expected:
+            return f"{name} has no checksum"
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, not {expected['size']}"
+    # hashlib releases the GIL: threads read and hash several shards at once (the disk sets the pace)
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        digests = pool.map(lambda name: _sha256(Path(location) / name), names)
+        for name, digest in zip(names, digests):
+            if digest != checksums[name]["sha256"]:
+                return f"{name} fails its sha256 check"
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # the first failure is enough: skip the shards not started
+    return None
+
+
+def open_cache(config: SipoConfig, verify: bool = True, identity: dict[str, Any] | None = None) -> CachedPairs | None:
+    """The complete cache matching ``config``, or None; raises `DamagedCache` when its files do not
+    match their checksums (``verify``) or cannot be read."""
+    location = cache_location(config, identity)
     manifest = read_manifest(location)
     if manifest is None or manifest.get("key") != location.name:
         return None
-    return CachedPairs(location, manifest, config.data.random_flip, config.train.seed)
+    why = verify_cache(location, manifest) if verify else None
+    if why is not None:
+        raise DamagedCache(location, why)
+    try:
+        return CachedPairs(location, manifest, config.data.random_flip, config.train.seed)
+    except Exception as error:  # noqa: BLE001 - safetensors' own error, a missing key: the files are damaged
+        raise DamagedCache(location, f"{type(error).__name__} while reading its shards") from None
+
+
+def _changed_entries(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The identity entries two caches differ in, two levels deep (``data.pictures``, ``resolution``)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if not prefix and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            changed += _changed_entries(old[key], new[key], f"{key}.")
+        else:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def _what_changed(other: Path, identity: dict[str, Any]) -> str:
+    """``"; changed since: data.pictures"`` for the cache in ``other`` against this run's ``identity``,
+    or nothing when it cannot tell."""
+    try:
+        saved = (read_manifest(other) or {}).get("identity")
+    except DamagedCache:
+        return ""
+    if not isinstance(saved, dict):
+        return ""
+    changed = _changed_entries(saved, identity)
+    return f"; changed since: {', '.join(changed[:4])}" if changed else ""
 
 
 def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], None] | None = None) -> CachedPairs | None:
@@ -401,7 +574,18 @@ def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], No
     if mode == "never":
         return None
     root = cache_root(config)
-    cached = open_cache(config)
+    # no cache folder at all (the usual case under auto): nothing to match, and no key to compute,
+    # which for a JSONL dataset stats every picture
+    identity = cache_identity(config) if root.is_dir() else None
+    try:
+        cached = open_cache(config, identity=identity) if identity is not None else None
+    except DamagedCache as damage:
+        if mode == "always":
+            raise SipoError(f"{damage}; run `sipo cache --config FILE` with this run's config again to re-encode "
+                            "the damaged shards, or set data.use_cache=auto to train from the pictures") from None
+        if log:
+            log(f"{damage}; encoding pictures every step (`sipo cache --config FILE` re-encodes the damaged shards)")
+        return None
     if cached is not None and len(cached) != len(dataset):
         cached = None  # cannot happen for an unchanged key; never train on a cache of other pairs
     if cached is not None:
@@ -409,17 +593,19 @@ def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], No
             log(f"training from the latent cache {cached.location} ({len(cached)} pairs); "
                 "the VAE and text encoders stay on the CPU")
         return cached
-    location = cache_location(config)
-    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != location.name) if root.is_dir() else []
-    if location.is_dir():
+    location = cache_location(config, identity) if identity is not None else None
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != location.name) if location else []
+    if location is not None and location.is_dir():
         why = f"the latent cache {location} is incomplete"
     elif others:
+        # the newest other cache is the one this run most likely meant: say what no longer matches
+        newest = max(others, key=lambda name: (root / name).stat().st_mtime_ns)
         why = (f"the latent cache under {root} was built for another model, resolution, data or precision "
-               f"(key {others[0]}, this run needs {location.name})")
+               f"(key {newest}, this run needs {location.name}{_what_changed(root / newest, identity)})")
     else:
         why = f"no latent cache under {root}"
     if mode == "always":
         raise SipoError(f"{why}; run `sipo cache --config FILE` with this run's config first, or set data.use_cache=auto")
-    if log and (location.is_dir() or others):  # no cache at all: nothing worth a line
+    if log and location is not None and (location.is_dir() or others):  # no cache at all: nothing worth a line
         log(f"{why}; encoding pictures every step (`sipo cache --config FILE` makes steps faster)")
     return None

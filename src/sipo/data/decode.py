@@ -25,9 +25,11 @@ from sipo.data.report import (
     IMAGE_TOO_LARGE,
     IMAGE_TOO_SMALL,
     MISSING_FILE,
+    NOT_A_PICTURE,
     UNREADABLE_VIDEO,
     UNSUPPORTED_MODE,
     VIDEO_NEEDS_AV,
+    MalformedRow,  # re-exported: `from sipo.data.decode import MalformedRow` keeps working
 )
 from sipo.data.video import VideoSpec, resize_cover_crop, select_frames
 
@@ -38,15 +40,6 @@ GIF_SUFFIXES = (".gif",)
 AV_VIDEO_SUFFIXES = (".mp4", ".webm", ".mov")
 
 _TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
-class MalformedRow(Exception):
-    """A row's content cannot be used; ``reason`` is one of the strings in ``sipo.data.report``."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def decode_image(source: bytes | str | os.PathLike[str], resolution: int) -> torch.Tensor:
@@ -64,7 +57,7 @@ def decode_image(source: bytes | str | os.PathLike[str], resolution: int) -> tor
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return _to_tensor(_resize_center_crop(_to_rgb8(image), resolution))
-        except MalformedRow:
+        except (MalformedRow, MemoryError):  # out of memory is the machine's problem, not the picture's
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise MalformedRow(IMAGE_TOO_LARGE, str(error)) from None
@@ -91,13 +84,39 @@ def decode_video(
 
 
 def is_video_path(path: str) -> bool:
-    """True when ``path`` names a video by its suffix (so `decode_video` reads it)."""
+    """True when ``path`` may name a video by its suffix (a GIF may also be a still picture)."""
     return path.lower().endswith(GIF_SUFFIXES + AV_VIDEO_SUFFIXES)
 
 
-def decode_file(path: str | os.PathLike[str], resolution: int, video: VideoSpec | None = None) -> torch.Tensor:
-    """Decode a file by its suffix: an image to ``[3, r, r]``, a video to ``[F, 3, H, W]`` per ``video``."""
-    if is_video_path(os.fspath(path)):
+def media_of_path(path: str) -> str | None:
+    """``"video"`` or ``"image"`` by the suffix alone; ``None`` for a GIF, which may be either."""
+    lowered = path.lower()
+    if lowered.endswith(GIF_SUFFIXES):
+        return None
+    return "video" if lowered.endswith(AV_VIDEO_SUFFIXES) else "image"
+
+
+def decode_file(path: str | os.PathLike[str], resolution: int, video: VideoSpec | None = None,
+                media: str | None = None) -> torch.Tensor:
+    """Decode a file: an image to ``[3, r, r]``, a video to ``[F, 3, H, W]`` per ``video``.
+
+    The suffix decides, except for a GIF: a still (1-frame) GIF is a picture and an animated one
+    a clip, unless ``media`` (the model's kind, ``"image"`` or ``"video"``) says which it must be.
+    An animated GIF where a picture is needed raises `MalformedRow` (a clip is not a picture).
+    """
+    name = os.fspath(path)
+    if media_of_path(name) is None:  # a GIF
+        if media == "video":
+            return decode_video(path, resolution, video)
+        data = _read_bytes(path)
+        frames = _frame_count(data)
+        if frames == 1 or (frames is None and media == "image"):
+            return decode_image(data, resolution)
+        if frames is not None and media == "image":
+            raise MalformedRow(NOT_A_PICTURE, f"{name} is an animated GIF")
+        # animated, or unreadable where either kind would do: the clip decoder classifies it
+        return _decode_gif(data, resolution, video or VideoSpec(), name)
+    if is_video_path(name):
         return decode_video(path, resolution, video)
     return decode_image(path, resolution)
 
@@ -112,6 +131,15 @@ def _read_bytes(source: bytes | str | os.PathLike[str]) -> bytes:
         raise MalformedRow(MISSING_FILE, os.fspath(source)) from None
     except OSError as error:  # a directory, a permission problem, a broken disk
         raise MalformedRow(MISSING_FILE, f"{os.fspath(source)}: {error.strerror}") from None
+
+
+def _frame_count(data: bytes) -> int | None:
+    """Frames in an encoded GIF (PIL counts them from the headers); None when unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(getattr(image, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - untrusted bytes; the decoder then says what is wrong
+        return None
 
 
 def _quiet_pil_warnings() -> None:
@@ -197,7 +225,7 @@ def _decode_gif(data: bytes, resolution: int, spec: VideoSpec, source: str = "")
                     (frame.copy() for frame in ImageSequence.Iterator(image)), 1000.0 / duration_ms, spec, source
                 )
                 frames = [_frame_tensor(frame, resolution, spec) for frame in chosen]
-        except MalformedRow:
+        except (MalformedRow, MemoryError):
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise MalformedRow(IMAGE_TOO_LARGE, str(error)) from None
@@ -231,7 +259,7 @@ def _decode_with_av(path: str | os.PathLike[str], resolution: int, spec: VideoSp
             native_fps = float(rate) if rate else 0.0
             chosen = select_frames(pictures(container, stream), native_fps, spec, os.fspath(path))
             frames = [_frame_tensor(image, resolution, spec) for image in chosen]
-    except MalformedRow:
+    except (MalformedRow, MemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - PyAV/FFmpeg errors on untrusted files
         raise MalformedRow(UNREADABLE_VIDEO, f"{type(error).__name__}: {error}") from None

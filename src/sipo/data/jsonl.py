@@ -3,9 +3,12 @@
 Paths are relative to the manifest's directory, the dataset root, and may never leave it: a path
 that is absolute outside the root, climbs out with ``..`` or goes through a symlink that points
 outside is skipped ("path escapes dataset root"), so a manifest from elsewhere cannot make
-training read arbitrary files. ``.gif`` paths load as videos through PIL; ``.mp4``, ``.webm`` and
-``.mov`` through PyAV when it is installed; clips are sampled to the ``VideoSpec`` the config's
-``data.num_frames``, ``data.fps``, ``data.height`` and ``data.width`` describe (`sipo.data.video`).
+training read arbitrary files. ``.gif`` paths load through PIL, a still GIF as a picture and an
+animated one as a clip; ``.mp4``, ``.webm`` and ``.mov`` through PyAV when it is installed; clips are
+sampled to the ``VideoSpec`` the config's ``data.num_frames``, ``data.fps``, ``data.height`` and
+``data.width`` describe (`sipo.data.video`). Given the model's family, rows of the other kind
+(pictures for a video model, clips for an image model) are dropped at open, and a manifest of
+nothing else stops with one sentence.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sipo.data.decode import MalformedRow, decode_file
-from sipo.data.pairs import PreferenceDataset
+from sipo.data.decode import MalformedRow, decode_file, media_of_path
+from sipo.data.pairs import PreferenceDataset, media_of_family
 from sipo.data.sizes import original_size
 from sipo.data.video import VideoSpec
 from sipo.data.report import (
     INVALID_PATH,
     MALFORMED_JSON,
     MISSING_FIELD,
+    NOT_A_PICTURE,
+    NOT_A_VIDEO,
     PATH_ESCAPES_ROOT,
     WRONG_FIELD_TYPE,
 )
@@ -80,9 +85,12 @@ class JsonlDataset(PreferenceDataset):
         random_flip: bool = False,
         seed: int = 0,
         video: VideoSpec | None = None,
+        family: str | None = None,
     ) -> None:
         super().__init__(path, resolution, strict=strict, random_flip=random_flip, seed=seed)
         self.video = video or VideoSpec()
+        # the model's kind ("image"/"video"); None: each file's suffix (and a GIF's frames) decide
+        self.family, self.media = family, media_of_family(family)
         if not path:
             raise SipoError("data.path is empty; set data.path to a JSONL manifest of prompt/chosen/rejected rows")
         manifest = Path(path)
@@ -109,6 +117,14 @@ class JsonlDataset(PreferenceDataset):
             column.freeze()
         self._lines = np.asarray(lines, dtype=np.int64)
         self.report.set_pairs(len(lines))
+        wrong_kind = NOT_A_VIDEO if self.media == "video" else NOT_A_PICTURE
+        if not lines and self.report.index_skips[wrong_kind]:
+            have, need, other = (("pictures", "video clips", "an image family (sd15, sdxl)") if self.media == "video"
+                                 else ("video clips", "pictures", "a video family (cogvideox, wan)"))
+            raise SipoError(
+                f"data.path {path} lists {have} (e.g. {self.report.examples[wrong_kind][0]}), but model.family="
+                f"{family} trains on {need}; point data.path at a manifest of {need} or set model.family to {other}"
+            )
         if not lines:
             raise SipoError(
                 f"no valid pairs in {path} ({self.report.rows_seen} non-empty lines, "
@@ -135,11 +151,18 @@ class JsonlDataset(PreferenceDataset):
             self._raise_or_count(WRONG_FIELD_TYPE, f"{where} ({', '.join(wrong)} must be strings)")
             return None
         for name in ("chosen", "rejected"):
-            problem = self._path_problem(record[name])
+            problem = self._path_problem(record[name]) or self._kind_problem(record[name])
             if problem is not None:
                 self._raise_or_count(problem, f"{where} ({name}: {record[name]!r})")
                 return None
         return record["prompt"], record["chosen"], record["rejected"]
+
+    def _kind_problem(self, relative: str) -> str | None:
+        """A picture for a video model or a clip for an image model, told by the suffix (a GIF may be either)."""
+        kind = media_of_path(relative)
+        if self.media is None or kind is None or kind == self.media:
+            return None
+        return NOT_A_VIDEO if self.media == "video" else NOT_A_PICTURE
 
     def _path_problem(self, relative: str) -> str | None:
         """Lexical checks, done once at open; symlinks are checked again when the file is read."""
@@ -173,6 +196,26 @@ class JsonlDataset(PreferenceDataset):
         if not _inside(real, self._root):
             raise MalformedRow(PATH_ESCAPES_ROOT, f"{which} {relative!r} resolves to {real}")
         try:
-            return decode_file(real, self.resolution, self.video)
+            return decode_file(real, self.resolution, self.video, self.media)
         except MalformedRow as problem:
             raise MalformedRow(problem.reason, f"{which} {relative!r}: {problem.detail}") from None
+
+
+def listed_pictures(manifest: str | os.PathLike[str]) -> list[Path]:
+    """The files a manifest's rows name (``chosen`` and ``rejected``, resolved against its folder, each
+    once, in order), for the latent cache's key; rows that are not usable objects are passed over."""
+    root = Path(manifest).parent
+    found: dict[Path, None] = {}
+    with open(manifest, "rb") as handle:
+        for raw in handle:
+            try:
+                record = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(record, dict):
+                continue
+            for name in ("chosen", "rejected"):
+                value = record.get(name)
+                if isinstance(value, str) and value and "\x00" not in value:
+                    found[root / value] = None
+    return list(found)

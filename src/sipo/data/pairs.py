@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sipo.data.decode import MalformedRow
-from sipo.data.report import PAIR_KIND_MISMATCH, DataReport, SkippedRow
+from sipo.data.report import IDENTICAL_PAIR, PAIR_KIND_MISMATCH, DataReport, SkippedRow
 from sipo.data.sizes import size_info
 from sipo.errors import SipoError
 
@@ -35,6 +35,17 @@ def flip_decision(seed: int, epoch: int, index: int) -> bool:
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return bool(x >> 63)
+
+
+def media_of_family(family: str | None) -> str | None:
+    """``"video"`` for a video family (its adapter is a `VideoAdapter`), ``"image"`` for the others,
+    ``None`` when no family is given (each file then decides by itself)."""
+    if family is None:
+        return None
+    from sipo.models import adapter_class
+    from sipo.models.video import VideoAdapter
+
+    return "video" if issubclass(adapter_class(family), VideoAdapter) else "image"
 
 
 class PreferenceDataset(Dataset):
@@ -73,6 +84,11 @@ class PreferenceDataset(Dataset):
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
+    def pair_key(self, index: int) -> str:
+        """What identifies pair ``index`` across runs, seeds and workers (its place in the user's
+        files); the held-out split hashes it (sipo.validation)."""
+        return self._where(index)
+
     def set_epoch(self, epoch: int) -> None:
         """Change which pairs ``random_flip`` mirrors (call it before each epoch, like DDP samplers)."""
         self.epoch = epoch
@@ -87,6 +103,10 @@ class PreferenceDataset(Dataset):
             prompt, chosen, rejected, *original = self._load(index)
             if chosen.shape != rejected.shape:
                 raise MalformedRow(PAIR_KIND_MISMATCH, f"{tuple(chosen.shape)} vs {tuple(rejected.shape)}")
+            if torch.equal(chosen, rejected):
+                # one file twice, or two copies: both sides get the same noise, so z is 0 whatever the
+                # weights are and the pair only dilutes the batch
+                raise MalformedRow(IDENTICAL_PAIR)
         except MalformedRow as problem:
             where = self._where(index)
             if problem.detail:

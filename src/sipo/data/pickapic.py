@@ -40,8 +40,44 @@ OPEN_FILES = 8
 CACHED_ROW_GROUPS = 2
 
 
-def find_shards(path: str) -> list[Path]:
-    """The .parquet files named by ``path``: one file, a directory's files, or a glob."""
+#: the split names of the Hugging Face hub layout (``data/<split>-00000-of-00014-<hash>.parquet``);
+#: Pick-a-Pic v2 has train, validation, test, validation_unique and test_unique
+SPLIT_NAMES = frozenset({"train", "validation", "valid", "val", "dev", "test", "validation_unique", "test_unique"})
+#: the splits ``sipo eval --prompts pickapic-test`` reads (its captions are deduplicated)
+TEST_SPLITS = ("test", "test_unique")
+
+
+def shard_split(path: Path) -> str | None:
+    """The split a shard's file name declares (``train-00000-of-00645.parquet``: train), or None."""
+    prefix = Path(path).stem.split("-", 1)[0].lower()
+    return prefix if prefix in SPLIT_NAMES else None
+
+
+def select_split(shards: list[Path], split: str | tuple[str, ...], where: str, fix: str | None = None) -> list[Path]:
+    """The shards of ``split`` (one name or several), plus those whose name declares no split.
+
+    Shards named for other splits are left out: the hub layout keeps train, validation and test side
+    by side, and reading them all trains (or evaluates) on every split at once. Raises `SipoError`
+    when shards declare splits but none of ``split``; ``fix`` is the advice that ends the sentence.
+    """
+    wanted = tuple(name.lower() for name in ((split,) if isinstance(split, str) else split))
+    found = sorted({shard_split(p) for p in shards} - {None})
+    kept = [p for p in shards if shard_split(p) in wanted or shard_split(p) is None]
+    if found and not kept:
+        fix = fix or f"set data.split to one of {', '.join(found)}"
+        raise SipoError(f"{where} holds {', '.join(found)} shards but none of the {' or '.join(wanted)} split; {fix}")
+    return kept
+
+
+def find_shards(path: str, split: str | tuple[str, ...] = "train", fix: str | None = None) -> list[Path]:
+    """The .parquet files named by ``path`` (one file, a directory's files, or a glob) of ``split``.
+
+    Files whose names declare another split (`shard_split`) are left out; see `select_split`.
+    """
+    return select_split(_named_shards(path), split, f"data.path {path}", fix)
+
+
+def _named_shards(path: str) -> list[Path]:
     if not path:
         raise SipoError("data.path is empty; set data.path to a .parquet file, a directory of shards or a glob")
     if glob.has_magic(path):
@@ -105,9 +141,10 @@ class PickapicDataset(PreferenceDataset):
         strict: bool = False,
         random_flip: bool = False,
         seed: int = 0,
+        split: str = "train",
     ) -> None:
         super().__init__(path, resolution, strict=strict, random_flip=random_flip, seed=seed)
-        shards = find_shards(path)
+        shards = find_shards(path, split)
         self._shard_paths: list[str] = []
         self._row_group_starts: list[np.ndarray] = []
         shard_of_pair, row_of_pair, winner_is_0 = [], [], []

@@ -32,9 +32,28 @@ PAIR_KIND_MISMATCH = "chosen and rejected differ in kind or frame count"
 INVALID_LABEL = "invalid label_0"
 UNREADABLE_SHARD = "unreadable parquet shard"
 UNREADABLE_ROW_GROUP = "unreadable parquet row group"
+#: both sides decode to the same pixels (one file twice, or two copies): no preference to learn
+IDENTICAL_PAIR = "chosen and rejected are the same picture"
+#: the row's kind is not the model's: a picture for a video family, a clip for an image family
+NOT_A_VIDEO = "a picture where the model needs a video clip"
+NOT_A_PICTURE = "a video clip where the model needs a picture"
 
 #: locations kept per reason so that a user can find a few of the offending rows
 EXAMPLES_PER_REASON = 3
+
+
+class MalformedRow(Exception):
+    """A row's content cannot be used; ``reason`` is one of the strings in this module.
+
+    Raised by the decoders (``sipo.data.decode``, ``sipo.data.video``) and turned into a
+    `SkippedRow` by the dataset (or a `SipoError` when strict). It lives here, beside the reasons
+    it carries, so the decoders share it without importing each other.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from sipo.data.report import VIDEO_TOO_SHORT
+from sipo.data.report import VIDEO_TOO_SHORT, MalformedRow
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,6 @@ def select_frames(frames: Iterable[Image.Image], native_fps: float, spec: VideoS
     Decoding stops at the last frame needed. Raises ``MalformedRow(VIDEO_TOO_SHORT)`` when the
     clip ends first.
     """
-    from sipo.data.decode import MalformedRow
-
     native_fps = native_fps if native_fps and native_fps > 0 else float(spec.fps or 1.0)
     iterator: Iterator[Image.Image] = iter(frames)
     if spec.num_frames is None:

@@ -317,7 +317,7 @@ def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed
     default_beta = max(counts, key=counts.get)
     if max_steps is None:  # the short runs' length: configs/demo.yaml's train.max_steps
         from sipo.config import load_config
-        from sipo.demo.run import demo_config_path
+        from sipo.demo.settings import demo_config_path
 
         max_steps = load_config(demo_config_path()).train.max_steps
     long_steps = max(r["steps"] for r in results)

@@ -33,6 +33,7 @@ from typing import Any
 
 from sipo.demo.pairs import PairSettings
 from sipo.demo.pretrain import PretrainSettings
+from sipo.demo.settings import demo_config_path, setup_torch
 from sipo.errors import SipoError
 
 #: the paper's reading (SPEC 4a) and the project's first reading of C&M and SIPO
@@ -115,24 +116,6 @@ FULL = DemoSettings(
     sensitivity_methods=METHODS, sensitivity_sources=SOURCES,
     stability_methods=METHODS, stability_sources=SOURCES, eval_every=50,
 )
-
-
-def demo_config_path() -> Path:
-    """configs/demo.yaml, shipped inside the package (found with importlib.resources)."""
-    from sipo.config import packaged_config_path
-
-    path = packaged_config_path("demo")
-    if path is None:
-        raise SipoError("sipo's packaged configs/demo.yaml is missing; reinstall sipo")
-    return path
-
-
-def setup_torch(threads: int = 1) -> None:
-    """One intra-op thread (see the module docstring) and no denormal slow paths on CPU."""
-    import torch
-
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
 
 
 # ----------------------------------------------------------------------------- one fine-tune

@@ -56,7 +56,8 @@ def run_defaults_sweep(output_dir: Path, seeds=(0, 1, 2), workers: int = 2, quic
     from sipo.demo.pairs import make_pairs
     from sipo.demo.pretrain import load_digit_images, pretrain
     from sipo.demo.reward import DigitReward
-    from sipo.demo.run import QUICK, DemoSettings, RunJob, demo_config_path, run_sweep, setup_torch
+    from sipo.demo.run import QUICK, DemoSettings, RunJob, run_sweep
+    from sipo.demo.settings import demo_config_path, setup_torch
     from sipo.models.digits import DigitsAdapter
 
     import torch

@@ -1,0 +1,332 @@
+"""Held-out preference pairs: is it learning? (the paper's "test accuracy", its Fig. 1c/8)
+
+- :func:`held_out_split` sets aside ``data.validation_fraction`` of the pairs by a hash of each
+  pair's place in the user's files, so the split never changes with seeds, workers or a resume,
+  and never leaks into training (``data.validation_path`` names a separate set instead).
+- :func:`preference_metrics` is the reduction: implicit accuracy, loss, reward margin, gradient
+  factor ``sigmoid(-z)``, fraction of negative margins, and accuracy per timestep quartile.
+- :class:`Validation` is the trainer's hook: at step 0, every ``train.validate_every`` steps and
+  at the end it runs the held-out pairs with ``t`` and ``eps`` FIXED per pair (drawn from
+  ``train.validation_seed`` and the pair's key, never from the training generator), so the curve
+  measures the model, not the noise; it logs beside them the same numbers for the step's training
+  pairs, appends ``validation.jsonl``, redraws ``validation.png`` and keeps ``best/`` per
+  ``train.keep_best``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from sipo.errors import SipoError
+
+VALIDATION_LOG = "validation.jsonl"
+VALIDATION_PLOT = "validation.png"
+BEST_DIR = "best"
+
+
+# ----------------------------------------------------------------------------- the split
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) that depends on ``text`` only."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def held_out_split(dataset, fraction: float) -> tuple[list[int], list[int]]:
+    """``(training indices, held-out indices)``: pair ``i`` is held out when the hash of its key is below ``fraction``."""
+    keep, held = [], []
+    for index in range(len(dataset)):
+        (held if _unit_hash(dataset.pair_key(index)) < fraction else keep).append(index)
+    if not held:
+        raise SipoError(f"data.validation_fraction={fraction} holds out none of the {len(dataset)} pairs; raise it "
+                        "or name a separate set with data.validation_path")
+    if not keep:
+        raise SipoError(f"data.validation_fraction={fraction} holds out all {len(dataset)} pairs, leaving none to "
+                        "train on; lower it")
+    return keep, held
+
+
+class PairSubset(Dataset):
+    """Some pairs of a dataset under their own indices 0..n-1; the report, collate, flips and row
+    groups stay the parent's (an item keeps its parent's index, so flips and the cache match)."""
+
+    def __init__(self, parent, indices: Sequence[int]) -> None:
+        self.parent, self.indices = parent, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.parent[self.indices[int(index)]]
+
+    def pair_key(self, index: int) -> str:
+        return self.parent.pair_key(self.indices[int(index)])
+
+    def __getattr__(self, name: str):
+        if name in ("parent", "indices"):  # not set yet (unpickling in a DataLoader worker)
+            raise AttributeError(name)
+        if name == "row_group_ids" and hasattr(self.parent, "row_group_ids"):
+            import numpy as np
+
+            return lambda: np.asarray(self.parent.row_group_ids())[self.indices]
+        return getattr(self.parent, name)
+
+
+# ----------------------------------------------------------------------------- the numbers
+def preference_metrics(z: Tensor, timesteps: Tensor, num_train_timesteps: int) -> dict[str, float]:
+    """The held-out curve's numbers from per-pair logits ``z`` (SPEC 2: ``loss = -logsigmoid(z)``).
+
+    ``accuracy = mean(z > 0)``, ``loss = mean(-logsigmoid(z))``, ``reward_margin = mean(z)``,
+    ``grad_factor = mean(sigmoid(-z))`` (the weight DPO's gradient gives a pair),
+    ``negative_margin_fraction = mean(z < 0)``, and ``accuracy_q1..q4`` over the quarters of
+    ``[0, T)`` the pairs' timesteps fall in (NaN for an empty quarter).
+    """
+    z, timesteps = z.detach().double().flatten().cpu(), timesteps.detach().flatten().cpu()
+    if z.numel() == 0:
+        return {}
+    record = {
+        "accuracy": float((z > 0).double().mean()),
+        "loss": float(-F.logsigmoid(z).mean()),
+        "reward_margin": float(z.mean()),
+        "grad_factor": float(torch.sigmoid(-z).mean()),
+        "negative_margin_fraction": float((z < 0).double().mean()),
+        "pairs": int(z.numel()),
+    }
+    quarter = (timesteps.long() * 4 // num_train_timesteps).clamp(0, 3)
+    for q in range(4):
+        chosen = quarter == q
+        record[f"accuracy_q{q + 1}"] = float((z[chosen] > 0).double().mean()) if chosen.any() else float("nan")
+    return record
+
+
+def held_out_noise(x0_shape: Sequence[int], key: str, num_train_timesteps: int, seed: int):
+    """One pair's fixed ``t``, ``eps`` and posterior noise: the same at every validation of every run
+    with this seed, whatever the training generator, the batch or the process."""
+    from sipo.preference import PairNoise
+
+    generator = torch.Generator().manual_seed(int(_unit_hash(f"{seed}:{key}") * 2**62))
+    timesteps = torch.randint(0, num_train_timesteps, (1,), generator=generator)
+    eps = torch.randn((1, *x0_shape), generator=generator)
+    return PairNoise(timesteps, eps, torch.randn((1, *x0_shape), generator=generator))
+
+
+# ----------------------------------------------------------------------------- the hook
+class Validation:
+    """The trainer's validation hook (see the module docstring); built by :func:`from_plan`."""
+
+    def __init__(self, held_out, key_source, config, output_dir: Path, start_step: int) -> None:
+        self.held_out = held_out  # what is read (the cache's items where training reads the cache)
+        self.key_source = key_source  # the pictures' dataset: each item's index -> its pair key
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.every = config.train.validate_every
+        self.keep_best = config.train.keep_best
+        self.best = self._read_best() if start_step else None
+
+    # ------------------------------------------------------------------ when
+    def at_start(self, run) -> None:
+        """Step 0 (the base model) of a fresh run; a resume has it in validation.jsonl already."""
+        if run.state.step == 0:
+            self.validate(run, None)
+
+    def after_step(self, run, step) -> None:
+        if self.every and run.state.step % self.every == 0 and run.state.step < run.config.train.max_steps:
+            self.validate(run, step)
+
+    def at_end(self, run, step) -> None:
+        """The final weights, when this call took a step (after_step leaves the last step to this)."""
+        if step is not None:
+            self.validate(run, step)
+
+    # ------------------------------------------------------------------ what
+    @torch.no_grad()
+    def held_out_terms(self, run) -> tuple[Tensor, Tensor]:
+        """``(z, t)`` of every held-out pair at its fixed noise, with the current weights."""
+        from sipo.data import collate_pairs
+        from sipo.preference import PairNoise, compute_pair_terms
+
+        adapter, accelerator, oc = run.adapter, run.accelerator, run.config.objective
+        collate = getattr(self.held_out, "collate", collate_pairs)
+        batch_size = run.config.train.batch_size
+        was_training = adapter.denoiser.training
+        adapter.denoiser.eval()  # no dropout: the curve is a function of the weights alone
+        zs, ts = [], []
+        try:
+            for start in range(0, len(self.held_out), batch_size):
+                positions = range(start, min(start + batch_size, len(self.held_out)))
+                batch = collate([self.held_out[i] for i in positions])
+                if not batch["indices"]:
+                    continue
+                encoded = _encode(adapter, batch, accelerator.device)
+                keys = [self.key_source.pair_key(index) for index in batch["indices"]]
+                draws = [held_out_noise(encoded.x0_winner.shape[1:], key, run.num_train_timesteps,
+                                        run.config.train.validation_seed) for key in keys]
+                noise = PairNoise(*(torch.cat([getattr(d, name) for d in draws]).to(accelerator.device)
+                                    for name in ("timesteps", "eps", "posterior_noise")))
+                with accelerator.autocast():
+                    terms = compute_pair_terms(
+                        adapter, encoded, noise, beta=oc.beta, reference_predict=run.reference_predict,
+                        denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                        weight_model=oc.weight_model, weight_step=oc.weight_step,
+                    )
+                zs.append(terms.z.float().cpu())
+                ts.append(terms.timesteps.cpu())
+        finally:
+            adapter.denoiser.train(was_training)
+        if not zs:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        return torch.cat(zs), torch.cat(ts)
+
+    def validate(self, run, step) -> dict[str, Any]:
+        """One validation: the record (held-out, and the step's training pairs), logged and plotted; best/ kept."""
+        z, timesteps = self.held_out_terms(run)
+        record: dict[str, Any] = {"step": run.state.step}
+        record.update({f"held_out/{k}": v for k, v in preference_metrics(z, timesteps, run.num_train_timesteps).items()})
+        if step is not None and step.terms:
+            train_z = torch.cat([t.z.detach().float() for t in step.terms])
+            train_t = torch.cat([t.timesteps for t in step.terms])
+            record.update({f"train/{k}": v for k, v in preference_metrics(train_z, train_t, run.num_train_timesteps).items()})
+        accelerator = run.accelerator
+        if accelerator.is_main_process:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.state.step)
+            with open(self.output_dir / VALIDATION_LOG, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            plot_validation(self.output_dir / VALIDATION_LOG, self.output_dir / VALIDATION_PLOT)
+            if self.keep_best == "held_out_accuracy":
+                self._maybe_keep_best(run, "held_out_accuracy", record.get("held_out/accuracy", float("nan")))
+        accelerator.wait_for_everyone()
+        return record
+
+    # ------------------------------------------------------------------ best/
+    def _read_best(self) -> dict[str, Any] | None:
+        path = self.output_dir / BEST_DIR / "best.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _maybe_keep_best(self, run, metric: str, value: float) -> None:
+        if not math.isfinite(value) or (self.best is not None and value <= self.best["value"]):
+            return
+        best, tmp = self.output_dir / BEST_DIR, self.output_dir / f".tmp-{BEST_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if run.config.train.finetune == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            run.adapter.save_lora(tmp, get_peft_model_state_dict(run.accelerator.unwrap_model(run.model)))
+        else:
+            run.adapter.save_full(tmp)
+        self.best = {"step": run.state.step, "metric": metric, "value": value}
+        (tmp / "best.json").write_text(json.dumps(self.best, indent=2))
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(tmp, best)
+
+
+def _encode(adapter, batch: dict[str, Any], device: torch.device):
+    """A held-out batch in model space. Cached items are ready; pictures go through the encoders
+    on the encoders' own device (with a latent cache they stay on the CPU), then to ``device``."""
+    from sipo.models.base import EncodedPairs
+    from sipo.preference import encoded_batch
+
+    if "x0_chosen" in batch:
+        return encoded_batch(adapter, batch, device)
+    frozen = [p for module in adapter.frozen_modules() for p in module.parameters()][:1]
+    encoder_device = frozen[0].device if frozen else device
+    encoded = encoded_batch(adapter, batch, encoder_device)
+    move = lambda x: x.to(device)  # noqa: E731
+    return EncodedPairs(move(encoded.x0_winner), move(encoded.x0_loser),
+                        {k: move(v) for k, v in encoded.conditioning.items()})
+
+
+class NoValidation:
+    """The hook of a run without held-out pairs: every point is a no-op."""
+
+    def at_start(self, run) -> None:
+        pass
+
+    def after_step(self, run, step) -> None:
+        pass
+
+    def at_end(self, run, step) -> None:
+        pass
+
+
+def validation_hook(config, plan, dataset) -> Validation | NoValidation:
+    """The run's validation hook. ``dataset`` is what training reads (pictures or the cache, same
+    indices); the held-out pairs are its ``plan.held_out_indices``, or the separate set."""
+    if plan.held_out is None:
+        return NoValidation()
+    if plan.held_out_indices is None:  # data.validation_path
+        return Validation(plan.held_out, plan.held_out, config, plan.output_dir, plan.start_step)
+    return Validation(PairSubset(dataset, plan.held_out_indices), plan.dataset, config, plan.output_dir, plan.start_step)
+
+
+def open_held_out(config, dataset) -> tuple[Any, list[int] | None, list[int] | None]:
+    """``(held-out set, training indices, held-out indices)`` per ``data.validation_path`` /
+    ``data.validation_fraction``; ``(None, None, None)`` when neither is set."""
+    import dataclasses
+
+    from sipo.data import open_preference_dataset
+
+    data = config.data
+    if data.validation_path:
+        # a hub layout's validation-*.parquet beside train-* is what a user who names the folder means
+        separate = open_preference_dataset(
+            dataclasses.replace(data, path=data.validation_path, max_pairs=None, split="validation"),
+            config.model.resolution, seed=config.train.seed, family=config.model.family)
+        if len(separate) == 0:
+            raise SipoError(f"data.validation_path {data.validation_path} holds no pairs; point it at held-out "
+                            "preference pairs or unset it")
+        return separate, None, None
+    if data.validation_fraction is not None:
+        keep, held = held_out_split(dataset, data.validation_fraction)
+        return PairSubset(dataset, held), keep, held
+    return None, None, None
+
+
+# ----------------------------------------------------------------------------- the plot
+def read_validation_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's validation.jsonl (unreadable lines skipped)."""
+    from sipo.rundir import read_metrics
+
+    records, _ = read_metrics(Path(path), up_to_step=2**62)
+    return records
+
+
+def plot_validation(log: Path, png: Path) -> None:
+    """Held-out and training implicit accuracy and reward margin against the step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_validation_log(log)
+    if not records:
+        return
+    figure, (accuracy, margin) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for prefix, style in (("held_out", "-o"), ("train", "--s")):
+        steps = [r["step"] for r in records if f"{prefix}/accuracy" in r]
+        if not steps:
+            continue
+        label = "held-out pairs (fixed t, eps)" if prefix == "held_out" else "training pairs of the step"
+        accuracy.plot(steps, [r[f"{prefix}/accuracy"] for r in records if f"{prefix}/accuracy" in r], style, label=label)
+        margin.plot(steps, [r[f"{prefix}/reward_margin"] for r in records if f"{prefix}/accuracy" in r], style, label=label)
+    accuracy.set(xlabel="optimizer step", ylabel="implicit accuracy (z > 0)", ylim=(-0.02, 1.02))
+    margin.set(xlabel="optimizer step", ylabel="reward margin (mean z)")
+    accuracy.axhline(0.5, color="grey", lw=0.8, ls=":")
+    accuracy.legend(fontsize=8)
+    figure.tight_layout()
+    tmp = png.with_name(f".tmp-{png.name}")
+    figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    os.replace(tmp, png)

@@ -315,7 +315,7 @@ class SipoConfig:
 #: path-valued keys: a leading ``~`` is expanded once, here, so every reader sees the same path
 #: (tests/test_reliability_config.py checks that every ``*path`` / ``*_dir`` field is listed)
 PATH_KEYS: tuple[str, ...] = ("model.pretrained_path", "model.vae_path", "data.path", "data.cache_dir",
-                              "train.output_dir")
+                              "data.validation_path", "train.output_dir")
 
 
 def expand_user_paths(config: "SipoConfig") -> "SipoConfig":

@@ -439,3 +439,14 @@ def test_analyze_checkpoint_of_another_family_stops_before_the_model_loads(train
     config = load_config(None, ["model.family=sdxl"])
     with pytest.raises(SipoError, match="was trained on a sd15 model but --config loads a sdxl model"):
         sipo.analysis.run_analysis(config, checkpoint=run, output_dir=tmp_path / "out", progress=False)
+
+
+def test_empty_or_blank_path_values_are_refused(tmp_path, monkeypatch):
+    """``train.output_dir=`` trained into the working directory (checkpoints/, logs/, config.yaml among the
+    user's files); a blank path is never meant."""
+    with pytest.raises(SipoError, match=r"^train.output_dir is empty, which would write the run into the working "
+                                        r"directory; set it to a directory of its own"):
+        load_config(None, ["train.output_dir="])
+    for key in PATH_KEYS:
+        with pytest.raises(SipoError, match=rf"^{key}=' ' is only blanks; set a path"):
+            load_config(None, [f"{key}=' '"])

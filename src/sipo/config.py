@@ -575,6 +575,14 @@ def check_values(config: SipoConfig) -> None:
         raise SipoError(f"train.report_to={tc.report_to!r} is not valid; choose one of ['tensorboard', 'wandb', 'none']")
     if config.data.num_workers < 0:
         raise SipoError(f"data.num_workers={config.data.num_workers} is negative; set 0 or more")
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if isinstance(value, str) and value and not value.strip():
+            raise SipoError(f"{key}={value!r} is only blanks; set a path, or leave it empty where it may be unset")
+    if not tc.output_dir:  # Path("") is the working directory: a run would write among the user's files
+        raise SipoError("train.output_dir is empty, which would write the run into the working directory; "
+                        "set it to a directory of its own, e.g. train.output_dir=runs/my-run")
     if tc.keep_best == "held_out_accuracy" and not (config.data.validation_path or config.data.validation_fraction):
         raise SipoError("train.keep_best=held_out_accuracy needs held-out pairs; set data.validation_fraction "
                         "(e.g. 0.05) or data.validation_path")

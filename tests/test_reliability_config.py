@@ -450,3 +450,29 @@ def test_empty_or_blank_path_values_are_refused(tmp_path, monkeypatch):
     for key in PATH_KEYS:
         with pytest.raises(SipoError, match=rf"^{key}=' ' is only blanks; set a path"):
             load_config(None, [f"{key}=' '"])
+
+
+def test_more_inference_steps_than_training_timesteps(tiny_sd15_dir, trained_run, tmp_path, capsys, monkeypatch):
+    """The tiny SD1.5 has 1000 training timesteps (SD1.5's scheduler config): 5000 steps raised a bare
+    ValueError in the schedule (train, analyze) or in the DDIM scheduler (eval)."""
+    import sipo.models
+    from sipo.config import check_against_model
+    from sipo.rundir import model_numbers
+
+    config = load_config(None, [f"model.pretrained_path={tiny_sd15_dir}", "model.num_inference_steps=5000",
+                                "model.resolution=32"])
+    with pytest.raises(SipoError, match=r"^model.num_inference_steps=5000 is more than the model's 1000 training "
+                                        r"timesteps, so its inference grid has no previous step; set it to at most 1000"):
+        check_against_model(config, *model_numbers(tiny_sd15_dir))
+    config_path, run = trained_run
+    monkeypatch.setattr(sipo.models, "adapter_from_config", lambda *a, **k: pytest.fail("a model was loaded"))
+    sentence = _cli_error(capsys, ["analyze", "--config", str(config_path), "--checkpoint", str(run),
+                                   "--output-dir", str(tmp_path / "a"), "model.num_inference_steps=5000"])
+    assert sentence.startswith("model.num_inference_steps=5000 is more than the model's 1000 training timesteps")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    sentence = _cli_error(capsys, ["eval", "--config", str(config_path), "--base", "--prompts", str(prompts),
+                                   "--scorers", "digits-classifier", "--output-dir", str(tmp_path / "e"),
+                                   "--num-inference-steps", "5000"])
+    assert sentence == ("--num-inference-steps 5000 is more than the model's 1000 training timesteps, which no "
+                        "sampler can take; pass at most 1000 (50 is the usual)")

@@ -320,6 +320,11 @@ def run_analysis(
 
         check_run_family(checkpoint, config.model.family)
     weights = weights_key(config, checkpoint)
+    if adapter is None:  # the model directory's own numbers, read from its JSON before it loads
+        from sipo.config import check_against_model
+        from sipo.rundir import model_numbers
+
+        check_against_model(config, *model_numbers(config.model.pretrained_path))
     if dataset is None:
         from sipo.data import open_preference_dataset
 

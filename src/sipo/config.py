@@ -601,6 +601,10 @@ def check_against_model(config: SipoConfig, num_train_timesteps: int | None, lat
             if value is not None and value >= num_train_timesteps:
                 raise SipoError(f"objective.{name}={value} is outside the model's timesteps [0, {num_train_timesteps}); "
                                 f"set it to at most {num_train_timesteps - 1}")
+        if config.model.num_inference_steps > num_train_timesteps:  # the grid of docs/spec.md section 3
+            raise SipoError(f"model.num_inference_steps={config.model.num_inference_steps} is more than the model's "
+                            f"{num_train_timesteps} training timesteps, so its inference grid has no previous step; "
+                            f"set it to at most {num_train_timesteps} (50 is the default)")
     if latent_factor and resolution % latent_factor:
         lower = max(latent_factor, resolution // latent_factor * latent_factor)
         raise SipoError(f"model.resolution={resolution} is not divisible by the VAE's factor {latent_factor}; "

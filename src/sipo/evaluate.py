@@ -529,6 +529,13 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     from sipo.rundir import check_output_dir
 
     check_output_dir(output_dir, name="--output-dir")  # a file there: one sentence, not FileExistsError
+    from sipo.rundir import model_numbers
+
+    num_train_timesteps = model_numbers(config.model.pretrained_path)[0]
+    if num_train_timesteps is not None and options.num_inference_steps > num_train_timesteps:
+        raise SipoError(f"--num-inference-steps {options.num_inference_steps} is more than the model's "
+                        f"{num_train_timesteps} training timesteps, which no sampler can take; pass at most "
+                        f"{num_train_timesteps} (50 is the usual)")
     check_scorers_loadable(options.scorers, options.scorer_paths)
     models = ("base",) if options.base_only else MODELS
     sizes = video_sample_sizes(config)

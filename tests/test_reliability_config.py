@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -476,3 +477,22 @@ def test_more_inference_steps_than_training_timesteps(tiny_sd15_dir, trained_run
                                    "--num-inference-steps", "5000"])
     assert sentence == ("--num-inference-steps 5000 is more than the model's 1000 training timesteps, which no "
                         "sampler can take; pass at most 1000 (50 is the usual)")
+
+
+def test_pickapic_path_that_does_not_exist_is_named_as_the_option(tmp_path):
+    """It was reported as "data.path /nonexist does not exist; set data.path ...", a key eval has not got."""
+    from sipo.evaluate import read_prompts
+
+    for missing in (tmp_path / "nope", tmp_path / "nope" / "test-*.parquet"):
+        with pytest.raises(SipoError, match="^" + re.escape(f"--pickapic-path {missing} does not exist or matches no file; pass")):
+            read_prompts("pickapic-test", str(missing))
+
+
+def test_no_scorer_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import sipo.models
+
+    monkeypatch.setattr(sipo.models, "adapter_from_config", lambda *a, **k: pytest.fail("sampling began"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    sentence = _cli_error(capsys, ["eval", "--config", "demo", "--base", "--prompts", str(prompts), "--scorers", ","])
+    assert sentence == "--scorers names no scorer, so nothing would be scored; pass e.g. --scorers pickscore"

@@ -324,7 +324,10 @@ def run_analysis(
         from sipo.config import check_against_model
         from sipo.rundir import model_numbers
 
-        check_against_model(config, *model_numbers(config.model.pretrained_path))
+        numbers = model_numbers(config.model.pretrained_path)
+        check_against_model(config, *numbers)
+        if numbers[0] is not None and num_buckets > numbers[0]:
+            raise SipoError(f"--buckets ({num_buckets}) cannot exceed the model's {numbers[0]} training timesteps")
     if dataset is None:
         from sipo.data import open_preference_dataset
 

@@ -89,9 +89,17 @@ def read_prompts(source: str | Path, pickapic_path: str | None = None, limit: in
                 "--prompts pickapic-test reads the Pick-a-Pic v2 test split from local parquet; download "
                 "test-*.parquet of yuvalkirstain/pickapic_v2_no_images (or pickapic_v2) and pass --pickapic-path FILE_OR_DIR"
             )
+        import glob
+
         import pyarrow.parquet as pq
 
         from sipo.data.pickapic import TEST_SPLITS, find_shards
+
+        # named here as the option the user typed (find_shards speaks of data.path, the training key)
+        if not (glob.glob(str(pickapic_path), recursive=True) if glob.has_magic(str(pickapic_path))
+                else Path(pickapic_path).exists()):
+            raise SipoError(f"--pickapic-path {pickapic_path} does not exist or matches no file; pass the Pick-a-Pic v2 "
+                            "test-*.parquet shards (a file, a folder or a glob)")
 
         prompts: list[str] = []
         for shard in find_shards(pickapic_path, TEST_SPLITS, fix="pass --pickapic-path the test-*.parquet shards"):
@@ -475,6 +483,8 @@ def check_eval_options(options: EvalOptions) -> None:
     if not math.isfinite(options.guidance_scale) or options.guidance_scale < 0:
         raise SipoError(f"--guidance-scale {options.guidance_scale} is not a finite number >= 0, and the report would "
                         "name a guidance the sampler never used; pass e.g. --guidance-scale 7.5 (1: unguided)")
+    if not options.scorers and not options.video_benchmarks:  # sampling every image to score none
+        raise SipoError("--scorers names no scorer, so nothing would be scored; pass e.g. --scorers pickscore")
     if options.dtype not in SAMPLING_DTYPES:
         raise SipoError(f"--dtype {options.dtype!r} is not valid; choose one of {list(SAMPLING_DTYPES)}")
     if options.max_prompts is not None and options.max_prompts < 1:

@@ -103,14 +103,15 @@ def test_eval_after_training_further_samples_the_new_weights_and_never_reports_t
     output = tmp_path / "eval"
     first = evaluate(output)
     old_png = (output / "images" / "aligned" / "p00000_s0.png").read_bytes()
-    assert first["settings"]["weights_sha256"] == _sha256(run / "checkpoints" / "step-00000001" / "trainable.safetensors")
 
     newer = _train_further(run)
     second = evaluate(output)  # the same command after the run trained on
-    assert second["settings"]["checkpoint_step"] == newer.name
-    assert second["settings"]["weights_sha256"] == _sha256(newer / "trainable.safetensors")
     new_png = (output / "images" / "aligned" / "p00000_s0.png").read_bytes()
     assert new_png != old_png, "the images of the old weights were reported for the new ones"
+    # the report names the weights it scored
+    assert first["settings"]["weights_sha256"] == _sha256(run / "checkpoints" / "step-00000001" / "trainable.safetensors")
+    assert second["settings"]["checkpoint_step"] == newer.name
+    assert second["settings"]["weights_sha256"] == _sha256(newer / "trainable.safetensors")
     # the old images are kept beside, under their weights' label, and not reported
     archive = output / "images" / f"aligned-step-00000001-{first['settings']['weights_sha256'][:12]}"
     assert (archive / "p00000_s0.png").read_bytes() == old_png

@@ -497,3 +497,23 @@ def test_no_scorer_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
     prompts.write_text("a cat\n")
     sentence = _cli_error(capsys, ["eval", "--config", "demo", "--base", "--prompts", str(prompts), "--scorers", ","])
     assert sentence == "--scorers names no scorer, so nothing would be scored; pass e.g. --scorers pickscore"
+
+
+def test_hub_id_in_offline_mode_with_a_cached_copy_goes_on_to_the_loader(monkeypatch, tmp_path):
+    """The offline check only refuses what the cache lacks: a cached repo (one file written the way
+    huggingface_hub lays out its cache) passes it."""
+    from huggingface_hub import constants
+
+    from sipo.models.base import require_hub_access
+
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--someorg--somemodel" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer_config.json").write_text("{}")
+    (cache / "models--someorg--somemodel" / "refs").mkdir()
+    (cache / "models--someorg--somemodel" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    require_hub_access("someorg/somemodel", "the x scorer's checkpoint", "pass --scorer-path x=DIR")
+    with pytest.raises(SipoError, match="not in the local hub cache"):
+        require_hub_access("someorg/other", "the x scorer's checkpoint", "pass --scorer-path x=DIR")

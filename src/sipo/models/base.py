@@ -111,8 +111,10 @@ def require_hub_access(repo_id: str, what: str, fix: str, filename: str = "confi
     from huggingface_hub import constants, try_to_load_from_cache
 
     if constants.HF_HUB_OFFLINE:
-        if isinstance(try_to_load_from_cache(repo_id, filename), str):
-            return
+        # any file of the repo in the cache will do: offline, a missing one fails fast in the loader itself
+        for name in dict.fromkeys((filename, "config.json", "model_index.json", "tokenizer_config.json")):
+            if isinstance(try_to_load_from_cache(repo_id, name), str):
+                return
         raise SipoError(
             f"{what} {repo_id} is a hub id that is not in the local hub cache, and HF_HUB_OFFLINE=1 keeps sipo "
             f"off the network; {fix}, or download it on a machine with network first"

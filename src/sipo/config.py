@@ -277,8 +277,22 @@ class TrainConfig:
         "step 0 and the end (0: only at step 0 and the end)", default=100)
     validation_seed: int = _help("seed of the held-out pairs' fixed timesteps and noise (never the training stream)", default=1234)
     keep_best: str = _help(
-        "none, or held_out_accuracy: keep the weights of the best validation under <output_dir>/best (never pruned)",
-        default="none")
+        "none, held_out_accuracy, or the name of one of train.validation_scorers (its mean score): keep the weights "
+        "of the best validation under <output_dir>/best (never pruned)", default="none")
+    validation_prompts: list[str] = _help(
+        "prompts sampled with the current weights at step 0, every train.sample_every steps and at the end (a list, "
+        "or one .txt file of one prompt per line); empty: no validation samples", default_factory=list)
+    validation_seeds: list[int] = _help("one sample per validation prompt and seed, the same seeds every time",
+                                        default_factory=lambda: [0])
+    sample_every: int = _help("sample the validation prompts every N optimizer steps (0: step 0 and the end only)",
+                              default=0)
+    sample_steps: int = _help("sampler steps of the validation samples", default=20)
+    sample_guidance_scale: float = _help("classifier-free guidance of the validation samples", default=7.5)
+    validation_scorers: list[str] = _help(
+        "reward models (sipo.rewards: pickscore, hpsv2, imagereward, aesthetic, clipscore) scoring each validation "
+        "sample: mean, and win rate against step 0 with its bootstrap interval", default_factory=list)
+    validation_scorer_paths: list[str] = _help("NAME=DIR: a scorer's local checkpoint (as sipo eval --scorer-path)",
+                                               default_factory=list)
 
     def __post_init__(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
@@ -291,7 +305,13 @@ class TrainConfig:
             raise SipoError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if self.validate_every < 0:
             raise SipoError(f"train.validate_every must be 0 or more, got {self.validate_every}")
-        _choice("train.keep_best", self.keep_best, ("none", "held_out_accuracy"))
+        _choice("train.keep_best", self.keep_best, ("none", "held_out_accuracy", *self.validation_scorers))
+        for name in ("sample_every", "sample_steps"):
+            if getattr(self, name) < 0 or (name == "sample_steps" and self.sample_steps < 1):
+                raise SipoError(f"train.{name} must be {'at least 1' if name == 'sample_steps' else '0 or more'}, "
+                                f"got {getattr(self, name)}")
+        if self.validation_scorers and not self.validation_prompts:
+            raise SipoError("train.validation_scorers score the validation samples; set train.validation_prompts too")
         if self.finetune == "lora" and self.lora_rank < 1:
             raise SipoError("train.lora_rank must be at least 1 for train.finetune=lora")
 

@@ -36,7 +36,7 @@ from sipo.errors import SipoError, TrainingInterrupted
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import hold_frozen_weights_in
 from sipo.performance import COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng
-from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook
+from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook, validation_prompts
 from sipo.preference import (
     PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor,
 )
@@ -403,6 +403,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
             notes.append(f"train.batch_size={tc.batch_size} is more than the {len(dataset)} pairs, so every micro-batch "
                          "repeats pairs (each with its own noise); pairs_per_s counts every pair evaluated")
         held_out, train_indices, held_out_indices = open_held_out(config, dataset)
+        validation_prompts(tc.validation_prompts)  # a missing prompts file stops here, not after the model loads
         fingerprint = run_fingerprint(config)
         rundir.check_reporting(config)
         resume_from, damaged = None, []
@@ -426,7 +427,7 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
     accelerator = start_accelerator(config, plan.output_dir)
     adapter, reference_denoiser = build_model(config, adapter)
     dataset = place_model_and_data(config, plan.dataset, adapter, reference_denoiser, accelerator)
-    validation = validation_hook(config, plan, dataset)
+    validation = validation_hook(config, plan, dataset, accelerator.device)
     if plan.train_indices is not None:
         dataset = PairSubset(dataset, plan.train_indices)  # after the cache: it holds every pair, by index
     trainable = {name: p for name, p in adapter.denoiser.named_parameters() if p.requires_grad}
@@ -797,8 +798,18 @@ clip={switches['clip']}, reweight={switches['reweight']}, beta={config.objective
 - resolved config: config.yaml
 - non-finite steps skipped: {state.bad_steps}; batches with every pair masked: {state.all_masked_batches};
   malformed rows skipped: {state.skipped_rows}
-"""
+{_best_line(output_dir)}"""
     (output_dir / "README.md").write_text(text)
+
+
+def _best_line(output_dir: Path) -> str:
+    """The model card's line on best/ (train.keep_best), or nothing."""
+    try:
+        best = json.loads((output_dir / "best" / "best.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return (f"- best validation: step {best['step']}, {best['metric']} = {best['value']:.4g}; its weights are in best/ "
+            "(load with pipe.load_lora_weights(dir / 'best'))\n")
 
 
 def _start_trackers(accelerator, config: SipoConfig) -> None:

@@ -557,7 +557,7 @@ def start_writing(run: Run) -> None:
                 rundir.write_metrics(output_dir / VALIDATION_LOG, kept)
         for line in run.plan.notes:
             accelerator.print(f"sipo: {line}")
-        accelerator.print(_run_header(config, run.dataset, output_dir))
+        accelerator.print(_run_header(config, run.dataset, output_dir, run.plan.held_out))
     accelerator.wait_for_everyone()
 
 
@@ -829,12 +829,16 @@ def _start_trackers(accelerator, config: SipoConfig) -> None:
         writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```")
 
 
-def _run_header(config: SipoConfig, dataset, output_dir: Path) -> str:
+def _run_header(config: SipoConfig, dataset, output_dir: Path, held_out=None) -> str:
     """What the run is about to do, printed before the progress bar."""
     report = dataset.report
     skipped = f", {report.skipped_total} rows skipped while indexing ({report.skip_summary()})" if report.skipped_total else ""
+    held = ""
+    if held_out is not None:
+        source = config.data.validation_path or f"data.validation_fraction={config.data.validation_fraction}"
+        held = f"; {len(held_out)} held-out pairs ({source}) validated every {config.train.validate_every} steps"
     return (f"sipo: training {config.model.family} model {config.model.pretrained_path} with {config.objective.name} "
-            f"into {output_dir}; data: {len(dataset)} pairs found in {config.data.path}{skipped}")
+            f"into {output_dir}; data: {len(dataset)} pairs found in {config.data.path}{skipped}{held}")
 
 
 def _divergence_advice(output_dir: Path) -> str:

@@ -301,7 +301,7 @@ def train(
                 continue  # every row of this micro-batch was malformed; counted above
             window_pairs += len(batch["indices"])
             encoded = _encoded_batch(adapter, batch, accelerator.device)
-            noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, num_train_timesteps, generator), accelerator.device)
+            noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, num_train_timesteps, generator, **oc.timestep_settings()), accelerator.device)
             last_micro = micro == tc.gradient_accumulation_steps - 1
             # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):

@@ -67,7 +67,7 @@ def _choice(name: str, value: Any, options: typing.Iterable[Any]) -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = _help("model family: sd15, sdxl or digits (see sipo.models.FAMILIES)", default="sd15")
+    family: str = _help("model family: sd15, sdxl, digits, cogvideox, wan, flux or sd3 (see sipo.models.FAMILIES)", default="sd15")
     pretrained_path: str = _help(
         "local diffusers pipeline directory (or hub id where online)", default=""
     )
@@ -97,6 +97,11 @@ class ModelConfig:
     prompt_cache_size: int = _help(
         "remember the text embeddings of this many recently used prompts so each is encoded once "
         "(video families; 0: encode every batch); `sipo cache` stores all of them instead", default=0
+    )
+    guidance: float = _help(
+        "flux: the guidance value FLUX.1-dev's guidance embedding receives while training (3.5, the default "
+        "of diffusers' train_dreambooth_lora_flux.py); ignored by models without one (schnell) and other families",
+        default=3.5,
     )
 
     def __post_init__(self) -> None:

@@ -118,6 +118,30 @@ class TestSD3(AdapterContract, FamilyContract):
         torch.testing.assert_close(adapter.schedule.b[t].float(), scheduler.sigmas[999 - t].float(), rtol=0, atol=1e-6)
         torch.testing.assert_close(adapter.model_timesteps(t), scheduler.timesteps[999 - t].float(), rtol=1e-5, atol=1e-3)
 
+    @pytest.mark.parametrize("steps", [28, 50])
+    def test_previous_step_is_the_next_sigma_of_the_pipelines_grid(self, model_dir, steps):
+        """For t whose sigma lies (nearest index) on the grid StableDiffusion3Pipeline samples on --
+        the scheduler's own set_timesteps(n) -- s is that grid's next sigma."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from sipo.models import load_adapter
+
+        adapter = load_adapter("sd3", str(model_dir), num_inference_steps=steps)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(adapter.scheduler.config)
+        scheduler.set_timesteps(steps)
+        grid = scheduler.sigmas.double()
+        sigma = adapter.schedule.b
+        for k in range(1, steps - 1):
+            t = int((sigma - grid[k]).abs().argmin())
+            _, b_s = adapter.schedule.previous_coefficients(torch.tensor([t]))
+            # off by at most the distance of sigma_t from the grid point, carried through the grid's slope
+            tolerance = 3 * abs(sigma[t].item() - grid[k].item()) + 1e-6
+            assert b_s.item() == pytest.approx(grid[k + 1].item(), abs=tolerance)
+        # not the training grid's every T/n-th index: at n = 28 those differ by more than the tolerance above
+        if steps == 28:
+            t = int((sigma - grid[10]).abs().argmin())
+            assert abs(adapter.schedule.b[t - 1000 // 28].item() - grid[11].item()) > 1e-3
+
     def test_a_dynamic_shift_scheduler_is_refused(self, model_dir, tmp_path):
         import json
         import shutil

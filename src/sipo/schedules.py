@@ -280,3 +280,28 @@ def dynamic_shift_flow_schedule(
         a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
         inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
     )
+
+
+def shifted_grid_flow_schedule(
+    num_train_timesteps: int = 1000, shift: float = 3.0, num_inference_steps: int = 50
+) -> GaussianSchedule:
+    """Rectified flow with a constant shift, and the inference grid FlowMatchEulerDiscreteScheduler samples on (SD3).
+
+    Training: ``sigma_t = shift(u_t)``, ``u_t = (t + 1) / T``, ``shift(u) = s u / (1 + (s - 1) u)``
+    (`flow_schedule`). Inference (``set_timesteps(n)`` without dynamic shifting): ``shift`` of
+    ``linspace(1, u_min, n)`` with ``u_min = shift(1 / T)``, the scheduler's smallest training sigma
+    taken as a coordinate and shifted again. Its spacing is ``(1 - u_min) / (n - 1)``, not ``1 / n``
+    (3.4% wider at n = 28, shift 3), so ``s`` is one such step below ``u_t``:
+    ``sigma_s = shift(u_t - (1 - u_min) / (n - 1))``, 0 below the grid's end. On the grid's points it is
+    exactly the next smaller inference sigma.
+    """
+    schedule = flow_schedule(num_train_timesteps, shift, num_inference_steps)
+    u = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    u_min = shift * (1.0 / num_train_timesteps) / (1.0 + (shift - 1.0) / num_train_timesteps)
+    step = (1.0 - u_min) / max(1, num_inference_steps - 1)
+    u_s = (u - step).clamp(min=0.0)
+    sigma_s = shift * u_s / (1.0 + (shift - 1.0) * u_s)
+    return GaussianSchedule(
+        a=schedule.a, b=schedule.b, prediction_type="flow", num_inference_steps=num_inference_steps,
+        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    )

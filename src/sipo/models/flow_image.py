@@ -29,18 +29,7 @@ from sipo.models.base import (
     encode_in_chunks,
     read_model_index,
 )
-
-TEXT_ENCODER_DEVICES = ("auto", "cpu")
-
-
-def load_listed_component(path: Path, subfolder: str, index: dict[str, Any], default: type) -> Any:
-    """Load ``subfolder`` with the ``diffusers`` / ``transformers`` class ``model_index.json`` names
-    (closed dispatch: nothing else is imported), else ``default``."""
-    library, class_name = (index.get(subfolder) or [None, None])[:2]
-    cls = default
-    if library in ("diffusers", "transformers") and class_name:
-        cls = getattr(importlib.import_module(library), class_name, default)
-    return cls.from_pretrained(str(path), subfolder=subfolder)
+from sipo.models.video import TEXT_ENCODER_DEVICES, load_component  # closed dispatch on model_index.json class names
 
 
 class FlowImageAdapter(DiffusionAdapter):
@@ -94,7 +83,7 @@ class FlowImageAdapter(DiffusionAdapter):
         try:
             for subfolder, (library, class_name) in cls.component_classes.items():
                 default = getattr(importlib.import_module(library), class_name)
-                parts[subfolder] = load_listed_component(path, subfolder, index, default)
+                parts[subfolder] = load_component(path, subfolder, index, default)
         except OSError as error:  # missing or corrupt weight files
             raise SipoError(f"could not load the {cls.family} model from {path}: {error}") from error
         return cls(parts, num_inference_steps=num_inference_steps, resolution=resolution,

@@ -14,7 +14,8 @@ target, LoRA targets).
   scheduler's shifted grid (``shift`` 3.0 for SD3.5): training index ``t`` has
   ``sigma = shift s / (1 + (shift - 1) s)``, ``s = (t + 1) / T``, the grid the training script
   draws from; the transformer is given ``timestep = sigma * 1000``, as pipeline and script pass it.
-  The previous step ``s`` of the importance weight is ``t - T / n`` on that grid (as for Wan).
+  The previous step ``s`` of the importance weight is the next sigma of the grid
+  ``StableDiffusion3Pipeline`` samples on (``sipo.schedules.shifted_grid_flow_schedule``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from sipo.errors import SipoError
 from sipo.models.base import Conditioning
 from sipo.models.flow_image import FlowImageAdapter
-from sipo.schedules import flow_schedule
+from sipo.schedules import shifted_grid_flow_schedule
 
 #: stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: dual attention in blocks 0-12).
 FULL_MEDIUM_TRANSFORMER_CONFIG: dict[str, Any] = dict(
@@ -132,7 +133,7 @@ class SD3Adapter(FlowImageAdapter):
                 "the model's own FlowMatchEulerDiscreteScheduler config (shift 3.0)"
             )
         self.flow_shift = float(config.get("shift", 1.0))
-        self.schedule = flow_schedule(int(config.num_train_timesteps), self.flow_shift, num_inference_steps)
+        self.schedule = shifted_grid_flow_schedule(int(config.num_train_timesteps), self.flow_shift, num_inference_steps)
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()

@@ -92,7 +92,7 @@ class ModelConfig:
     # Video families (cogvideox, wan): their T5-XXL / UMT5-XXL text encoders are 19-23 GB in fp32.
     text_encoder_device: str = _help(
         "auto: the text encoder moves to the training device; cpu: it stays in host memory "
-        "(video families; embeddings are computed on the CPU and moved to the device)", default="auto"
+        "(video families, flux, sd3; embeddings are computed on the CPU and moved to the device)", default="auto"
     )
     prompt_cache_size: int = _help(
         "remember the text embeddings of this many recently used prompts so each is encoded once "

@@ -194,8 +194,8 @@ def training_step(run: Run) -> StepOutput:
             continue  # every row of this micro-batch was malformed; counted above
         step.pairs += len(batch["indices"])
         encoded = encoded_batch(run.adapter, batch, accelerator.device)
-        noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator),
-                           accelerator.device)
+        noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
+                                           **oc.timestep_settings()), accelerator.device)
         last_micro = micro == tc.gradient_accumulation_steps - 1
         # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
         with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):

@@ -125,22 +125,23 @@ def test_config_key_defaults_to_uniform_and_checks_its_values():
 
 def test_the_trainer_draws_with_the_configured_density(tiny_sd15_dir, tmp_path, monkeypatch):
     """train() passes objective.timestep_sampling to draw_pair_noise (the one call site)."""
-    import sipo.train
+    import importlib
 
+    trainer = importlib.import_module("sipo.train")  # the module: the package's sipo.train is the function
     seen = []
-    original = sipo.train.draw_pair_noise
+    original = trainer.draw_pair_noise
 
     def recording(*args, **kwargs):
         noise = original(*args, **kwargs)
         seen.append((kwargs.get("timestep_sampling"), noise.timesteps))
         return noise
 
-    monkeypatch.setattr(sipo.train, "draw_pair_noise", recording)
+    monkeypatch.setattr(trainer, "draw_pair_noise", recording)
     manifest = write_jsonl_pairs(tmp_path / "pairs", num_pairs=2)
     config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path / "run", **{
         "objective.name": "dpo", "objective.timestep_sampling": "mode", "train.max_steps": 1,
         "train.checkpoint_every": 0, "train.report_to": "none"}))
-    sipo.train.train(config, progress=False)
+    trainer.train(config, progress=False)
     assert seen and all(sampling == "mode" for sampling, _ in seen)
     # the same generator state as the trainer's (seed * 1009 + process 0) gives the same draw
     expected = draw_pair_noise(torch.Size([2, 1]), T, torch.Generator().manual_seed(0), timestep_sampling="mode").timesteps

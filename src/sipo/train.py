@@ -380,8 +380,11 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
     """
     from sipo.data import open_preference_dataset
 
+    from accelerate import PartialState
+
     tc = config.train
     output_dir = Path(tc.output_dir)
+    rundir.check_launch(PartialState().num_processes)
     check_values(config)
     notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
     if check_model:

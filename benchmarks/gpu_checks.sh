@@ -8,7 +8,9 @@
 # Each part writes $OUT/<part>.log (OUT defaults to /tmp/sipo-gpu); a part that runs out of its
 # time is cut off by `timeout` without stopping the others.
 #   bash benchmarks/gpu_checks.sh                 # with sipo and its dependencies installed
-#   PARTS="suite video" bash benchmarks/gpu_checks.sh   # some parts: throughput suite video sdxl precision
+#   PARTS="suite video" bash benchmarks/gpu_checks.sh   # some parts: throughput suite video sdxl precision flux
+#   PARTS=flux bash benchmarks/gpu_checks.sh      # FLUX.1-dev LoRA DPO step at 1024 px, full size, random weights:
+#                                                 # s/step and peak memory (benchmarks/flow_image_memory.py step --full)
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
 # .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
 set -u
@@ -45,10 +47,12 @@ want video && ( for family in cogvideox-2b wan cogvideox-5b; do
   done > "$OUT/video_memory.log" 2>&1 ) &
 want sdxl && ( echo "== build"; timeout 150 $PY -c "import torch; from sipo.models.sdxl import SDXLAdapter; SDXLAdapter.build_random_pipeline('/tmp/sdxl_full', scale='full', dtype=torch.float16)" 2>&1 | tail -n 3
   echo "== step 1024"; timeout 90 $PY benchmarks/sdxl_memory.py --pipeline /tmp/sdxl_full 1024 2>&1 | tail -n 3 ) > "$OUT/sdxl_memory.log" 2>&1 &
+want flux && ( echo "== flux-dev 1024 px"; timeout "${FLUX_S:-240}" $PY benchmarks/flow_image_memory.py step --family flux-dev \
+    --device cuda --full 2>&1 | tail -n 3 ) > "$OUT/flux_memory.log" 2>&1 &
 want precision && ( digits=""; [ -d .gpu/digits_base ] && digits="--digits-path .gpu/digits_base"
   timeout 150 $PY benchmarks/z_precision.py $digits 2>&1 | tail -n 40 ) > "$OUT/z_precision.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory z_precision; do
+for part in pytest video_memory sdxl_memory flux_memory z_precision; do
   [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
 done

@@ -36,7 +36,7 @@ def test_override_types_and_beta_is_float():
         (["objective.name=ppo"], "objective.name='ppo' is not valid"),
         (["objective.betta=1"], "unknown config key objective.betta; valid keys in objective"),
         (["train.max_steps=many"], "expected int"),
-        (["model.family=sd3"], "model.family='sd3' is not valid"),
+        (["model.family=sd4"], "model.family='sd4' is not valid"),
         (["objective.beta=-1"], "objective.beta must be positive"),
         (["nonsense"], "is not key=value"),
     ],

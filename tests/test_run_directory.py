@@ -238,3 +238,39 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny_sd15_dir, tmp_path
 def test_a_short_run_whose_mask_kept_nothing_says_so(tiny_sd15_dir, manifest, tmp_path, capsys):
     train(_config(tiny_sd15_dir, manifest, tmp_path / "run", **{"objective.tau": 1.0e9}), progress=False)
     assert "warning: the mask dropped all 4 pairs of this run" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- launches (issue 21's FSDP-on-CPU report)
+def test_processes_that_accelerate_left_apart_stop_before_training(monkeypatch):
+    """`accelerate launch` with an FSDP config on 2 CPU processes gave each process a world of one:
+    both trained alone and wrote every metrics line twice. That launch now stops in one sentence."""
+    from sipo.rundir import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SipoError, match=r"the launcher started 2 processes \(WORLD_SIZE=2\), but accelerate gave each "
+                                        r"a world of one, so they would train apart"):
+        check_launch(1)
+    check_launch(2)  # a real group of two
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_launch(1)
+
+
+def test_the_ranks_of_one_launch_share_its_lock_and_other_launches_do_not(tmp_path, monkeypatch):
+    import socket
+
+    from sipo.rundir import refuse_if_locked
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "launch": "none:127.0.0.1:29500"}
+        (tmp_path / LOCK_FILE).write_text(json.dumps(lock))
+        refuse_if_locked(tmp_path)  # rank 1 of the launch whose rank 0 holds the lock
+        monkeypatch.setenv("MASTER_PORT", "29501")
+        with pytest.raises(SipoError, match="is in use by another sipo run"):
+            refuse_if_locked(tmp_path)  # another launch
+    finally:
+        holder.kill()
+        holder.wait()

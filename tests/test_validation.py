@@ -156,6 +156,7 @@ def test_keep_best_holds_the_best_validation_and_survives_pruning(tiny_sd15_dir,
     assert [p.name for p in list_checkpoints(run)] == ["step-00000004"]  # keep_last pruned; best/ stays
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
     pipe.load_lora_weights(run / "best")
+    assert f"- best validation: step {saved['step']}, held_out_accuracy = " in (run / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -186,3 +187,57 @@ def test_keep_best_without_held_out_pairs_is_one_sentence():
         from sipo.config import check_values
 
         check_values(load_config(None, ["train.keep_best=held_out_accuracy"]))
+
+
+# ----------------------------------------------------------------------------- validation samples
+def _sample_config(model_dir, manifest, output_dir, aesthetic: Path, **extra):
+    values = {"data.validation_fraction": "null", "train.validation_prompts": "[a red square, a blue circle]",
+              "train.validation_seeds": "[0, 1]", "train.sample_every": 2, "train.sample_steps": 2,
+              "train.validation_scorers": "[aesthetic]", "train.validation_scorer_paths": f"[aesthetic={aesthetic}]",
+              **extra}
+    return _config(model_dir, manifest, output_dir, **values)
+
+
+@pytest.fixture(scope="module")
+def aesthetic(tmp_path_factory) -> Path:
+    from tiny_scorers import make_tiny_aesthetic
+
+    return make_tiny_aesthetic(tmp_path_factory.mktemp("aesthetic"))
+
+
+def test_validation_samples_are_the_same_across_runs_and_scored_against_step_0(tiny_sd15_dir, pairs, tmp_path, aesthetic):
+    from sipo.evaluate import bootstrap_ci, load_picture, win_outcomes
+    from sipo.rewards import load_scorer
+
+    for name in ("a", "b"):
+        train(_sample_config(tiny_sd15_dir, pairs, tmp_path / name, aesthetic, **{"train.keep_best": "aesthetic"}),
+              progress=False)
+    steps = sorted(p.name for p in (tmp_path / "a" / "samples").iterdir())
+    assert steps == ["step-00000000", "step-00000002", "step-00000004"]
+    for step in steps:
+        files = sorted(p.name for p in (tmp_path / "a" / "samples" / step).iterdir())
+        assert files == ["grid.png", "p000_s0.png", "p000_s1.png", "p001_s0.png", "p001_s1.png", "scores.json"]
+        for file in files:
+            assert (tmp_path / "a" / "samples" / step / file).read_bytes() == (tmp_path / "b" / "samples" / step / file).read_bytes()
+    # the logged win rate is recomputed from the saved pictures with the scorer itself
+    scorer = load_scorer("aesthetic", str(aesthetic))
+    prompts = ["a red square", "a red square", "a blue circle", "a blue circle"]
+    names = ["p000_s0.png", "p000_s1.png", "p001_s0.png", "p001_s1.png"]
+    scores = {step: scorer.score(torch.stack([load_picture(tmp_path / "a" / "samples" / step / n) for n in names]),
+                                 prompts).double() for step in ("step-00000000", "step-00000004")}
+    record = [r for r in _log(tmp_path / "a") if r["step"] == 4 and "samples/aesthetic/mean" in r][0]
+    assert record["samples/aesthetic/mean"] == pytest.approx(float(scores["step-00000004"].mean()), abs=1e-3)
+    outcomes = win_outcomes(scores["step-00000004"], scores["step-00000000"])
+    assert record["samples/aesthetic/win_rate_vs_step0"] == pytest.approx(float(outcomes.double().mean()))
+    assert (record["samples/aesthetic/win_rate_low"], record["samples/aesthetic/win_rate_high"]) == pytest.approx(
+        bootstrap_ci(outcomes))
+    means = {r["step"]: r["samples/aesthetic/mean"] for r in _log(tmp_path / "a") if "samples/aesthetic/mean" in r}
+    best_step = max(means, key=lambda s: (means[s], -s))
+    assert json.loads((tmp_path / "a" / "best" / "best.json").read_text())["step"] == best_step
+
+
+def test_a_missing_validation_prompts_file_is_one_sentence_before_the_model_loads(tiny_sd15_dir, pairs, tmp_path):
+    config = _config(tiny_sd15_dir, pairs, tmp_path / "run", **{"train.validation_prompts": f"[{tmp_path / 'nope.txt'}]"})
+    with pytest.raises(SipoError, match=r"train.validation_prompts names .*nope.txt, which does not exist"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -321,7 +321,11 @@ def run_weights(run_dir: str | Path) -> RunWeights:
 #: is listed when the run resumes; any other difference stops the resume before anything is written.
 RESUME_MAY_CHANGE = frozenset({
     "train.max_steps", "train.checkpoint_every", "train.log_every", "train.keep_last", "train.report_to",
-    "train.max_bad_steps", "train.output_dir", "data.num_workers", "train.validate_every",
+    "train.max_bad_steps", "train.output_dir", "data.num_workers",
+    # what validation looks at and when; it draws nothing from the training stream (sipo.validation)
+    "train.validate_every", "train.sample_every", "train.sample_steps", "train.sample_guidance_scale",
+    "train.validation_prompts", "train.validation_seeds", "train.validation_scorers", "train.validation_scorer_paths",
+    "train.keep_best",
     # data moved or copied elsewhere: data.files (the files' digest) still has to match
     "data.path",
     # read afresh every step: the way out of a divergence stop is to lower these and resume

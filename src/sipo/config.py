@@ -9,6 +9,7 @@ against each field's type (an int where a float is expected is accepted and conv
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ def _choice(name: str, value: Any, options: typing.Iterable[Any]) -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = _help("model family: sd15, sdxl or digits (see sipo.models.FAMILIES)", default="sd15")
+    family: str = _help("model family: sd15, sdxl, digits, cogvideox, wan, flux or sd3 (see sipo.models.FAMILIES)", default="sd15")
     pretrained_path: str = _help(
         "local diffusers pipeline directory (or hub id where online)", default=""
     )
@@ -91,11 +92,16 @@ class ModelConfig:
     # Video families (cogvideox, wan): their T5-XXL / UMT5-XXL text encoders are 19-23 GB in fp32.
     text_encoder_device: str = _help(
         "auto: the text encoder moves to the training device; cpu: it stays in host memory "
-        "(video families; embeddings are computed on the CPU and moved to the device)", default="auto"
+        "(video families, flux, sd3; embeddings are computed on the CPU and moved to the device)", default="auto"
     )
     prompt_cache_size: int = _help(
         "remember the text embeddings of this many recently used prompts so each is encoded once "
         "(video families; 0: encode every batch); `sipo cache` stores all of them instead", default=0
+    )
+    guidance: float = _help(
+        "flux: the guidance value FLUX.1-dev's guidance embedding receives while training (3.5, the default "
+        "of diffusers' train_dreambooth_lora_flux.py); ignored by models without one (schnell) and other families",
+        default=3.5,
     )
 
     def __post_init__(self) -> None:
@@ -196,6 +202,11 @@ class ObjectiveConfig:
     pair_weight: str | None = _help("combine winner and loser weights for the mask: product, min (thresholds each trajectory) or mean; null: the preset's", default=None)
     weight_model: str = _help("model whose prediction defines p_theta in w: policy or reference", default="policy")
     weight_step: str = _help("s of docs/spec.md section 3: inference = previous step of the model.num_inference_steps grid; adjacent = t - 1", default="inference")
+    # training noise levels (docs/spec.md section 10; the SD3 paper's densities, diffusers' flow LoRA scripts)
+    timestep_sampling: str = _help("how t is drawn: uniform over [0, T) (every family's default), logit_normal or mode (SD3 paper section 3.1, on the family's own sigma grid)", default="uniform")
+    logit_mean: float = _help("timestep_sampling=logit_normal: mean of the normal whose sigmoid is the noise-level fraction", default=0.0)
+    logit_std: float = _help("timestep_sampling=logit_normal: its standard deviation", default=1.0)
+    mode_scale: float = _help("timestep_sampling=mode: the SD3 paper's scale s (1.29 as diffusers' scripts; 0 is uniform)", default=1.29)
 
     def __post_init__(self) -> None:
         _choice("objective.name", self.name, OBJECTIVE_PRESETS)
@@ -210,6 +221,11 @@ class ObjectiveConfig:
         _choice("objective.pair_weight", self.pair_weight, ("product", "min", "mean"))
         _choice("objective.weight_model", self.weight_model, ("policy", "reference"))
         _choice("objective.weight_step", self.weight_step, ("inference", "adjacent"))
+        _choice("objective.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal", "mode"))
+        if self.logit_std <= 0:
+            raise SipoError(f"objective.logit_std must be positive, got {self.logit_std}")
+        if not -1.0 <= self.mode_scale <= 2.0 / (math.pi - 2.0):
+            raise SipoError(f"objective.mode_scale={self.mode_scale} makes the mode density negative; use a value in [-1, 1.75]")
         if self.beta <= 0:
             raise SipoError(f"objective.beta must be positive, got {self.beta}")
         if self.clip_eps <= 0:
@@ -227,6 +243,11 @@ class ObjectiveConfig:
             if value is not None:
                 resolved[key] = value
         return resolved
+
+    def timestep_settings(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`sipo.preference.draw_pair_noise` for this objective."""
+        return {"timestep_sampling": self.timestep_sampling, "logit_mean": self.logit_mean,
+                "logit_std": self.logit_std, "mode_scale": self.mode_scale}
 
     def loss_settings(self) -> dict[str, Any]:
         """Keyword arguments of :func:`sipo.preference.objective_loss` for this objective."""
@@ -277,8 +298,22 @@ class TrainConfig:
         "step 0 and the end (0: only at step 0 and the end)", default=100)
     validation_seed: int = _help("seed of the held-out pairs' fixed timesteps and noise (never the training stream)", default=1234)
     keep_best: str = _help(
-        "none, or held_out_accuracy: keep the weights of the best validation under <output_dir>/best (never pruned)",
-        default="none")
+        "none, held_out_accuracy, or the name of one of train.validation_scorers (its mean score): keep the weights "
+        "of the best validation under <output_dir>/best (never pruned)", default="none")
+    validation_prompts: list[str] = _help(
+        "prompts sampled with the current weights at step 0, every train.sample_every steps and at the end (a list, "
+        "or one .txt file of one prompt per line); empty: no validation samples", default_factory=list)
+    validation_seeds: list[int] = _help("one sample per validation prompt and seed, the same seeds every time",
+                                        default_factory=lambda: [0])
+    sample_every: int = _help("sample the validation prompts every N optimizer steps (0: step 0 and the end only)",
+                              default=0)
+    sample_steps: int = _help("sampler steps of the validation samples", default=20)
+    sample_guidance_scale: float = _help("classifier-free guidance of the validation samples", default=7.5)
+    validation_scorers: list[str] = _help(
+        "reward models (sipo.rewards: pickscore, hpsv2, imagereward, aesthetic, clipscore) scoring each validation "
+        "sample: mean, and win rate against step 0 with its bootstrap interval", default_factory=list)
+    validation_scorer_paths: list[str] = _help("NAME=DIR: a scorer's local checkpoint (as sipo eval --scorer-path)",
+                                               default_factory=list)
 
     def __post_init__(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
@@ -291,7 +326,13 @@ class TrainConfig:
             raise SipoError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if self.validate_every < 0:
             raise SipoError(f"train.validate_every must be 0 or more, got {self.validate_every}")
-        _choice("train.keep_best", self.keep_best, ("none", "held_out_accuracy"))
+        _choice("train.keep_best", self.keep_best, ("none", "held_out_accuracy", *self.validation_scorers))
+        for name in ("sample_every", "sample_steps"):
+            if getattr(self, name) < 0 or (name == "sample_steps" and self.sample_steps < 1):
+                raise SipoError(f"train.{name} must be {'at least 1' if name == 'sample_steps' else '0 or more'}, "
+                                f"got {getattr(self, name)}")
+        if self.validation_scorers and not self.validation_prompts:
+            raise SipoError("train.validation_scorers score the validation samples; set train.validation_prompts too")
         if self.finetune == "lora" and self.lora_rank < 1:
             raise SipoError("train.lora_rank must be at least 1 for train.finetune=lora")
         if self.finetune == "lora" and self.lora_alpha <= 0:

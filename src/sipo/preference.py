@@ -7,6 +7,7 @@ share ``t``, ``eps`` and the posterior noise by construction.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,21 +72,62 @@ def reference_predictor(adapter: DiffusionAdapter, denoiser: nn.Module, referenc
     return reference_predict
 
 
+#: ``objective.timestep_sampling``: how the trainer draws ``t`` (SPEC 10; Esser et al. 2024, SD3 paper 3.1)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
+
+
+def sample_noise_level_fractions(
+    count: int, generator: torch.Generator, sampling: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> Tensor:
+    """``u`` in ``[0, 1]`` ``[count]`` from the SD3 paper's densities, drawn on ``generator``.
+
+    ``logit_normal``: ``u = sigmoid(n)``, ``n ~ N(logit_mean, logit_std^2)``; ``mode``:
+    ``u = 1 - v - mode_scale * (cos(pi v / 2)^2 - 1 + v)``, ``v ~ U[0, 1)``. The formulas of diffusers'
+    training_utils.compute_density_for_timestep_sampling (its train_dreambooth_lora_flux.py / _sd3.py
+    defaults: mean 0, std 1, mode_scale 1.29), there drawn on the global generator.
+    """
+    if sampling == "logit_normal":
+        normal = torch.randn((count,), generator=generator, dtype=torch.float64) * logit_std + logit_mean
+        return torch.sigmoid(normal)
+    if sampling == "mode":
+        v = torch.rand((count,), generator=generator, dtype=torch.float64)
+        return 1.0 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1.0 + v)
+    raise ValueError(f"sampling must be logit_normal or mode here, got {sampling!r}")
+
+
 def draw_pair_noise(
     x0_shape: torch.Size,
     num_train_timesteps: int,
     generator: torch.Generator,
     t_low: int = 0,
     t_high: int | None = None,
+    timestep_sampling: str = "uniform",
+    **density: float,
 ) -> PairNoise:
-    """Draw ``t ~ U{t_low..t_high-1}`` and Gaussian noise on the CPU generator.
+    """Draw ``t`` and Gaussian noise on the CPU generator.
 
-    Drawing on the CPU keeps the stream identical across devices, which is what makes a
-    resumed run continue exactly.
+    ``uniform`` (default): ``t ~ U{t_low..t_high-1}``. ``logit_normal`` / ``mode`` (full range only):
+    ``u`` from `sample_noise_level_fractions` (``density``: its ``logit_mean``, ``logit_std``,
+    ``mode_scale``), then the training index as diffusers' flow LoRA scripts pick it,
+    ``index = floor(u T)`` into the scheduler's descending timesteps (index 0 = the noisiest), which
+    is ``t = T - 1 - index`` on this project's ascending grid (large ``u``: low noise). Both densities
+    are symmetric about ``u = 1/2``, so the direction only matters for a non-zero ``logit_mean``.
+    Drawing on the CPU keeps the stream identical across devices, which is what makes a resumed run
+    continue exactly.
     """
     t_high = num_train_timesteps if t_high is None else t_high
     batch = x0_shape[0]
-    timesteps = torch.randint(t_low, t_high, (batch,), generator=generator)
+    if timestep_sampling == "uniform":
+        timesteps = torch.randint(t_low, t_high, (batch,), generator=generator)
+    elif timestep_sampling in TIMESTEP_SAMPLINGS:
+        if (t_low, t_high) != (0, num_train_timesteps):
+            raise ValueError(f"timestep_sampling={timestep_sampling!r} draws over all {num_train_timesteps} timesteps only")
+        u = sample_noise_level_fractions(batch, generator, timestep_sampling, **density)
+        index = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)  # u = 1.0 in float rounding
+        timesteps = num_train_timesteps - 1 - index
+    else:
+        raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
     eps = torch.randn(tuple(x0_shape), generator=generator)
     posterior_noise = torch.randn(tuple(x0_shape), generator=generator)
     return PairNoise(timesteps, eps, posterior_noise)

@@ -158,12 +158,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _launch_id() -> str | None:
+    """What the processes of one live ``accelerate launch`` / ``torchrun`` share, and no other launch
+    does (two cannot listen on one address at once); None for a plain process."""
+    if "MASTER_PORT" not in os.environ:
+        return None
+    return ":".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def check_launch(num_processes: int) -> None:
+    """The processes a launcher started form one group. accelerate falls back to a world of one per
+    process when its config asks for a backend the machine lacks (FSDP or DeepSpeed without CUDA):
+    each process would then train alone on all the data and write the same files."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and num_processes == 1:
+        raise SipoError(f"the launcher started {launched} processes (WORLD_SIZE={launched}), but accelerate gave each a "
+                        "world of one, so they would train apart and write the same files twice; on a machine "
+                        "without CUDA use an accelerate config with distributed_type: MULTI_CPU (accelerate starts "
+                        "FSDP and DeepSpeed only with CUDA), or launch one process")
+
+
 def _lock_holder(output_dir: Path) -> dict | None:
-    """Who holds the directory's lock; ``None`` when nobody does or its holder has died on this host."""
+    """Who holds the directory's lock; ``None`` when nobody does, its holder has died on this host, or
+    it is this launch's own main process (the other ranks check while it holds the lock)."""
     lock = output_dir / LOCK_FILE
     if not lock.exists():
         return None
     holder = _read_json(lock)
+    if holder.get("launch") is not None and holder.get("launch") == _launch_id():
+        return None
     pid, host = holder.get("pid"), holder.get("host")
     if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
         return None  # stale: its process is gone
@@ -189,7 +212,7 @@ def _acquire_lock(output_dir: Path) -> None:
         refuse_if_locked(output_dir)
         raise SipoError(f"{output_dir} was claimed by another sipo run a moment ago; set another train.output_dir") from None
     with os.fdopen(fd, "w") as handle:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "launch": _launch_id()}, handle)
 
 
 @dataclass

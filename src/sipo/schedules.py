@@ -59,11 +59,20 @@ class GaussianSchedule:
     b: Tensor
     prediction_type: str
     num_inference_steps: int = 50
+    #: ``(a_s, b_s)`` of the inference grid's previous step for each training index, where that grid
+    #: is not the training grid's every ``T // num_inference_steps``-th index (FLUX's
+    #: resolution-dependent shift, `dynamic_shift_flow_schedule`); ``None``: index ``t - stride``.
+    inference_previous_a: Tensor | None = None
+    inference_previous_b: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_prediction_type(self.prediction_type)
         if self.a.shape != self.b.shape or self.a.ndim != 1:
             raise ValueError("a and b must be 1-d tensors of the same length")
+        if (self.inference_previous_a is None) != (self.inference_previous_b is None) or (
+            self.inference_previous_b is not None and self.inference_previous_b.shape != self.b.shape
+        ):
+            raise ValueError("inference_previous_a and inference_previous_b come together, shaped like a and b")
         if not 1 <= self.num_inference_steps <= self.a.shape[0]:
             raise ValueError(
                 f"num_inference_steps must be in [1, {self.a.shape[0]}], got {self.num_inference_steps}"
@@ -95,7 +104,14 @@ class GaussianSchedule:
         return t.long() - stride
 
     def previous_coefficients(self, t: Tensor, weight_step: str = "inference") -> tuple[Tensor, Tensor]:
-        """``(a_s, b_s)`` at the previous timestep ``s`` (:meth:`previous_timestep`); ``(1, 0)`` where ``s < 0``."""
+        """``(a_s, b_s)`` at the previous timestep ``s`` (:meth:`previous_timestep`); ``(1, 0)`` where ``s < 0``.
+
+        With ``inference_previous_a/b`` (a shifted inference grid) and ``weight_step="inference"``,
+        the tables' values at ``t`` instead.
+        """
+        if weight_step == "inference" and self.inference_previous_b is not None:
+            index = t.long().to(self.a.device)
+            return self.inference_previous_a[index].float(), self.inference_previous_b[index].float()
         s = self.previous_timestep(t, weight_step).to(self.a.device)
         valid = s >= 0
         s_safe = s.clamp(min=0)
@@ -211,3 +227,81 @@ def predicted_x0_and_eps(
     if prediction_type == "v_prediction":
         return a * x_t - b * prediction, b * x_t + a * prediction
     return x_t - b * prediction, x_t + (1.0 - b) * prediction
+
+
+def resolution_shift_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """The ``mu`` of FLUX's resolution-dependent shift: linear in the packed image sequence length.
+
+    ``mu = base_shift + (max_shift - base_shift) * (L - base_seq_len) / (max_seq_len - base_seq_len)``
+    (diffusers pipelines/flux/pipeline_flux.py ``calculate_shift``; the defaults are FLUX.1-dev's
+    scheduler config). ``L = (H / 16) * (W / 16)``: 4096 at 1024 px, so ``mu = 1.15`` there.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def exponential_time_shift(mu: float, tau: Tensor) -> Tensor:
+    """``sigma = e^mu / (e^mu + (1/tau - 1))``: FlowMatchEulerDiscreteScheduler's exponential time
+    shift with exponent 1, mapping the uniform inference coordinate ``tau`` in ``(0, 1]`` to sigma.
+
+    Equals the constant shift ``s tau / (1 + (s - 1) tau)`` with ``s = e^mu``; ``tau <= 0`` gives 0.
+    """
+    tau = tau.double()
+    positive = tau > 0
+    safe = torch.where(positive, tau, torch.ones_like(tau))
+    sigma = math.exp(mu) / (math.exp(mu) + (1.0 / safe - 1.0))
+    return torch.where(positive, sigma, torch.zeros_like(sigma))
+
+
+def dynamic_shift_flow_schedule(
+    num_train_timesteps: int = 1000, mu: float = 1.15, num_inference_steps: int = 50
+) -> GaussianSchedule:
+    """Rectified flow trained on the unshifted grid and sampled on a resolution-shifted one (FLUX).
+
+    Training: ``sigma_t = (t + 1) / T`` (a scheduler with ``use_dynamic_shifting`` leaves its training
+    sigmas unshifted, and diffusers' train_dreambooth_lora_flux.py draws from them), ``a = 1 - sigma``,
+    ``b = sigma``. Inference (FluxPipeline): ``sigma_k = exponential_time_shift(mu, tau_k)`` on the
+    uniform grid ``tau_k = 1 - k / n``. The previous step ``s`` of SPEC 3 is one inference step lower
+    in that grid's own coordinate: ``tau_t`` solves ``exponential_time_shift(mu, tau_t) = sigma_t``,
+    i.e. ``1 / tau_t = 1 + e^mu (1 / sigma_t - 1)``, and ``sigma_s = exponential_time_shift(mu, tau_t - 1/n)``
+    (0 past the last step, where the weight is undefined). On the grid's own points this is exactly
+    the next smaller inference sigma.
+    """
+    sigma = flow_sigmas(num_train_timesteps, 1.0)
+    tau = 1.0 / (1.0 + math.exp(mu) * (1.0 / sigma - 1.0))
+    sigma_s = exponential_time_shift(mu, tau - 1.0 / num_inference_steps)
+    return GaussianSchedule(
+        a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
+        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    )
+
+
+def shifted_grid_flow_schedule(
+    num_train_timesteps: int = 1000, shift: float = 3.0, num_inference_steps: int = 50
+) -> GaussianSchedule:
+    """Rectified flow with a constant shift, and the inference grid FlowMatchEulerDiscreteScheduler samples on (SD3).
+
+    Training: ``sigma_t = shift(u_t)``, ``u_t = (t + 1) / T``, ``shift(u) = s u / (1 + (s - 1) u)``
+    (`flow_schedule`). Inference (``set_timesteps(n)`` without dynamic shifting): ``shift`` of
+    ``linspace(1, u_min, n)`` with ``u_min = shift(1 / T)``, the scheduler's smallest training sigma
+    taken as a coordinate and shifted again. Its spacing is ``(1 - u_min) / (n - 1)``, not ``1 / n``
+    (3.4% wider at n = 28, shift 3), so ``s`` is one such step below ``u_t``:
+    ``sigma_s = shift(u_t - (1 - u_min) / (n - 1))``, 0 below the grid's end. On the grid's points it is
+    exactly the next smaller inference sigma.
+    """
+    schedule = flow_schedule(num_train_timesteps, shift, num_inference_steps)
+    u = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    u_min = shift * (1.0 / num_train_timesteps) / (1.0 + (shift - 1.0) / num_train_timesteps)
+    step = (1.0 - u_min) / max(1, num_inference_steps - 1)
+    u_s = (u - step).clamp(min=0.0)
+    sigma_s = shift * u_s / (1.0 + (shift - 1.0) * u_s)
+    return GaussianSchedule(
+        a=schedule.a, b=schedule.b, prediction_type="flow", num_inference_steps=num_inference_steps,
+        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    )

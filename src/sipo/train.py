@@ -36,7 +36,7 @@ from sipo.errors import SipoError, TrainingInterrupted
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import hold_frozen_weights_in
 from sipo.performance import COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng
-from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook
+from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook, validation_prompts
 from sipo.preference import (
     PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor,
 )
@@ -194,8 +194,8 @@ def training_step(run: Run) -> StepOutput:
             continue  # every row of this micro-batch was malformed; counted above
         step.pairs += len(batch["indices"])
         encoded = encoded_batch(run.adapter, batch, accelerator.device)
-        noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator),
-                           accelerator.device)
+        noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
+                                           **oc.timestep_settings()), accelerator.device)
         last_micro = micro == tc.gradient_accumulation_steps - 1
         # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
         with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):
@@ -380,8 +380,11 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
     """
     from sipo.data import open_preference_dataset
 
+    from accelerate import PartialState
+
     tc = config.train
     output_dir = Path(tc.output_dir)
+    rundir.check_launch(PartialState().num_processes)
     check_values(config)
     notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
     if check_model:
@@ -403,6 +406,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
             notes.append(f"train.batch_size={tc.batch_size} is more than the {len(dataset)} pairs, so every micro-batch "
                          "repeats pairs (each with its own noise); pairs_per_s counts every pair evaluated")
         held_out, train_indices, held_out_indices = open_held_out(config, dataset)
+        validation_prompts(tc.validation_prompts)  # a missing prompts file stops here, not after the model loads
         fingerprint = run_fingerprint(config)
         rundir.check_reporting(config)
         resume_from, damaged = None, []
@@ -426,7 +430,7 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
     accelerator = start_accelerator(config, plan.output_dir)
     adapter, reference_denoiser = build_model(config, adapter)
     dataset = place_model_and_data(config, plan.dataset, adapter, reference_denoiser, accelerator)
-    validation = validation_hook(config, plan, dataset)
+    validation = validation_hook(config, plan, dataset, accelerator.device)
     if plan.train_indices is not None:
         dataset = PairSubset(dataset, plan.train_indices)  # after the cache: it holds every pair, by index
     trainable = {name: p for name, p in adapter.denoiser.named_parameters() if p.requires_grad}
@@ -556,7 +560,7 @@ def start_writing(run: Run) -> None:
                 rundir.write_metrics(output_dir / VALIDATION_LOG, kept)
         for line in run.plan.notes:
             accelerator.print(f"sipo: {line}")
-        accelerator.print(_run_header(config, run.dataset, output_dir))
+        accelerator.print(_run_header(config, run.dataset, output_dir, run.plan.held_out))
     accelerator.wait_for_everyone()
 
 
@@ -797,8 +801,18 @@ clip={switches['clip']}, reweight={switches['reweight']}, beta={config.objective
 - resolved config: config.yaml
 - non-finite steps skipped: {state.bad_steps}; batches with every pair masked: {state.all_masked_batches};
   malformed rows skipped: {state.skipped_rows}
-"""
+{_best_line(output_dir)}"""
     (output_dir / "README.md").write_text(text)
+
+
+def _best_line(output_dir: Path) -> str:
+    """The model card's line on best/ (train.keep_best), or nothing."""
+    try:
+        best = json.loads((output_dir / "best" / "best.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return (f"- best validation: step {best['step']}, {best['metric']} = {best['value']:.4g}; its weights are in best/ "
+            "(load with pipe.load_lora_weights(dir / 'best'))\n")
 
 
 def _start_trackers(accelerator, config: SipoConfig) -> None:
@@ -818,12 +832,16 @@ def _start_trackers(accelerator, config: SipoConfig) -> None:
         writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```")
 
 
-def _run_header(config: SipoConfig, dataset, output_dir: Path) -> str:
+def _run_header(config: SipoConfig, dataset, output_dir: Path, held_out=None) -> str:
     """What the run is about to do, printed before the progress bar."""
     report = dataset.report
     skipped = f", {report.skipped_total} rows skipped while indexing ({report.skip_summary()})" if report.skipped_total else ""
+    held = ""
+    if held_out is not None:
+        source = config.data.validation_path or f"data.validation_fraction={config.data.validation_fraction}"
+        held = f"; {len(held_out)} held-out pairs ({source}) validated every {config.train.validate_every} steps"
     return (f"sipo: training {config.model.family} model {config.model.pretrained_path} with {config.objective.name} "
-            f"into {output_dir}; data: {len(dataset)} pairs found in {config.data.path}{skipped}")
+            f"into {output_dir}; data: {len(dataset)} pairs found in {config.data.path}{skipped}{held}")
 
 
 def _divergence_advice(output_dir: Path) -> str:

@@ -123,14 +123,13 @@ def held_out_noise(x0_shape: Sequence[int], key: str, num_train_timesteps: int, 
 class Validation:
     """The trainer's validation hook (see the module docstring); built by :func:`from_plan`."""
 
-    def __init__(self, held_out, key_source, config, output_dir: Path, start_step: int) -> None:
+    def __init__(self, held_out, key_source, config, output_dir: Path, best: "BestKeeper") -> None:
         self.held_out = held_out  # what is read (the cache's items where training reads the cache)
         self.key_source = key_source  # the pictures' dataset: each item's index -> its pair key
         self.config = config
         self.output_dir = Path(output_dir)
         self.every = config.train.validate_every
-        self.keep_best = config.train.keep_best
-        self.best = self._read_best() if start_step else None
+        self.best = best
 
     # ------------------------------------------------------------------ when
     def at_start(self, run) -> None:
@@ -151,40 +150,42 @@ class Validation:
     @torch.no_grad()
     def held_out_terms(self, run) -> tuple[Tensor, Tensor]:
         """``(z, t)`` of every held-out pair at its fixed noise, with the current weights."""
+        adapter, device = run.adapter, run.accelerator.device
+        was_training = adapter.denoiser.training
+        adapter.denoiser.eval()  # no dropout: the curve is a function of the weights alone
+        batch_size = run.config.train.batch_size
+        try:
+            # whatever a module might draw, the training stream stays untouched
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                terms = [self._batch_terms(run, range(start, min(start + batch_size, len(self.held_out))))
+                         for start in range(0, len(self.held_out), batch_size)]
+        finally:
+            adapter.denoiser.train(was_training)
+        terms = [t for t in terms if t is not None]
+        if not terms:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        return torch.cat([t.z.float().cpu() for t in terms]), torch.cat([t.timesteps.cpu() for t in terms])
+
+    def _batch_terms(self, run, positions: range):
+        """The per-pair terms of the held-out pairs at ``positions`` (None when every row was malformed)."""
         from sipo.data import collate_pairs
         from sipo.preference import PairNoise, compute_pair_terms
 
         adapter, accelerator, oc = run.adapter, run.accelerator, run.config.objective
-        collate = getattr(self.held_out, "collate", collate_pairs)
-        batch_size = run.config.train.batch_size
-        was_training = adapter.denoiser.training
-        adapter.denoiser.eval()  # no dropout: the curve is a function of the weights alone
-        zs, ts = [], []
-        try:
-            for start in range(0, len(self.held_out), batch_size):
-                positions = range(start, min(start + batch_size, len(self.held_out)))
-                batch = collate([self.held_out[i] for i in positions])
-                if not batch["indices"]:
-                    continue
-                encoded = _encode(adapter, batch, accelerator.device)
-                keys = [self.key_source.pair_key(index) for index in batch["indices"]]
-                draws = [held_out_noise(encoded.x0_winner.shape[1:], key, run.num_train_timesteps,
-                                        run.config.train.validation_seed) for key in keys]
-                noise = PairNoise(*(torch.cat([getattr(d, name) for d in draws]).to(accelerator.device)
-                                    for name in ("timesteps", "eps", "posterior_noise")))
-                with accelerator.autocast():
-                    terms = compute_pair_terms(
-                        adapter, encoded, noise, beta=oc.beta, reference_predict=run.reference_predict,
-                        denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
-                        weight_model=oc.weight_model, weight_step=oc.weight_step,
-                    )
-                zs.append(terms.z.float().cpu())
-                ts.append(terms.timesteps.cpu())
-        finally:
-            adapter.denoiser.train(was_training)
-        if not zs:
-            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-        return torch.cat(zs), torch.cat(ts)
+        batch = getattr(self.held_out, "collate", collate_pairs)([self.held_out[i] for i in positions])
+        if not batch["indices"]:
+            return None
+        encoded = _encode(adapter, batch, accelerator.device)
+        draws = [held_out_noise(encoded.x0_winner.shape[1:], self.key_source.pair_key(index), run.num_train_timesteps,
+                                run.config.train.validation_seed) for index in batch["indices"]]
+        noise = PairNoise(*(torch.cat([getattr(d, name) for d in draws]).to(accelerator.device)
+                            for name in ("timesteps", "eps", "posterior_noise")))
+        with accelerator.autocast():
+            return compute_pair_terms(
+                adapter, encoded, noise, beta=oc.beta, reference_predict=run.reference_predict,
+                denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                weight_model=oc.weight_model, weight_step=oc.weight_step,
+            )
 
     def validate(self, run, step) -> dict[str, Any]:
         """One validation: the record (held-out, and the step's training pairs), logged and plotted; best/ kept."""
@@ -201,21 +202,31 @@ class Validation:
             with open(self.output_dir / VALIDATION_LOG, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             plot_validation(self.output_dir / VALIDATION_LOG, self.output_dir / VALIDATION_PLOT)
-            if self.keep_best == "held_out_accuracy":
-                self._maybe_keep_best(run, "held_out_accuracy", record.get("held_out/accuracy", float("nan")))
+            self.best.offer(run, "held_out_accuracy", record.get("held_out/accuracy", float("nan")))
         accelerator.wait_for_everyone()
         return record
 
-    # ------------------------------------------------------------------ best/
-    def _read_best(self) -> dict[str, Any] | None:
-        path = self.output_dir / BEST_DIR / "best.json"
+
+class BestKeeper:
+    """``best/``: the weights of the step with the highest ``train.keep_best`` value so far (ties keep
+    the earlier step), with ``best.json`` naming step, metric and value. Outside checkpoints/, so
+    ``train.keep_last`` never prunes it; a resume reads the value to beat back from best.json."""
+
+    def __init__(self, output_dir: Path, metric: str, resumed: bool) -> None:
+        self.output_dir, self.metric = Path(output_dir), metric
+        self.current = self._read() if resumed else None
+
+    def _read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(path.read_text())
+            return json.loads((self.output_dir / BEST_DIR / "best.json").read_text())
         except (OSError, ValueError):
             return None
 
-    def _maybe_keep_best(self, run, metric: str, value: float) -> None:
-        if not math.isfinite(value) or (self.best is not None and value <= self.best["value"]):
+    def offer(self, run, metric: str, value: float) -> None:
+        """Keep the current weights if ``metric`` is the one kept and ``value`` beats the best so far."""
+        if metric != self.metric or not math.isfinite(value):
+            return
+        if self.current is not None and value <= self.current["value"]:
             return
         best, tmp = self.output_dir / BEST_DIR, self.output_dir / f".tmp-{BEST_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -226,10 +237,133 @@ class Validation:
             run.adapter.save_lora(tmp, get_peft_model_state_dict(run.accelerator.unwrap_model(run.model)))
         else:
             run.adapter.save_full(tmp)
-        self.best = {"step": run.state.step, "metric": metric, "value": value}
-        (tmp / "best.json").write_text(json.dumps(self.best, indent=2))
+        self.current = {"step": run.state.step, "metric": metric, "value": value}
+        (tmp / "best.json").write_text(json.dumps(self.current, indent=2))
         shutil.rmtree(best, ignore_errors=True)
         os.replace(tmp, best)
+
+
+# ----------------------------------------------------------------------------- validation samples
+def validation_prompts(entries: Sequence[str]) -> list[str]:
+    """``train.validation_prompts``: prompts as a list, or one ``.txt`` file of one prompt per line."""
+    if len(entries) == 1 and entries[0].endswith(".txt"):
+        from sipo.evaluate import read_prompts
+
+        path = Path(entries[0]).expanduser()
+        if not path.is_file():
+            raise SipoError(f"train.validation_prompts names {path}, which does not exist; give a text file of one "
+                            "prompt per line, or the prompts themselves as a list")
+        return read_prompts(path)
+    return [entry for entry in entries if entry.strip()]
+
+
+class SampleValidation:
+    """Every ``train.sample_every`` steps (and at step 0 and the end): each validation prompt x seed
+    sampled with the family's pipeline and the current weights, the same seeds each time; PNGs
+    (video: frames) and a grid under ``samples/step-N/``, the grid to the trackers; with
+    ``train.validation_scorers`` each scorer's mean and the win rate against step 0's samples of the
+    same prompt and seed, with its bootstrap interval, into validation.jsonl."""
+
+    def __init__(self, config, output_dir: Path, best: BestKeeper, device) -> None:
+        from sipo.evaluate import parse_scorer_paths
+        from sipo.rewards import load_scorer
+
+        tc = config.train
+        self.prompts = validation_prompts(tc.validation_prompts)
+        self.seeds, self.every, self.tc = list(tc.validation_seeds), tc.sample_every, tc
+        self.output_dir, self.best = Path(output_dir), best
+        paths = parse_scorer_paths(tc.validation_scorer_paths)
+        self.scorers = {name: load_scorer(name, paths.get(name), device) for name in tc.validation_scorers}
+
+    def at_start(self, run) -> None:
+        if run.state.step == 0:
+            self.sample(run)
+
+    def after_step(self, run, step) -> None:
+        if self.every and run.state.step % self.every == 0 and run.state.step < run.config.train.max_steps:
+            self.sample(run)
+
+    def at_end(self, run, step) -> None:
+        if step is not None:
+            self.sample(run)
+
+    @torch.no_grad()
+    def pictures(self, run) -> list[tuple[int, int, Tensor]]:
+        """``(prompt index, seed, picture)`` for every prompt and seed, from the current weights."""
+        adapter = run.adapter
+        was_training = adapter.denoiser.training
+        adapter.denoiser.eval()
+        devices = [run.accelerator.device] if run.accelerator.device.type == "cuda" else []
+        out = []
+        try:
+            with torch.random.fork_rng(devices=devices):  # no draw of the training stream is consumed
+                for index, prompt in enumerate(self.prompts):
+                    generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
+                    batch = adapter.sample([prompt] * len(self.seeds), generator=generators,
+                                           num_inference_steps=self.tc.sample_steps,
+                                           guidance_scale=self.tc.sample_guidance_scale)
+                    out.extend((index, seed, picture.cpu()) for seed, picture in zip(self.seeds, batch))
+        finally:
+            adapter.denoiser.train(was_training)
+        return out
+
+    def sample(self, run) -> None:
+        from sipo.evaluate import bootstrap_ci, save_picture, win_outcomes
+
+        accelerator = run.accelerator
+        if accelerator.is_main_process:
+            folder = self.output_dir / "samples" / f"step-{run.state.step:08d}"
+            samples = self.pictures(run)
+            for index, seed, picture in samples:
+                save_picture(folder / f"p{index:03d}_s{seed}.png", picture)
+            grid = sample_grid([p for _, _, p in samples], rows=len(self.prompts), columns=len(self.seeds))
+            _save_png(folder / "grid.png", grid)
+            for tracker in accelerator.trackers:
+                if hasattr(tracker, "log_images"):
+                    tracker.log_images({"validation_samples": grid[None]}, step=run.state.step, dataformats="NHWC")
+            record: dict[str, Any] = {"step": run.state.step}
+            scores: dict[str, list[float]] = {}
+            for name, scorer in self.scorers.items():
+                images = torch.stack([p for _, _, p in samples]).to(scorer.device if hasattr(scorer, "device") else "cpu")
+                values = scorer.score(images, [self.prompts[i] for i, _, _ in samples]).double().cpu()
+                scores[name] = values.tolist()
+                record[f"samples/{name}/mean"] = float(values.mean())
+                first = self.output_dir / "samples" / f"step-{0:08d}" / "scores.json"
+                if run.state.step > 0 and first.is_file():
+                    outcomes = win_outcomes(values, torch.tensor(json.loads(first.read_text())[name], dtype=torch.float64))
+                    low, high = bootstrap_ci(outcomes)
+                    record.update({f"samples/{name}/win_rate_vs_step0": float(outcomes.double().mean()),
+                                   f"samples/{name}/win_rate_low": low, f"samples/{name}/win_rate_high": high})
+            (folder / "scores.json").write_text(json.dumps(scores))
+            if self.scorers:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.state.step)
+                with open(self.output_dir / VALIDATION_LOG, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                for name in self.scorers:
+                    self.best.offer(run, name, record[f"samples/{name}/mean"])
+        accelerator.wait_for_everyone()
+
+
+def sample_grid(pictures: list[Tensor], rows: int, columns: int):
+    """One uint8 ``[H*rows, W*columns, 3]`` image: prompts down, seeds across (a video shows its middle frame)."""
+    import numpy as np
+
+    tiles = [(p[p.shape[0] // 2] if p.ndim == 4 else p).float().clamp(0, 1) for p in pictures]
+    height, width = tiles[0].shape[-2:]
+    grid = torch.zeros(3, height * rows, width * columns)
+    for position, tile in enumerate(tiles):
+        row, column = divmod(position, columns)
+        grid[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = tile
+    return (grid.mul(255).round().byte().permute(1, 2, 0).numpy()).astype(np.uint8)
+
+
+def _save_png(path: Path, array) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def _encode(adapter, batch: dict[str, Any], device: torch.device):
@@ -248,27 +382,38 @@ def _encode(adapter, batch: dict[str, Any], device: torch.device):
                         {k: move(v) for k, v in encoded.conditioning.items()})
 
 
-class NoValidation:
-    """The hook of a run without held-out pairs: every point is a no-op."""
+class Hooks:
+    """The validation points of the loop (at start, after each step, at the end), each forwarded to
+    the parts a run has: held-out pairs, validation samples. No part: every call is a no-op."""
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = list(parts)
 
     def at_start(self, run) -> None:
-        pass
+        for part in self.parts:
+            part.at_start(run)
 
     def after_step(self, run, step) -> None:
-        pass
+        for part in self.parts:
+            part.after_step(run, step)
 
     def at_end(self, run, step) -> None:
-        pass
+        for part in self.parts:
+            part.at_end(run, step)
 
 
-def validation_hook(config, plan, dataset) -> Validation | NoValidation:
-    """The run's validation hook. ``dataset`` is what training reads (pictures or the cache, same
+def validation_hook(config, plan, dataset, device) -> Hooks:
+    """The run's validation hooks. ``dataset`` is what training reads (pictures or the cache, same
     indices); the held-out pairs are its ``plan.held_out_indices``, or the separate set."""
-    if plan.held_out is None:
-        return NoValidation()
-    if plan.held_out_indices is None:  # data.validation_path
-        return Validation(plan.held_out, plan.held_out, config, plan.output_dir, plan.start_step)
-    return Validation(PairSubset(dataset, plan.held_out_indices), plan.dataset, config, plan.output_dir, plan.start_step)
+    best = BestKeeper(plan.output_dir, config.train.keep_best, resumed=plan.start_step > 0)
+    parts: list[Any] = []
+    if plan.held_out is not None and plan.held_out_indices is None:  # data.validation_path
+        parts.append(Validation(plan.held_out, plan.held_out, config, plan.output_dir, best))
+    elif plan.held_out is not None:
+        parts.append(Validation(PairSubset(dataset, plan.held_out_indices), plan.dataset, config, plan.output_dir, best))
+    if config.train.validation_prompts:
+        parts.append(SampleValidation(config, plan.output_dir, best, device))
+    return Hooks(parts)
 
 
 def open_held_out(config, dataset) -> tuple[Any, list[int] | None, list[int] | None]:

@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
             from sipo.train import train
 
             config = load_config(args.config, args.overrides + (["data.strict=true"] if args.strict else []))
-            _check_precision(config)
             result = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
             print(f"trained {result.steps} steps; weights, config and logs in {result.output_dir}")
         elif args.command == "config":
@@ -186,18 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sipo: error: {_os_error_sentence(error)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _check_precision(config) -> None:
-    """train.mixed_precision against the device accelerate will train on, before any model loads.
-
-    (Until train()'s own prologue makes this call; then this one can go.)
-    """
-    from accelerate import PartialState
-
-    from sipo.performance import check_precision_for_device
-
-    check_precision_for_device(config.train.mixed_precision, PartialState().device.type)
 
 
 def _after_interrupt(config) -> str:

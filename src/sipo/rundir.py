@@ -75,6 +75,11 @@ def check_model_dir(model_config) -> None:
     looks_local = path.exists() or path.is_absolute() or str(model_config.pretrained_path).startswith((".", "~"))
     if looks_local or not model_config.pretrained_path:
         adapter_class(model_config.family).check_family(path)
+    else:  # a hub id: without network, one sentence now rather than half a minute of retries at loading
+        from sipo.models.base import require_hub_access
+
+        require_hub_access(str(model_config.pretrained_path), "model.pretrained_path",
+                           "set model.pretrained_path to a local pipeline directory", filename="model_index.json")
 
 
 def check_reporting(config) -> None:

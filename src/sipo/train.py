@@ -35,7 +35,9 @@ from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError, TrainingInterrupted
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import hold_frozen_weights_in
-from sipo.performance import COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng
+from sipo.performance import (
+    COMPUTE_DTYPES, StepClock, check_precision_for_device, configure_kernels, make_optimizer, restore_device_rng,
+)
 from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook, validation_prompts
 from sipo.preference import (
     PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor,
@@ -386,6 +388,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
     output_dir = Path(tc.output_dir)
     rundir.check_launch(PartialState().num_processes)
     check_values(config)
+    check_precision_for_device(tc.mixed_precision, PartialState().device.type)
     notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
     if check_model:
         rundir.check_model_dir(config.model)

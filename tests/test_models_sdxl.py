@@ -169,9 +169,8 @@ class TestSDXL(AdapterContract, FamilyContract):
         """Non-square pictures: the trainer's encode call receives each pair's original size and crop."""
         from sipo.train import train
 
-        picture = Image.new("RGB", (65, 48), (200, 30, 30))
-        picture.save(tmp_path / "a.png")
-        picture.save(tmp_path / "b.png")
+        Image.new("RGB", (65, 48), (200, 30, 30)).save(tmp_path / "a.png")
+        Image.new("RGB", (65, 48), (30, 30, 200)).save(tmp_path / "b.png")  # another picture: identical pairs are skipped
         manifest = tmp_path / "pairs.jsonl"
         manifest.write_text(json.dumps({"prompt": "a red cat", "chosen": "a.png", "rejected": "b.png"}) + "\n")
         adapter = load_adapter("sdxl", str(tiny_sdxl_dir))
@@ -191,8 +190,8 @@ class TestSDXL(AdapterContract, FamilyContract):
 
 
 # ---------------------------------------------------------------------- size_info in the datasets
-def _png(width: int, height: int, orientation: int | None = None) -> bytes:
-    image = Image.new("RGB", (width, height), (10, 120, 200))
+def _png(width: int, height: int, orientation: int | None = None, color=(10, 120, 200)) -> bytes:
+    image = Image.new("RGB", (width, height), color)
     buffer = io.BytesIO()
     if orientation is None:
         image.save(buffer, format="PNG")
@@ -220,7 +219,7 @@ def test_original_size_follows_exif_rotation():
 
 def test_jsonl_and_pickapic_items_carry_size_info(tmp_path):
     (tmp_path / "wide.png").write_bytes(_png(65, 48))
-    (tmp_path / "square.png").write_bytes(_png(40, 40))
+    (tmp_path / "square.png").write_bytes(_png(40, 40, color=(200, 30, 30)))  # another picture: identical pairs are skipped
     manifest = tmp_path / "pairs.jsonl"
     manifest.write_text(json.dumps({"prompt": "p", "chosen": "wide.png", "rejected": "square.png"}) + "\n")
     item = open_preference_dataset(DataConfig(format="jsonl", path=str(manifest)), 32)[0]
@@ -228,7 +227,8 @@ def test_jsonl_and_pickapic_items_carry_size_info(tmp_path):
 
     table = pa.table({
         "caption": pa.array(["a", "b"]), "jpg_0": pa.array([_png(65, 48), _png(40, 40)], pa.binary()),
-        "jpg_1": pa.array([_png(40, 40), _png(100, 40)], pa.binary()), "label_0": pa.array([1.0, 0.0]),
+        "jpg_1": pa.array([_png(40, 40, color=(200, 30, 30)), _png(100, 40, color=(200, 30, 30))], pa.binary()),
+        "label_0": pa.array([1.0, 0.0]),
     })
     pq.write_table(table, tmp_path / "train-0.parquet")
     dataset = open_preference_dataset(DataConfig(format="pickapic", path=str(tmp_path / "train-0.parquet")), 32)

@@ -241,3 +241,17 @@ def test_a_missing_validation_prompts_file_is_one_sentence_before_the_model_load
     with pytest.raises(SipoError, match=r"train.validation_prompts names .*nope.txt, which does not exist"):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_sipo_analyze_reads_the_runs_validation_log(tiny_sd15_dir, pairs, tmp_path):
+    from sipo.analysis import run_analysis
+
+    run = tmp_path / "run"
+    config = _config(tiny_sd15_dir, pairs, run)
+    train(config, progress=False)
+    result = run_analysis(config, checkpoint=run, num_pairs=2, num_buckets=2, output_dir=tmp_path / "analysis",
+                          progress=False, verbose=False, plots=False)
+    document = json.loads(result.files["json"].read_text())
+    assert [r["step"] for r in document["validation"]] == [r["step"] for r in _log(run)] == [0, 2, 4]
+    assert document["validation"][-1]["held_out/accuracy"] == _log(run)[-1]["held_out/accuracy"]
+    assert "Held-out implicit accuracy (the run's validation.jsonl, 3 validations): 0.000 at step 0" in result.findings

@@ -247,6 +247,28 @@ def prepare_model(
     return adapter, reference_predictor(adapter, adapter.denoiser, reference_denoiser), grads
 
 
+def run_validation_curve(checkpoint: str | Path | None) -> list[dict[str, Any]]:
+    """The held-out records (step, accuracy, margin, per-quartile accuracy) of the run ``checkpoint``
+    names, from its validation.jsonl; empty when there is none."""
+    from sipo.validation import VALIDATION_LOG, read_validation_log
+
+    if checkpoint is None or not (Path(checkpoint) / VALIDATION_LOG).is_file():
+        return []
+    keep = ("held_out/accuracy", "held_out/reward_margin", "held_out/loss", "held_out/accuracy_q1",
+            "held_out/accuracy_q2", "held_out/accuracy_q3", "held_out/accuracy_q4")
+    return [{"step": r["step"], **{k: r[k] for k in keep if k in r}}
+            for r in read_validation_log(Path(checkpoint) / VALIDATION_LOG) if "held_out/accuracy" in r]
+
+
+def validation_paragraph(curve: list[dict[str, Any]]) -> str:
+    """One sentence on the held-out curve: where it started, peaked and ended."""
+    best = max(curve, key=lambda r: (r["held_out/accuracy"], -r["step"]))
+    first, last = curve[0], curve[-1]
+    return (f"Held-out implicit accuracy (the run's validation.jsonl, {len(curve)} validations): "
+            f"{first['held_out/accuracy']:.3f} at step {first['step']}, best {best['held_out/accuracy']:.3f} at step "
+            f"{best['step']}, {last['held_out/accuracy']:.3f} at step {last['step']}.")
+
+
 def _is_pair(item: Any) -> bool:
     return isinstance(item, dict) and {"prompt", "chosen", "rejected"} <= set(item)
 
@@ -413,8 +435,12 @@ def run_analysis(
         "seed": seed, "num_pairs": used, "num_pairs_requested": num_pairs, "num_buckets": num_buckets,
         "gradient": gradient, "correlation": correlation,
     }
+    validation = run_validation_curve(checkpoint)
+    if validation:  # the run's held-out curve (sipo.validation) beside the per-timestep study
+        findings += "\n" + validation_paragraph(validation)
     document = {**summary, "buckets": rows, "masked_fraction_vs_tau": tau_curve, "findings": findings,
-                "files": {k: str(v) for k, v in files.items()}, "columns": list(CSV_COLUMNS)}
+                "files": {k: str(v) for k, v in files.items()}, "columns": list(CSV_COLUMNS),
+                **({"validation": validation} if validation else {})}
     files["json"].write_text(json.dumps(_json_safe(document), indent=2))
     if verbose:
         print(findings)

@@ -14,6 +14,7 @@ FAMILIES: dict[str, str] = {
     "sdxl": "sipo.models.sdxl:SDXLAdapter",
     "cogvideox": "sipo.models.cogvideox:CogVideoXAdapter",
     "wan": "sipo.models.wan:WanAdapter",
+    "qwenimage": "sipo.models.qwenimage:QwenImageAdapter",
 }
 
 
@@ -44,6 +45,7 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
         # video families: where T5/UMT5 lives and how many prompt embeddings to remember
         text_encoder_device=model_config.text_encoder_device,
         prompt_cache_size=model_config.prompt_cache_size,
+        resolution=model_config.resolution,  # qwenimage: the dynamic shift of its sigma grid
     )
     adapter.freeze_encoders()
     return adapter

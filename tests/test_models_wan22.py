@@ -191,6 +191,18 @@ class TestWan22A14B(VideoFamilyContract):
         assert pipe.transformer is adapter.experts.transformer and pipe.transformer_2 is adapter.experts.transformer_2
         assert pipe.config.boundary_ratio == 0.875
 
+    def test_dpo_trains_two_steps_with_finite_loss_and_changes_lora(self, model_dir, manifest, tmp_path):
+        """Replaced: two steps of one pair each train the expert(s) their timesteps chose, so the moved
+        LoRA B may sit in either expert's file (here both draws fall below the boundary)."""
+        from sipo.train import train
+
+        config = load_config(None, video_overrides(self.family, model_dir, manifest, tmp_path, **{"objective.name": "dpo"}))
+        result = train(config, progress=False)
+        assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)
+        saved = {**{f"high.{k}": v for k, v in load_file(tmp_path / "pytorch_lora_weights.safetensors").items()},
+                 **{f"low.{k}": v for k, v in load_file(tmp_path / WanAdapter.TRANSFORMER_2_LORA_FILE).items()}}
+        assert any("lora_B" in k and v.abs().max() > 0 for k, v in saved.items())
+
     def test_the_trained_run_has_one_lora_file_per_expert(self, trained):
         _, config = trained
         run = config.train.output_dir

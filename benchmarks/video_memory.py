@@ -177,7 +177,8 @@ def reset_peak_resident() -> None:
 
 
 def measure_step(
-    target: Target, layers: int | None, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype, rank: int = 64
+    target: Target, layers: int | None, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype, rank: int = 64,
+    frozen_dtype: str = "bf16",
 ) -> dict:
     """Peak bytes of one LoRA SIPO step on one pair (on a GPU: after one warm-up step).
 
@@ -197,6 +198,10 @@ def measure_step(
             param.data = param.data.float()  # trainable weights stay fp32, as under accelerate's autocast
     adapter.denoiser.enable_gradient_checkpointing()
     adapter.denoiser.train()
+    if frozen_dtype == "fp8":  # the trainer's model.frozen_dtype=fp8 (sipo.models.base.store_frozen_base_in)
+        from sipo.models.base import store_frozen_base_in
+
+        store_frozen_base_in(adapter, "fp8", dtype)
     frames, height, width = grid
     model_config = denoiser_config(adapter)
     if target.family == "qwenimage":
@@ -253,7 +258,7 @@ def measure_step(
     lora = sum(p.numel() for p in trainable)
     return {
         "family": f"{target.family}-{target.variant}", "layers": model_config.num_layers, "grid": list(grid),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."), "frozen_dtype": frozen_dtype,
         "tokens": tokens_per_sequence(target, grid), "device": device.type, "loss": loss,
         "frozen_weight_bytes": frozen, "lora_parameters": lora,
         "before_step_bytes": before, "peak_bytes": peak_total, "step_bytes": peak_total - before,
@@ -323,6 +328,7 @@ def main() -> None:
     one.add_argument("--full", action="store_true", help="the paper's clip size and every block")
     one.add_argument("--device", default="cpu")
     one.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on cuda, float32 on cpu")
+    one.add_argument("--frozen-dtype", choices=["bf16", "fp8"], default="bf16", help="model.frozen_dtype of the step")
     args = parser.parse_args()
 
     if args.command == "step":
@@ -331,7 +337,7 @@ def main() -> None:
         layers = None if args.full else args.layers
         device = torch.device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        print(json.dumps(measure_step(target, layers, grid, device, dtype)))
+        print(json.dumps(measure_step(target, layers, grid, device, dtype, frozen_dtype=args.frozen_dtype)))
         return
 
     report = {}

@@ -292,7 +292,9 @@ def fit_and_extrapolate(points: list[dict], target: Target) -> dict:
         "total_bf16_gib": (activations * scale + weights + lora) / GIB,
         "total_upper_gib": (activations + weights + lora) / GIB,
         "experts": experts(target), "weights_fp8_gib": fp8_bytes / GIB,
-        "total_fp8_gib": (activations * scale + fp8_bytes + lora) / GIB,
+        # layerwise casting upcasts one layer at a time, but autograd keeps a checkpointed block's upcast
+        # weights until that block's backward: one block of one expert in bf16 comes on top
+        "total_fp8_gib": (activations * scale + fp8_bytes + lora + adapter_params / experts(target) / full_layers * 2) / GIB,
     }
 
 

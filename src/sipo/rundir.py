@@ -27,8 +27,8 @@ from sipo.errors import SipoError
 #: what a sipo run writes into its output_dir; --overwrite removes these and nothing else, so an
 #: output_dir pointed at a folder with the user's own files never loses them
 RUN_FILES = ("config.yaml", "metrics.jsonl", "data_report.json", "README.md", "pytorch_lora_weights.safetensors",
-             "adapter_config.json")
-RUN_FOLDERS = ("checkpoints", "logs", "unet", "transformer", "analysis")
+             "adapter_config.json", "pytorch_lora_weights_transformer_2.safetensors")  # the last: Wan2.2-A14B's low-noise expert
+RUN_FOLDERS = ("checkpoints", "logs", "unet", "transformer", "transformer_2", "analysis")
 #: any of these marks the directory as holding a run
 RUN_MARKERS = ("checkpoints", "config.yaml", "pytorch_lora_weights.safetensors", "unet", "transformer", "metrics.jsonl")
 

@@ -101,7 +101,7 @@ class ModelConfig:
         "storage of the frozen base weights of a LoRA run: bf16 (the run's compute dtype, bf16 under "
         "train.mixed_precision=bf16) or fp8 (float8_e4m3fn storage, upcast per layer to the compute dtype through "
         "diffusers' enable_layerwise_casting; norms, embeddings and LoRA stay as they are; halves the base's memory "
-        "again, for Qwen-Image 20B and Wan2.2-A14B on 24-48 GB: docs/models.md)", default="bf16"
+        "again: Qwen-Image on 48 GB, Wan2.2-A14B at 480p on 80 GB; docs/models.md)", default="bf16"
     )
 
     def __post_init__(self) -> None:

@@ -1,9 +1,10 @@
-"""Peak memory of one LoRA preference step of the video transformers, measured and extrapolated.
+"""Peak memory of one LoRA preference step of the video transformers (and Qwen-Image's MMDiT), measured and extrapolated.
 
     # CPU: measure full-width transformers with 1-2 blocks at a few token counts, fit, extrapolate
     OMP_NUM_THREADS=2 python benchmarks/video_memory.py scan [--families cogvideox-2b wan]
     # GPU: the real thing, full configs at the paper's clip sizes (random weights, no download)
     python benchmarks/video_memory.py step --family cogvideox-2b --device cuda --full
+    # Wan2.2 and Qwen-Image (issue 19): --families wan22-ti2v-5b wan22-a14b-480p wan22-a14b-720p qwenimage-1328
 
 One step is what the trainer does for one pair: the policy (LoRA on) on winner and loser with
 gradients, the reference (LoRA off) on both under no_grad, the SIPO weights, backward through
@@ -57,9 +58,23 @@ TARGETS = {
     "cogvideox-2b": Target("cogvideox", "2b", 13, 60, 90, 226),
     "cogvideox-5b": Target("cogvideox", "5b", 13, 60, 90, 226),
     "wan": Target("wan", "1.3b", 21, 60, 104, 512),
+    # Wan2.2-TI2V-5B's published 704 x 1280 x 121 frames -> 31 x 44 x 80 latents (its VAE: 4x time, 16x space)
+    "wan22-ti2v-5b": Target("wan", "2.2-ti2v-5b", 31, 44, 80, 512),
+    # Wan2.2-T2V-A14B at 480p / 720p x 81 frames -> 21 x 60 x 104 / 21 x 90 x 160 (the Wan2.1 VAE); two experts resident
+    "wan22-a14b-480p": Target("wan", "2.2-t2v-a14b", 21, 60, 104, 512),
+    "wan22-a14b-720p": Target("wan", "2.2-t2v-a14b", 21, 90, 160, 512),
+    # Qwen-Image at 1328 x 1328 -> one latent frame of 166 x 166 (8x VAE); 256 text tokens (the adapter's
+    # prompt_length) share the joint attention sequence
+    "qwenimage-1328": Target("qwenimage", "20b", 1, 166, 166, 256),
 }
 #: latent (frames, height, width) of the CPU scan points: 2 token counts
 SCAN_GRIDS = [(3, 16, 24), (5, 24, 32)]
+#: Qwen-Image's scan points: one frame, 144 and 576 image tokens
+IMAGE_SCAN_GRIDS = [(1, 24, 24), (1, 48, 48)]
+
+
+def scan_grids(target: Target) -> list[tuple[int, int, int]]:
+    return IMAGE_SCAN_GRIDS if target.family == "qwenimage" else SCAN_GRIDS
 SCAN_LAYERS = [1, 2]
 
 
@@ -68,20 +83,39 @@ def transformer_config(target: Target, layers: int | None) -> dict:
         from sipo.models.cogvideox import FULL_TRANSFORMER_CONFIGS
 
         config = dict(FULL_TRANSFORMER_CONFIGS[target.variant])
-    else:
-        from sipo.models.wan import FULL_TRANSFORMER_CONFIG
+    elif target.family == "qwenimage":
+        from sipo.models.qwenimage import FULL_TRANSFORMER_CONFIG
 
         config = dict(FULL_TRANSFORMER_CONFIG)
+    else:
+        from sipo.models.wan import WanAdapter
+
+        config = dict(WanAdapter.variant_configs(_wan_variant(target), "full")[0][0])
     if layers is not None:
         config["num_layers"] = layers
     return config
 
 
+def _wan_variant(target: Target) -> str:
+    return "2.1-t2v-1.3b" if target.variant == "1.3b" else target.variant
+
+
+def experts(target: Target) -> int:
+    """Transformers resident in the step: Wan2.2-A14B holds both experts (a pair uses one)."""
+    return 2 if target.variant == "2.2-t2v-a14b" else 1
+
+
 def tokens_per_sequence(target: Target, grid: tuple[int, int, int]) -> int:
     frames, height, width = grid
     patches = frames * (height // 2) * (width // 2)
-    # CogVideoX puts the text into the same sequence; Wan attends to it by cross-attention.
-    return patches + (target.text_tokens if target.family == "cogvideox" else 0)
+    # CogVideoX and Qwen-Image put the text into the same sequence; Wan attends to it by cross-attention.
+    return patches + (target.text_tokens if target.family in ("cogvideox", "qwenimage") else 0)
+
+
+def denoiser_config(adapter):
+    """The (first) transformer's config: a two-expert denoiser has none of its own."""
+    denoiser = adapter.denoiser
+    return (denoiser.transformer if hasattr(denoiser, "transformer_2") else denoiser).config
 
 
 def build_adapter(target: Target, layers: int | None, device: torch.device, dtype: torch.dtype):
@@ -104,12 +138,25 @@ def build_adapter(target: Target, layers: int | None, device: torch.device, dtyp
             transformer = CogVideoXTransformer3DModel(**config).to(dtype)
             vae = AutoencoderKLCogVideoX(**TINY_VAE_CONFIG)  # only its config is read (scale factors)
             adapter = CogVideoXAdapter(transformer, vae, None, None, CogVideoXDDIMScheduler(**FULL_SCHEDULER_CONFIG))
-        else:
-            from sipo.models.wan import FULL_SCHEDULER_CONFIG, TINY_VAE_CONFIG, WanAdapter
+        elif target.family == "qwenimage":
+            from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
+            from sipo.models.qwenimage import SCHEDULER_CONFIG, TINY_VAE_CONFIG, QwenImageAdapter
+
+            transformer = QwenImageTransformer2DModel(**config).to(dtype)
+            vae = AutoencoderKLQwenImage(**TINY_VAE_CONFIG)
+            adapter = QwenImageAdapter(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+                                       resolution=8 * target.latent_height)  # 1328: mu of the dynamic shift
+        else:
+            from sipo.models.wan import FULL_SCHEDULER_CONFIG, WanAdapter
+
+            _, vae_config, extras = WanAdapter.variant_configs(_wan_variant(target), "tiny")
             transformer = WanTransformer3DModel(**config).to(dtype)
-            vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
-            adapter = WanAdapter(transformer, vae, None, None, UniPCMultistepScheduler(**FULL_SCHEDULER_CONFIG))
+            second = WanTransformer3DModel(**config).to(dtype) if experts(target) == 2 else None
+            vae = AutoencoderKLWan(**vae_config)  # only its config is read (scale factors)
+            scheduler = UniPCMultistepScheduler(**dict(FULL_SCHEDULER_CONFIG, flow_shift=extras.get("flow_shift", 3.0)))
+            adapter = WanAdapter(transformer, vae, None, None, scheduler, transformer_2=second,
+                                 boundary_ratio=extras.get("boundary_ratio"), expand_timesteps=extras.get("expand_timesteps", False))
     return adapter
 
 
@@ -130,7 +177,8 @@ def reset_peak_resident() -> None:
 
 
 def measure_step(
-    target: Target, layers: int | None, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype, rank: int = 64
+    target: Target, layers: int | None, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype, rank: int = 64,
+    frozen_dtype: str = "bf16",
 ) -> dict:
     """Peak bytes of one LoRA SIPO step on one pair (on a GPU: after one warm-up step).
 
@@ -150,15 +198,26 @@ def measure_step(
             param.data = param.data.float()  # trainable weights stay fp32, as under accelerate's autocast
     adapter.denoiser.enable_gradient_checkpointing()
     adapter.denoiser.train()
+    if frozen_dtype == "fp8":  # the trainer's model.frozen_dtype=fp8 (sipo.models.base.store_frozen_base_in)
+        from sipo.models.base import store_frozen_base_in
+
+        store_frozen_base_in(adapter, "fp8", dtype)
     frames, height, width = grid
-    channels = adapter.denoiser.config.in_channels
-    shape = (1, frames, channels, height, width) if target.family == "cogvideox" else (1, channels, frames, height, width)
-    text_dim = adapter.denoiser.config.text_embed_dim if target.family == "cogvideox" else adapter.denoiser.config.text_dim
+    model_config = denoiser_config(adapter)
+    if target.family == "qwenimage":
+        shape, text_dim = (1, model_config.out_channels, height, width), model_config.joint_attention_dim
+    else:
+        channels = model_config.in_channels
+        shape = (1, frames, channels, height, width) if target.family == "cogvideox" else (1, channels, frames, height, width)
+        text_dim = model_config.text_embed_dim if target.family == "cogvideox" else model_config.text_dim
     generator = torch.Generator().manual_seed(0)
+    conditioning = {"encoder_hidden_states": torch.randn(1, target.text_tokens, text_dim, generator=generator).to(device, dtype)}
+    if target.family == "qwenimage":  # a 40-token prompt padded to the adapter's 256
+        conditioning["encoder_hidden_states_mask"] = (torch.arange(target.text_tokens) < 40).long()[None].to(device)
     encoded = EncodedPairs(
         torch.randn(shape, generator=generator).to(device),
         torch.randn(shape, generator=generator).to(device),
-        {"encoder_hidden_states": torch.randn(1, target.text_tokens, text_dim, generator=generator).to(device, dtype)},
+        conditioning,
     )
     trainable = [p for p in adapter.denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
@@ -177,13 +236,18 @@ def measure_step(
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
+    import time
+
+    seconds = None
     if device.type == "cuda":
         step()  # warm-up: optimizer state and allocator caches exist from here on
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
         loss = step()
         torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
         peak_total = torch.cuda.max_memory_allocated()
     else:
         before = resident_bytes()
@@ -193,11 +257,12 @@ def measure_step(
     frozen = sum(p.numel() * p.element_size() for p in adapter.denoiser.parameters() if not p.requires_grad)
     lora = sum(p.numel() for p in trainable)
     return {
-        "family": f"{target.family}-{target.variant}", "layers": adapter.denoiser.config.num_layers, "grid": list(grid),
-        "dtype": str(dtype).removeprefix("torch."),
+        "family": f"{target.family}-{target.variant}", "layers": model_config.num_layers, "grid": list(grid),
+        "dtype": str(dtype).removeprefix("torch."), "frozen_dtype": frozen_dtype,
         "tokens": tokens_per_sequence(target, grid), "device": device.type, "loss": loss,
         "frozen_weight_bytes": frozen, "lora_parameters": lora,
         "before_step_bytes": before, "peak_bytes": peak_total, "step_bytes": peak_total - before,
+        "seconds_per_step": seconds,
     }
 
 
@@ -211,9 +276,11 @@ def fit_and_extrapolate(points: list[dict], target: Target) -> dict:
     full_tokens = tokens_per_sequence(target, (target.latent_frames, target.latent_height, target.latent_width))
     activations = float(coefficients[0] + full_tokens * (coefficients[1] + coefficients[2] * full_layers))
     with torch.device("meta"):
-        adapter_params = _full_parameter_count(target)
+        adapter_params = _full_parameter_count(target) * experts(target)
+        fp8_bytes = _fp8_weight_bytes(target) * experts(target)
     weights = adapter_params * 2  # bf16 frozen weights
-    lora = points[-1]["lora_parameters"] / points[-1]["layers"] * full_layers * 16  # fp32 weight, grad, 2 AdamW moments
+    # LoRA of every resident expert (the scan points hold them all): fp32 weight, grad, 2 AdamW moments
+    lora = points[-1]["lora_parameters"] / points[-1]["layers"] * full_layers * 16
     # The scan runs in fp32; under bf16 autocast the saved activations are mostly bf16: half of
     # them is the estimate, the fp32 figure an upper bound.
     scale = 0.5 if points[-1]["dtype"] == "float32" else 1.0
@@ -224,14 +291,30 @@ def fit_and_extrapolate(points: list[dict], target: Target) -> dict:
         "weights_bf16_gib": weights / GIB, "lora_gib": lora / GIB,
         "total_bf16_gib": (activations * scale + weights + lora) / GIB,
         "total_upper_gib": (activations + weights + lora) / GIB,
+        "experts": experts(target), "weights_fp8_gib": fp8_bytes / GIB,
+        # layerwise casting upcasts one layer at a time, but autograd keeps a checkpointed block's upcast
+        # weights until that block's backward: one block of one expert in bf16 comes on top
+        "total_fp8_gib": (activations * scale + fp8_bytes + lora + adapter_params / experts(target) / full_layers * 2) / GIB,
     }
 
 
-def _full_parameter_count(target: Target) -> int:
-    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+def _transformer_class(target: Target):
+    from diffusers import CogVideoXTransformer3DModel, QwenImageTransformer2DModel, WanTransformer3DModel
 
-    cls = CogVideoXTransformer3DModel if target.family == "cogvideox" else WanTransformer3DModel
-    return sum(p.numel() for p in cls(**transformer_config(target, None)).parameters())
+    return {"cogvideox": CogVideoXTransformer3DModel, "qwenimage": QwenImageTransformer2DModel}.get(
+        target.family, WanTransformer3DModel)
+
+
+def _full_parameter_count(target: Target) -> int:
+    return sum(p.numel() for p in _transformer_class(target)(**transformer_config(target, None)).parameters())
+
+
+def _fp8_weight_bytes(target: Target) -> int:
+    """Frozen weight bytes of one transformer under ``model.frozen_dtype=fp8``: the trainer's own cast
+    (diffusers' layerwise casting, on the meta device) leaves norms and embeddings bf16, the rest 1 byte."""
+    model = _transformer_class(target)(**transformer_config(target, None)).to(torch.bfloat16)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def main() -> None:
@@ -247,27 +330,31 @@ def main() -> None:
     one.add_argument("--full", action="store_true", help="the paper's clip size and every block")
     one.add_argument("--device", default="cpu")
     one.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on cuda, float32 on cpu")
+    one.add_argument("--frozen-dtype", choices=["bf16", "fp8"], default="bf16", help="model.frozen_dtype of the step")
     args = parser.parse_args()
 
     if args.command == "step":
         target = TARGETS[args.family]
-        grid = (target.latent_frames, target.latent_height, target.latent_width) if args.full else tuple(args.grid or SCAN_GRIDS[0])
+        grid = (target.latent_frames, target.latent_height, target.latent_width) if args.full else tuple(args.grid or scan_grids(target)[0])
         layers = None if args.full else args.layers
         device = torch.device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        print(json.dumps(measure_step(target, layers, grid, device, dtype)))
+        print(json.dumps(measure_step(target, layers, grid, device, dtype, frozen_dtype=args.frozen_dtype)))
         return
 
     report = {}
+    scanned: dict[tuple[str, str], list[dict]] = {}  # targets of one model (A14B at 480p and 720p) share a scan
     for name in args.families:
-        points = []
-        for layers in SCAN_LAYERS:
-            for grid in SCAN_GRIDS:
+        key = (TARGETS[name].family, TARGETS[name].variant)
+        points = scanned.get(key, [])
+        for layers in SCAN_LAYERS if key not in scanned else []:
+            for grid in scan_grids(TARGETS[name]):
                 command = [sys.executable, __file__, "step", "--family", name, "--layers", str(layers), "--grid", *map(str, grid)]
                 output = subprocess.run(command, check=True, capture_output=True, text=True, env=SCAN_ENV).stdout
                 point = json.loads(output.strip().splitlines()[-1])
                 points.append(point)
                 print(f"{name:13s} L={layers} tokens={point['tokens']:5d} step peak {point['step_bytes'] / GIB:6.3f} GiB", flush=True)
+        scanned[key] = points
         estimate = fit_and_extrapolate(points, TARGETS[name])
         report[name] = {"points": points, "estimate": estimate}
         print(
@@ -275,7 +362,8 @@ def main() -> None:
             f"{estimate['activations_bf16_gib']:.1f} GiB (fp32: {estimate['activations_measured_dtype_gib']:.1f}) + bf16 weights "
             f"{estimate['weights_bf16_gib']:.1f} GiB + LoRA/AdamW {estimate['lora_gib']:.2f} GiB = "
             f"{estimate['total_bf16_gib']:.1f} GiB (upper bound {estimate['total_upper_gib']:.1f}; fit residual "
-            f"{estimate['fit_max_residual_gib']:.3f} GiB)",
+            f"{estimate['fit_max_residual_gib']:.3f} GiB); fp8 frozen base: weights {estimate['weights_fp8_gib']:.1f} GiB, "
+            f"total {estimate['total_fp8_gib']:.1f} GiB",
             flush=True,
         )
     if args.json:

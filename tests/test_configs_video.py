@@ -26,6 +26,8 @@ def test_accelerate_configs_parse_with_accelerates_own_loader(path):
         ("cogvideox_2b_lora.yaml", "cogvideox", 49, 8, (480, 720)),
         ("cogvideox_5b_lora.yaml", "cogvideox", 49, 8, (480, 720)),
         ("wan21_1.3b_lora.yaml", "wan", 81, 16, (480, 832)),
+        ("wan22_ti2v_5b_lora.yaml", "wan", 121, 24, (704, 1280)),
+        ("wan22_t2v_a14b_lora.yaml", "wan", 81, 16, (480, 832)),
     ],
 )
 def test_video_configs_use_each_models_format_and_keep_the_text_encoder_off_the_gpu(name, family, frames, fps, size):

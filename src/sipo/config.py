@@ -103,6 +103,12 @@ class ModelConfig:
         "of diffusers' train_dreambooth_lora_flux.py); ignored by models without one (schnell) and other families",
         default=3.5,
     )
+    frozen_dtype: str = _help(
+        "storage of the frozen base weights of a LoRA run: bf16 (the run's compute dtype, bf16 under "
+        "train.mixed_precision=bf16) or fp8 (float8_e4m3fn storage, upcast per layer to the compute dtype through "
+        "diffusers' enable_layerwise_casting; norms, embeddings and LoRA stay as they are; halves the base's memory "
+        "again: Qwen-Image on 48 GB, Wan2.2-A14B at 480p on 80 GB; docs/models.md)", default="bf16"
+    )
 
     def __post_init__(self) -> None:
         from sipo.models import FAMILIES
@@ -118,6 +124,7 @@ class ModelConfig:
         _choice("model.text_encoder_device", self.text_encoder_device, ("auto", "cpu"))
         if self.prompt_cache_size < 0:
             raise SipoError("model.prompt_cache_size must be 0 (off) or a positive number of prompts")
+        _choice("model.frozen_dtype", self.frozen_dtype, ("bf16", "fp8"))
 
 
 @dataclass

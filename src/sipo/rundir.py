@@ -32,8 +32,9 @@ from sipo.errors import SipoError
 #: what a sipo run writes into its output_dir; --overwrite removes these and nothing else, so an
 #: output_dir pointed at a folder with the user's own files never loses them
 RUN_FILES = ("config.yaml", "metrics.jsonl", "data_report.json", "README.md", "pytorch_lora_weights.safetensors",
-             "adapter_config.json", "validation.jsonl", "validation.png")
-RUN_FOLDERS = ("checkpoints", "logs", "unet", "transformer", "analysis", "eval", "best", "samples")
+             "adapter_config.json", "validation.jsonl", "validation.png",
+             "pytorch_lora_weights_transformer_2.safetensors")  # the last: Wan2.2-A14B's low-noise expert
+RUN_FOLDERS = ("checkpoints", "logs", "unet", "transformer", "transformer_2", "analysis", "eval", "best", "samples")
 #: any of these marks the directory as holding a run
 RUN_MARKERS = ("checkpoints", "config.yaml", "pytorch_lora_weights.safetensors", "unet", "transformer", "metrics.jsonl")
 #: the run's manifest: the names in output_dir that sipo runs wrote (and that did not exist before the first)

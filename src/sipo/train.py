@@ -34,7 +34,7 @@ from sipo.config import SipoConfig, check_against_model, check_values, save_conf
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError, TrainingInterrupted
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
-from sipo.models.base import hold_frozen_weights_in
+from sipo.models.base import hold_frozen_weights_in, store_frozen_base_in
 from sipo.performance import (
     COMPUTE_DTYPES, StepClock, check_precision_for_device, configure_kernels, make_optimizer, restore_device_rng,
 )
@@ -489,6 +489,7 @@ def build_model(config: SipoConfig, adapter: DiffusionAdapter | None) -> tuple[D
     if tc.mixed_precision in COMPUTE_DTYPES:
         hold_frozen_weights_in(adapter, COMPUTE_DTYPES[tc.mixed_precision],
                                [reference_denoiser] if reference_denoiser is not None else [])
+    store_frozen_base_in(adapter, config.model.frozen_dtype, COMPUTE_DTYPES.get(tc.mixed_precision, torch.float32))
     if config.model.encode_chunk_size is not None:
         adapter.encode_chunk_size = config.model.encode_chunk_size
     return adapter, reference_denoiser

@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "wan": "sipo.models.wan:WanAdapter",
     "flux": "sipo.models.flux:FluxAdapter",
     "sd3": "sipo.models.sd3:SD3Adapter",
+    "qwenimage": "sipo.models.qwenimage:QwenImageAdapter",
 }
 
 
@@ -46,7 +47,7 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
         # video families: where T5/UMT5 lives and how many prompt embeddings to remember
         text_encoder_device=model_config.text_encoder_device,
         prompt_cache_size=model_config.prompt_cache_size,
-        # flux: the inference grid of s depends on the run's resolution; the distilled guidance value
+        # flux, qwenimage: the inference grid of s depends on the run's resolution; flux: the distilled guidance value
         resolution=model_config.resolution,
         guidance=model_config.guidance,
     )

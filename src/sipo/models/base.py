@@ -457,3 +457,45 @@ def hold_frozen_weights_in(adapter: DiffusionAdapter, dtype: torch.dtype, extra:
         adapter.denoiser.to(dtype)
         for param in trainable:
             param.data = param.data.float()
+
+
+#: values of ``model.frozen_dtype``: how the frozen base of a LoRA run is stored.
+FROZEN_DTYPES = ("bf16", "fp8")
+
+
+def store_frozen_base_in(adapter: DiffusionAdapter, frozen_dtype: str, compute_dtype: torch.dtype) -> list[str]:
+    """Store the denoiser's frozen base weights in float8 (``frozen_dtype="fp8"``); ``"bf16"`` changes nothing.
+
+    ``"bf16"`` is the behaviour of ``hold_frozen_weights_in``: frozen weights in the run's compute
+    dtype. ``"fp8"`` goes further through diffusers' layerwise casting
+    (``ModelMixin.enable_layerwise_casting``, diffusers/hooks/layerwise_casting.py): every Linear /
+    Conv weight of the base is stored as ``float8_e4m3fn`` and upcast to ``compute_dtype`` for the
+    layer's forward only (one layer at a time), then cast back. Skipped, as diffusers skips them by
+    default: each model's ``_skip_layerwise_casting_patterns`` (norms, embeddings), the default
+    patterns (``pos_embed``, ``patch_embed``, ``norm``, ``proj_in``/``proj_out``) and every peft
+    adapter layer, so the LoRA weights stay float32 and trainable. The policy and the reference
+    (the same module with adapters off, ``lora_disabled``) therefore see one and the same cast base.
+
+    Applied to each diffusers model inside the denoiser (the denoiser itself, or the experts of a
+    two-expert denoiser such as Wan2.2-A14B's). Returns the class names it was applied to. A full
+    fine-tune has no frozen base: ``fp8`` then stops with one sentence.
+    """
+    if frozen_dtype not in FROZEN_DTYPES:
+        raise SipoError(f"model.frozen_dtype={frozen_dtype!r} is not valid; choose one of {list(FROZEN_DTYPES)}")
+    if frozen_dtype == "bf16":
+        return []
+    from diffusers import ModelMixin
+
+    parameters = list(adapter.denoiser.parameters())
+    if all(p.requires_grad for p in parameters):
+        raise SipoError(
+            "model.frozen_dtype=fp8 stores the frozen base of a LoRA run, and a full fine-tune trains every "
+            "weight; set train.finetune=lora or model.frozen_dtype=bf16"
+        )
+    denoiser = adapter.denoiser
+    models = [denoiser] if isinstance(denoiser, ModelMixin) else [m for m in denoiser.children() if isinstance(m, ModelMixin)]
+    if not models:
+        raise SipoError(f"the {adapter.family} denoiser holds no diffusers model to cast; set model.frozen_dtype=bf16")
+    for model in models:
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    return [type(model).__name__ for model in models]

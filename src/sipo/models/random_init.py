@@ -100,3 +100,32 @@ def tiny_t5_tokenizer(directory: str | Path | None = None, model_max_length: int
     if directory is not None:
         tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+#: the pieces of QwenImagePipeline's prompt template (its ``prompt_template_encode``) as whole tokens, so
+#: the template's prefix is 34 tokens with the tiny tokenizer too, as with Qwen2.5-VL's own: the
+#: pipeline drops exactly that many (``prompt_template_encode_start_idx``)
+_QWEN_TEMPLATE_WORDS = (
+    "system", "\n", "Describe", " the", " image", " by", " detailing", " color", ",", " shape", " size",
+    " texture", " quantity", " text", " spatial", " relationships", " of", " objects", " and", " background",
+    ":", "user", "assistant",
+)
+
+
+def tiny_qwen2_tokenizer(directory: str | Path | None = None, model_max_length: int = 1024):
+    """A ``Qwen2Tokenizer`` (byte-level BPE, as Qwen2.5-VL's) over a vocabulary made here; no download.
+
+    Every byte is a token (any text tokenizes), the chat markers ``<|im_start|>``/``<|im_end|>`` and
+    ``<|endoftext|>`` (the pad token, as in Qwen2.5) are special tokens, and the words of
+    QwenImagePipeline's template are added tokens. Saved to ``directory`` when given.
+    """
+    from transformers import Qwen2Tokenizer
+
+    vocab = {token: index for index, token in enumerate(_bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", model_max_length=model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tokenizer.add_tokens(list(_QWEN_TEMPLATE_WORDS))
+    if directory is not None:
+        tokenizer.save_pretrained(str(directory))
+    return tokenizer

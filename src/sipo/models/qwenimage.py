@@ -17,7 +17,7 @@ shifted sigma grid).
   one shape (the latent cache stacks them).
 - schedule: rectified flow (SPEC 1, 10), target ``u = eps - x0``; the transformer receives
   ``timestep = sigma`` (the pipeline passes its scheduler timestep / 1000). The scheduler shifts
-  its sigmas with the image's token count (``use_dynamic_shifting``: ``mu`` from ``calculate_shift``
+  its sigmas with the image's token count (``use_dynamic_shifting``: ``mu`` from ``schedules.resolution_shift_mu``
   on ``H/16 * W/16`` tokens, exponential time shift, then ``shift_terminal`` stretch): training
   index ``t`` has the shifted sigma of ``s = (t + 1) / T`` at the run's resolution
   (`shifted_flow_sigmas`), so ``s - T/n`` of SPEC 3 is exactly the next sigma of the pipeline's
@@ -28,7 +28,6 @@ shifted sigma grid).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 
 from sipo.errors import SipoError
 from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict, encode_in_chunks
-from sipo.schedules import GaussianSchedule
+from sipo.schedules import GaussianSchedule, exponential_time_shift, resolution_shift_mu
 
 #: Qwen/Qwen-Image transformer/config.json as published (60 double-stream blocks, 3072 wide).
 FULL_TRANSFORMER_CONFIG: dict[str, Any] = dict(
@@ -80,13 +79,6 @@ TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = dict(
 PROMPT_LENGTH = 256
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
-    """``mu`` of the dynamic shift: linear in the image's token count through ``(base_seq_len, base_shift)``
-    and ``(max_seq_len, max_shift)``, unclamped (QwenImagePipeline's ``calculate_shift``)."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * slope + base_shift - slope * base_seq_len
-
-
 def shifted_flow_sigmas(num_train_timesteps: int, num_inference_steps: int, scheduler_config: dict[str, Any],
                         mu: float | None = None) -> Tensor:
     """Sigma of training index ``t``: ``s = (t + 1) / T`` shifted as the scheduler shifts its inference grid.
@@ -108,8 +100,9 @@ def shifted_flow_sigmas(num_train_timesteps: int, num_inference_steps: int, sche
         if config.get("use_dynamic_shifting"):
             if mu is None:
                 raise ValueError("a dynamically shifted schedule needs mu")
-            scale = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
-            return scale / (scale + (1 / values - 1))
+            if config.get("time_shift_type", "exponential") == "exponential":
+                return exponential_time_shift(mu, values)
+            return mu / (mu + (1 / values - 1))
         factor = float(config.get("shift", 1.0))
         return factor * values / (1 + (factor - 1) * values)
 
@@ -159,7 +152,7 @@ class QwenImageAdapter(DiffusionAdapter):
         self.image_seq_len = (self.resolution // (2 * self.vae_scale_factor)) ** 2
         self.mu = None
         if config.get("use_dynamic_shifting"):
-            self.mu = calculate_shift(self.image_seq_len, config.get("base_image_seq_len", 256),
+            self.mu = resolution_shift_mu(self.image_seq_len, config.get("base_image_seq_len", 256),
                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                       config.get("max_shift", 1.15))
         sigma = shifted_flow_sigmas(int(config["num_train_timesteps"]), num_inference_steps, config, self.mu)

@@ -35,7 +35,7 @@ from sipo.models.base import EncodedPairs, hold_frozen_weights_in
 from sipo.performance import (
     COMPUTE_DTYPES, StepClock, configure_kernels, make_optimizer, restore_device_rng,
 )
-from sipo.preference import PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, objective_loss
+from sipo.preference import PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, objective_loss, step_beta, update_auto_beta
 
 StepCallback = Callable[[int, DiffusionAdapter], None]
 
@@ -292,6 +292,7 @@ def train(
         step_keep: list[Tensor] = []
         step_weights: list[Tensor] = []
         losses: list[Tensor] = []
+        beta = step_beta(oc.beta, oc.beta_mode, state.auto_beta_ema, oc.target_gradient_factor, oc.beta_min, oc.beta_max)
         for micro in range(tc.gradient_accumulation_steps):
             batch = next(loader)
             state.micro_batches += 1
@@ -307,12 +308,12 @@ def train(
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 with accelerator.autocast():
                     terms = compute_pair_terms(
-                        adapter, encoded, noise, beta=oc.beta, reference_predict=reference_predict,
+                        adapter, encoded, noise, beta=beta, reference_predict=reference_predict,
                         denoiser=forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
-                        weight_model=oc.weight_model, weight_step=oc.weight_step,
+                        weight_model=oc.weight_model, weight_step=oc.weight_step, objective=oc.pair_settings(),
                     )
                     weight = _pair_weight(terms, state, oc.weight_source, num_train_timesteps, oc.ema_decay)
-                    loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings())
+                    loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings(beta))
                 accelerator.backward(loss / tc.gradient_accumulation_steps)
             losses.append(loss.detach().float())
             step_terms.append(terms)
@@ -339,6 +340,8 @@ def train(
             state.bad_steps += 1
             state.consecutive_bad_steps += 1
         optimizer.zero_grad(set_to_none=True)
+        if oc.beta_mode == "auto":  # every process calls it: the mean |delta| is all-reduced
+            state.auto_beta_ema = update_auto_beta(state.auto_beta_ema, step_terms, oc.auto_beta_decay, accelerator.device)
         lr_scheduler.step()
         state.step += 1
         bar.update(1)
@@ -351,7 +354,7 @@ def train(
             )
         weight_log.extend((t.timesteps.detach(), t.log_w_pair.detach()) for t in step_terms)
         if step_terms:
-            window.append(_step_metrics(step_terms, step_keep, step_weights, losses, grad_norm, finite))
+            window.append(_step_metrics(step_terms, step_keep, step_weights, losses, grad_norm, finite, beta))
         if step_callback is not None:
             step_callback(state.step, adapter)
         if state.step % tc.log_every == 0 or state.step == tc.max_steps:
@@ -425,7 +428,8 @@ def _pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_tr
 
 #: the per-step metrics, in the order ``_step_metrics`` stacks them
 STEP_METRICS = ("loss", "implicit_acc", "reward_margin", "err_winner", "err_loser", "ref_err_winner", "ref_err_loser",
-                "kl_proxy", "masked_fraction", "mean_weight", "mean_log_w_pair", "grad_norm", "finite")
+                "kl_proxy", "masked_fraction", "mean_weight", "mean_log_w_pair", "grad_norm", "finite",
+                "beta", "gradient_factor", "negative_margin_fraction")
 
 
 def _encoded_batch(adapter: DiffusionAdapter, batch: dict[str, Any], device: torch.device) -> EncodedPairs:
@@ -460,7 +464,7 @@ def _step_flags(losses: list[Tensor], grad_norm, keeps: list[Tensor]) -> tuple[b
 
 
 def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[Tensor],
-                  grad_norm, finite: bool) -> Tensor:
+                  grad_norm, finite: bool, beta: float = float("nan")) -> Tensor:
     """The step's metrics (``STEP_METRICS``) as one device tensor; read on the host only when logged."""
     cat = lambda name: torch.cat([getattr(t, name).detach().float() for t in terms])  # noqa: E731
     z = cat("z")
@@ -483,6 +487,9 @@ def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Ten
         _finite_mean(log_w_pair),
         torch.as_tensor(grad_norm, device=z.device).float(),
         torch.tensor(float(finite), device=z.device),
+        torch.tensor(float(beta), device=z.device),
+        torch.sigmoid(-z).mean(),  # the gradient factor of -logsigmoid(z) (docs/spec.md section 9)
+        (z < 0).float().mean(),
     ])
 
 

@@ -377,3 +377,18 @@ def test_resume_is_exact_with_auto_beta_and_the_safeguard(tiny_sd15_dir, tmp_pat
     assert straight.history[0]["beta"] == 5000.0  # step 1: the configured beta
     assert straight.history[1]["beta"] != 5000.0  # then the automatic one
     assert all(0.0 < r["gradient_factor"] < 1.0 and 0.0 <= r["negative_margin_fraction"] <= 1.0 for r in straight.history)
+
+
+def test_list_objectives_prints_the_table_docs_method_holds(capsys):
+    from pathlib import Path
+
+    from sipo.cli import main
+
+    assert main(["config", "--list-objectives"]) == 0
+    printed = capsys.readouterr().out
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    between = docs.split("<!-- objectives-table:start -->\n", 1)[1].split("<!-- objectives-table:end -->", 1)[0]
+    assert printed == between
+    rows = [line for line in printed.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(OBJECTIVE_PRESETS)
+    assert all(row.count("|") == 5 for row in rows)  # no stray pipe inside a cell

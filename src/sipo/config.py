@@ -628,3 +628,45 @@ def _yaml_scalar(value: Any) -> str:
         mantissa, exponent = repr(value).split("e")
         return f"{mantissa}.0e{exponent}"
     return json.dumps(value)
+
+
+# ----------------------------------------------------------------------------- the objectives table
+#: preset -> (per-pair loss, the keys beyond beta its authors set, source). `sipo config --list-objectives`
+#: and docs/method.md print the same table (tests/test_objectives_field.py checks that they agree).
+OBJECTIVE_TABLE: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "dpo": ("-logsigmoid(z), z = -0.5*beta*delta", ("label_smoothing",), "official Diffusion-DPO (SPEC 2)"),
+    "dpo-cm": ("masked mean of -logsigmoid(z), min(w_w, w_l) >= tau", ("tau", "clip_eps"), "SIPO paper, reviewers' reading (SPEC 4a)"),
+    "sipo": ("masked mean of -logsigmoid(z), clipped c_w, c_l inside z", ("tau", "clip_eps"), "SIPO paper, reviewers' reading (SPEC 4a)"),
+    "dpo+mask": ("DPO + the mask", ("tau",), "ablation (SPEC 5)"),
+    "dpo+clip": ("DPO + the clipped weights, no mask", ("clip_eps",), "ablation (SPEC 5)"),
+    "dpo+reweight": ("DPO + the raw weights, no mask", (), "ablation (SPEC 5)"),
+    "dpo-cm-outside": ("masked mean of -logsigmoid(z), w_w*w_l >= tau", ("tau",), "project reading (SPEC 4)"),
+    "sipo-outside": ("sum(mask*w_c*loss)/sum(mask*w_c), one pair weight", ("tau", "clip_eps"), "project reading (SPEC 5)"),
+    "hinge": ("relu(1 - z)", (), "diffusers SD1.5 DPO example --loss_type hinge (its beta 2500)"),
+    "ipo": ("(z - 1/(2*ipo_tau))^2", ("ipo_tau",), "IPO; diffusers' ipo branch (crashes there)"),
+    "sft": ("err_theta(w); no reference forward", (), "official Diffusion-DPO --sft"),
+    "kto": ("(l_d*(1 - s(b/2*(g_w - kl))) + l_u*(1 - s(-b/2*(g_l - kl))))/2, g = ref_err - err, kl = max(0, mean g)",
+            ("kto_lambda_desirable", "kto_lambda_undesirable"), "jacklishufan/diffusion-kto (its beta_dpo 1000)"),
+    "mapo": ("err_w - mapo_weight*logsigmoid(T*(f(err_w) - f(err_l))), f(e) = s*e/(exp(s*e) - 1); no reference, no beta",
+             ("mapo_weight", "mapo_snr"), "mapo-t2i/mapo utils.compute_loss"),
+    "dspo": ("mean((pred_w - target_w) - beta*(1 - sigmoid(z))*(pred_w - pred_ref_w))^2", ("dspo_variant",),
+             "huaishengzhu/DSPO train.py (SD1.5; SDXL: dspo_variant=sdxl, beta 5000)"),
+    "dmpo": ("KL(Bern(sigmoid z), Bern(1 - dmpo_alpha)) + the winner safeguard", ("dmpo_alpha", "safeguard", "safeguard_mu"),
+             "AIDC-AI/Diffusion-SDPO sd15_dmpo.sh (SDXL: beta 6000, mu 0.6)"),
+    "alpha-dpo": ("(p^a - (1 - a) - a*p)/(a*(a - 1)), p = sigmoid(z), a = alpha0*mean(p)", ("alpha_dpo_alpha", "alpha_dpo_adaptive"),
+                  "yangli-lab/Diffusion_alpha-DPO_ICLR2026 (SDXL launcher)"),
+    "sipo-elementwise": ("mean_CHW -logsigmoid(-0.5*beta*c_max*delta_elem), c = clamp(1/(exp(ref_e - e) + 1e-8), 1 +- eps)",
+                         ("clip_eps",), "kohya-ss/sd-scripts PR #1427 sdpo_loss (its beta 0.02)"),
+}
+
+
+def objectives_table() -> str:
+    """Every preset with its per-pair loss, its defaults (this project's beta units) and its source, as Markdown."""
+    lines = ["| preset | per-pair loss | defaults | source |", "|---|---|---|---|"]
+    for name in OBJECTIVE_PRESETS:
+        formula, keys, source = OBJECTIVE_TABLE[name]
+        resolved = ObjectiveConfig(name=name)
+        uses_beta = PRESET_LOSS[name] not in REFERENCE_FREE_LOSSES
+        defaults = ([f"beta {resolved.beta:g}"] if uses_beta else []) + [f"{key} {_yaml_scalar(getattr(resolved, key))}" for key in keys]
+        lines.append(f"| `{name}` | `{formula}` | {', '.join(defaults) or '-'} | {source} |")
+    return "\n".join(lines) + "\n"

@@ -392,3 +392,36 @@ def test_list_objectives_prints_the_table_docs_method_holds(capsys):
     rows = [line for line in printed.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(OBJECTIVE_PRESETS)
     assert all(row.count("|") == 5 for row in rows)  # no stray pipe inside a cell
+
+
+def test_which_objective_table_pairs_each_preset_with_dpo_per_seed():
+    """Synthetic runs (as tests/test_demo_claims.py): win rate = fraction of 4 samples above the base's 0.5.
+
+    DPO (beta 3000) wins 1, 2, 3 of 4 on seeds 0-2; hinge (its own beta 5000) 2, 2, 4: differences
+    +0.25, 0, +0.25 -> mean 1/6. Auto-beta DPO wins 2 of 4 at every first-step beta: spread 0.
+    """
+    from sipo.demo import claims as C
+    from sipo.demo.run import DemoSettings
+
+    def run(method, beta, seed, wins):
+        rewards = [0.9] * wins + [0.1] * (4 - wins)
+        return {"source": "mixed", "method": method, "beta": beta, "seed": seed, "name": f"{method}-{beta}-{seed}",
+                "curve": [{"step": 10, "mean_reward": sum(rewards) / 4, "rewards": rewards}], "steps": 10}
+
+    results = [run("dpo", 3000.0, s, w) for s, w in enumerate([1, 2, 3])]
+    results += [run("dpo", 1000.0, s, 1) for s in range(3)] + [run("dpo", 10000.0, s, 4) for s in range(3)]
+    results += [run("hinge", 5000.0, s, w) for s, w in enumerate([2, 2, 4])]
+    results += [run("dpo-auto", b, s, 2) for b in (1000.0, 3000.0, 10000.0) for s in range(3)]
+    settings = DemoSettings(objective_methods=("hinge",), objective_sources=("mixed",), auto_beta_methods=("dpo",),
+                            sensitivity_sources=("mixed",))
+    field = C.claim_field(results, torch.tensor([0.5] * 4), settings, 3000.0, 10)
+    row = field["which_objective"]["mixed"]["hinge"]
+    assert row["beta"] == 5000.0
+    assert row["minus_dpo_per_seed"] == pytest.approx([0.25, 0.0, 0.25])
+    assert row["minus_dpo"][0] == pytest.approx(1 / 6)
+    auto = field["auto_beta"]["mixed"]
+    assert auto["dpo-auto"]["spread"][0] == pytest.approx(0.0)
+    # fixed DPO spreads per seed: max(1,w,4) - 1 wins = 3/4 each -> auto minus fixed = -0.75
+    assert auto["dpo-auto"]["minus_dpo"][0] == pytest.approx(-0.75)
+    text = C.field_markdown(field, {"max_steps": 10, "default_beta": 3000.0, "betas": [1000.0, 3000.0, 10000.0]})
+    assert "| mixed | hinge | 5000 |" in text and "Diffusion-DPO, auto beta" in text

@@ -188,7 +188,7 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = _help(f"objective preset: one of {list(OBJECTIVE_PRESETS)} (docs/method.md says which reading each implements)", default="sipo")
-    beta: float | None = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (docs/spec.md section 2); null: the preset's (dpo 5000, dpo-cm/sipo 1000)", default=None)
+    beta: float | None = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (docs/spec.md section 2); null: the preset's (dpo 5000, dpo-cm/sipo 1000; the field's presets: their authors' defaults converted to this scaling, x2 where a script has no 0.5: sipo config --list-objectives)", default=None)
     mask: bool | None = _help("override the preset: mask pairs with w < tau or t outside [t_min, t_max]", default=None)
     clip: bool | None = _help("override the preset: clamp weights to [1 - clip_eps, 1 + clip_eps]", default=None)
     reweight: bool | None = _help("override the preset: use the (clipped) weights (inside z, or on each pair's loss outside)", default=None)

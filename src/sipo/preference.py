@@ -48,8 +48,8 @@ class PairTerms:
     alpha: Tensor | None = None
     #: the winner safeguard's loser-gradient scale lambda (a scalar; None when the safeguard is off)
     safeguard_scale: Tensor | None = None
-    #: output-space tensors, only for objectives that need them (DSPO, the safeguard): ``pred_winner``,
-    #: ``target_winner``, ``ref_pred_winner`` (``[B, ...]``)
+    #: output-space tensors, only for an objective that needs them after this step (DSPO): ``pred_winner``,
+    #: ``target_winner``, ``ref_pred_winner`` (``[B, ...]``); the safeguard reads them inside the step
     outputs: dict[str, Tensor] | None = None
 
 
@@ -205,6 +205,8 @@ def compute_pair_terms(
         beta, schedule.num_train_timesteps, safeguard_scale,
     )
 
+    if weight_model != "policy" and ref_prediction is None:
+        raise ValueError(f"the {settings.loss} objective runs no reference forward; use weight_model='policy'")
     with torch.no_grad():
         weight_prediction = prediction if weight_model == "policy" else ref_prediction
         x_t32, x0_32 = x_t.float(), x0.float()

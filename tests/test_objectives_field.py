@@ -220,16 +220,19 @@ def _terms(err_w, err_l, ref_w, ref_l) -> PairTerms:
 
 def test_update_auto_beta_ema_over_the_steps_pairs():
     """Step 1 uses the configured beta; then ema = mean |delta| of the step's pairs (every micro-batch),
-    then 0.99*ema + 0.01*m. Deltas: (0.1-0.2)-(0.3-0.2) = -0.2 and (0.5-0.4)-(0.2-0.2) = 0.1 -> m = 0.15."""
+    then 0.99*ema + 0.01*m. Deltas: (0.1-0.2)-(0.3-0.2) = -0.2 and (0.5-0.4)-(0.2-0.2) = 0.1 -> m = 0.15;
+    next step (0.3-0.2)-(0.3-0.1) = -0.1 -> 0.99*0.15 + 0.01*0.1 = 0.1495."""
     assert step_beta(5000.0, "auto", None, 0.2, 1e-3, 1e6) == 5000.0
     step = [_terms([0.1], [0.3], [0.2], [0.2]), _terms([0.5], [0.2], [0.4], [0.2])]
     ema = update_auto_beta(None, step, 0.99)
     assert ema == pytest.approx(0.15, rel=1e-6)
-    ema2 = update_auto_beta(ema, [_terms([0.3], [0.3], [0.2], [0.2])], 0.99)  # |delta| = 0
-    assert ema2 == pytest.approx(0.99 * 0.15, rel=1e-6)
-    assert step_beta(5000.0, "auto", ema2, 0.2, 1e-3, 1e6) == pytest.approx(-2 * math.log(0.25) / (0.99 * 0.15), rel=1e-6)
+    ema2 = update_auto_beta(ema, [_terms([0.3], [0.3], [0.2], [0.1])], 0.99)
+    assert ema2 == pytest.approx(0.1495, rel=1e-6)
+    assert step_beta(5000.0, "auto", ema2, 0.2, 1e-3, 1e6) == pytest.approx(-2 * math.log(0.25) / 0.1495, rel=1e-6)
     assert step_beta(5000.0, "fixed", ema2, 0.2, 1e-3, 1e6) == 5000.0
     assert update_auto_beta(ema2, [], 0.99) == ema2  # no pair this step: unchanged
+    # policy == reference (step 1 of a LoRA fine-tune): delta is exactly 0 and carries no scale
+    assert update_auto_beta(None, [_terms([0.3, 0.1], [0.2, 0.4], [0.3, 0.1], [0.2, 0.4])], 0.99) is None
 
 
 # ----------------------------------------------------------------------------- reduction and wiring
@@ -374,8 +377,10 @@ def test_resume_is_exact_with_auto_beta_and_the_safeguard(tiny_sd15_dir, tmp_pat
     assert state_a == json.loads((final_b / "state.json").read_text())
     assert state_a["auto_beta_ema"] is not None and state_a["auto_beta_ema"] > 0
     assert [r["beta"] for r in straight.history] == pytest.approx([r["beta"] for r in resumed.history], rel=1e-9)
-    assert straight.history[0]["beta"] == 5000.0  # step 1: the configured beta
-    assert straight.history[1]["beta"] != 5000.0  # then the automatic one
+    # steps 1 and 2: the configured beta (at step 1 the LoRA policy equals the reference: delta = 0);
+    # from step 3 the automatic one
+    assert straight.history[0]["beta"] == straight.history[1]["beta"] == 5000.0
+    assert straight.history[2]["beta"] != 5000.0
     assert all(0.0 < r["gradient_factor"] < 1.0 and 0.0 <= r["negative_margin_fraction"] <= 1.0 for r in straight.history)
 
 

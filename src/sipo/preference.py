@@ -353,7 +353,10 @@ def update_auto_beta(abs_margin_ema: float | None, step_terms: Sequence[PairTerm
     ``delta = (err_w - ref_err_w) - (err_l - ref_err_l)`` (detached; non-finite ones left out). The
     mean is all-reduced (:func:`global_mean`), so every process holds the same EMA and beta. Every
     process must call it each step, with or without pairs; a step with no finite delta anywhere
-    leaves the EMA unchanged. Returns the new EMA (a float, checkpointed in ``TrainState``).
+    leaves the EMA unchanged, and so does a step whose deltas are all exactly zero: the policy still
+    equals the reference (the first step of a LoRA or full fine-tune), a margin that says nothing of
+    the scale; seeding the EMA with it would send beta to ``beta_max`` and keep it there for ~1/(1-decay)
+    steps. Returns the new EMA (a float, checkpointed in ``TrainState``).
     """
     deltas = [((t.err_winner - t.ref_err_winner) - (t.err_loser - t.ref_err_loser)).detach().abs().float()
               for t in step_terms]
@@ -363,7 +366,7 @@ def update_auto_beta(abs_margin_ema: float | None, step_terms: Sequence[PairTerm
     finite = torch.isfinite(values)
     totals = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().float()])
     total, count = reduce(totals, reduction="sum").tolist()
-    if count == 0:
+    if count == 0 or total == 0:
         return abs_margin_ema
     return objectives.update_abs_margin_ema(abs_margin_ema, total / count, decay)
 

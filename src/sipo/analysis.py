@@ -386,6 +386,7 @@ def run_analysis(
             terms = compute_pair_terms(
                 adapter, encoded, noise, beta=oc.beta, reference_predict=reference_predict,
                 weight_norm=oc.weight_norm, pair_weight=oc.pair_weight, weight_model=oc.weight_model, weight_step=oc.weight_step,
+                objective=oc.pair_settings(),
             )
             loss = terms.loss_pair[0]
             if torch.isfinite(loss):

@@ -46,6 +46,9 @@ class TrainState:
     skipped_rows: int = 0
     ema: Tensor | None = None
     ema_seen: Tensor | None = None
+    # objective.beta_mode=auto: EMA of mean |delta| (docs/spec.md section 9); None until the first step.
+    # A Python float in state.json: JSON round-trips floats exactly, so a resume continues exactly.
+    auto_beta_ema: float | None = None
 
 
 def checkpoint_step(path: Path) -> int:

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the resolved config: every key with its value, default and help")
     _add_config_arguments(config, required=False)
     config.add_argument("--list", action="store_true", help="list the configs shipped with sipo and exit")
+    config.add_argument("--list-objectives", action="store_true",
+                        help="every objective.name preset with its formula, defaults and source, and exit")
 
     demo = commands.add_parser("demo", help="the embedded digits task: DPO vs DPO-C&M vs SIPO on CPU")
     demo.add_argument("--quick", action="store_true", help="a small variant that finishes in about a minute")
@@ -127,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "config":
             from sipo.config import describe_config, load_config, packaged_config_names
 
-            if args.list:
+            if args.list_objectives:
+                from sipo.config import objectives_table
+
+                print(objectives_table(), end="")
+            elif args.list:
                 print("\n".join(packaged_config_names()))
             else:
                 print(describe_config(load_config(args.config, args.overrides)), end="")

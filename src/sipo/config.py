@@ -32,7 +32,28 @@ OBJECTIVE_PRESETS: dict[str, dict[str, bool]] = {
     "sipo": {"mask": True, "clip": True, "reweight": True},
     "dpo-cm-outside": {"mask": True, "clip": True, "reweight": False},
     "sipo-outside": {"mask": True, "clip": True, "reweight": True},
+    # The field's other objectives (docs/spec.md section 9): no mask by default; objective.mask=true
+    # combines any of them with the mask of the paper reading (tau 0.9 on min(w_w, w_l)).
+    "hinge": {"mask": False, "clip": False, "reweight": False},
+    "ipo": {"mask": False, "clip": False, "reweight": False},
+    "sft": {"mask": False, "clip": False, "reweight": False},
+    "kto": {"mask": False, "clip": False, "reweight": False},
+    "mapo": {"mask": False, "clip": False, "reweight": False},
+    "dspo": {"mask": False, "clip": False, "reweight": False},
+    "dmpo": {"mask": False, "clip": False, "reweight": False},
+    "alpha-dpo": {"mask": False, "clip": False, "reweight": False},
+    "sipo-elementwise": {"mask": False, "clip": False, "reweight": False},
 }
+
+# The per-pair loss each preset computes (sipo.preference.pair_loss_values); every earlier preset is DPO's.
+PRESET_LOSS: dict[str, str] = {name: "dpo" for name in OBJECTIVE_PRESETS} | {
+    name: name for name in ("hinge", "ipo", "sft", "kto", "mapo", "dspo", "dmpo", "alpha-dpo", "sipo-elementwise")
+}
+#: objectives that use no reference model: their step skips the reference forward
+REFERENCE_FREE_LOSSES = ("sft", "mapo")
+#: objectives whose per-pair loss is a function of z alone (they accept label smoothing only if DPO,
+#: and the inside weights of weight_placement=inside)
+Z_LOSSES = ("dpo", "hinge", "ipo", "dmpo", "alpha-dpo")
 
 # The two readings of SPEC 4a (docs/method.md). "paper": what the paper's reviewers quote from its
 # full text -- the weights inside the log-sigmoid per trajectory, mask tau 0.9 on min(w_w, w_l),
@@ -52,6 +73,16 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     "sipo": {**PAPER_READING, "beta": 1000.0},
     "dpo-cm-outside": {**PROJECT_READING, "beta": 5000.0},
     "sipo-outside": {**PROJECT_READING, "beta": 5000.0},
+    # docs/spec.md section 9: each author's default in this project's units (z = -0.5*beta*delta; docs/method.md).
+    "hinge": {**PAPER_READING, "beta": 5000.0},  # diffusers SD1.5 example: its beta_dpo 2500 = 5000 here
+    "ipo": {**PAPER_READING, "beta": 5000.0},  # diffusers' ipo branch shares the example's beta
+    "sft": {**PAPER_READING, "beta": 5000.0},  # beta unused (reference-free); kept for z in the logs
+    "kto": {**PAPER_READING, "beta": 2000.0},  # diffusion-kto: beta_dpo 1000 scales g without 0.5
+    "mapo": {**PAPER_READING, "beta": 5000.0},  # beta unused: MaPO's weight is objective.mapo_weight
+    "dspo": {**PAPER_READING, "beta": 0.001},  # DSPO SD1.5 launcher (same scale as here); SDXL 5000
+    "dmpo": {**PAPER_READING, "beta": 2000.0, "safeguard": True},  # Diffusion-SDPO sd15_dmpo.sh (mu 0.9)
+    "alpha-dpo": {**PAPER_READING, "beta": 4000.0},  # alpha-DPO launch/train.sh (SDXL)
+    "sipo-elementwise": {**PAPER_READING, "beta": 0.04},  # sd-scripts PR #1427: its beta 0.02 without 0.5
 }
 
 
@@ -192,7 +223,7 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = _help(f"objective preset: one of {list(OBJECTIVE_PRESETS)} (docs/method.md says which reading each implements)", default="sipo")
-    beta: float | None = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (docs/spec.md section 2); null: the preset's (dpo 5000, dpo-cm/sipo 1000)", default=None)
+    beta: float | None = _help("KL strength, official Diffusion-DPO scaling z = -0.5*beta*delta (docs/spec.md section 2); null: the preset's (dpo 5000, dpo-cm/sipo 1000; the field's presets: their authors' defaults converted to this scaling, x2 where a script has no 0.5: sipo config --list-objectives)", default=None)
     mask: bool | None = _help("override the preset: mask pairs with w < tau or t outside [t_min, t_max]", default=None)
     clip: bool | None = _help("override the preset: clamp weights to [1 - clip_eps, 1 + clip_eps]", default=None)
     reweight: bool | None = _help("override the preset: use the (clipped) weights (inside z, or on each pair's loss outside)", default=None)
@@ -214,13 +245,33 @@ class ObjectiveConfig:
     logit_mean: float = _help("timestep_sampling=logit_normal: mean of the normal whose sigmoid is the noise-level fraction", default=0.0)
     logit_std: float = _help("timestep_sampling=logit_normal: its standard deviation", default=1.0)
     mode_scale: float = _help("timestep_sampling=mode: the SD3 paper's scale s (1.29 as diffusers' scripts; 0 is uniform)", default=1.29)
+    # The field's objectives and their switches (docs/spec.md section 9; docs/method.md has the table).
+    label_smoothing: float = _help("cDPO: -(1-ls)*logsigmoid(z) - ls*logsigmoid(-z), the chance a label is flipped, in [0, 0.5) (DPO-loss presets only)", default=0.0)
+    sft_weight: float = _help("adds sft_weight * mean err_theta(winner) to any objective's loss (SimpleTuner's sft_loss_weight; 0: off)", default=0.0)
+    safeguard: bool | None = _help("Diffusion-SDPO's winner safeguard: scale the loser's gradient so a step does not raise the winner's error; null: the preset's (dmpo on, others off)", default=None)
+    safeguard_mu: float = _help("safeguard strength mu in [0, 1]: 0.9 SD1.5, 0.6 SDXL (Diffusion-SDPO's scripts); 1 stops the loser's gradient whenever winner and loser residuals agree", default=0.9)
+    ipo_tau: float = _help("ipo: (z - 1/(2*tau))^2 pulls every pair to z = 1/(2*tau) (0.5: z = 1)", default=0.5)
+    kto_lambda_desirable: float = _help("kto: weight of the winners' (desirable) term", default=1.0)
+    kto_lambda_undesirable: float = _help("kto: weight of the losers' (undesirable) term", default=1.0)
+    mapo_weight: float = _help("mapo: weight of the margin term (its --beta_mapo; MaPO uses no objective.beta)", default=0.1)
+    mapo_snr: float = _help("mapo: the constant s of its log-odds s*e/(exp(s*e) - 1) (its --snr_value)", default=0.5)
+    dspo_variant: str = _help("dspo: sd15 (its SD1.5 branch, the paper's formula) or sdxl (its SDXL branch)", default="sd15")
+    dmpo_alpha: float = _help("dmpo: pulls sigmoid(z) to 1 - alpha", default=0.01)
+    alpha_dpo_alpha: float = _help("alpha-dpo: alpha0 of the adaptive alpha = alpha0 * mean sigmoid(z) (or the fixed alpha)", default=0.9999)
+    alpha_dpo_adaptive: bool = _help("alpha-dpo: alpha = alpha_dpo_alpha * mean sigmoid(z) over the step's pairs (its launcher's reweight_step -1); false: fixed", default=True)
+    beta_mode: str = _help("fixed: objective.beta throughout; auto: beta = -2*logit(g)/EMA(mean |delta|) so a typical pair's gradient factor sigmoid(-z) is g (docs/spec.md section 9; step 1 uses objective.beta)", default="fixed")
+    target_gradient_factor: float = _help("beta_mode=auto: the target g of sigmoid(-z) for a pair of typical margin, in (0, 0.5)", default=0.2)
+    beta_min: float = _help("beta_mode=auto: lower clamp of beta", default=1e-3)
+    beta_max: float = _help("beta_mode=auto: upper clamp of beta", default=1e6)
+    auto_beta_decay: float = _help("beta_mode=auto: EMA decay of mean |delta| per optimizer step", default=0.99)
 
     def __post_init__(self) -> None:
         _choice("objective.name", self.name, OBJECTIVE_PRESETS)
         # Unset values come from the preset, so a saved config records the values a run used.
-        for key, value in PRESET_SETTINGS[self.name].items():
+        for key, value in {"safeguard": False, **PRESET_SETTINGS[self.name]}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        self._check_field_objectives()
         _choice("objective.weight_placement", self.weight_placement, ("inside", "outside"))
         _choice("objective.normalize", self.normalize, ("self", "batch"))
         _choice("objective.weight_source", self.weight_source, ("sample", "timestep_ema"))
@@ -242,6 +293,42 @@ class ObjectiveConfig:
         if not 0.0 <= self.ema_decay < 1.0 or self.ema_buckets < 1:
             raise SipoError("objective.ema_decay must be in [0, 1) and objective.ema_buckets >= 1")
 
+    def _check_field_objectives(self) -> None:
+        """The switches of docs/spec.md section 9: each where it is meaningful, one sentence otherwise."""
+        loss = PRESET_LOSS[self.name]
+        _choice("objective.beta_mode", self.beta_mode, ("fixed", "auto"))
+        _choice("objective.dspo_variant", self.dspo_variant, ("sd15", "sdxl"))
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise SipoError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 0.5); 0 is plain DPO")
+        if self.label_smoothing and loss != "dpo":
+            raise SipoError(f"objective.label_smoothing smooths the DPO loss, not {self.name}'s; set objective.label_smoothing=0 or a DPO preset")
+        if self.sft_weight < 0:
+            raise SipoError(f"objective.sft_weight={self.sft_weight} is negative; set 0 (off) or a positive weight")
+        if not 0.0 <= self.safeguard_mu <= 1.0:
+            raise SipoError(f"objective.safeguard_mu={self.safeguard_mu} is outside [0, 1]; use 0.9 (SD1.5) or 0.6 (SDXL)")
+        if self.safeguard and loss in ("sft", "mapo"):
+            raise SipoError(f"objective.safeguard scales the loser's error inside z, which {self.name} does not use; set objective.safeguard=false")
+        if self.ipo_tau <= 0:
+            raise SipoError(f"objective.ipo_tau={self.ipo_tau} must be positive; the default 0.5 targets z = 1")
+        if not 0.0 < self.dmpo_alpha < 1.0 or not 0.0 < self.alpha_dpo_alpha < 1.0:
+            raise SipoError("objective.dmpo_alpha and objective.alpha_dpo_alpha must be in (0, 1); use 0.01 and 0.9999")
+        if self.mapo_snr <= 0 or self.mapo_weight < 0:
+            raise SipoError("objective.mapo_snr must be positive and objective.mapo_weight >= 0; use 0.5 and 0.1")
+        if not 0.0 < self.target_gradient_factor < 0.5:
+            raise SipoError(f"objective.target_gradient_factor={self.target_gradient_factor} must be in (0, 0.5); use 0.2")
+        if not 0.0 < self.beta_min < self.beta_max:
+            raise SipoError(f"objective.beta_min={self.beta_min} must be positive and below objective.beta_max={self.beta_max}")
+        if not 0.0 <= self.auto_beta_decay < 1.0:
+            raise SipoError(f"objective.auto_beta_decay={self.auto_beta_decay} must be in [0, 1); use 0.99")
+        if self.beta_mode == "auto" and loss in REFERENCE_FREE_LOSSES:
+            raise SipoError(f"{self.name} uses no beta, so objective.beta_mode=auto has nothing to set; set objective.beta_mode=fixed")
+        switches = self.switches()
+        if loss in REFERENCE_FREE_LOSSES and self.weight_model == "reference":
+            raise SipoError(f"{self.name} skips the reference forward, so the weights cannot use it; set objective.weight_model=policy")
+        if loss not in Z_LOSSES and switches["reweight"]:
+            raise SipoError(f"importance reweighting needs a loss of z alone, which {self.name} is not; set objective.reweight=false "
+                            "(objective.mask=true still combines with it)")
+
     def switches(self) -> dict[str, bool]:
         """The preset's mask/clip/reweight switches with any explicit overrides applied."""
         resolved = dict(OBJECTIVE_PRESETS[self.name])
@@ -256,12 +343,28 @@ class ObjectiveConfig:
         return {"timestep_sampling": self.timestep_sampling, "logit_mean": self.logit_mean,
                 "logit_std": self.logit_std, "mode_scale": self.mode_scale}
 
-    def loss_settings(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`sipo.preference.objective_loss` for this objective."""
+    def loss_settings(self, beta: float | None = None) -> dict[str, Any]:
+        """Keyword arguments of :func:`sipo.preference.objective_loss` for this objective.
+
+        ``beta``: the step's beta (``beta_mode=auto``); None: ``objective.beta``.
+        """
         return {
-            "beta": self.beta, "placement": self.weight_placement, **self.switches(), "tau": self.tau,
+            "beta": self.beta if beta is None else beta, "placement": self.weight_placement, **self.switches(), "tau": self.tau,
             "t_min": self.t_min, "t_max": self.t_max, "clip_eps": self.clip_eps, "normalize": self.normalize,
+            "objective": self.pair_settings(), "sft_weight": self.sft_weight,
         }
+
+    def pair_settings(self):
+        """The :class:`sipo.preference.PairLossSettings` of this objective (what ``compute_pair_terms`` computes)."""
+        from sipo.preference import PairLossSettings
+
+        return PairLossSettings(
+            loss=PRESET_LOSS[self.name], label_smoothing=self.label_smoothing, safeguard=bool(self.safeguard),
+            safeguard_mu=self.safeguard_mu, ipo_tau=self.ipo_tau, kto_lambda_desirable=self.kto_lambda_desirable,
+            kto_lambda_undesirable=self.kto_lambda_undesirable, mapo_weight=self.mapo_weight, mapo_snr=self.mapo_snr,
+            dspo_variant=self.dspo_variant, dmpo_alpha=self.dmpo_alpha, alpha_dpo_alpha=self.alpha_dpo_alpha,
+            alpha_dpo_adaptive=self.alpha_dpo_adaptive, elementwise_eps=self.clip_eps,
+        )
 
 
 @dataclass
@@ -693,3 +796,45 @@ def _yaml_scalar(value: Any) -> str:
         mantissa, exponent = repr(value).split("e")
         return f"{mantissa}.0e{exponent}"
     return json.dumps(value)
+
+
+# ----------------------------------------------------------------------------- the objectives table
+#: preset -> (per-pair loss, the keys beyond beta its authors set, source). `sipo config --list-objectives`
+#: and docs/method.md print the same table (tests/test_objectives_field.py checks that they agree).
+OBJECTIVE_TABLE: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "dpo": ("-logsigmoid(z), z = -0.5*beta*delta", ("label_smoothing",), "official Diffusion-DPO (SPEC 2)"),
+    "dpo-cm": ("masked mean of -logsigmoid(z), min(w_w, w_l) >= tau", ("tau", "clip_eps"), "SIPO paper, reviewers' reading (SPEC 4a)"),
+    "sipo": ("masked mean of -logsigmoid(z), clipped c_w, c_l inside z", ("tau", "clip_eps"), "SIPO paper, reviewers' reading (SPEC 4a)"),
+    "dpo+mask": ("DPO + the mask", ("tau",), "ablation (SPEC 5)"),
+    "dpo+clip": ("DPO + the clipped weights, no mask", ("clip_eps",), "ablation (SPEC 5)"),
+    "dpo+reweight": ("DPO + the raw weights, no mask", (), "ablation (SPEC 5)"),
+    "dpo-cm-outside": ("masked mean of -logsigmoid(z), w_w*w_l >= tau", ("tau",), "project reading (SPEC 4)"),
+    "sipo-outside": ("sum(mask*w_c*loss)/sum(mask*w_c), one pair weight", ("tau", "clip_eps"), "project reading (SPEC 5)"),
+    "hinge": ("relu(1 - z)", (), "diffusers SD1.5 DPO example --loss_type hinge (its beta 2500)"),
+    "ipo": ("(z - 1/(2*ipo_tau))^2", ("ipo_tau",), "IPO; diffusers' ipo branch (crashes there)"),
+    "sft": ("err_theta(w); no reference forward", (), "official Diffusion-DPO --sft"),
+    "kto": ("(l_d*(1 - s(b/2*(g_w - kl))) + l_u*(1 - s(-b/2*(g_l - kl))))/2, g = ref_err - err, kl = max(0, mean g)",
+            ("kto_lambda_desirable", "kto_lambda_undesirable"), "jacklishufan/diffusion-kto (its beta_dpo 1000)"),
+    "mapo": ("err_w - mapo_weight*logsigmoid(T*(f(err_w) - f(err_l))), f(e) = s*e/(exp(s*e) - 1); no reference, no beta",
+             ("mapo_weight", "mapo_snr"), "mapo-t2i/mapo utils.compute_loss"),
+    "dspo": ("mean((pred_w - target_w) - beta*(1 - sigmoid(z))*(pred_w - pred_ref_w))^2", ("dspo_variant",),
+             "huaishengzhu/DSPO train.py (SD1.5; SDXL: dspo_variant=sdxl, beta 5000)"),
+    "dmpo": ("KL(Bern(sigmoid z), Bern(1 - dmpo_alpha)) + the winner safeguard", ("dmpo_alpha", "safeguard", "safeguard_mu"),
+             "AIDC-AI/Diffusion-SDPO sd15_dmpo.sh (SDXL: beta 6000, mu 0.6)"),
+    "alpha-dpo": ("(p^a - (1 - a) - a*p)/(a*(a - 1)), p = sigmoid(z), a = alpha0*mean(p)", ("alpha_dpo_alpha", "alpha_dpo_adaptive"),
+                  "yangli-lab/Diffusion_alpha-DPO_ICLR2026 (SDXL launcher)"),
+    "sipo-elementwise": ("mean_CHW -logsigmoid(-0.5*beta*c_max*delta_elem), c = clamp(1/(exp(ref_e - e) + 1e-8), 1 +- eps)",
+                         ("clip_eps",), "kohya-ss/sd-scripts PR #1427 sdpo_loss (its beta 0.02)"),
+}
+
+
+def objectives_table() -> str:
+    """Every preset with its per-pair loss, its defaults (this project's beta units) and its source, as Markdown."""
+    lines = ["| preset | per-pair loss | defaults | source |", "|---|---|---|---|"]
+    for name in OBJECTIVE_PRESETS:
+        formula, keys, source = OBJECTIVE_TABLE[name]
+        resolved = ObjectiveConfig(name=name)
+        uses_beta = PRESET_LOSS[name] not in REFERENCE_FREE_LOSSES
+        defaults = ([f"beta {resolved.beta:g}"] if uses_beta else []) + [f"{key} {_yaml_scalar(getattr(resolved, key))}" for key in keys]
+        lines.append(f"| `{name}` | `{formula}` | {', '.join(defaults) or '-'} | {source} |")
+    return "\n".join(lines) + "\n"

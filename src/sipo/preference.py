@@ -7,9 +7,10 @@ share ``t``, ``eps`` and the posterior noise by construction.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,78 @@ class PairTerms:
     log_w_winner: Tensor
     log_w_loser: Tensor
     log_w_pair: Tensor
+    #: alpha-DPO's alpha of this micro-batch (a scalar; None for other objectives)
+    alpha: Tensor | None = None
+    #: the winner safeguard's loser-gradient scale lambda (a scalar; None when the safeguard is off)
+    safeguard_scale: Tensor | None = None
+    #: output-space tensors, only for an objective that needs them after this step (DSPO): ``pred_winner``,
+    #: ``target_winner``, ``ref_pred_winner`` (``[B, ...]``); the safeguard reads them inside the step
+    outputs: dict[str, Tensor] | None = None
+
+
+#: per-pair losses of docs/spec.md section 9 and the reference-free ones among them
+PAIR_LOSSES = ("dpo", "hinge", "ipo", "sft", "kto", "mapo", "dspo", "dmpo", "alpha-dpo", "sipo-elementwise")
+REFERENCE_FREE = ("sft", "mapo")
+
+
+@dataclass(frozen=True)
+class PairLossSettings:
+    """Which per-pair loss ``compute_pair_terms`` computes, and its constants (docs/spec.md section 9).
+
+    The default is Diffusion-DPO's ``-logsigmoid(z)``, exactly as before these objectives existed.
+    """
+
+    loss: str = "dpo"
+    label_smoothing: float = 0.0
+    safeguard: bool = False
+    safeguard_mu: float = 0.9
+    ipo_tau: float = 0.5
+    kto_lambda_desirable: float = 1.0
+    kto_lambda_undesirable: float = 1.0
+    mapo_weight: float = 0.1
+    mapo_snr: float = 0.5
+    dspo_variant: str = "sd15"
+    dmpo_alpha: float = 0.01
+    alpha_dpo_alpha: float = 0.9999
+    alpha_dpo_adaptive: bool = True
+    elementwise_eps: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.loss not in PAIR_LOSSES:
+            raise ValueError(f"loss must be one of {PAIR_LOSSES}, got {self.loss!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """False for MaPO and SFT: their step runs no reference forward."""
+        return self.loss not in REFERENCE_FREE
+
+    def z_loss(self, alpha: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
+        """The per-pair loss as a function of ``z`` alone, or None when it needs more than ``z``."""
+        if self.loss == "dpo":
+            return functools.partial(objectives.smoothed_dpo_loss, label_smoothing=self.label_smoothing)
+        if self.loss == "hinge":
+            return objectives.hinge_loss
+        if self.loss == "ipo":
+            return functools.partial(objectives.ipo_loss, tau=self.ipo_tau)
+        if self.loss == "dmpo":
+            return functools.partial(objectives.dmpo_loss, alpha=self.dmpo_alpha)
+        if self.loss == "alpha-dpo":
+            return functools.partial(objectives.alpha_dpo_loss, alpha=alpha)
+        return None
+
+
+def global_mean(values: Tensor) -> Tensor:
+    """Mean of the finite entries of ``values`` over every process (accelerate's ``reduce``), detached.
+
+    One process (or none initialised): the local mean. Every process must call it (it all-reduces).
+    """
+    from accelerate.utils import reduce
+
+    values = values.detach().float().flatten()
+    finite = torch.isfinite(values)
+    totals = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().float()])
+    totals = reduce(totals, reduction="sum")
+    return totals[0] / totals[1].clamp(min=1.0)
 
 
 def encoded_batch(adapter: DiffusionAdapter, batch: dict[str, Any], device: torch.device) -> EncodedPairs:
@@ -145,11 +218,17 @@ def compute_pair_terms(
     pair_weight: str = "product",
     weight_model: str = "policy",
     weight_step: str = "inference",
+    objective: PairLossSettings | None = None,
 ) -> PairTerms:
     """Run policy and reference on winner and loser in one batch of ``2B`` and return the terms.
 
     The importance weight uses ``x_prev = mu(x_t, x0) + sqrt(s2) * posterior_noise``, a draw from
     ``q(x_s | x_t, x0)`` (SPEC 3), and the prediction of ``weight_model``; it carries no gradient.
+
+    ``objective`` picks the per-pair loss ``loss_pair`` (None: Diffusion-DPO's). Reference-free ones
+    (MaPO, SFT) skip the reference forward: their reference errors are NaN and ``z`` is the policy's
+    own margin ``-0.5*beta*(err_w - err_l)`` (for the logs). With the safeguard on, the loser's error
+    carries its gradient scaled by ``lambda`` (:func:`objectives.winner_safeguard_scale`).
     """
     schedule = adapter.schedule
     device = encoded.x0_winner.device
@@ -167,14 +246,35 @@ def compute_pair_terms(
     target = training_target(x0, eps, a_t.to(dtype), b_t.to(dtype), schedule.prediction_type)
     conditioning = concat_conditioning(encoded.conditioning, encoded.conditioning)
 
+    settings = objective or PairLossSettings()
     prediction = adapter.predict(x_t, timesteps, conditioning, denoiser=denoiser)
-    with torch.no_grad():
-        ref_prediction = reference_predict(x_t, timesteps, conditioning)
+    ref_prediction = None
+    if settings.needs_reference:
+        with torch.no_grad():
+            ref_prediction = reference_predict(x_t, timesteps, conditioning)
 
     err_winner, err_loser = objectives.per_sample_error(prediction, target).chunk(2)
-    ref_err_winner, ref_err_loser = objectives.per_sample_error(ref_prediction, target).chunk(2)
-    z = objectives.dpo_logits(err_winner, err_loser, ref_err_winner, ref_err_loser, beta)
+    safeguard_scale = None
+    if settings.safeguard:
+        pred_w, pred_l = prediction.chunk(2)
+        target_w, target_l = target.chunk(2)
+        safeguard_scale = objectives.winner_safeguard_scale(pred_w, target_w, pred_l, target_l, settings.safeguard_mu)
+        err_loser = objectives.safeguarded_error(err_loser, safeguard_scale)
+    if ref_prediction is not None:
+        ref_err_winner, ref_err_loser = objectives.per_sample_error(ref_prediction, target).chunk(2)
+        z = objectives.dpo_logits(err_winner, err_loser, ref_err_winner, ref_err_loser, beta)
+    else:
+        ref_err_winner = torch.full_like(err_winner.detach(), float("nan"))
+        ref_err_loser = torch.full_like(err_loser.detach(), float("nan"))
+        z = objectives.dpo_logits(err_winner, err_loser, torch.zeros_like(ref_err_winner),
+                                  torch.zeros_like(ref_err_loser), beta)
+    loss_pair, alpha, outputs = _pair_loss(
+        settings, prediction, target, ref_prediction, z, err_winner, err_loser, ref_err_winner, ref_err_loser,
+        beta, schedule.num_train_timesteps, safeguard_scale,
+    )
 
+    if weight_model != "policy" and ref_prediction is None:
+        raise ValueError(f"the {settings.loss} objective runs no reference forward; use weight_model='policy'")
     with torch.no_grad():
         weight_prediction = prediction if weight_model == "policy" else ref_prediction
         x_t32, x0_32 = x_t.float(), x0.float()
@@ -191,7 +291,7 @@ def compute_pair_terms(
     return PairTerms(
         timesteps=noise.timesteps.to(device),
         z=z,
-        loss_pair=objectives.dpo_loss_per_pair(z),
+        loss_pair=loss_pair,
         err_winner=err_winner,
         err_loser=err_loser,
         ref_err_winner=ref_err_winner,
@@ -199,7 +299,44 @@ def compute_pair_terms(
         log_w_winner=log_w_winner,
         log_w_loser=log_w_loser,
         log_w_pair=objectives.pair_log_weight(log_w_winner, log_w_loser, pair_weight),
+        alpha=alpha,
+        safeguard_scale=safeguard_scale,
+        outputs=outputs,
     )
+
+
+def _pair_loss(settings: PairLossSettings, prediction, target, ref_prediction, z, err_w, err_l, ref_err_w, ref_err_l,
+               beta: float, num_train_timesteps: int, safeguard_scale):
+    """``(loss_pair [B], alpha or None, outputs or None)`` for ``settings.loss`` (docs/spec.md section 9)."""
+    kind, alpha, outputs = settings.loss, None, None
+    if kind == "alpha-dpo":
+        mean_p = global_mean(torch.sigmoid(z)) if settings.alpha_dpo_adaptive else 1.0
+        alpha = objectives.adaptive_alpha(mean_p, settings.alpha_dpo_alpha).to(z.device)
+    z_loss = settings.z_loss(alpha)
+    if z_loss is not None:
+        return z_loss(z), alpha, outputs
+    if kind == "sft":
+        return objectives.sft_loss(err_w), alpha, outputs
+    if kind == "mapo":
+        return objectives.mapo_loss(err_w, err_l, num_train_timesteps, settings.mapo_snr, settings.mapo_weight), alpha, outputs
+    if kind == "kto":
+        implicit_reward = torch.cat([-(err_w - ref_err_w), -(err_l - ref_err_l)])
+        reference_point = objectives.kto_reference_point(global_mean(implicit_reward))
+        return objectives.kto_loss(err_w, err_l, ref_err_w, ref_err_l, beta, reference_point,
+                                   settings.kto_lambda_desirable, settings.kto_lambda_undesirable), alpha, outputs
+    if kind == "dspo":
+        pred_w, target_w, ref_pred_w = prediction.chunk(2)[0], target.chunk(2)[0], ref_prediction.chunk(2)[0]
+        outputs = {"pred_winner": pred_w, "target_winner": target_w, "ref_pred_winner": ref_pred_w}
+        return objectives.dspo_loss(pred_w, target_w, ref_pred_w, z, beta, settings.dspo_variant), alpha, outputs
+    if kind == "sipo-elementwise":
+        elem = (prediction.float() - target.float()).pow(2)
+        ref_elem = (ref_prediction.float() - target.float()).pow(2)
+        e_w, e_l = elem.chunk(2)
+        if safeguard_scale is not None:
+            e_l = objectives.safeguarded_error(e_l, safeguard_scale)
+        ref_e_w, ref_e_l = ref_elem.chunk(2)
+        return objectives.elementwise_sipo_loss(e_w, e_l, ref_e_w, ref_e_l, beta, settings.elementwise_eps), alpha, outputs
+    raise ValueError(f"loss must be one of {PAIR_LOSSES}, got {kind!r}")
 
 
 def objective_loss(
@@ -216,6 +353,8 @@ def objective_loss(
     t_max: int | None,
     clip_eps: float,
     normalize: str,
+    objective: PairLossSettings | None = None,
+    sft_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The step's loss from its per-pair terms, by ``weight_placement`` (SPEC 4a).
 
@@ -224,8 +363,28 @@ def objective_loss(
     (:func:`objectives.preference_loss`, clip range ``[max(0, 1 - clip_eps), 1 + clip_eps]``).
     ``inside``: each trajectory's clipped weight scales its log-ratio term inside ``z``
     (:func:`objectives.inside_preference_loss`). Returns ``(loss, keep [B], effective weight [B])``.
+
+    ``objective`` is the per-pair loss ``compute_pair_terms`` computed (None: DPO's). Losses of ``z``
+    alone take the inside weights through ``z``; the others (SFT, KTO, MaPO, DSPO, the element-wise
+    reading) combine with the mask only, ``sum(keep * loss_pair) / max(1, sum(keep))``.
+    ``sft_weight`` adds ``sft_weight * mean(err_theta(w))`` (docs/spec.md section 9).
     """
-    if placement == "outside":
+    loss, keep, effective_weight = _reduced_objective(
+        terms, pair_weight, beta=beta, placement=placement, mask=mask, clip=clip, reweight=reweight, tau=tau,
+        t_min=t_min, t_max=t_max, clip_eps=clip_eps, normalize=normalize, objective=objective,
+    )
+    if sft_weight:
+        loss = loss + float(sft_weight) * terms.err_winner.float().mean()
+    return loss, keep, effective_weight
+
+
+def _reduced_objective(terms, pair_weight, *, beta, placement, mask, clip, reweight, tau, t_min, t_max, clip_eps,
+                       normalize, objective):
+    settings = objective or PairLossSettings()
+    z_loss = settings.z_loss(terms.alpha)
+    if z_loss is None and reweight:
+        raise ValueError(f"the {settings.loss} loss is not a function of z alone and takes no importance reweighting")
+    if placement == "outside" or z_loss is None:
         w_floor, w_clip = objectives.trust_region_bounds(clip_eps)
         return objectives.preference_loss(
             terms.loss_pair, pair_weight, terms.timesteps, mask=mask, clip=clip, reweight=reweight,
@@ -240,5 +399,42 @@ def objective_loss(
         terms.err_winner, terms.err_loser, terms.ref_err_winner, terms.ref_err_loser,
         weight_w, weight_l, pair_weight, terms.timesteps, beta=beta, mask=mask, clip=clip,
         reweight=reweight, tau=tau, t_min=t_min, t_max=t_max, clip_eps=clip_eps,
+        pair_loss=None if objective is None else z_loss,
     )
     return loss, keep, effective_weight
+
+
+# ----------------------------------------------------------------------------- automatic beta (SPEC 9)
+def step_beta(configured_beta: float, beta_mode: str, abs_margin_ema: float | None, target_gradient_factor: float,
+              beta_min: float, beta_max: float) -> float:
+    """The beta of the next step: ``objective.beta`` when fixed or before the first update, else
+    :func:`objectives.auto_beta` of the EMA, clamped to ``[beta_min, beta_max]``."""
+    if beta_mode == "fixed" or abs_margin_ema is None:
+        return float(configured_beta)
+    return objectives.auto_beta(abs_margin_ema, target_gradient_factor, beta_min, beta_max)
+
+
+def update_auto_beta(abs_margin_ema: float | None, step_terms: Sequence[PairTerms], decay: float = 0.99,
+                     device: torch.device | None = None) -> float | None:
+    """One optimizer step's update of the EMA of ``mean |delta|`` over the step's pairs on every process.
+
+    ``delta = (err_w - ref_err_w) - (err_l - ref_err_l)`` (detached; non-finite ones left out). The
+    mean is all-reduced (:func:`global_mean`), so every process holds the same EMA and beta. Every
+    process must call it each step, with or without pairs; a step with no finite delta anywhere
+    leaves the EMA unchanged, and so does a step whose deltas are all exactly zero: the policy still
+    equals the reference (the first step of a LoRA or full fine-tune), a margin that says nothing of
+    the scale; seeding the EMA with it would send beta to ``beta_max`` and keep it there for ~1/(1-decay)
+    steps. Returns the new EMA (a float, checkpointed in ``TrainState``).
+    """
+    deltas = [((t.err_winner - t.ref_err_winner) - (t.err_loser - t.ref_err_loser)).detach().abs().float()
+              for t in step_terms]
+    values = torch.cat(deltas) if deltas else torch.zeros(0, device=device)  # device: where the all-reduce runs
+    from accelerate.utils import reduce
+
+    finite = torch.isfinite(values)
+    totals = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().float()])
+    total, count = reduce(totals, reduction="sum").tolist()
+    if count == 0 or total == 0:
+        return abs_margin_ema
+    return objectives.update_abs_margin_ema(abs_margin_ema, total / count, decay)
+

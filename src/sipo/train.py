@@ -40,7 +40,8 @@ from sipo.performance import (
 )
 from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook, validation_prompts
 from sipo.preference import (
-    PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor,
+    PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor, step_beta,
+    update_auto_beta,
 )
 
 #: ``callback(step, adapter)``, called after every optimizer step (benchmarks time steps with it,
@@ -122,6 +123,7 @@ class StepOutput:
     weights: list[Tensor] = field(default_factory=list)
     losses: list[Tensor] = field(default_factory=list)
     mask_weights: list[Tensor] = field(default_factory=list)  # the pair weights the mask compared with tau
+    beta: float = float("nan")  # the step's beta (objective.beta_mode=auto sets it per step)
     pairs: int = 0
     kept_pairs: int = 0
     grad_norm: Any = None
@@ -186,7 +188,9 @@ def train(
 def training_step(run: Run) -> StepOutput:
     """The micro-batches of one optimizer step: encode, draw t/eps, per-pair terms, objective, backward."""
     tc, oc, accelerator = run.config.train, run.config.objective, run.accelerator
-    step = StepOutput()
+    state = run.state
+    step = StepOutput(beta=step_beta(oc.beta, oc.beta_mode, state.auto_beta_ema, oc.target_gradient_factor,
+                                     oc.beta_min, oc.beta_max))
     for micro in range(tc.gradient_accumulation_steps):
         batch = next(run.loader)
         run.state.micro_batches += 1
@@ -203,12 +207,12 @@ def training_step(run: Run) -> StepOutput:
         with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):
             with accelerator.autocast():
                 terms = compute_pair_terms(
-                    run.adapter, encoded, noise, beta=oc.beta, reference_predict=run.reference_predict,
+                    run.adapter, encoded, noise, beta=step.beta, reference_predict=run.reference_predict,
                     denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
-                    weight_model=oc.weight_model, weight_step=oc.weight_step,
+                    weight_model=oc.weight_model, weight_step=oc.weight_step, objective=oc.pair_settings(),
                 )
                 weight = pair_weight(terms, run.state, oc.weight_source, run.num_train_timesteps, oc.ema_decay)
-                loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings())
+                loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings(step.beta))
             accelerator.backward(loss / tc.gradient_accumulation_steps)
         step.losses.append(loss.detach().float())
         step.terms.append(terms)
@@ -241,6 +245,9 @@ def optimizer_step(run: Run, step: StepOutput) -> None:
         state.bad_steps += 1
         state.consecutive_bad_steps += 1
     run.optimizer.zero_grad(set_to_none=True)
+    if run.config.objective.beta_mode == "auto":  # every process calls it: the mean |delta| is all-reduced
+        state.auto_beta_ema = update_auto_beta(state.auto_beta_ema, step.terms, run.config.objective.auto_beta_decay,
+                                               accelerator.device)
     run.lr_scheduler.step()
     state.step += 1
 
@@ -654,7 +661,8 @@ def _step_flags(losses: list[Tensor], grad_norm, keeps: list[Tensor]) -> tuple[b
 # ----------------------------------------------------------------------------- metrics
 #: the per-step metrics, in the order ``_step_metrics`` stacks them
 STEP_METRICS = ("loss", "implicit_acc", "reward_margin", "err_winner", "err_loser", "ref_err_winner", "ref_err_loser",
-                "kl_proxy", "masked_fraction", "mean_weight", "mean_log_w_pair", "grad_norm", "finite")
+                "kl_proxy", "masked_fraction", "mean_weight", "mean_log_w_pair", "grad_norm", "finite",
+                "beta", "gradient_factor", "negative_margin_fraction")
 
 
 class MetricsWindow:
@@ -671,7 +679,8 @@ class MetricsWindow:
         self.pairs += step.pairs
         self.weight_log.extend((t.timesteps.detach(), t.log_w_pair.detach()) for t in step.terms)
         if step.terms:
-            self.rows.append(_step_metrics(step.terms, step.keeps, step.weights, step.losses, step.grad_norm, step.finite))
+            self.rows.append(_step_metrics(step.terms, step.keeps, step.weights, step.losses, step.grad_norm, step.finite,
+                                           step.beta))
 
     def summarise(self, run: Run) -> dict[str, float]:
         """The window's record, and the window emptied; the weight histogram goes to TensorBoard."""
@@ -687,7 +696,7 @@ class MetricsWindow:
 
 
 def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[Tensor],
-                  grad_norm, finite: bool) -> Tensor:
+                  grad_norm, finite: bool, beta: float = float("nan")) -> Tensor:
     """The step's metrics (``STEP_METRICS``) as one device tensor; read on the host only when logged."""
     cat = lambda name: torch.cat([getattr(t, name).detach().float() for t in terms])  # noqa: E731
     z = cat("z")
@@ -710,6 +719,9 @@ def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Ten
         _finite_mean(log_w_pair),
         torch.as_tensor(grad_norm, device=z.device).float(),
         torch.tensor(float(finite), device=z.device),
+        torch.tensor(float(beta), device=z.device),
+        torch.sigmoid(-z).mean(),  # the gradient factor of -logsigmoid(z) (docs/spec.md section 9)
+        (z < 0).float().mean(),
     ])
 
 

@@ -169,7 +169,7 @@ class Validation:
     def _batch_terms(self, run, positions: range):
         """The per-pair terms of the held-out pairs at ``positions`` (None when every row was malformed)."""
         from sipo.data import collate_pairs
-        from sipo.preference import PairNoise, compute_pair_terms
+        from sipo.preference import PairNoise, compute_pair_terms, step_beta
 
         adapter, accelerator, oc = run.adapter, run.accelerator, run.config.objective
         batch = getattr(self.held_out, "collate", collate_pairs)([self.held_out[i] for i in positions])
@@ -181,8 +181,11 @@ class Validation:
         noise = PairNoise(*(torch.cat([getattr(d, name) for d in draws]).to(accelerator.device)
                             for name in ("timesteps", "eps", "posterior_noise")))
         with accelerator.autocast():
+            # DPO's z at the run's current beta (auto beta moves it): accuracy is sign(z), whatever the objective
+            beta = step_beta(oc.beta, oc.beta_mode, run.state.auto_beta_ema, oc.target_gradient_factor,
+                             oc.beta_min, oc.beta_max)
             return compute_pair_terms(
-                adapter, encoded, noise, beta=oc.beta, reference_predict=run.reference_predict,
+                adapter, encoded, noise, beta=beta, reference_predict=run.reference_predict,
                 denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
                 weight_model=oc.weight_model, weight_step=oc.weight_step,
             )

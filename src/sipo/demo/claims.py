@@ -26,6 +26,9 @@ from sipo.demo.evaluate import win_rate
 LABELS = {
     "dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M (paper reading)", "sipo": "SIPO (paper reading)",
     "dpo-cm-outside": "DPO-C&M (project reading)", "sipo-outside": "SIPO (project reading)",
+    "hinge": "hinge", "ipo": "IPO", "sft": "SFT (winners only)", "kto": "Diffusion-KTO", "mapo": "MaPO",
+    "dspo": "DSPO", "dmpo": "DMPO (+ safeguard)", "alpha-dpo": "alpha-DPO", "sipo-elementwise": "SIPO (sd-scripts, per element)",
+    "dpo-auto": "Diffusion-DPO, auto beta",
 }
 COLORS = {"dpo": "tab:blue", "dpo-cm": "tab:orange", "sipo": "tab:green", "dpo-cm-outside": "tab:red",
           "sipo-outside": "tab:purple"}
@@ -164,6 +167,69 @@ def claim_stability(results, sources, methods, beta: float, long_steps: int) -> 
     return out
 
 
+# ----------------------------------------------------------------------------- the field's objectives
+def claim_which_objective(results, base_rewards, sources, methods, dpo_beta: float, step: int) -> dict[str, Any]:
+    """Per source and preset (each at its own beta): win rate vs base and the paired difference to
+    Diffusion-DPO at the demo's default beta (the claim-1 runs), both with 95% intervals over seeds."""
+    out: dict[str, Any] = {}
+    for source in sources:
+        dpo = {s: win_rate(rewards_at(r, step), base_rewards) for s, r in _runs(results, source, "dpo", dpo_beta).items()}
+        rows = {}
+        for method in methods:
+            runs = {r["seed"]: r for r in results if r["source"] == source and r["method"] == method}
+            if not runs:
+                continue
+            wins = {s: win_rate(rewards_at(r, step), base_rewards) for s, r in runs.items()}
+            differences = [wins[s] - dpo[s] for s in sorted(set(wins) & set(dpo))]
+            rows[method] = {"beta": next(iter(runs.values()))["beta"], "per_seed": [wins[s] for s in sorted(wins)],
+                            "win_rate": t_interval(list(wins.values())), "minus_dpo": t_interval(differences),
+                            "minus_dpo_per_seed": differences}
+        if rows:
+            out[source] = rows
+    return out
+
+
+def claim_field(results, base_rewards, settings, default_beta: float, step: int) -> dict[str, Any]:
+    """The "which objective" table and auto beta vs claim 2's fixed betas (``sipo demo --full``), when run."""
+    from sipo.demo.run import AUTO_SUFFIX
+
+    out: dict[str, Any] = {}
+    if settings.objective_methods:
+        out["which_objective"] = claim_which_objective(results, base_rewards, settings.objective_sources,
+                                                       settings.objective_methods, default_beta, step)
+    if settings.auto_beta_methods:
+        methods = [m for pair in ((m, m + AUTO_SUFFIX) for m in settings.auto_beta_methods) for m in pair]
+        # spreads over the same betas, each auto method's paired against DPO's fixed-beta spread
+        out["auto_beta"] = claim_beta_sensitivity(results, base_rewards, settings.sensitivity_sources,
+                                                  ["dpo", *[m for m in methods if m != "dpo"]], settings.betas, step)
+    return out
+
+
+def field_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
+    """The "which objective" and auto-beta tables (empty when neither was run)."""
+    lines: list[str] = []
+    if claims.get("which_objective"):
+        lines += [f"### Which objective: every preset at its own defaults, {context['max_steps']} steps (docs/method.md)", "",
+                  "| pairs | objective | beta | win rate vs base | minus Diffusion-DPO at beta "
+                  f"{context['default_beta']:g} (paired) |", "|---|---|---|---|---|"]
+        for source, rows in claims["which_objective"].items():
+            for method, row in rows.items():
+                lines.append(f"| {source} | {LABELS.get(method, method)} | {row['beta']:g} | {_fmt_ci(*row['win_rate'])} | "
+                             f"{_fmt_ci(*row['minus_dpo'], signed=True)} |")
+        lines.append("")
+    if claims.get("auto_beta"):
+        betas = ", ".join(f"{b:g}" for b in context["betas"])
+        lines += [f"### Auto beta vs the fixed betas of claim 2 (auto: first-step beta in {{{betas}}})", "",
+                  "| pairs | method | win rate per beta | spread | minus fixed DPO's spread |", "|---|---|---|---|---|"]
+        for source, rows in claims["auto_beta"].items():
+            for method, row in rows.items():
+                per_beta = "; ".join(f"{k}: {v[0]:.3f}" for k, v in row["win_rate_by_beta"].items())
+                diff = _fmt_ci(*row["minus_dpo"], signed=True) if "minus_dpo" in row else "-"
+                lines.append(f"| {source} | {LABELS.get(method, method)} | {per_beta} | {_fmt_ci(*row['spread'])} | {diff} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- text
 def claims_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
     """The three claims' tables and verdicts (report.md section and docs/demo.md source)."""
@@ -202,7 +268,7 @@ def claims_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
     lines += ["", "Verdicts: *supported* = the 95% CI of the paired difference excludes 0 in the paper's "
               "direction; *contradicted* = it excludes 0 the other way; *not resolved* = it contains 0. "
               "Peak-minus-final is biased upward by noise (a maximum of noisy values), for every method alike.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines) + field_markdown(claims, context)
 
 
 def penultimate_line(claims: dict[str, Any], source: str = "mixed") -> str:
@@ -330,6 +396,11 @@ def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed
         "beta_sensitivity": claim_beta_sensitivity(results, base_rewards, sources, swept, betas, max_steps) if len(betas) > 1 else {},
         "stability": claim_stability(results, sources, methods, default_beta, long_steps) if long_steps > max_steps else {},
     }
+    from sipo.demo.run import FIELD_METHODS
+
+    field = [m for m in FIELD_METHODS if any(r["method"] == m for r in results)]
+    if field:
+        claims["which_objective"] = claim_which_objective(results, base_rewards, sources, field, default_beta, max_steps)
     context = {"default_beta": default_beta, "max_steps": max_steps, "long_steps": long_steps, "betas": betas,
                "runs": len(results), "base_mean_reward": float(base_rewards.mean())}
     return claims, context

@@ -42,6 +42,10 @@ METHODS = ("dpo", "dpo-cm", "sipo", "dpo-cm-outside", "sipo-outside")
 HEADLINE_METHODS = ("dpo", "dpo-cm", "sipo")
 #: pair sources: "mixed" = real digits vs early samples; "offpolicy" = early samples only
 SOURCES = ("mixed", "offpolicy")
+#: the "which objective" table (`--full`): the field's other objectives (docs/spec.md section 9), each at its presets' defaults
+FIELD_METHODS = ("hinge", "ipo", "sft", "kto", "mapo", "dspo", "dmpo", "alpha-dpo", "sipo-elementwise")
+#: the label of a method run with objective.beta_mode=auto, from each of claim 2's betas as its first-step beta
+AUTO_SUFFIX = "-auto"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,12 @@ class DemoSettings:
     stability_methods: tuple[str, ...] = ("dpo", "sipo")
     stability_sources: tuple[str, ...] = ("mixed",)
     stability_factor: int = 3
+    #: "which objective": these presets, each at its own defaults (objective.beta=null), on these sources
+    objective_methods: tuple[str, ...] = ()
+    objective_sources: tuple[str, ...] = SOURCES
+    #: auto beta vs claim 2: these methods with objective.beta_mode=auto, started from each of `betas`,
+    #: on `sensitivity_sources` (labelled e.g. "dpo-auto")
+    auto_beta_methods: tuple[str, ...] = ()
     #: evaluation interval of the long runs (the short runs are evaluated once, at their end)
     eval_every: int = 100
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -115,6 +125,7 @@ DEFAULT = DemoSettings(
 FULL = DemoSettings(
     sensitivity_methods=METHODS, sensitivity_sources=SOURCES,
     stability_methods=METHODS, stability_sources=SOURCES, eval_every=50,
+    objective_methods=FIELD_METHODS, auto_beta_methods=("dpo",),
 )
 
 
@@ -386,6 +397,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                         sampling_steps=settings.sampling_steps, reward_seed=settings.reward_seed,
                         variant="" if source == "mixed" else source, source=source,
                     ))
+    jobs += field_jobs(settings, config_path, config_overrides, base_dir, pair_sets, output_dir, max_steps)
     # the default-beta runs first (claims 1 and 3, longest first), then the beta sweep
     jobs.sort(key=lambda job: (job.beta != default_beta, -load_steps(job)))
     results = run_sweep(jobs, settings.workers, progress=progress)
@@ -418,6 +430,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         "stability": claims_module.claim_stability(results, settings.stability_sources, settings.stability_methods,
                                                    default_beta, long_steps),
     }
+    claims.update(claims_module.claim_field(results, base_rewards, settings, default_beta, max_steps))
     timings["report"] = time.perf_counter() - phase
     wall = time.perf_counter() - started
     context = {
@@ -473,6 +486,38 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
     print(line)
     return {"summary": summary, "claims": claims, "context": context, "final_line": line,
             "report": str(output_dir / "report.md")}
+
+
+def field_jobs(settings: DemoSettings, config_path, config_overrides, base_dir: Path, pair_sets, output_dir: Path,
+               max_steps: int) -> list[RunJob]:
+    """The "which objective" runs (each preset at its own defaults) and the auto-beta runs of ``settings``."""
+    from sipo.config import load_config
+
+    jobs = []
+
+    def job(method: str, label: str, beta: float, seed: int, source: str, objective: list[str]) -> RunJob:
+        name = f"{label}-beta{beta:g}-seed{seed}"
+        run_dir = output_dir / "runs" / "field" / (name if source == "mixed" else f"{source}/{name}")
+        return RunJob(
+            method=label, beta=beta, seed=seed, config_path=str(config_path),
+            overrides=[*config_overrides, f"model.pretrained_path={base_dir.resolve()}",
+                       f"data.path={pair_sets[source].manifest.resolve()}", f"objective.name={method}", *objective,
+                       f"train.seed={seed}", f"train.max_steps={max_steps}", f"train.output_dir={run_dir.resolve()}"],
+            base_dir=str(base_dir.resolve()), run_dir=str(run_dir), eval_every=max_steps,
+            eval_per_class=settings.eval_per_class, eval_seed=settings.eval_seed, sampling_steps=settings.sampling_steps,
+            reward_seed=settings.reward_seed, variant="field" if source == "mixed" else f"field-{source}", source=source,
+        )
+
+    for source in (s for s in settings.objective_sources if s in pair_sets):
+        for method in settings.objective_methods:
+            beta = float(load_config(config_path, [*config_overrides, f"objective.name={method}", "objective.beta=null"]).objective.beta)
+            jobs += [job(method, method, beta, seed, source, ["objective.beta=null"]) for seed in settings.seeds]
+    for source in (s for s in settings.sensitivity_sources if s in pair_sets):
+        for method in settings.auto_beta_methods:
+            for beta in settings.betas:
+                jobs += [job(method, method + AUTO_SUFFIX, beta, seed, source, [f"objective.beta={beta}", "objective.beta_mode=auto"])
+                         for seed in settings.seeds]
+    return jobs
 
 
 def _weight_summary(profile, tau: float) -> dict[str, float]:

@@ -166,7 +166,29 @@ def test_pairs_per_s_counts_the_pairs_that_reached_the_model(tiny_sd15_dir, tmp_
 
 
 # ----------------------------------------------------------------------------- item 20: SIGTERM and SIGINT
-def test_sigint_twice_in_one_step_exits_at_once_without_a_checkpoint(tiny_sd15_dir, manifest, tmp_path):
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT as an interactive Python has it: a shell's background job (make test under `&`, some CI
+    runners) starts with SIGINT ignored, which the trainer leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_ignored_sigint_stays_ignored(tiny_sd15_dir, manifest, tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        def press(step, adapter):
+            os.kill(os.getpid(), signal.SIGINT)
+
+        result = train(_config(tiny_sd15_dir, manifest, tmp_path / "run"), progress=False, callbacks=[press])
+        assert result.steps == 2 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_twice_in_one_step_exits_at_once_without_a_checkpoint(tiny_sd15_dir, manifest, tmp_path,
+                                                                      interactive_sigint):
     def press_twice(step, adapter):
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)  # the first sets the flag: the step would finish and checkpoint
@@ -179,7 +201,7 @@ def test_sigint_twice_in_one_step_exits_at_once_without_a_checkpoint(tiny_sd15_d
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
 
-def test_sigint_in_process_finishes_the_step_and_checkpoints_it(tiny_sd15_dir, manifest, tmp_path):
+def test_sigint_in_process_finishes_the_step_and_checkpoints_it(tiny_sd15_dir, manifest, tmp_path, interactive_sigint):
     def press(step, adapter):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)
@@ -206,7 +228,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny_sd15_dir, tmp_path
     stopped_cfg = write_tiny_config(tmp_path / "stopped.yaml", tiny_sd15_dir, data, tmp_path / "stopped", **common)
     command = [sys.executable, "-m", "sipo", "train", "--no-progress", "--config"]
     process = subprocess.Popen([*command, str(stopped_cfg)], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))  # whatever CI ignores
     metrics, deadline = tmp_path / "stopped" / "metrics.jsonl", time.monotonic() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
         assert process.poll() is None, process.stderr.read()[-2000:]

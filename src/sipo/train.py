@@ -616,7 +616,9 @@ def stop_signals() -> Iterator[_StopSignals]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    # a signal the process was started ignoring (nohup, a shell's background job) stays ignored
+    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield stop
     finally:

@@ -643,10 +643,9 @@ def _symlog_threshold(values: np.ndarray) -> float | None:
 def plot_analysis(rows: list[dict[str, float]], tau_curve: list[dict[str, float]], tau: float, T: int,
                   output_dir: Path) -> dict[str, Path]:
     """Three PNGs: w vs t with quantile bands; gradient variance vs t (log axis); masked fraction vs tau."""
-    import matplotlib
+    from sipo.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = np.array([r["t_mean"] for r in rows])
     col = {c: np.array([r[c] for r in rows], dtype=np.float64) for c in CSV_COLUMNS if c != "bucket"}

@@ -453,10 +453,9 @@ def read_validation_log(path: Path) -> list[dict[str, Any]]:
 
 def plot_validation(log: Path, png: Path) -> None:
     """Held-out and training implicit accuracy and reward margin against the step, one PNG."""
-    import matplotlib
+    from sipo.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = read_validation_log(log)
     if not records:

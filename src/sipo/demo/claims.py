@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sipo.demo.evaluate import win_rate
+from sipo.plotting import pyplot
 
 LABELS = {
     "dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M (paper reading)", "sipo": "SIPO (paper reading)",
@@ -191,7 +192,7 @@ def claim_which_objective(results, base_rewards, sources, methods, dpo_beta: flo
 
 def claim_field(results, base_rewards, settings, default_beta: float, step: int) -> dict[str, Any]:
     """The "which objective" table and auto beta vs claim 2's fixed betas (``sipo demo --full``), when run."""
-    from sipo.demo.run import AUTO_SUFFIX
+    from sipo.demo.settings import AUTO_SUFFIX
 
     out: dict[str, Any] = {}
     if settings.objective_methods:
@@ -279,18 +280,9 @@ def penultimate_line(claims: dict[str, Any], source: str = "mixed") -> str:
 
 
 # ----------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_claims(output_dir: Path, claims: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
     """claim1_win_rate.png, claim2_beta.png, claim3_stability.png (those with data)."""
-    plt = _plt()
+    plt = pyplot()
     files = {}
     sources = list(claims["win_rate"])
     fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 3.4), squeeze=False, sharey=True)
@@ -396,7 +388,7 @@ def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed
         "beta_sensitivity": claim_beta_sensitivity(results, base_rewards, sources, swept, betas, max_steps) if len(betas) > 1 else {},
         "stability": claim_stability(results, sources, methods, default_beta, long_steps) if long_steps > max_steps else {},
     }
-    from sipo.demo.run import FIELD_METHODS
+    from sipo.demo.settings import FIELD_METHODS
 
     field = [m for m in FIELD_METHODS if any(r["method"] == m for r in results)]
     if field:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sipo.demo.evaluate import TIE_TOLERANCE, EvalSet, win_rate
+from sipo.plotting import pyplot
 
 LABELS = {"dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M", "sipo": "SIPO"}
 COLORS = {"dpo": "tab:blue", "dpo-cm": "tab:orange", "sipo": "tab:green"}
@@ -153,17 +154,8 @@ def verdict(summary: dict[str, dict[str, Any]], default_beta: float) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_reward_vs_step(path: Path, results, methods, betas, base_reward: float) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(betas), figsize=(4.2 * len(betas), 3.4), sharey=True, squeeze=False)
     for ax, beta in zip(axes[0], betas):
         for method in methods:
@@ -189,7 +181,7 @@ def plot_reward_vs_step(path: Path, results, methods, betas, base_reward: float)
 
 
 def plot_win_rate_vs_beta(path: Path, summary, methods, betas) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for i, method in enumerate(methods):
         keys = [f"{b:g}" for b in betas]
@@ -229,7 +221,7 @@ def _mosaic(images, labels, per_class: int) -> np.ndarray:
 
 
 def plot_samples(path: Path, panels: list[tuple[str, Any, Any]], eval_set: EvalSet, per_class: int = 4) -> None:
-    plt = _plt()
+    plt = pyplot()
     labels = eval_set.labels.numpy()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 1.9), squeeze=False)
     for ax, (title, images, rewards) in zip(axes[0], panels):
@@ -244,7 +236,7 @@ def plot_samples(path: Path, panels: list[tuple[str, Any, Any]], eval_set: EvalS
 
 
 def plot_w_profile(path: Path, off, on, tau: float) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     for profile, name, color in ((off, "off-policy demo pairs", "tab:red"), (on, "base model's own samples", "tab:blue")):
         ax.plot(profile.t_mid, profile.quantiles(0.5), color=color, marker="o", ms=3, label=f"{name} (median)")

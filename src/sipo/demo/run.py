@@ -33,7 +33,7 @@ from typing import Any
 
 from sipo.demo.pairs import PairSettings
 from sipo.demo.pretrain import PretrainSettings
-from sipo.demo.settings import demo_config_path, setup_torch
+from sipo.demo.settings import AUTO_SUFFIX, FIELD_METHODS, demo_config_path, setup_torch
 from sipo.errors import SipoError
 
 #: the paper's reading (SPEC 4a) and the project's first reading of C&M and SIPO
@@ -42,10 +42,6 @@ METHODS = ("dpo", "dpo-cm", "sipo", "dpo-cm-outside", "sipo-outside")
 HEADLINE_METHODS = ("dpo", "dpo-cm", "sipo")
 #: pair sources: "mixed" = real digits vs early samples; "offpolicy" = early samples only
 SOURCES = ("mixed", "offpolicy")
-#: the "which objective" table (`--full`): the field's other objectives (docs/spec.md section 9), each at its presets' defaults
-FIELD_METHODS = ("hinge", "ipo", "sft", "kto", "mapo", "dspo", "dmpo", "alpha-dpo", "sipo-elementwise")
-#: the label of a method run with objective.beta_mode=auto, from each of claim 2's betas as its first-step beta
-AUTO_SUFFIX = "-auto"
 
 
 @dataclass(frozen=True)

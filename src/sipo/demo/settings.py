@@ -1,11 +1,17 @@
-"""Where the demo's config lives and how it sets torch up: shared by the runner, the claims tables
-and the defaults sweep (each imports this module; none imports another for it)."""
+"""What the demo's runner, claims tables and defaults sweep share: where its config lives, how it
+sets torch up, and the names of the field-objective and auto-beta runs (each imports this module;
+none imports another for it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from sipo.errors import SipoError
+
+#: the "which objective" table (`--full`): the field's other objectives (docs/spec.md section 9), each at its presets' defaults
+FIELD_METHODS = ("hinge", "ipo", "sft", "kto", "mapo", "dspo", "dmpo", "alpha-dpo", "sipo-elementwise")
+#: the label of a method run with objective.beta_mode=auto, from each of claim 2's betas as its first-step beta
+AUTO_SUFFIX = "-auto"
 
 
 def demo_config_path() -> Path:

@@ -1,0 +1,222 @@
+"""data.format=hf: `datasets` folders (hub layout, save_to_disk), column mapping, streaming, bad input.
+
+Every dataset is written by the test (parquet through pyarrow, saved datasets through `datasets`,
+pictures through PIL); nothing is downloaded. Expected pixels are hand-computed from the mapping
+x -> x / 127.5 - 1 of 8-bit levels (255 -> +1, 0 -> -1), and the expected pairs are read off the
+labels written here, never from sipo's own output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from sipo.config import DataConfig, load_config
+from sipo.data import open_preference_dataset
+from sipo.data import report as reasons
+from sipo.errors import SipoError
+
+datasets = pytest.importorskip("datasets")
+
+RED, GREEN, BLUE, BLACK, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0), (255, 255, 255)
+
+
+@pytest.fixture(autouse=True)
+def _private_hf_cache(tmp_path, monkeypatch):
+    """load_dataset writes an Arrow copy of a folder into its cache: keep it in the test's folder, and no hub."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    datasets.disable_progress_bars()
+
+
+def png(color, size=(12, 12)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def rgb_of(color) -> torch.Tensor:
+    return torch.tensor(color, dtype=torch.float32) / 127.5 - 1.0
+
+
+def is_solid(picture: torch.Tensor, color) -> bool:
+    return torch.allclose(picture, rgb_of(color)[:, None, None].expand_as(picture), atol=1e-6)
+
+
+def pickapic_rows():
+    """Four rows: jpg_0 wins, jpg_1 wins, a tie, jpg_0 wins; winners RED/GREEN/-/BLUE, losers BLACK/WHITE."""
+    return {
+        "caption": ["red wins", "green wins", "a tie", "blue wins"],
+        "jpg_0": [png(RED), png(WHITE), png(RED), png(BLUE)],
+        "jpg_1": [png(BLACK), png(GREEN), png(BLACK), png(BLACK)],
+        "label_0": [1.0, 0.0, 0.5, 1.0],
+    }
+
+
+def hub_folder(root, rows, split="train", shards=1):
+    """A folder as the hub lays a dataset out: data/<split>-0000i-of-0000n.parquet."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    table = pa.table(rows)
+    per = math.ceil(len(table) / shards)
+    for i in range(shards):
+        pq.write_table(table.slice(i * per, per), root / "data" / f"{split}-{i:05d}-of-{shards:05d}.parquet")
+    return root
+
+
+def hf(path, **extra) -> DataConfig:
+    return DataConfig(format="hf", path=str(path), **extra)
+
+
+# --- hub-layout folders ------------------------------------------------------------------------
+def test_hub_layout_folder_reads_pickapic_columns_with_ties_dropped(tmp_path):
+    folder = hub_folder(tmp_path / "pickapic", pickapic_rows(), shards=2)
+    hub_folder(folder, {**pickapic_rows(), "caption": ["test"] * 4}, split="test")  # must not be read
+    ds = open_preference_dataset(hf(folder), resolution=8)
+    assert len(ds) == 3 and ds.report.ties_dropped == 1 and ds.report.rows_seen == 4
+    expected = [("red wins", RED, BLACK), ("green wins", GREEN, WHITE), ("blue wins", BLUE, BLACK)]
+    for i, (prompt, winner, loser) in enumerate(expected):
+        item = ds[i]
+        assert item["prompt"] == prompt and item["chosen"].shape == (3, 8, 8)
+        assert is_solid(item["chosen"], winner) and is_solid(item["rejected"], loser)
+        assert item["size_info"].tolist()[:2] == [12, 12]  # the original size, for SDXL
+    test = open_preference_dataset(hf(folder, split="test"), resolution=8)
+    assert test[0]["prompt"] == "test"
+
+
+def test_chosen_rejected_layout_without_label_and_max_pairs(tmp_path):
+    rows = {"prompt": ["a", "b", "c"], "chosen": [png(RED)] * 3, "rejected": [png(GREEN)] * 3}
+    ds = open_preference_dataset(hf(hub_folder(tmp_path / "pairs", rows), max_pairs=2), resolution=4)
+    assert len(ds) == 2 and ds.report.ties_dropped == 0
+    assert is_solid(ds[1]["chosen"], RED) and is_solid(ds[1]["rejected"], GREEN) and ds[1]["prompt"] == "b"
+
+
+def test_column_mapping_renames_every_key(tmp_path):
+    rows = {"text": ["first wins", "second wins"], "left": [png(RED), png(BLACK)],
+            "right": [png(BLACK), png(BLUE)], "pref": [1, 0]}  # an integer label column
+    config = hf(hub_folder(tmp_path / "mapped", rows),
+                columns={"prompt": "text", "chosen": "left", "rejected": "right", "label": "pref"})
+    ds = open_preference_dataset(config, resolution=4)
+    assert [ds[i]["prompt"] for i in range(2)] == ["first wins", "second wins"]
+    assert is_solid(ds[0]["chosen"], RED) and is_solid(ds[1]["chosen"], BLUE)
+    assert is_solid(ds[1]["rejected"], BLACK)
+
+
+def test_missing_column_names_the_mapping_key(tmp_path):
+    rows = {"text": ["a"], "chosen": [png(RED)], "rejected": [png(BLUE)]}
+    with pytest.raises(SipoError) as error:
+        open_preference_dataset(hf(hub_folder(tmp_path / "f", rows)), resolution=4)
+    message = str(error.value)
+    assert "'prompt'" in message and "data.columns.prompt" in message and "text" in message
+    assert message.count(". ") == 0  # one sentence
+    with pytest.raises(SipoError, match=r"column 'chosen' \(data.columns.label\) holds .*expected a number"):
+        open_preference_dataset(hf(tmp_path / "f", columns={"prompt": "text", "label": "chosen"}), resolution=4)
+
+
+def test_missing_split_names_the_splits_there(tmp_path):
+    folder = hub_folder(tmp_path / "f", pickapic_rows())
+    with pytest.raises(SipoError, match=r"has no test split \(it has train\); set data.split"):
+        open_preference_dataset(hf(folder, split="test"), resolution=4)
+
+
+# --- save_to_disk, Image features --------------------------------------------------------------
+def test_save_to_disk_with_image_features_matches_bytes(tmp_path):
+    rows = {"prompt": ["x", "y"], "chosen": [png(RED), png(GREEN)], "rejected": [png(BLUE), png(BLACK)]}
+    as_bytes = datasets.Dataset.from_dict(rows)
+    as_images = datasets.Dataset.from_dict({
+        "prompt": rows["prompt"],
+        "chosen": [Image.open(io.BytesIO(b)) for b in rows["chosen"]],  # PIL images become Image features
+        "rejected": [{"bytes": b, "path": None} for b in rows["rejected"]],
+    }).cast_column("chosen", datasets.Image()).cast_column("rejected", datasets.Image())
+    assert isinstance(as_images.features["chosen"], datasets.Image)
+    as_bytes.save_to_disk(tmp_path / "bytes")
+    datasets.DatasetDict({"train": as_images}).save_to_disk(tmp_path / "images")
+    from_bytes = open_preference_dataset(hf(tmp_path / "bytes"), resolution=4)
+    from_images = open_preference_dataset(hf(tmp_path / "images"), resolution=4)
+    for i, (winner, loser) in enumerate([(RED, BLUE), (GREEN, BLACK)]):
+        assert is_solid(from_images[i]["chosen"], winner) and is_solid(from_images[i]["rejected"], loser)
+        assert torch.equal(from_images[i]["chosen"], from_bytes[i]["chosen"])
+
+
+def test_picture_paths_relative_to_the_folder_and_kept_inside_it(tmp_path):
+    folder = tmp_path / "paths"
+    (folder / "img").mkdir(parents=True)
+    (folder / "img" / "a.png").write_bytes(png(RED))
+    (folder / "img" / "b.png").write_bytes(png(GREEN))
+    (tmp_path / "outside.png").write_bytes(png(BLUE))
+    rows = {"prompt": ["ok", "escapes"], "chosen": ["img/a.png", "../outside.png"], "rejected": ["img/b.png"] * 2}
+    datasets.Dataset.from_dict(rows).save_to_disk(folder)
+    ds = open_preference_dataset(hf(folder), resolution=4)
+    assert is_solid(ds[0]["chosen"], RED) and is_solid(ds[0]["rejected"], GREEN)
+    skipped = ds[1]
+    assert isinstance(skipped, reasons.SkippedRow) and skipped.reason == reasons.PATH_ESCAPES_ROOT
+
+
+# --- malformed rows: the same skip-and-count as the other formats ------------------------------
+def test_malformed_rows_are_skipped_and_counted(tmp_path):
+    rows = {
+        "caption": ["good", None, "corrupt", "bad label", "null label"],
+        "jpg_0": [png(RED), png(RED), b"not a png", png(RED), png(RED)],
+        "jpg_1": [png(BLACK)] * 5,
+        "label_0": [1.0, 1.0, 1.0, 7.0, None],
+    }
+    ds = open_preference_dataset(hf(hub_folder(tmp_path / "f", rows)), resolution=4)
+    assert len(ds) == 3  # rows 3 and 4 dropped at open (invalid label)
+    assert ds.report.index_skips[reasons.INVALID_LABEL] == 2
+    assert is_solid(ds[0]["chosen"], RED)
+    assert ds[1].reason == reasons.MISSING_FIELD and ds[2].reason == reasons.CORRUPT_IMAGE
+    assert ds.report.skipped_total == 4 and ds.report.used == 1
+    with pytest.raises(SipoError, match="malformed"):
+        open_preference_dataset(hf(tmp_path / "f", strict=True), resolution=4)
+
+
+def test_all_ties_stop_with_one_sentence(tmp_path):
+    rows = {**pickapic_rows(), "label_0": [0.5] * 4}
+    with pytest.raises(SipoError, match="all 4 pairs .* are ties"):
+        open_preference_dataset(hf(hub_folder(tmp_path / "f", rows)), resolution=4)
+
+
+# --- the hub, offline ----------------------------------------------------------------------------
+def test_hub_id_offline_fails_with_one_sentence(tmp_path):
+    with pytest.raises(SipoError) as error:
+        open_preference_dataset(hf("someone/pairs-that-are-not-cached"), resolution=4)
+    message = str(error.value)
+    assert "hub cannot be reached" in message and "point data.path at the folder" in message
+
+
+def test_config_rejects_unknown_column_keys_and_columns_outside_hf():
+    with pytest.raises(SipoError, match=r"unknown key data.columns.image; valid keys"):
+        DataConfig(format="hf", columns={"image": "x"})
+    with pytest.raises(SipoError, match="data.format=hf only"):
+        DataConfig(format="jsonl", columns={"prompt": "x"})
+    with pytest.raises(SipoError, match="data.streaming=true reads data.format=hf only"):
+        DataConfig(format="pickapic", streaming=True)
+    config = load_config(None, ["data.format=hf", "data.columns.prompt=text", "data.columns.label=null"])
+    assert config.data.columns == {"prompt": "text", "label": None}
+
+
+# --- fingerprint and cache key --------------------------------------------------------------------
+def test_cache_key_follows_files_split_and_columns(tmp_path):
+    from sipo.data.cache import cache_identity, cache_root
+
+    folder = hub_folder(tmp_path / "f", pickapic_rows())
+    base = load_config(None, ["data.format=hf", f"data.path={folder}"])
+    same = load_config(None, ["data.format=hf", f"data.path={folder}"])
+    other_split = load_config(None, ["data.format=hf", f"data.path={folder}", "data.split=test"])
+    other_columns = load_config(None, ["data.format=hf", f"data.path={folder}", "data.columns.prompt=caption2"])
+    assert cache_identity(base) == cache_identity(same)
+    assert cache_identity(base) != cache_identity(other_split)
+    assert cache_identity(base) != cache_identity(other_columns)
+    assert cache_root(base) == folder / ".sipo-cache"
+    hub = load_config(None, ["data.format=hf", "data.path=org/name"])
+    assert cache_identity(hub)["data"]["hub_id"] == "org/name" and "org--name" in str(cache_root(hub))

@@ -37,6 +37,9 @@ def _private_hf_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # datasets sleeps 5 s after each pass over streamed parquet (its guard for apache/arrow#45214); the
+    # tests' streams are a few rows, read many times
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
     datasets.disable_progress_bars()
 
 
@@ -220,3 +223,61 @@ def test_cache_key_follows_files_split_and_columns(tmp_path):
     assert cache_root(base) == folder / ".sipo-cache"
     hub = load_config(None, ["data.format=hf", "data.path=org/name"])
     assert cache_identity(hub)["data"]["hub_id"] == "org/name" and "org--name" in str(cache_root(hub))
+
+
+# --- streaming ------------------------------------------------------------------------------------
+def _stream_rows(n=7):
+    """n rows, row i: caption "i", jpg_0 a grey of level 10 i, jpg_1 black; every third a tie."""
+    return {
+        "caption": [str(i) for i in range(n)],
+        "jpg_0": [png((10 * i + 5,) * 3) for i in range(n)],
+        "jpg_1": [png(BLACK)] * n,
+        "label_0": [0.5 if i % 3 == 2 else 1.0 for i in range(n)],
+    }
+
+
+def _prompts(batches, count):
+    return [list(next(batches)["prompts"]) for _ in range(count)]
+
+
+def test_stream_in_its_own_order_numbers_the_decided_pairs(tmp_path):
+    folder = hub_folder(tmp_path / "s", _stream_rows(), shards=2)
+    stream = open_preference_dataset(hf(folder, streaming=True, shuffle_buffer=1), resolution=4)
+    assert stream.streaming and len(stream) == 0  # no length: the trainer's checks read 0 as unknown
+    decided = ["0", "1", "3", "4", "6"]  # rows 2 and 5 are ties
+    batches = stream.micro_batches(batch_size=2, start=0)
+    # two epochs of 5 pairs in 2-pair micro-batches: the second epoch continues mid-batch
+    assert _prompts(batches, 5) == [decided[0:2], decided[2:4], [decided[4], decided[0]], decided[1:3], decided[3:5]]
+    assert stream.report.ties_dropped == 2 and stream.report.pairs == 5 and stream.report.rows_seen == 7
+    first = stream.micro_batches(batch_size=2, start=0)
+    batch = next(first)
+    assert is_solid(batch["chosen"][1], (15,) * 3) and batch["indices"] == [0, 1]
+
+
+def test_stream_resume_workers_and_processes_read_what_one_uninterrupted_reader_reads(tmp_path):
+    from sipo.data.hf_stream import stream_loader
+
+    folder = hub_folder(tmp_path / "s", _stream_rows(11), shards=3)
+    config = hf(folder, streaming=True, shuffle_buffer=4)
+    stream = open_preference_dataset(config, resolution=4, seed=3)
+    straight = _prompts(stream.micro_batches(batch_size=2, start=0), 8)
+    flat = [p for batch in straight for p in batch]
+    assert sorted(flat[:8]) == sorted(["0", "1", "3", "4", "6", "7", "9", "10"])  # one epoch: each decided row once
+    assert flat[:8] != ["0", "1", "3", "4", "6", "7", "9", "10"]  # shuffled
+    assert flat[8:] != flat[:8]  # the next epoch is shuffled anew (set_epoch)
+    resumed = _prompts(open_preference_dataset(config, resolution=4, seed=3).micro_batches(batch_size=2, start=5), 3)
+    assert resumed == straight[5:]
+    with_workers = _prompts(stream_loader(open_preference_dataset(config, resolution=4, seed=3), 2, 0, 0, 1,
+                                          num_workers=2), 8)
+    assert with_workers == straight
+    # two processes: micro-batch m of rank r holds global positions (2m + r) * 2, +1
+    ranks = [_prompts(open_preference_dataset(config, resolution=4, seed=3).micro_batches(2, 0, rank, 2), 4)
+             for rank in (0, 1)]
+    assert [p for m in range(4) for rank in (0, 1) for p in ranks[rank][m]] == flat
+
+
+def test_stream_config_refuses_what_needs_indices():
+    with pytest.raises(SipoError, match="validation_fraction picks pairs by index"):
+        DataConfig(format="hf", streaming=True, validation_fraction=0.1)
+    with pytest.raises(SipoError, match="use_cache=always needs the indexed dataset"):
+        DataConfig(format="hf", streaming=True, use_cache="always")

@@ -235,6 +235,12 @@ class DataConfig:
         if self.streaming and self.format != "hf":
             raise SipoError(f"data.streaming=true reads data.format=hf only, not {self.format}; set data.format=hf or "
                             "data.streaming=false")
+        if self.streaming and self.validation_fraction is not None:
+            raise SipoError("data.validation_fraction picks pairs by index, which a stream has not; set "
+                            "data.validation_path to a held-out dataset or data.streaming=false")
+        if self.streaming and self.use_cache == "always":
+            raise SipoError("data.use_cache=always needs the indexed dataset the latent cache was built from; set "
+                            "data.streaming=false or data.use_cache=auto")
 
     def _check_columns(self) -> None:
         keys = ("prompt", "chosen", "rejected", "label")

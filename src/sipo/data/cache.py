@@ -156,8 +156,7 @@ def data_fingerprint(data_config) -> dict[str, Any]:
     found: dict[str, Any] = {"format": data_config.format, "files": [_file_stamp(p) for p in files]}
     if data_config.format == "hf":
         # which rows become which pairs: the split, the column mapping, and for a hub id the id itself
-        found.update(split=data_config.split, columns=dict(sorted(data_config.columns.items())),
-                     streaming=data_config.streaming)
+        found.update(split=data_config.split, columns=dict(sorted(data_config.columns.items())))
         if not files:
             found["hub_id"] = data_config.path
     if data_config.format == "jsonl" and files and files[0].is_file():
@@ -257,6 +256,9 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
 
     # the latents a deterministic run trains on are encoded with its kernels (TF32 off on CUDA)
     configure_kernels(config.train.deterministic)
+    if config.data.streaming:
+        raise SipoError("sipo cache encodes an indexed dataset, and data.streaming=true reads a stream; set "
+                        "data.streaming=false (the cache then replaces the pictures in training)")
     # The plain pictures; flipped latents come from mirrored pictures below.
     dataset = open_preference_dataset(dataclasses.replace(config.data, random_flip=False), config.model.resolution,
                                       seed=config.train.seed, family=config.model.family)
@@ -596,7 +598,7 @@ def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], No
     ``auto`` says which it uses.
     """
     mode = config.data.use_cache
-    if mode == "never":
+    if mode == "never" or config.data.streaming:  # a stream has no indices for a cache to serve
         return None
     root = cache_root(config)
     # no cache folder at all (the usual case under auto): nothing to match, and no key to compute,

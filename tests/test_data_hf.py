@@ -281,3 +281,64 @@ def test_stream_config_refuses_what_needs_indices():
         DataConfig(format="hf", streaming=True, validation_fraction=0.1)
     with pytest.raises(SipoError, match="use_cache=always needs the indexed dataset"):
         DataConfig(format="hf", streaming=True, use_cache="always")
+
+
+# --- training from hf data -------------------------------------------------------------------------
+def _training_folder(tmp_path):
+    """The trainer fixtures' 8 PNG pairs (smooth winner, noisy loser) as a hub-layout Pick-a-Pic folder,
+    winners alternating between jpg_0 and jpg_1, plus two ties."""
+    from train_fixtures import write_jsonl_pairs
+
+    manifest = write_jsonl_pairs(tmp_path / "pngs")
+    pairs = [json.loads(line) for line in manifest.read_text().splitlines()]
+    first, second, labels = [], [], []
+    for i, pair in enumerate(pairs):
+        chosen, rejected = ((manifest.parent / pair[k]).read_bytes() for k in ("chosen", "rejected"))
+        first.append(chosen if i % 2 == 0 else rejected)
+        second.append(rejected if i % 2 == 0 else chosen)
+        labels.append(1.0 if i % 2 == 0 else 0.0)
+    rows = {"caption": [p["prompt"] for p in pairs] + ["tie a", "tie b"], "jpg_0": first + first[:2],
+            "jpg_1": second + second[:2], "label_0": labels + [0.5, 0.5]}
+    return hub_folder(tmp_path / "hub", rows, shards=2)
+
+
+def test_sipo_train_two_steps_from_a_hub_layout_folder(tiny_sd15_dir, tmp_path, capsys):
+    from sipo.cli import main as cli_main
+    from train_fixtures import write_tiny_config
+
+    folder = _training_folder(tmp_path)
+    config = write_tiny_config(tmp_path / "hf.yaml", tiny_sd15_dir, folder, tmp_path / "run",
+                               **{"data.format": "hf", "train.max_steps": 2})
+    assert cli_main(["train", "--config", str(config), "--no-progress"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["format"] == "hf" and report["pairs"] == 8 and report["ties_dropped"] == 2
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_streamed_training_resumes_exactly(tiny_sd15_dir, tmp_path):
+    from safetensors.torch import load_file
+    from sipo.checkpoints import list_checkpoints
+    from sipo.train import train
+    from train_fixtures import tiny_overrides
+
+    folder = _training_folder(tmp_path)
+    extra = {"data.format": "hf", "data.streaming": True, "data.shuffle_buffer": 3, "train.max_steps": 4,
+             "train.checkpoint_every": 2, "train.batch_size": 3, "train.deterministic": True}
+    straight = train(load_config(None, tiny_overrides(tiny_sd15_dir, folder, tmp_path / "a", **extra)), progress=False)
+
+    def crash(step, adapter):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+
+    interrupted = load_config(None, tiny_overrides(tiny_sd15_dir, folder, tmp_path / "b", **extra))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(interrupted, step_callback=crash, progress=False)
+    resumed = train(interrupted, resume=True, progress=False)
+    assert resumed.steps == 4
+    weights = [load_file(list_checkpoints(tmp_path / run)[-1] / "trainable.safetensors") for run in ("a", "b")]
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=1e-6)
+    assert [r["loss"] for r in straight.history] == pytest.approx([r["loss"] for r in resumed.history], abs=1e-6)
+    report = json.loads((tmp_path / "a" / "data_report.json").read_text())
+    assert report["ties_dropped"] == 2 and report["pairs"] == 8  # 4 steps x 3 pairs: past one epoch

@@ -199,8 +199,10 @@ class MediaReader:
 
     def read(self, cell: Any, which: str) -> tuple[torch.Tensor, Any]:
         """(tensor, what `original_size` reads: the bytes or the file)."""
-        if isinstance(cell, dict):
-            cell = cell.get("bytes") if cell.get("bytes") is not None else cell.get("path")
+        if isinstance(cell, dict):  # an undecoded Image/Video feature; a clip is read from its file
+            path = cell.get("path")
+            clip = isinstance(path, str) and media_of_path(path) != "image"
+            cell = path if clip or cell.get("bytes") is None else cell.get("bytes")
         if cell is None:
             raise MalformedRow(MISSING_FIELD, f"{which} is null")
         if isinstance(cell, (bytes, bytearray, memoryview)):

@@ -53,7 +53,7 @@ _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 def expand_braces(pattern: str) -> list[str]:
     """``a-{00..02}.tar`` -> ``a-00.tar a-01.tar a-02.tar``; ``{x,y}`` -> both; nested and repeated braces too.
 
-    Numeric ranges keep the zero padding of their first bound, as the ``braceexpand`` package does.
+    Numeric ranges keep the zero padding of their first bound.
     """
     start = pattern.find("{")
     if start < 0:

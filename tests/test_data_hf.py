@@ -342,3 +342,35 @@ def test_streamed_training_resumes_exactly(tiny_sd15_dir, tmp_path):
     assert [r["loss"] for r in straight.history] == pytest.approx([r["loss"] for r in resumed.history], abs=1e-6)
     report = json.loads((tmp_path / "a" / "data_report.json").read_text())
     assert report["ties_dropped"] == 2 and report["pairs"] == 8  # 4 steps x 3 pairs: past one epoch
+
+
+def test_sipo_cache_of_an_hf_folder_serves_training(tiny_sd15_dir, tmp_path):
+    from sipo.data.cache import build_cache, open_cache_for_training
+    from train_fixtures import tiny_overrides
+
+    folder = _training_folder(tmp_path)
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, folder, tmp_path / "run", **{"data.format": "hf"}))
+    location = build_cache(config, progress=False)
+    assert location.parent == folder / ".sipo-cache"
+    dataset = open_preference_dataset(config.data, 32, family="sd15")  # the cache folder is not read as data
+    assert len(dataset) == 8
+    cached = open_cache_for_training(config, dataset)
+    assert cached is not None and len(cached) == 8
+    streamed = load_config(None, tiny_overrides(tiny_sd15_dir, folder, tmp_path / "run",
+                                                **{"data.format": "hf", "data.streaming": True}))
+    assert open_cache_for_training(streamed, dataset) is None  # a stream has no indices for the cache
+    with pytest.raises(SipoError, match="sipo cache encodes an indexed dataset"):
+        build_cache(streamed, progress=False)
+
+
+def test_video_paths_read_as_clips(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name, colors in (("a.gif", [RED, GREEN, BLUE]), ("b.gif", [BLACK, WHITE, BLACK])):
+        frames = [Image.new("RGB", (8, 8), c) for c in colors]
+        frames[0].save(folder / name, save_all=True, append_images=frames[1:], duration=100)
+    datasets.Dataset.from_dict({"prompt": ["a clip"], "chosen": ["a.gif"], "rejected": ["b.gif"]}).save_to_disk(folder)
+    item = open_preference_dataset(hf(folder), resolution=4)[0]
+    assert item["chosen"].shape == (3, 3, 4, 4)  # [F, 3, r, r]
+    assert [is_solid(item["chosen"][f], c) for f, c in enumerate([RED, GREEN, BLUE])] == [True] * 3
+    assert is_solid(item["rejected"][1], WHITE)

@@ -308,7 +308,7 @@ def test_sipo_train_two_steps_from_a_hub_layout_folder(tiny_sd15_dir, tmp_path, 
 
     folder = _training_folder(tmp_path)
     config = write_tiny_config(tmp_path / "hf.yaml", tiny_sd15_dir, folder, tmp_path / "run",
-                               **{"data.format": "hf", "train.max_steps": 2})
+                               **{"data.format": "hf", "train.max_steps": 2, "data.num_workers": 1})
     assert cli_main(["train", "--config", str(config), "--no-progress"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())

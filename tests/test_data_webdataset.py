@@ -135,3 +135,28 @@ def test_cache_key_and_resume_fingerprint_see_the_shards(shards):
     before = data_signature(pattern)
     write_shard(shards / "pairs-0001.tar", {"k.txt": b"changed", "k.chosen.png": png(RED), "k.rejected.png": png(GREEN)})
     assert data_signature(pattern) != before
+
+
+def test_trains_two_steps_from_shards_with_a_worker(tiny_sd15_dir, tmp_path):
+    import numpy as np
+
+    from sipo.train import train
+    from train_fixtures import tiny_overrides
+
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        members = {}
+        for j in range(3):
+            key = f"{shard}{j:05d}"
+            members[f"{key}.txt"] = f"a gradient {key}".encode()
+            ramp = np.linspace(0, 255, 32)[None, :, None].repeat(32, 0).repeat(3, 2).astype(np.uint8)
+            for side, pixels in (("chosen", ramp), ("rejected", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))):
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, "PNG")
+                members[f"{key}.{side}.png"] = buffer.getvalue()
+        write_shard(tmp_path / f"train-{shard}.tar", members)
+    overrides = tiny_overrides(tiny_sd15_dir, tmp_path / "train-{0..1}.tar", tmp_path / "run",
+                               **{"data.format": "webdataset", "data.num_workers": 1})
+    result = train(load_config(None, overrides), progress=False)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert result.steps == 2 and report["pairs"] == 6 and report["shards"] == 2 and report["used"] == 4

@@ -170,7 +170,8 @@ class DataConfig:
     num_workers: int = _help("DataLoader worker processes", default=0)
     shuffle: str = _help(
         "block: shuffle parquet row groups, then pairs inside each (reads each row group once per epoch); "
-        "full: one uniform permutation (reads a row group per pair); JSONL manifests always use full",
+        "full: one uniform permutation (reads a row group per pair); JSONL, hf and webdataset always use full "
+        "(data.streaming: the stream's own shuffle)",
         default="block",
     )
     # latent cache (issue 8; docs/performance.md)

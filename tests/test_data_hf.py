@@ -37,9 +37,6 @@ def _private_hf_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    # datasets sleeps 5 s after each pass over streamed parquet (its guard for apache/arrow#45214); the
-    # tests' streams are a few rows, read many times
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
     datasets.disable_progress_bars()
 
 
@@ -374,3 +371,15 @@ def test_video_paths_read_as_clips(tmp_path):
     assert item["chosen"].shape == (3, 3, 4, 4)  # [F, 3, r, r]
     assert [is_solid(item["chosen"][f], c) for f, c in enumerate([RED, GREEN, BLUE])] == [True] * 3
     assert is_solid(item["rejected"][1], WHITE)
+
+
+def test_buffer_shuffle_is_a_seeded_permutation_that_moves_items_at_most_a_buffer_early():
+    from sipo.data.hf_stream import buffer_shuffle
+
+    items = list(range(50))
+    out = list(buffer_shuffle(iter(items), 5, np.random.default_rng(1)))
+    assert sorted(out) == items and out != items
+    # an item leaves the buffer only after it entered: output place p holds an input index <= p + 4
+    assert all(value <= place + 4 for place, value in enumerate(out))
+    assert out == list(buffer_shuffle(iter(items), 5, np.random.default_rng(1)))
+    assert list(buffer_shuffle(iter(items), 1, np.random.default_rng(1))) == items

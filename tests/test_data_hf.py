@@ -383,3 +383,12 @@ def test_buffer_shuffle_is_a_seeded_permutation_that_moves_items_at_most_a_buffe
     assert all(value <= place + 4 for place, value in enumerate(out))
     assert out == list(buffer_shuffle(iter(items), 5, np.random.default_rng(1)))
     assert list(buffer_shuffle(iter(items), 1, np.random.default_rng(1))) == items
+
+
+def test_empty_folder_and_validation_split_fallback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SipoError, match="holds no dataset datasets can read"):
+        open_preference_dataset(hf(tmp_path / "empty"), resolution=4)
+    # a held-out folder with one (train) split serves data.validation_path, whose split is "validation"
+    held = hub_folder(tmp_path / "held", pickapic_rows())
+    assert len(open_preference_dataset(hf(held, split="validation"), resolution=4)) == 3

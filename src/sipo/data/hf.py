@@ -88,19 +88,30 @@ def open_hf(path: str, split: str, streaming: bool = False):
         if isinstance(loaded, datasets.DatasetDict):
             loaded = _pick_split(loaded, split, path)
         return loaded.to_iterable_dataset() if streaming else loaded
-    where = "folder" if is_local(path) else "hub dataset"
+    local = is_local(path)
     try:
-        found = datasets.load_dataset(path, streaming=streaming)
+        try:  # the one split only: a hub id then downloads that split's files, not every split's
+            return datasets.load_dataset(path, split=split, streaming=streaming)
+        except ValueError as error:
+            if "split" not in str(error).lower():
+                raise
+            names = list(datasets.get_dataset_split_names(path))
+        if split == "validation" and len(names) == 1:  # data.validation_path: a folder of held-out pairs only
+            return datasets.load_dataset(path, split=names[0], streaming=streaming)
+        raise SipoError(f"data.path {path} has no {split} split (it has {', '.join(names)}); set data.split to one of them")
+    except FileNotFoundError as error:  # an empty folder, an id the hub does not have
+        raise SipoError(f"data.path {path} holds no dataset datasets can read ({str(error)[:200]}); point data.path "
+                        "at parquet/arrow files laid out as on the hub (data/train-00000-of-00001.parquet), or "
+                        "check the hub id") from None
     except (ConnectionError, OSError) as error:
-        if where == "folder":
+        if local:
             raise SipoError(f"data.path {path} cannot be read as a dataset folder ({type(error).__name__}: "
                             f"{str(error)[:200]}); point data.path at parquet/arrow files laid out as on the hub") from None
         raise SipoError(f"data.path {path} is no local folder and the hub cannot be reached ({str(error)[:160]}); "
                         "connect to the network, or download it first and point data.path at the folder") from None
-    except (ValueError, FileNotFoundError) as error:  # no data files, an unknown builder
+    except ValueError as error:  # an unknown builder, unreadable files
         raise SipoError(f"data.path {path} holds no dataset datasets can read ({str(error)[:200]}); point data.path "
                         "at parquet/arrow files laid out as on the hub (data/train-00000-of-00001.parquet)") from None
-    return _pick_split(found, split, path)
 
 
 def _pick_split(splits, split: str, path: str):

@@ -392,3 +392,11 @@ def test_empty_folder_and_validation_split_fallback(tmp_path):
     # a held-out folder with one (train) split serves data.validation_path, whose split is "validation"
     held = hub_folder(tmp_path / "held", pickapic_rows())
     assert len(open_preference_dataset(hf(held, split="validation"), resolution=4)) == 3
+
+
+def test_a_decoded_pil_cell_reads_as_its_pixels():
+    from sipo.data.hf import MediaReader
+    from sipo.data.video import VideoSpec
+
+    picture, source = MediaReader(None, 4, VideoSpec(), "image").read(Image.new("RGB", (9, 9), GREEN), "chosen")
+    assert is_solid(picture, GREEN) and isinstance(source, bytes)

@@ -216,6 +216,8 @@ class MediaReader:
             cell = path if clip or cell.get("bytes") is None else cell.get("bytes")
         if cell is None:
             raise MalformedRow(MISSING_FIELD, f"{which} is null")
+        if hasattr(cell, "getexif") and hasattr(cell, "save"):  # a decoded PIL image (features sipo could not see)
+            cell = _png_bytes(cell)
         if isinstance(cell, (bytes, bytearray, memoryview)):
             if self.media == "video":
                 raise MalformedRow(NOT_A_VIDEO, f"{which} holds picture bytes")
@@ -239,6 +241,14 @@ class MediaReader:
             return decode_file(real, self.resolution, self.video, self.media), real
         except MalformedRow as problem:
             raise MalformedRow(problem.reason, f"{which} {relative!r}: {problem.detail}") from None
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def dataset_root(path: str) -> str | None:

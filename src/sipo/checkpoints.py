@@ -359,7 +359,12 @@ def data_signature(data_path: str) -> str:
     import glob
 
     path = Path(data_path).expanduser()
-    if path.is_file():
+    if "{" in data_path and not path.exists():  # a WebDataset brace list: the shards it names
+        from sipo.data.webdataset import expand_braces
+
+        files, root = sorted({Path(p) for item in expand_braces(str(path)) for p in glob.glob(item, recursive=True)
+                              if Path(p).is_file()}), Path(".")
+    elif path.is_file():
         files, root = [path], path.parent
     elif path.is_dir():
         # hidden files and folders are not data: .sipo-cache/ (which `sipo cache` writes beside the data)

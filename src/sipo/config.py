@@ -160,15 +160,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = _help("pickapic (parquet shards) or jsonl (manifest of prompt/chosen/rejected paths)", default="pickapic")
-    path: str = _help("parquet file, directory or glob of shards; or the JSONL manifest", default="")
+    format: str = _help("pickapic (parquet shards), jsonl (manifest of prompt/chosen/rejected paths), hf (a datasets hub id, "
+                        "hub-layout folder or save_to_disk folder) or webdataset (tar shards)", default="pickapic")
+    path: str = _help("parquet file, directory or glob of shards; the JSONL manifest; hf: hub id or dataset folder; "
+                      "webdataset: a tar shard, a folder of them, a glob or a brace list (shard-{0000..0009}.tar)", default="")
     max_pairs: int | None = _help("use at most this many valid pairs (None: all)", default=None)
     strict: bool = _help("stop at the first malformed row instead of skipping and counting it", default=False)
     random_flip: bool = _help("horizontally flip both images of a pair at random", default=False)
     num_workers: int = _help("DataLoader worker processes", default=0)
     shuffle: str = _help(
         "block: shuffle parquet row groups, then pairs inside each (reads each row group once per epoch); "
-        "full: one uniform permutation (reads a row group per pair); JSONL manifests always use full",
+        "full: one uniform permutation (reads a row group per pair); JSONL, hf and webdataset always use full "
+        "(data.streaming: the stream's own shuffle)",
         default="block",
     )
     # latent cache (issue 8; docs/performance.md)
@@ -189,8 +192,17 @@ class DataConfig:
     width: int | None = _help("frame width clips are resized and centre-cropped to (None: model.resolution)", default=None)
     split: str = _help(
         "pickapic: read the shards whose names declare this split (train-*.parquet; validation, test); "
-        "shards named for no split are always read", default="train"
+        "shards named for no split are always read; hf: the datasets split", default="train"
     )
+    # data.format=hf (sipo.data.hf; docs/data.md)
+    columns: dict[str, str | None] = _help(
+        "hf: dataset column of each of prompt, chosen, rejected, label (e.g. {prompt: text}); unset keys: Pick-a-Pic "
+        "v2's caption/jpg_0/jpg_1/label_0 when jpg_0 and jpg_1 exist, else prompt/chosen/rejected with no label; with a "
+        "label, chosen/rejected are the first/second picture and label 1 means the first won", default_factory=dict)
+    streaming: bool = _help(
+        "hf: read the split as a stream (datasets IterableDataset) instead of indexing it; pairs come in the stream's "
+        "order through a shuffle buffer of data.shuffle_buffer rows, and a resume skips the consumed pairs", default=False)
+    shuffle_buffer: int = _help("hf with streaming: rows in the shuffle buffer (1: the stream's own order)", default=1000)
 
     # held-out pairs (sipo.validation; docs/validation.md)
     validation_path: str | None = _help(
@@ -211,13 +223,38 @@ class DataConfig:
                 raise SipoError(f"data.{name} must be a positive integer or null, got {getattr(self, name)}")
         if self.fps is not None and self.fps <= 0:
             raise SipoError(f"data.fps must be positive or null, got {self.fps}")
-        _choice("data.format", self.format, ("pickapic", "jsonl"))
+        _choice("data.format", self.format, ("pickapic", "jsonl", "hf", "webdataset"))
+        self._check_columns()
         _choice("data.shuffle", self.shuffle, ("block", "full"))
         _choice("data.use_cache", self.use_cache, ("auto", "always", "never"))
         if self.max_pairs is not None and self.max_pairs <= 0:
             raise SipoError("data.max_pairs must be a positive integer or null")
         if not self.split.strip():
             raise SipoError("data.split is empty; set it to train (the default), validation or test")
+        if self.shuffle_buffer < 1:
+            raise SipoError(f"data.shuffle_buffer={self.shuffle_buffer} must be at least 1 (1 keeps the stream's order)")
+        if self.streaming and self.format != "hf":
+            raise SipoError(f"data.streaming=true reads data.format=hf only, not {self.format}; set data.format=hf or "
+                            "data.streaming=false")
+        if self.streaming and self.validation_fraction is not None:
+            raise SipoError("data.validation_fraction picks pairs by index, which a stream has not; set "
+                            "data.validation_path to a held-out dataset or data.streaming=false")
+        if self.streaming and self.use_cache == "always":
+            raise SipoError("data.use_cache=always needs the indexed dataset the latent cache was built from; set "
+                            "data.streaming=false or data.use_cache=auto")
+
+    def _check_columns(self) -> None:
+        keys = ("prompt", "chosen", "rejected", "label")
+        if not isinstance(self.columns, dict):
+            raise SipoError(f"data.columns={self.columns!r} must be a mapping such as {{prompt: caption, chosen: jpg_0}}")
+        for key, name in self.columns.items():
+            if key not in keys:
+                raise SipoError(f"unknown key data.columns.{key}; valid keys: {list(keys)}")
+            if name is not None and (not isinstance(name, str) or not name):
+                raise SipoError(f"data.columns.{key}={name!r} must be a column name (or null for label: no label column)")
+        if self.columns and self.format != "hf":
+            raise SipoError(f"data.columns maps dataset columns for data.format=hf only, not {self.format}; "
+                            "remove data.columns or set data.format=hf")
 
 
 @dataclass

@@ -543,6 +543,11 @@ def data_loader(config: SipoConfig, dataset, state: TrainState, accelerator) -> 
     from sipo.data import collate_pairs
 
     tc = config.train
+    if getattr(dataset, "streaming", False):  # data.streaming: the stream keeps its own order (sipo.data.hf_stream)
+        from sipo.data.hf_stream import stream_loader
+
+        return stream_loader(dataset, tc.batch_size, state.micro_batches, accelerator.process_index,
+                             accelerator.num_processes, config.data.num_workers, accelerator.device.type == "cuda")
     block_ids = dataset.row_group_ids() if config.data.shuffle == "block" and hasattr(dataset, "row_group_ids") else None
     sampler = ResumableBatchSampler(
         DataOrder(len(dataset), tc.seed, block_ids), tc.batch_size, state.micro_batches,
@@ -859,7 +864,12 @@ def _run_header(config: SipoConfig, dataset, output_dir: Path, held_out=None) ->
         source = config.data.validation_path or f"data.validation_fraction={config.data.validation_fraction}"
         held = f"; {len(held_out)} held-out pairs ({source}) validated every {config.train.validate_every} steps"
     return (f"sipo: training {config.model.family} model {config.model.pretrained_path} with {config.objective.name} "
-            f"into {output_dir}; data: {len(dataset)} pairs found in {config.data.path}{skipped}{held}")
+            f"into {output_dir}; data: {pairs_found(dataset)} in {config.data.path}{skipped}{held}")
+
+
+def pairs_found(dataset) -> str:
+    """``"N pairs found"``, or what a stream (data.streaming, no length) says instead."""
+    return "pairs streamed" if getattr(dataset, "streaming", False) else f"{len(dataset)} pairs found"
 
 
 def _divergence_advice(output_dir: Path) -> str:

@@ -430,7 +430,7 @@ def open_held_out(config, dataset) -> tuple[Any, list[int] | None, list[int] | N
     if data.validation_path:
         # a hub layout's validation-*.parquet beside train-* is what a user who names the folder means
         separate = open_preference_dataset(
-            dataclasses.replace(data, path=data.validation_path, max_pairs=None, split="validation"),
+            dataclasses.replace(data, path=data.validation_path, max_pairs=None, split="validation", streaming=False),
             config.model.resolution, seed=config.train.seed, family=config.model.family)
         if len(separate) == 0:
             raise SipoError(f"data.validation_path {data.validation_path} holds no pairs; point it at held-out "

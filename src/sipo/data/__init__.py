@@ -1,4 +1,4 @@
-"""Preference-pair datasets: Pick-a-Pic parquet shards and JSONL manifests (docs/data.md).
+"""Preference-pair datasets: Pick-a-Pic parquet shards, JSONL manifests, `datasets` splits and tar shards (docs/data.md).
 
     ds = open_preference_dataset(config.data, resolution=config.model.resolution, seed=config.train.seed)
     loader = DataLoader(ds, batch_size=..., collate_fn=collate_pairs, num_workers=config.data.num_workers)
@@ -16,17 +16,21 @@ from __future__ import annotations
 
 from sipo.config import DataConfig
 from sipo.data.decode import MalformedRow, decode_file, decode_image, decode_video
+from sipo.data.hf import HfDataset
 from sipo.data.jsonl import JsonlDataset
 from sipo.data.pairs import PreferenceDataset, collate_pairs, flip_decision, media_of_family
 from sipo.data.pickapic import PickapicDataset
 from sipo.data.report import DataReport, SkippedRow
 from sipo.data.video import VideoSpec
+from sipo.data.webdataset import WebDataset
 from sipo.errors import SipoError
 
 #: data.format -> dataset class (DataConfig already checks the name; this is the one dispatch)
 FORMATS: dict[str, type[PreferenceDataset]] = {
     "pickapic": PickapicDataset,
     "jsonl": JsonlDataset,
+    "hf": HfDataset,
+    "webdataset": WebDataset,
 }
 
 
@@ -49,6 +53,14 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0,
                             "set data.format=jsonl with a manifest of video clips (docs/data.md) or set "
                             "model.family to an image family")
         options = {"split": cfg.split}
+    elif cfg.format == "hf":
+        options = {"split": cfg.split, "columns": cfg.columns, "video": video_spec(cfg), "family": family}
+        if cfg.streaming:
+            from sipo.data.hf_stream import HfStreamingPairs
+
+            return HfStreamingPairs(cfg.path, resolution, max_pairs=cfg.max_pairs,
+                                    strict=cfg.strict, random_flip=cfg.random_flip, seed=seed,
+                                    shuffle_buffer=cfg.shuffle_buffer, **options)
     else:  # only manifests can list videos: they alone take the clip sampling
         options = {"video": video_spec(cfg), "family": family}
     return FORMATS[cfg.format](
@@ -70,12 +82,14 @@ def video_spec(cfg: DataConfig) -> VideoSpec:
 __all__ = [
     "FORMATS",
     "DataReport",
+    "HfDataset",
     "JsonlDataset",
     "MalformedRow",
     "PickapicDataset",
     "PreferenceDataset",
     "SkippedRow",
     "VideoSpec",
+    "WebDataset",
     "collate_pairs",
     "decode_file",
     "decode_image",

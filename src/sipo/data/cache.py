@@ -113,7 +113,24 @@ def _data_files(data_config) -> list[Path]:
         from sipo.data.pickapic import find_shards
 
         return find_shards(data_config.path, data_config.split)
+    if data_config.format == "webdataset":
+        from sipo.data.webdataset import find_tar_shards
+
+        return find_tar_shards(data_config.path)
+    if data_config.format == "hf":
+        return hf_files(data_config.path)
     return [Path(data_config.path)]
+
+
+def hf_files(path: str) -> list[Path]:
+    """The files of a local `datasets` folder (hidden ones, such as .sipo-cache/, are not data); none for a hub id."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def picture_stamps(manifest: Path) -> list[list[Any]]:
@@ -137,6 +154,11 @@ def data_fingerprint(data_config) -> dict[str, Any]:
     """The data files' names, sizes and mtimes; a JSONL manifest's content hash and its pictures' stamps too."""
     files = _data_files(data_config)
     found: dict[str, Any] = {"format": data_config.format, "files": [_file_stamp(p) for p in files]}
+    if data_config.format == "hf":
+        # which rows become which pairs: the split, the column mapping, and for a hub id the id itself
+        found.update(split=data_config.split, columns=dict(sorted(data_config.columns.items())))
+        if not files:
+            found["hub_id"] = data_config.path
     if data_config.format == "jsonl" and files and files[0].is_file():
         found["manifest_sha256"] = hashlib.sha256(files[0].read_bytes()).hexdigest()
         stamps = picture_stamps(files[0])
@@ -178,6 +200,8 @@ def cache_root(config: SipoConfig) -> Path:
         return Path(config.data.cache_dir).expanduser()
     files = _data_files(config.data)
     base = Path(config.data.path)
+    if config.data.format == "hf" and not files:  # a hub id: beside the hub's own cache
+        return Path.home() / ".cache" / "sipo" / config.data.path.replace("/", "--") / CACHE_FOLDER
     if base.is_dir():
         return base / CACHE_FOLDER
     return (files[0].parent if files else base.parent) / CACHE_FOLDER
@@ -232,6 +256,9 @@ def build_cache(config: SipoConfig, adapter=None, progress: bool = True, shard_p
 
     # the latents a deterministic run trains on are encoded with its kernels (TF32 off on CUDA)
     configure_kernels(config.train.deterministic)
+    if config.data.streaming:
+        raise SipoError("sipo cache encodes an indexed dataset, and data.streaming=true reads a stream; set "
+                        "data.streaming=false (the cache then replaces the pictures in training)")
     # The plain pictures; flipped latents come from mirrored pictures below.
     dataset = open_preference_dataset(dataclasses.replace(config.data, random_flip=False), config.model.resolution,
                                       seed=config.train.seed, family=config.model.family)
@@ -571,7 +598,7 @@ def open_cache_for_training(config: SipoConfig, dataset, log: Callable[[str], No
     ``auto`` says which it uses.
     """
     mode = config.data.use_cache
-    if mode == "never":
+    if mode == "never" or config.data.streaming:  # a stream has no indices for a cache to serve
         return None
     root = cache_root(config)
     # no cache folder at all (the usual case under auto): nothing to match, and no key to compute,

@@ -99,6 +99,10 @@ class PreferenceDataset(Dataset):
             index += length
         if not 0 <= index < length:
             raise IndexError(f"pair index {index} out of range for {length} pairs")
+        return self._item(index)
+
+    def _item(self, index: int) -> Item:
+        """Pair ``index`` (in range): loaded, checked, flipped and recorded; a stream calls it by position."""
         try:
             prompt, chosen, rejected, *original = self._load(index)
             if chosen.shape != rejected.shape:

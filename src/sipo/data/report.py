@@ -32,6 +32,7 @@ PAIR_KIND_MISMATCH = "chosen and rejected differ in kind or frame count"
 INVALID_LABEL = "invalid label_0"
 UNREADABLE_SHARD = "unreadable parquet shard"
 UNREADABLE_ROW_GROUP = "unreadable parquet row group"
+UNREADABLE_TAR = "unreadable tar shard"
 #: both sides decode to the same pixels (one file twice, or two copies): no preference to learn
 IDENTICAL_PAIR = "chosen and rejected are the same picture"
 #: the row's kind is not the model's: a picture for a video family, a clip for an image family
@@ -162,7 +163,7 @@ class DataReport:
         }
 
     def __str__(self) -> str:
-        shards = f" in {self.shards} shard{'s' * (self.shards != 1)}" if self.format == "pickapic" else ""
+        shards = f" in {self.shards} shard{'s' * (self.shards != 1)}" if self.format in ("pickapic", "webdataset") else ""
         text = (
             f"{self.format} {self.source}: {self.rows_seen} rows{shards}, "
             f"{self.ties_dropped} ties dropped, {self.pairs} pairs, {self.used} loaded"

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="encode every pair once into a latent cache that sipo train reads")
     _add_config_arguments(cache)
     cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    export = commands.add_parser("export", help="write a run's LoRA in another tool's layout (ComfyUI)")
+    export.add_argument("--run", required=True, type=_user_path, help="the run directory (its train.output_dir)")
+    export.add_argument("--format", default="comfyui", choices=("comfyui", "diffusers"),
+                        help="comfyui: pytorch_lora_weights_comfyui.safetensors beside the run's, best/'s and each checkpoint's weights")
     return parser
 
 
@@ -176,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_manifest(location)
             print(f"cached {manifest['pairs']} pairs in {manifest['shards']} shards at {location}; "
                   "sipo train uses it while the model, resolution and data stay the same")
+        elif args.command == "export":
+            from sipo.export import export_run
+
+            for path in export_run(args.run, args.format):
+                print(f"wrote {path}")
     except TrainingInterrupted as stopped:
         print(f"sipo: {_one_sentence(stopped)}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT

@@ -387,6 +387,10 @@ class TrainConfig:
     lora_rank: int = _help("LoRA rank", default=8)
     lora_alpha: float = _help("LoRA alpha", default=8.0)
     lora_target_modules: list[str] = _help("LoRA target modules (empty: the family's default)", default_factory=list)
+    lora_format: str = _help(
+        "diffusers: pytorch_lora_weights.safetensors only; comfyui: also pytorch_lora_weights_comfyui.safetensors "
+        "(kohya/ComfyUI keys: lora_unet_* for sd15/sdxl, lora_transformer_* for sd3/flux) beside it, in best/ and in "
+        "every checkpoint (docs/models.md)", default="diffusers")
     checkpoint_every: int = _help("write a resumable checkpoint every N optimizer steps (0: only at the end)", default=500)
     keep_last: int = _help("checkpoints to keep", default=3)
     log_every: int = _help("TensorBoard scalars every N optimizer steps", default=10)
@@ -429,6 +433,7 @@ class TrainConfig:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _choice("train.finetune", self.finetune, ("lora", "full"))
+        _choice("train.lora_format", self.lora_format, ("diffusers", "comfyui"))
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_last", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise SipoError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -734,6 +739,10 @@ def check_values(config: SipoConfig) -> None:
     if not tc.output_dir:  # Path("") is the working directory: a run would write among the user's files
         raise SipoError("train.output_dir is empty, which would write the run into the working directory; "
                         "set it to a directory of its own, e.g. train.output_dir=runs/my-run")
+    if tc.lora_format == "comfyui" and tc.finetune == "lora":
+        from sipo.export import check_comfyui_family
+
+        check_comfyui_family(config.model.family)
     if tc.keep_best == "held_out_accuracy" and not (config.data.validation_path or config.data.validation_fraction):
         raise SipoError("train.keep_best=held_out_accuracy needs held-out pairs; set data.validation_fraction "
                         "(e.g. 0.05) or data.validation_path")

@@ -33,6 +33,7 @@ from sipo.checkpoints import (
 from sipo.config import SipoConfig, check_against_model, check_values, save_config
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError, TrainingInterrupted
+from sipo.export import write_checkpoint_comfyui, write_lora_formats
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import hold_frozen_weights_in, store_frozen_base_in
 from sipo.performance import (
@@ -319,6 +320,8 @@ def write_checkpoint(run: Run) -> Path | None:
     if accelerator.is_main_process:
         path = save_checkpoint(run.output_dir, run.trainable, run.optimizer, run.lr_scheduler, run.state,
                                run.generator, tc.keep_last, run.plan.fingerprint, device=accelerator.device)
+        if tc.finetune == "lora" and tc.lora_format == "comfyui":  # beside the checkpoint, outside its manifest
+            write_checkpoint_comfyui(path, run.trainable, run.config.model.family, tc.lora_alpha)
     accelerator.wait_for_everyone()
     return path
 
@@ -370,6 +373,7 @@ def finish(run: Run) -> None:
                 from peft.utils import get_peft_model_state_dict
 
                 run.adapter.save_lora(output_dir, get_peft_model_state_dict(unwrapped))
+                write_lora_formats(output_dir, config)
             else:
                 run.adapter.save_full(output_dir)
             _write_model_card(output_dir, config, state)

@@ -237,7 +237,10 @@ class BestKeeper:
         if run.config.train.finetune == "lora":
             from peft.utils import get_peft_model_state_dict
 
+            from sipo.export import write_lora_formats
+
             run.adapter.save_lora(tmp, get_peft_model_state_dict(run.accelerator.unwrap_model(run.model)))
+            write_lora_formats(tmp, run.config)
         else:
             run.adapter.save_full(tmp)
         self.current = {"step": run.state.step, "metric": metric, "value": value}

@@ -564,7 +564,7 @@ def start_writing(run: Run) -> None:
     accelerator, config, output_dir = run.accelerator, run.config, run.output_dir
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
-        _start_trackers(accelerator, config)
+        _start_trackers(accelerator, config, output_dir, resumed=run.plan.resume_from is not None)
         if run.plan.resume_from is None:
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
             (output_dir / VALIDATION_LOG).unlink(missing_ok=True)
@@ -837,18 +837,23 @@ def _best_line(output_dir: Path) -> str:
             "(load with pipe.load_lora_weights(dir / 'best'))\n")
 
 
-def _start_trackers(accelerator, config: SipoConfig) -> None:
-    """One stable log folder per run, ``<output_dir>/logs``; a resume appends to it.
+def _start_trackers(accelerator, config: SipoConfig, output_dir: Path, resumed: bool) -> None:
+    """One stable log folder per run, ``<output_dir>/logs``; a resume appends to it (W&B: to the
+    same run, whose id ``sipo.tracking`` keeps in that folder).
 
     accelerate's TensorBoard tracker stores a config with ``add_hparams``, which makes a new
     timestamped folder on every call: TensorBoard gets the config as text instead.
     """
     import yaml
 
+    from sipo.tracking import tracker_project, wandb_init_kwargs
+
     if config.train.report_to == "none":
         return
     flat = {k: str(v) for k, v in _flat(config.to_dict()).items()}
-    accelerator.init_trackers("logs", config=flat if config.train.report_to != "tensorboard" else None)
+    init_kwargs = {"wandb": wandb_init_kwargs(output_dir, resumed)} if config.train.report_to == "wandb" else {}
+    accelerator.init_trackers(tracker_project(config.train.report_to),
+                              config=flat if config.train.report_to != "tensorboard" else None, init_kwargs=init_kwargs)
     if config.train.report_to == "tensorboard":
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
         writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```")

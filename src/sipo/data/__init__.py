@@ -50,7 +50,7 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0,
                             "model.family to an image family")
         options = {"split": cfg.split}
     else:  # only manifests can list videos: they alone take the clip sampling
-        options = {"video": video_spec(cfg), "family": family}
+        options = {"video": video_spec(cfg), "family": family, "min_score_margin": cfg.min_score_margin}
     return FORMATS[cfg.format](
         cfg.path,
         resolution,

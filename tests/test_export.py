@@ -104,9 +104,13 @@ def test_transformer_families_use_the_lora_transformer_prefix():
 
 
 def test_families_without_a_comfyui_layout_are_refused_in_one_sentence(tmp_path):
+    from sipo.train import check_run
+
+    config = load_config(None, ["model.family=wan", "model.pretrained_path=x", "train.lora_format=comfyui",
+                                f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(SipoError, match="not wan .*set train.lora_format=diffusers"):
-        load_config(None, ["model.family=wan", "model.pretrained_path=x", "train.lora_format=comfyui",
-                           f"train.output_dir={tmp_path / 'run'}"])
+        check_run(config, resume=False, overwrite=False)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(SipoError, match="train.lora_format"):
         load_config(None, ["train.lora_format=kohya"])
 

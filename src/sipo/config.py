@@ -750,10 +750,6 @@ def check_values(config: SipoConfig) -> None:
     if not tc.output_dir:  # Path("") is the working directory: a run would write among the user's files
         raise SipoError("train.output_dir is empty, which would write the run into the working directory; "
                         "set it to a directory of its own, e.g. train.output_dir=runs/my-run")
-    if tc.lora_format == "comfyui" and tc.finetune == "lora":
-        from sipo.export import check_comfyui_family
-
-        check_comfyui_family(config.model.family)
     if tc.keep_best == "held_out_accuracy" and not (config.data.validation_path or config.data.validation_fraction):
         raise SipoError("train.keep_best=held_out_accuracy needs held-out pairs; set data.validation_fraction "
                         "(e.g. 0.05) or data.validation_path")

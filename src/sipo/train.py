@@ -33,7 +33,7 @@ from sipo.checkpoints import (
 from sipo.config import SipoConfig, check_against_model, check_values, save_config
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError, TrainingInterrupted
-from sipo.export import write_checkpoint_comfyui, write_lora_formats
+from sipo.export import check_comfyui_family, write_checkpoint_comfyui, write_lora_formats
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import hold_frozen_weights_in, store_frozen_base_in
 from sipo.performance import (
@@ -399,6 +399,8 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
     output_dir = Path(tc.output_dir)
     rundir.check_launch(PartialState().num_processes)
     check_values(config)
+    if tc.finetune == "lora" and tc.lora_format == "comfyui":
+        check_comfyui_family(config.model.family)
     check_precision_for_device(tc.mixed_precision, PartialState().device.type)
     notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
     if check_model:

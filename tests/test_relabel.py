@@ -138,5 +138,44 @@ def test_min_score_margin_skips_and_counts_the_close_pairs(tmp_path):
         open_preference_dataset(_config(tmp_path / "pairs.jsonl", min_score_margin=0.4).data, 32)
     with pytest.raises(SipoError, match="must be 0 or more"):
         _config(scored, min_score_margin=-1)
-    with pytest.raises(SipoError, match="not data.format=pickapic"):
-        load_config(None, ["data.format=pickapic", "data.min_score_margin=0.5"])
+
+
+def test_pickapic_input_becomes_a_scored_shard_that_min_score_margin_filters(scorer_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pictures = write_jsonl_pairs(tmp_path / "pictures", num_pairs=5, seed=9)
+    rows = [json.loads(line) for line in pictures.read_text().splitlines()]
+    labels = [1.0, 0.0, 0.5, 0.0, 1.0]  # the tie is dropped, as training drops it
+    table = pa.table({
+        "caption": [r["prompt"] for r in rows],
+        "jpg_0": pa.array([(pictures.parent / r["chosen"]).read_bytes() for r in rows], pa.binary()),
+        "jpg_1": pa.array([(pictures.parent / r["rejected"]).read_bytes() for r in rows], pa.binary()),
+        "label_0": pa.array(labels, pa.float64()),
+    })
+    (tmp_path / "shards").mkdir()
+    pq.write_table(table, tmp_path / "shards" / "train-00000-of-00001.parquet")
+    config = load_config(None, ["data.format=pickapic", f"data.path={tmp_path / 'shards'}", "model.resolution=32"])
+    result = relabel(config, "pickscore", batch_size=3, scorer_path=str(scorer_dir), progress=False)
+    assert result.out == tmp_path / "shards" / "relabelled-pickscore" / "train-00000-of-00001.parquet"
+    written = pq.read_table(result.out).to_pylist()
+    hand = {r["prompt"]: pair for r, pair in zip(rows, _by_hand(pictures, scorer_dir))}  # (jpg_0, jpg_1) scores
+    assert [w["caption"] for w in written] == [rows[i]["prompt"] for i in (0, 1, 3, 4)]
+    agreeing = 0
+    for row in written:
+        score_0, score_1 = hand[row["caption"]]
+        assert row["score_0"] == pytest.approx(score_0, abs=1e-4) and row["score_1"] == pytest.approx(score_1, abs=1e-4)
+        assert row["label_0"] == (1.0 if score_0 > score_1 else 0.0)
+        assert row["score_margin"] == pytest.approx(abs(score_0 - score_1), abs=2e-4)
+        agreeing += row["label_0"] == row["original_label_0"]
+        assert row["jpg_0"] == table.column("jpg_0")[[r["prompt"] for r in rows].index(row["caption"])].as_py()
+    assert result.agreeing == agreeing and result.pairs == 4
+
+    margins = sorted(w["score_margin"] for w in written)
+    threshold = (margins[1] + margins[2]) / 2  # keeps the two clearest pairs
+    kept = open_preference_dataset(load_config(None, [
+        "data.format=pickapic", f"data.path={result.out.parent}", f"data.min_score_margin={threshold}"]).data, 32)
+    assert len(kept) == 2 and kept.report.index_skips[BELOW_MARGIN] == 2
+    with pytest.raises(SipoError, match="needs a score_margin"):
+        open_preference_dataset(load_config(None, ["data.format=pickapic", f"data.path={tmp_path / 'shards'}",
+                                                   "data.min_score_margin=0.1"]).data, 32)

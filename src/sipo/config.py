@@ -194,8 +194,9 @@ class DataConfig:
 
     # score margins (sipo relabel; docs/data.md)
     min_score_margin: float | None = _help(
-        "jsonl: skip (and count in the data report) pairs whose |score_margin| (or |score_chosen - score_rejected|), "
-        "as `sipo relabel` writes them, is below this; None: train on every pair", default=None)
+        "skip (and count in the data report) pairs whose |score_margin| (jsonl: or |score_chosen - score_rejected|; "
+        "pickapic: or |score_0 - score_1|), as `sipo relabel` writes them, is below this; None: train on every pair",
+        default=None)
 
     # held-out pairs (sipo.validation; docs/validation.md)
     validation_path: str | None = _help(
@@ -222,9 +223,6 @@ class DataConfig:
         if self.min_score_margin is not None and not self.min_score_margin >= 0:
             raise SipoError(f"data.min_score_margin={self.min_score_margin} must be 0 or more (it bounds |margin|), "
                             "or null to keep every pair")
-        if self.min_score_margin is not None and self.format != "jsonl":
-            raise SipoError(f"data.min_score_margin reads the score columns of a JSONL manifest written by sipo relabel, "
-                            f"not data.format={self.format}; relabel the pairs into a manifest, or unset it")
         if self.max_pairs is not None and self.max_pairs <= 0:
             raise SipoError("data.max_pairs must be a positive integer or null")
         if not self.split.strip():

@@ -48,7 +48,7 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0,
             raise SipoError(f"data.format=pickapic holds pictures, but model.family={family} trains on videos; "
                             "set data.format=jsonl with a manifest of video clips (docs/data.md) or set "
                             "model.family to an image family")
-        options = {"split": cfg.split}
+        options = {"split": cfg.split, "min_score_margin": cfg.min_score_margin}
     else:  # only manifests can list videos: they alone take the clip sampling
         options = {"video": video_spec(cfg), "family": family, "min_score_margin": cfg.min_score_margin}
     return FORMATS[cfg.format](

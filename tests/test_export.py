@@ -124,9 +124,12 @@ def test_training_writes_the_comfyui_file_at_every_save_and_export_rebuilds_it(t
     run = tmp_path / "run"
     train(load_config(None, tiny_overrides(tiny_sd15_dir, manifest, run, **extra, **{"train.lora_format": "comfyui"})),
           progress=False)
-    for folder in (run, run / "best", run / "checkpoints" / "step-00000001"):
+    for folder in (run, run / "best", run / "checkpoints" / "step-00000001", run / "checkpoints" / "step-00000002"):
         assert (folder / COMFYUI_FILE).is_file(), folder
     final = load_file(str(run / COMFYUI_FILE))
+    # the final checkpoint's file (built from peft's parameter names) equals the run's (from the diffusers file)
+    last = load_file(str(run / "checkpoints" / "step-00000002" / COMFYUI_FILE))
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in final)
     # sipo export on a run trained without it writes the same file
     plain = tmp_path / "plain"
     train(load_config(None, tiny_overrides(tiny_sd15_dir, manifest, plain, **extra)), progress=False)

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(relabel)
     relabel.add_argument("--scorer", required=True, help="pickscore, hpsv2, imagereward, aesthetic or clipscore")
     relabel.add_argument("--scorer-path", default=None, type=_user_path,
-                         help="the scorer's local checkpoint directory (default: its hub id where online)")
+                         help="the scorer's local checkpoint directory, DIR or NAME=DIR (default: its hub id where online)")
     relabel.add_argument("--out", default=None, type=_user_path,
                          help="the new manifest (default: <data.path stem>.<scorer>.jsonl beside data.path)")
     relabel.add_argument("--batch-size", type=int, default=8, help="pairs per scoring batch")
@@ -196,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             from sipo.relabel import relabel
 
             config = load_config(args.config, args.overrides)
+            scorer_path = args.scorer_path  # DIR, or NAME=DIR as sipo eval takes it
+            if scorer_path is not None and scorer_path.startswith(f"{args.scorer}="):
+                scorer_path = scorer_path[len(args.scorer) + 1:]
             result = relabel(config, args.scorer, out=args.out, batch_size=args.batch_size,
-                             scorer_path=args.scorer_path, progress=not args.no_progress)
+                             scorer_path=scorer_path, progress=not args.no_progress)
             print(f"relabelled {result.pairs} pairs into {result.out}; {result.summary()}")
         elif args.command == "export":
             from sipo.export import export_run

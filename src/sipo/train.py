@@ -365,8 +365,10 @@ def finish(run: Run) -> None:
                 f"no usable pair in {config.data.path}: every row read was skipped ({dataset.report.skip_summary()}), "
                 f"so no weights were written; fix the rows listed in {output_dir / 'data_report.json'}"
             )
-        save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, run.generator,
-                        config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
+        final = save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, run.generator,
+                                config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
+        if config.train.finetune == "lora" and config.train.lora_format == "comfyui":
+            write_checkpoint_comfyui(final, run.trainable, config.model.family, config.train.lora_alpha)
         unwrapped = accelerator.unwrap_model(run.model)
         try:
             if config.train.finetune == "lora":

@@ -25,12 +25,12 @@ from sipo.data.pairs import PreferenceDataset, media_of_family
 from sipo.data.sizes import original_size
 from sipo.data.video import VideoSpec
 from sipo.data.report import (
+    BELOW_MARGIN,
     INVALID_PATH,
     MALFORMED_JSON,
     MISSING_FIELD,
-    NOT_A_PICTURE,
-    BELOW_MARGIN,
     NO_SCORE,
+    NOT_A_PICTURE,
     NOT_A_VIDEO,
     PATH_ESCAPES_ROOT,
     WRONG_FIELD_TYPE,

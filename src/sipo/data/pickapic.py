@@ -27,8 +27,8 @@ from sipo.data.sizes import original_size
 from sipo.data.report import (
     BELOW_MARGIN,
     INVALID_LABEL,
-    NO_SCORE,
     MISSING_FIELD,
+    NO_SCORE,
     UNREADABLE_ROW_GROUP,
     UNREADABLE_SHARD,
 )
@@ -243,7 +243,7 @@ class PickapicDataset(PreferenceDataset):
         finally:
             parquet.close()
         scored = np.isfinite(margin)
-        self._scored_rows += int((scored & candidates).sum())
+        self._scored_rows += int(scored.sum())  # the shard has scores at all (ties included)
         keep = scored & (np.abs(np.where(scored, margin, 0.0)) >= self.min_score_margin)
         for row in np.flatnonzero(candidates & ~keep):
             reason = BELOW_MARGIN if scored[row] else NO_SCORE

@@ -325,6 +325,7 @@ def run_weights(run_dir: str | Path) -> RunWeights:
 RESUME_MAY_CHANGE = frozenset({
     "train.max_steps", "train.checkpoint_every", "train.log_every", "train.keep_last", "train.report_to",
     "train.max_bad_steps", "train.output_dir", "data.num_workers",
+    "train.lora_format",  # which extra LoRA files are written beside the weights (sipo.export)
     # what validation looks at and when; it draws nothing from the training stream (sipo.validation)
     "train.validate_every", "train.sample_every", "train.sample_steps", "train.sample_guidance_scale",
     "train.validation_prompts", "train.validation_seeds", "train.validation_scorers", "train.validation_scorer_paths",

@@ -84,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="encode every pair once into a latent cache that sipo train reads")
     _add_config_arguments(cache)
     cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    relabel = commands.add_parser("relabel", help="label every pair again with a reward model, with the agreement")
+    _add_config_arguments(relabel)
+    relabel.add_argument("--scorer", required=True, help="pickscore, hpsv2, imagereward, aesthetic or clipscore")
+    relabel.add_argument("--scorer-path", default=None, type=_user_path,
+                         help="the scorer's local checkpoint directory, DIR or NAME=DIR (default: its hub id where online)")
+    relabel.add_argument("--out", default=None, type=_user_path,
+                         help="the new manifest (default: <data.path stem>.<scorer>.jsonl beside data.path)")
+    relabel.add_argument("--batch-size", type=int, default=8, help="pairs per scoring batch")
+    relabel.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    export = commands.add_parser("export", help="write a run's LoRA in another tool's layout (ComfyUI)")
+    export.add_argument("--run", required=True, type=_user_path, help="the run directory (its train.output_dir)")
+    export.add_argument("--format", default="comfyui", choices=("comfyui", "diffusers"),
+                        help="comfyui: pytorch_lora_weights_comfyui.safetensors beside the run's, best/'s and each checkpoint's weights")
     return parser
 
 
@@ -176,6 +191,22 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_manifest(location)
             print(f"cached {manifest['pairs']} pairs in {manifest['shards']} shards at {location}; "
                   "sipo train uses it while the model, resolution and data stay the same")
+        elif args.command == "relabel":
+            from sipo.config import load_config
+            from sipo.relabel import relabel
+
+            config = load_config(args.config, args.overrides)
+            scorer_path = args.scorer_path  # DIR, or NAME=DIR as sipo eval takes it
+            if scorer_path is not None and scorer_path.startswith(f"{args.scorer}="):
+                scorer_path = scorer_path[len(args.scorer) + 1:]
+            result = relabel(config, args.scorer, out=args.out, batch_size=args.batch_size,
+                             scorer_path=scorer_path, progress=not args.no_progress)
+            print(f"relabelled {result.pairs} pairs into {result.out}; {result.summary()}")
+        elif args.command == "export":
+            from sipo.export import export_run
+
+            for path in export_run(args.run, args.format):
+                print(f"wrote {path}")
     except TrainingInterrupted as stopped:
         print(f"sipo: {_one_sentence(stopped)}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT

@@ -204,6 +204,12 @@ class DataConfig:
         "order through a shuffle buffer of data.shuffle_buffer rows, and a resume skips the consumed pairs", default=False)
     shuffle_buffer: int = _help("hf with streaming: rows in the shuffle buffer (1: the stream's own order)", default=1000)
 
+    # score margins (sipo relabel; docs/data.md)
+    min_score_margin: float | None = _help(
+        "skip (and count in the data report) pairs whose |score_margin| (jsonl: or |score_chosen - score_rejected|; "
+        "pickapic: or |score_0 - score_1|), as `sipo relabel` writes them, is below this; None: train on every pair",
+        default=None)
+
     # held-out pairs (sipo.validation; docs/validation.md)
     validation_path: str | None = _help(
         "held-out preference pairs in data.format (a file, folder or glob): never trained on, evaluated every "
@@ -227,6 +233,13 @@ class DataConfig:
         self._check_columns()
         _choice("data.shuffle", self.shuffle, ("block", "full"))
         _choice("data.use_cache", self.use_cache, ("auto", "always", "never"))
+        if self.min_score_margin is not None and not self.min_score_margin >= 0:
+            raise SipoError(f"data.min_score_margin={self.min_score_margin} must be 0 or more (it bounds |margin|), "
+                            "or null to keep every pair")
+        if self.min_score_margin is not None and self.format not in ("pickapic", "jsonl"):
+            raise SipoError(f"data.min_score_margin reads the score columns sipo relabel writes (a JSONL manifest or a "
+                            f"Pick-a-Pic shard), not data.format={self.format}; relabel the pairs and train on its "
+                            "output, or unset data.min_score_margin")
         if self.max_pairs is not None and self.max_pairs <= 0:
             raise SipoError("data.max_pairs must be a positive integer or null")
         if not self.split.strip():
@@ -424,6 +437,10 @@ class TrainConfig:
     lora_rank: int = _help("LoRA rank", default=8)
     lora_alpha: float = _help("LoRA alpha", default=8.0)
     lora_target_modules: list[str] = _help("LoRA target modules (empty: the family's default)", default_factory=list)
+    lora_format: str = _help(
+        "diffusers: pytorch_lora_weights.safetensors only; comfyui: also pytorch_lora_weights_comfyui.safetensors "
+        "(kohya/ComfyUI keys: lora_unet_* for sd15/sdxl, lora_transformer_* for sd3/flux) beside it, in best/ and in "
+        "every checkpoint (docs/models.md)", default="diffusers")
     checkpoint_every: int = _help("write a resumable checkpoint every N optimizer steps (0: only at the end)", default=500)
     keep_last: int = _help("checkpoints to keep", default=3)
     log_every: int = _help("TensorBoard scalars every N optimizer steps", default=10)
@@ -466,6 +483,7 @@ class TrainConfig:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _choice("train.finetune", self.finetune, ("lora", "full"))
+        _choice("train.lora_format", self.lora_format, ("diffusers", "comfyui"))
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_last", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise SipoError(f"train.{name} must be at least 1, got {getattr(self, name)}")

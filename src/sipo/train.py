@@ -33,6 +33,7 @@ from sipo.checkpoints import (
 from sipo.config import SipoConfig, check_against_model, check_values, save_config
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError, TrainingInterrupted
+from sipo.export import check_comfyui_family, write_checkpoint_comfyui, write_lora_formats
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import hold_frozen_weights_in, store_frozen_base_in
 from sipo.performance import (
@@ -319,6 +320,8 @@ def write_checkpoint(run: Run) -> Path | None:
     if accelerator.is_main_process:
         path = save_checkpoint(run.output_dir, run.trainable, run.optimizer, run.lr_scheduler, run.state,
                                run.generator, tc.keep_last, run.plan.fingerprint, device=accelerator.device)
+        if tc.finetune == "lora" and tc.lora_format == "comfyui":  # beside the checkpoint, outside its manifest
+            write_checkpoint_comfyui(path, run.trainable, run.config.model.family, tc.lora_alpha)
     accelerator.wait_for_everyone()
     return path
 
@@ -362,14 +365,17 @@ def finish(run: Run) -> None:
                 f"no usable pair in {config.data.path}: every row read was skipped ({dataset.report.skip_summary()}), "
                 f"so no weights were written; fix the rows listed in {output_dir / 'data_report.json'}"
             )
-        save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, run.generator,
-                        config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
+        final = save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, run.generator,
+                                config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
+        if config.train.finetune == "lora" and config.train.lora_format == "comfyui":
+            write_checkpoint_comfyui(final, run.trainable, config.model.family, config.train.lora_alpha)
         unwrapped = accelerator.unwrap_model(run.model)
         try:
             if config.train.finetune == "lora":
                 from peft.utils import get_peft_model_state_dict
 
                 run.adapter.save_lora(output_dir, get_peft_model_state_dict(unwrapped))
+                write_lora_formats(output_dir, config)
             else:
                 run.adapter.save_full(output_dir)
             _write_model_card(output_dir, config, state)
@@ -395,6 +401,8 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
     output_dir = Path(tc.output_dir)
     rundir.check_launch(PartialState().num_processes)
     check_values(config)
+    if tc.finetune == "lora" and tc.lora_format == "comfyui":
+        check_comfyui_family(config.model.family)
     check_precision_for_device(tc.mixed_precision, PartialState().device.type)
     notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
     if check_model:
@@ -565,7 +573,7 @@ def start_writing(run: Run) -> None:
     accelerator, config, output_dir = run.accelerator, run.config, run.output_dir
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
-        _start_trackers(accelerator, config)
+        _start_trackers(accelerator, config, output_dir, resumed=run.plan.resume_from is not None)
         if run.plan.resume_from is None:
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
             (output_dir / VALIDATION_LOG).unlink(missing_ok=True)
@@ -838,18 +846,23 @@ def _best_line(output_dir: Path) -> str:
             "(load with pipe.load_lora_weights(dir / 'best'))\n")
 
 
-def _start_trackers(accelerator, config: SipoConfig) -> None:
-    """One stable log folder per run, ``<output_dir>/logs``; a resume appends to it.
+def _start_trackers(accelerator, config: SipoConfig, output_dir: Path, resumed: bool) -> None:
+    """One stable log folder per run, ``<output_dir>/logs``; a resume appends to it (W&B: to the
+    same run, whose id ``sipo.tracking`` keeps in that folder).
 
     accelerate's TensorBoard tracker stores a config with ``add_hparams``, which makes a new
     timestamped folder on every call: TensorBoard gets the config as text instead.
     """
     import yaml
 
+    from sipo.tracking import tracker_project, wandb_init_kwargs
+
     if config.train.report_to == "none":
         return
     flat = {k: str(v) for k, v in _flat(config.to_dict()).items()}
-    accelerator.init_trackers("logs", config=flat if config.train.report_to != "tensorboard" else None)
+    init_kwargs = {"wandb": wandb_init_kwargs(output_dir, resumed)} if config.train.report_to == "wandb" else {}
+    accelerator.init_trackers(tracker_project(config.train.report_to),
+                              config=flat if config.train.report_to != "tensorboard" else None, init_kwargs=init_kwargs)
     if config.train.report_to == "tensorboard":
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
         writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```")

@@ -237,7 +237,10 @@ class BestKeeper:
         if run.config.train.finetune == "lora":
             from peft.utils import get_peft_model_state_dict
 
+            from sipo.export import write_lora_formats
+
             run.adapter.save_lora(tmp, get_peft_model_state_dict(run.accelerator.unwrap_model(run.model)))
+            write_lora_formats(tmp, run.config)
         else:
             run.adapter.save_full(tmp)
         self.current = {"step": run.state.step, "metric": metric, "value": value}
@@ -312,6 +315,7 @@ class SampleValidation:
 
     def sample(self, run) -> None:
         from sipo.evaluate import bootstrap_ci, save_picture, win_outcomes
+        from sipo.tracking import log_sample_grid
 
         accelerator = run.accelerator
         if accelerator.is_main_process:
@@ -321,9 +325,8 @@ class SampleValidation:
                 save_picture(folder / f"p{index:03d}_s{seed}.png", picture)
             grid = sample_grid([p for _, _, p in samples], rows=len(self.prompts), columns=len(self.seeds))
             _save_png(folder / "grid.png", grid)
-            for tracker in accelerator.trackers:
-                if hasattr(tracker, "log_images"):
-                    tracker.log_images({"validation_samples": grid[None]}, step=run.state.step, dataformats="NHWC")
+            log_sample_grid(accelerator, grid, [f"{self.prompts[i]} (seed {seed})" for i, seed, _ in samples],
+                            [p for _, _, p in samples], run.state.step)
             record: dict[str, Any] = {"step": run.state.step}
             scores: dict[str, list[float]] = {}
             for name, scorer in self.scorers.items():

@@ -52,7 +52,7 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0,
             raise SipoError(f"data.format=pickapic holds pictures, but model.family={family} trains on videos; "
                             "set data.format=jsonl with a manifest of video clips (docs/data.md) or set "
                             "model.family to an image family")
-        options = {"split": cfg.split}
+        options = {"split": cfg.split, "min_score_margin": cfg.min_score_margin}
     elif cfg.format == "hf":
         options = {"split": cfg.split, "columns": cfg.columns, "video": video_spec(cfg), "family": family}
         if cfg.streaming:
@@ -61,7 +61,9 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0,
             return HfStreamingPairs(cfg.path, resolution, max_pairs=cfg.max_pairs,
                                     strict=cfg.strict, random_flip=cfg.random_flip, seed=seed,
                                     shuffle_buffer=cfg.shuffle_buffer, **options)
-    else:  # only manifests can list videos: they alone take the clip sampling
+    elif cfg.format == "jsonl":
+        options = {"video": video_spec(cfg), "family": family, "min_score_margin": cfg.min_score_margin}
+    else:  # webdataset shards, like manifests, may hold clips
         options = {"video": video_spec(cfg), "family": family}
     return FORMATS[cfg.format](
         cfg.path,

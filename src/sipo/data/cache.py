@@ -184,6 +184,8 @@ def cache_identity(config: SipoConfig) -> dict[str, Any]:
         "encoder_dtype": encoder_dtype_name(config),
         # how clips are sampled decides a video's latents as the resolution decides a picture's
         "clips": [config.data.num_frames, config.data.fps, config.data.height, config.data.width],
+        # the margin filter decides which pairs get an index (only present when set: older keys stay valid)
+        **({"min_score_margin": config.data.min_score_margin} if config.data.min_score_margin is not None else {}),
     }
 
 

@@ -25,9 +25,11 @@ from sipo.data.pairs import PreferenceDataset, media_of_family
 from sipo.data.sizes import original_size
 from sipo.data.video import VideoSpec
 from sipo.data.report import (
+    BELOW_MARGIN,
     INVALID_PATH,
     MALFORMED_JSON,
     MISSING_FIELD,
+    NO_SCORE,
     NOT_A_PICTURE,
     NOT_A_VIDEO,
     PATH_ESCAPES_ROOT,
@@ -86,11 +88,14 @@ class JsonlDataset(PreferenceDataset):
         seed: int = 0,
         video: VideoSpec | None = None,
         family: str | None = None,
+        min_score_margin: float | None = None,
     ) -> None:
         super().__init__(path, resolution, strict=strict, random_flip=random_flip, seed=seed)
         self.video = video or VideoSpec()
         # the model's kind ("image"/"video"); None: each file's suffix (and a GIF's frames) decide
         self.family, self.media = family, media_of_family(family)
+        self.min_score_margin = min_score_margin  # pairs whose |score margin| is below it are skipped (sipo relabel)
+        scored = 0
         if not path:
             raise SipoError("data.path is empty; set data.path to a JSONL manifest of prompt/chosen/rejected rows")
         manifest = Path(path)
@@ -109,9 +114,16 @@ class JsonlDataset(PreferenceDataset):
                     continue
                 self.report.rows_seen += 1
                 row = self._parse(raw, f"line {line_number} of {self._manifest}")
+                if row is not None and min_score_margin is not None:
+                    margin = row[3]
+                    scored += margin is not None
+                    if margin is None or abs(margin) < min_score_margin:
+                        self.report.skip_at_index_time(NO_SCORE if margin is None else BELOW_MARGIN,
+                                                       f"line {line_number} of {self._manifest}")
+                        row = None
                 if row is not None:
                     lines.append(line_number)
-                    for column, text in zip((self._prompts, self._chosen, self._rejected), row):
+                    for column, text in zip((self._prompts, self._chosen, self._rejected), row[:3]):
                         column.append(text)
         for column in (self._prompts, self._chosen, self._rejected):
             column.freeze()
@@ -125,6 +137,13 @@ class JsonlDataset(PreferenceDataset):
                 f"data.path {path} lists {have} (e.g. {self.report.examples[wrong_kind][0]}), but model.family="
                 f"{family} trains on {need}; point data.path at a manifest of {need} or set model.family to {other}"
             )
+        if min_score_margin is not None and not scored and self.report.rows_seen:
+            raise SipoError(f"data.min_score_margin={min_score_margin} needs score columns (score_margin, or score_chosen "
+                            f"and score_rejected) and {path} has none; score the pairs with `sipo relabel --config ... "
+                            "--scorer NAME` and train on the manifest it writes, or unset data.min_score_margin")
+        if not lines and min_score_margin is not None and self.report.index_skips[BELOW_MARGIN]:
+            raise SipoError(f"every scored pair of {path} has |score_margin| below data.min_score_margin="
+                            f"{min_score_margin}; lower it")
         if not lines:
             raise SipoError(
                 f"no valid pairs in {path} ({self.report.rows_seen} non-empty lines, "
@@ -132,8 +151,8 @@ class JsonlDataset(PreferenceDataset):
                 "object per line with paths relative to the manifest"
             )
 
-    def _parse(self, raw: bytes, where: str) -> tuple[str, str, str] | None:
-        """The row's (prompt, chosen, rejected), or None after counting why it is unusable."""
+    def _parse(self, raw: bytes, where: str) -> tuple[str, str, str, float | None] | None:
+        """The row's (prompt, chosen, rejected, score margin or None), or None after counting why it is unusable."""
         try:
             record = json.loads(raw)
         except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
@@ -155,7 +174,7 @@ class JsonlDataset(PreferenceDataset):
             if problem is not None:
                 self._raise_or_count(problem, f"{where} ({name}: {record[name]!r})")
                 return None
-        return record["prompt"], record["chosen"], record["rejected"]
+        return record["prompt"], record["chosen"], record["rejected"], _score_margin(record)
 
     def _kind_problem(self, relative: str) -> str | None:
         """A picture for a video model or a clip for an image model, told by the suffix (a GIF may be either)."""
@@ -199,6 +218,18 @@ class JsonlDataset(PreferenceDataset):
             return decode_file(real, self.resolution, self.video, self.media)
         except MalformedRow as problem:
             raise MalformedRow(problem.reason, f"{which} {relative!r}: {problem.detail}") from None
+
+
+def _score_margin(record: dict) -> float | None:
+    """The row's score margin as ``sipo relabel`` writes it, or None when it carries no scores."""
+    def number(name):
+        value = record.get(name)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    margin = number("score_margin")
+    if margin is None and number("score_chosen") is not None and number("score_rejected") is not None:
+        margin = number("score_chosen") - number("score_rejected")
+    return margin
 
 
 def listed_pictures(manifest: str | os.PathLike[str]) -> list[Path]:

@@ -25,8 +25,10 @@ from sipo.data.decode import MalformedRow, decode_image
 from sipo.data.pairs import PreferenceDataset
 from sipo.data.sizes import original_size
 from sipo.data.report import (
+    BELOW_MARGIN,
     INVALID_LABEL,
     MISSING_FIELD,
+    NO_SCORE,
     UNREADABLE_ROW_GROUP,
     UNREADABLE_SHARD,
 )
@@ -142,8 +144,11 @@ class PickapicDataset(PreferenceDataset):
         random_flip: bool = False,
         seed: int = 0,
         split: str = "train",
+        min_score_margin: float | None = None,
     ) -> None:
         super().__init__(path, resolution, strict=strict, random_flip=random_flip, seed=seed)
+        self.min_score_margin = min_score_margin  # rows whose |score_margin| is below it are skipped (sipo relabel)
+        self._scored_rows = 0
         shards = find_shards(path, split)
         self._shard_paths: list[str] = []
         self._row_group_starts: list[np.ndarray] = []
@@ -167,6 +172,13 @@ class PickapicDataset(PreferenceDataset):
         self._winner_is_0 = np.concatenate(winner_is_0) if winner_is_0 else np.zeros(0, bool)
         self.report.shards = len(shards)
         self.report.set_pairs(len(self._row))
+        if min_score_margin is not None and not self._scored_rows and self.report.rows_seen:
+            raise SipoError(f"data.min_score_margin={min_score_margin} needs a score_margin (or score_0 and score_1) "
+                            f"column and the shards of {path} have none; score the pairs with `sipo relabel --config "
+                            "... --scorer NAME` and train on the shard it writes, or unset data.min_score_margin")
+        if not len(self._row) and min_score_margin is not None and self.report.index_skips[BELOW_MARGIN]:
+            raise SipoError(f"every scored pair of {path} has |score_margin| below data.min_score_margin="
+                            f"{min_score_margin}; lower it")
         if len(self._row) == 0:
             report = self.report
             if report.rows_seen > 0 and report.ties_dropped == report.rows_seen:
@@ -208,8 +220,35 @@ class PickapicDataset(PreferenceDataset):
             self._raise_or_count(INVALID_LABEL, f"row {row} of shard {shard} (label_0={labels[row]})")
         tie = valid & (labels == 0.5)
         report.ties_dropped += int(tie.sum())
-        rows = np.flatnonzero(valid & ~tie).astype(np.int64)
+        keep = valid & ~tie
+        if self.min_score_margin is not None:
+            keep &= self._margin_keeps(shard, keep)
+        rows = np.flatnonzero(keep).astype(np.int64)
         return rows, labels[rows] > 0.5
+
+    def _margin_keeps(self, shard: Path, candidates: np.ndarray) -> np.ndarray:
+        """``data.min_score_margin``: which rows' |score margin| reaches it; the others are counted."""
+        parquet = pq.ParquetFile(shard)
+        try:
+            names = parquet.schema_arrow.names
+            if "score_margin" in names:
+                margin = parquet.read(columns=["score_margin"]).column(0).cast(pa.float64())
+                margin = pc.fill_null(margin, float("nan")).to_numpy()
+            elif "score_0" in names and "score_1" in names:
+                table = parquet.read(columns=["score_0", "score_1"])
+                margin = (pc.fill_null(table.column(0).cast(pa.float64()), float("nan")).to_numpy()
+                          - pc.fill_null(table.column(1).cast(pa.float64()), float("nan")).to_numpy())
+            else:
+                margin = np.full(len(candidates), np.nan)
+        finally:
+            parquet.close()
+        scored = np.isfinite(margin)
+        self._scored_rows += int(scored.sum())  # the shard has scores at all (ties included)
+        keep = scored & (np.abs(np.where(scored, margin, 0.0)) >= self.min_score_margin)
+        for row in np.flatnonzero(candidates & ~keep):
+            reason = BELOW_MARGIN if scored[row] else NO_SCORE
+            self.report.skip_at_index_time(reason, f"row {row} of shard {shard}")
+        return keep
 
     @staticmethod
     def _check_schema(shard: Path, schema: pa.Schema) -> None:

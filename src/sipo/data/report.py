@@ -39,6 +39,10 @@ IDENTICAL_PAIR = "chosen and rejected are the same picture"
 NOT_A_VIDEO = "a picture where the model needs a video clip"
 NOT_A_PICTURE = "a video clip where the model needs a picture"
 
+#: data.min_score_margin: the pair's |score margin| (sipo relabel) is below it, or the row has no scores
+BELOW_MARGIN = "score margin below data.min_score_margin"
+NO_SCORE = "no score columns (sipo relabel writes them)"
+
 #: locations kept per reason so that a user can find a few of the offending rows
 EXAMPLES_PER_REASON = 3
 

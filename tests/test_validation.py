@@ -51,6 +51,23 @@ def test_the_split_is_disjoint_complete_and_the_same_for_every_seed(pairs):
     assert 0 < len(held) < 16
 
 
+
+def test_the_split_and_its_noise_do_not_depend_on_where_the_data_lies(pairs, tmp_path):
+    # a folder copied elsewhere (another node's mount, a test's temporary directory) holds out the
+    # same pairs with the same fixed noise; keyed by absolute path, a 16-pair split moved with it
+    import shutil
+
+    moved = Path(shutil.copytree(pairs.parent if pairs.is_file() else pairs, tmp_path / "elsewhere" / "data"))
+    moved_path = moved / pairs.name if pairs.is_file() else moved
+    here, there = (open_preference_dataset(DataConfig(format="jsonl", path=str(p)), 32) for p in (pairs, moved_path))
+    assert held_out_split(here, 0.25) == held_out_split(there, 0.25)
+    for index in range(len(here)):
+        noise_here = held_out_noise((4, 4, 4), here.pair_key(index), 1000, 1234)
+        noise_there = held_out_noise((4, 4, 4), there.pair_key(index), 1000, 1234)
+        assert torch.equal(noise_here.timesteps, noise_there.timesteps)
+        assert torch.equal(noise_here.eps, noise_there.eps)
+
+
 def test_preference_metrics_against_hand_computed_values():
     # z = (2, -1, 0.5, -3) at t = (10, 300, 600, 990) of T = 1000: quarters 1, 2, 3, 4
     z, t = torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([10, 300, 600, 990])

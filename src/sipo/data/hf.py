@@ -315,6 +315,9 @@ class HfDataset(PreferenceDataset):
     def _where(self, index: int) -> str:
         return self._where_row(int(self._row[index]))
 
+    def pair_key(self, index: int) -> str:  # a hub id names itself; a folder by its last part
+        return f"row {int(self._row[index])} of {os.path.basename(os.path.normpath(str(self.source)))} ({self.split})"
+
     def _load(self, index: int):
         record = self._table[int(self._row[index])]
         return load_pair(record, self.columns, bool(self._first_won[index]), self._reader)

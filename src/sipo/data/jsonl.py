@@ -202,6 +202,9 @@ class JsonlDataset(PreferenceDataset):
     def _where(self, index: int) -> str:
         return f"line {self._lines[index]} of {self._manifest}"
 
+    def pair_key(self, index: int) -> str:
+        return f"line {self._lines[index]} of {os.path.basename(self._manifest)}"
+
     def _load(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         chosen = self._read(self._chosen[index], "chosen")
         rejected = self._read(self._rejected[index], "rejected")

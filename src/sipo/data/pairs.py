@@ -85,8 +85,10 @@ class PreferenceDataset(Dataset):
 
     # --- shared ----------------------------------------------------------------------------
     def pair_key(self, index: int) -> str:
-        """What identifies pair ``index`` across runs, seeds and workers (its place in the user's
-        files); the held-out split hashes it (sipo.validation)."""
+        """What identifies pair ``index`` across runs, seeds, workers and machines: its place in the
+        user's files, named by file name and row, never by the absolute path, so a folder moved, copied
+        to a temporary directory or mounted elsewhere on another node keeps its held-out split and its
+        fixed validation noise (sipo.validation hashes this)."""
         return self._where(index)
 
     def set_epoch(self, epoch: int) -> None:

@@ -288,6 +288,9 @@ class PickapicDataset(PreferenceDataset):
     def _where(self, index: int) -> str:
         return f"row {self._row[index]} of shard {self._shard_paths[self._shard[index]]}"
 
+    def pair_key(self, index: int) -> str:
+        return f"row {self._row[index]} of shard {os.path.basename(self._shard_paths[self._shard[index]])}"
+
     def _load(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         caption, jpg_0, jpg_1 = self._read_row(int(self._shard[index]), int(self._row[index]))
         if not isinstance(caption, str):

@@ -208,6 +208,9 @@ class WebDataset(PreferenceDataset):
     def _where(self, index: int) -> str:
         return f"sample {self._keys[index]} of {self._shards[self._places[index, 0]]}"
 
+    def pair_key(self, index: int) -> str:
+        return f"sample {self._keys[index]} of {os.path.basename(self._shards[self._places[index, 0]])}"
+
     def _load(self, index: int):
         shard, *spans = (int(v) for v in self._places[index])
         prompt_name, chosen_name, rejected_name = self._names[index]

@@ -277,6 +277,9 @@ def claim(output_dir: Path, resume: bool, overwrite: bool, damaged: list[Path], 
 
     process = PartialState()
     holding = process.is_main_process
+    # every process has finished its checks of the directory before the main process writes into it
+    # (a rank still checking would read the lock half-written, or the manifest, as another run's)
+    process.wait_for_everyone()
     before = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
     result = Claim(output_dir)
     try:

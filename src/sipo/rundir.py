@@ -201,8 +201,8 @@ def check_launch(num_processes: int, device_type: str = "cpu") -> None:
     launched = _launched_processes()
     if launched > 1 and num_processes == 1:
         raise SipoError(f"the launcher started {launched} processes (WORLD_SIZE={launched}), but accelerate gave each a "
-                        "world of one, so they would train apart and write the same files twice; check that the "
-                        "processes reach each other (main_process_ip, main_process_port), or launch one process")
+                        "world of one, so they would train apart and write the same files twice; launch one process, "
+                        "or see docs/distributed.md for launches whose processes form one group")
     if device_type != "cpu":
         return
     for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
             config = load_config(args.config, args.overrides + (["data.strict=true"] if args.strict else []))
             result = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
-            print(f"trained {result.steps} steps; weights, config and logs in {result.output_dir}")
+            if _main_process():  # under accelerate launch: one line, not one per process
+                print(f"trained {result.steps} steps; weights, config and logs in {result.output_dir}")
         elif args.command == "config":
             from sipo.config import describe_config, load_config, packaged_config_names
 
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in export_run(args.run, args.format):
                 print(f"wrote {path}")
     except TrainingInterrupted as stopped:
-        print(f"sipo: {_one_sentence(stopped)}", file=sys.stderr)
+        if _main_process():  # every process stopped at the same step with the same sentence
+            print(f"sipo: {_one_sentence(stopped)}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     except SipoError as error:
         print(f"sipo: error: {_one_sentence(error)}", file=sys.stderr)
@@ -222,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sipo: error: {_os_error_sentence(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _main_process() -> bool:
+    """Whether this is the launch's main process (or the only one): accelerate's launcher sets RANK."""
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _after_interrupt(config) -> str:

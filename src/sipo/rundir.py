@@ -172,16 +172,44 @@ def _launch_id() -> str | None:
     return ":".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def check_launch(num_processes: int) -> None:
-    """The processes a launcher started form one group. accelerate falls back to a world of one per
-    process when its config asks for a backend the machine lacks (FSDP or DeepSpeed without CUDA):
-    each process would then train alone on all the data and write the same files."""
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+def launch_state():
+    """This process's accelerate ``PartialState``, in the group its launcher started.
+
+    accelerate's torchrun launcher (``distributed_type: MULTI_GPU`` or ``FSDP``: ``launch_command`` ->
+    ``multi_gpu_launcher`` in accelerate/commands/launch.py) passes no ``use_cpu`` on to the processes,
+    and ``PartialState._prepare_backend`` (accelerate/state.py) groups launched processes only through
+    an accelerator's backend (nccl, xccl, ...) or when told ``cpu=True``: on a machine without one,
+    each process would get a world of one. Such processes are joined here as CPU processes (gloo).
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    if _launched_processes() > 1 and state.num_processes == 1 and state.device.type == "cpu":
+        PartialState._reset_state()
+        state = PartialState(cpu=True)
+    return state
+
+
+def _launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_launch(num_processes: int, device_type: str = "cpu") -> None:
+    """The processes a launcher started form one group, and the sharding the accelerate config asks
+    for can start. (Processes accelerate left apart would each train alone on all the data and
+    write the same files; FSDP or DeepSpeed asked for on the CPU would silently be plain DDP.)"""
+    launched = _launched_processes()
     if launched > 1 and num_processes == 1:
         raise SipoError(f"the launcher started {launched} processes (WORLD_SIZE={launched}), but accelerate gave each a "
-                        "world of one, so they would train apart and write the same files twice; on a machine "
-                        "without CUDA use an accelerate config with distributed_type: MULTI_CPU (accelerate starts "
-                        "FSDP and DeepSpeed only with CUDA), or launch one process")
+                        "world of one, so they would train apart and write the same files twice; launch one process, "
+                        "or see docs/distributed.md for launches whose processes form one group")
+    if device_type != "cpu":
+        return
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise SipoError(f"the accelerate config asks for {name}, which accelerate starts only on GPUs (on the CPU its "
+                            "processes would run plain DDP); on the CPU use a config with distributed_type: MULTI_GPU "
+                            "and use_cpu: true (DDP over gloo, docs/distributed.md), or run on GPUs")
 
 
 def _lock_holder(output_dir: Path) -> dict | None:
@@ -249,6 +277,9 @@ def claim(output_dir: Path, resume: bool, overwrite: bool, damaged: list[Path], 
 
     process = PartialState()
     holding = process.is_main_process
+    # every process has finished its checks of the directory before the main process writes into it
+    # (a rank still checking would read the lock half-written, or the manifest, as another run's)
+    process.wait_for_everyone()
     before = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
     result = Claim(output_dir)
     try:

@@ -201,8 +201,9 @@ def training_step(run: Run) -> StepOutput:
             continue  # every row of this micro-batch was malformed; counted above
         step.pairs += len(batch["indices"])
         encoded = encoded_batch(run.adapter, batch, accelerator.device)
-        noise = _to_device(draw_pair_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
-                                           **oc.timestep_settings()), accelerator.device)
+        noise = _to_device(draw_share_of_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
+                                               tc.batch_size, accelerator.process_index, accelerator.num_processes,
+                                               **oc.timestep_settings()), accelerator.device)
         last_micro = micro == tc.gradient_accumulation_steps - 1
         # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
         with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):
@@ -212,7 +213,8 @@ def training_step(run: Run) -> StepOutput:
                     denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
                     weight_model=oc.weight_model, weight_step=oc.weight_step, objective=oc.pair_settings(),
                 )
-                weight = pair_weight(terms, run.state, oc.weight_source, run.num_train_timesteps, oc.ema_decay)
+                weight = pair_weight(terms, run.state, oc.weight_source, run.num_train_timesteps, oc.ema_decay,
+                                     accelerator)
                 loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings(step.beta))
             accelerator.backward(loss / tc.gradient_accumulation_steps)
         step.losses.append(loss.detach().float())
@@ -395,15 +397,14 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
     """
     from sipo.data import open_preference_dataset
 
-    from accelerate import PartialState
-
     tc = config.train
     output_dir = Path(tc.output_dir)
-    rundir.check_launch(PartialState().num_processes)
+    process = rundir.launch_state()
+    rundir.check_launch(process.num_processes, process.device.type)
     check_values(config)
     if tc.finetune == "lora" and tc.lora_format == "comfyui":
         check_comfyui_family(config.model.family)
-    check_precision_for_device(tc.mixed_precision, PartialState().device.type)
+    check_precision_for_device(tc.mixed_precision, process.device.type)
     notes = check_against_model(config, *rundir.model_numbers(config.model.pretrained_path))
     if check_model:
         rundir.check_model_dir(config.model)
@@ -456,7 +457,9 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
     lr_scheduler = _lr_scheduler(config, optimizer)
     model, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
     forward_model = torch.compile(model) if config.train.compile else model
-    generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
+    # One stream, the same on every process (each keeps its rows of the global batch's draw, see
+    # draw_share_of_noise): the checkpoint holds rank 0's generator, which is then every rank's.
+    generator = torch.Generator().manual_seed(config.train.seed * 1009)
     state, history = restore_state(config, plan, trainable, optimizer, lr_scheduler, generator, accelerator)
     return Run(
         config=config, plan=plan, accelerator=accelerator, adapter=adapter, model=model, forward_model=forward_model,
@@ -640,17 +643,45 @@ def stop_signals() -> Iterator[_StopSignals]:
 
 
 # ----------------------------------------------------------------------------- per-step pieces
-def pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_train_timesteps: int, decay: float) -> Tensor:
-    """``w = exp(log_w_pair)``, or its per-timestep-bucket EMA (SPEC 5); undefined weights stay NaN."""
+def pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_train_timesteps: int, decay: float,
+                accelerator=None) -> Tensor:
+    """``w = exp(log_w_pair)``, or its per-timestep-bucket EMA (SPEC 5); undefined weights stay NaN.
+
+    Under several processes every one updates the EMA with the whole global micro-batch's weights
+    (gathered in rank order), so the EMA is the one process's and the same on every rank (the
+    checkpoint holds rank 0's)."""
     # exp(88) already overflows float32; a weight that large must be clipped, not read as non-finite
     # and masked (possible with weight_norm=sum, where log w scales with the element count).
     weight = terms.log_w_pair.double().clamp(max=80.0).exp()
     if weight_source == "sample":
         return weight.float()
     buckets = objectives.timestep_bucket(terms.timesteps.cpu(), num_train_timesteps, state.ema.shape[0])
-    state.ema, state.ema_seen = objectives.update_timestep_ema(state.ema, state.ema_seen, buckets, weight.cpu(), decay)
+    all_buckets, all_weights = buckets, weight.cpu()
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        shares = gather_object([(buckets, weight.cpu())])
+        all_buckets, all_weights = torch.cat([b for b, _ in shares]), torch.cat([w for _, w in shares])
+    state.ema, state.ema_seen = objectives.update_timestep_ema(state.ema, state.ema_seen, all_buckets, all_weights, decay)
     smoothed = state.ema[buckets].to(weight.device)
     return torch.where(torch.isfinite(weight), smoothed, weight).float()
+
+
+def draw_share_of_noise(shape: torch.Size, num_train_timesteps: int, generator: torch.Generator, batch_size: int,
+                        rank: int, world: int, **settings) -> PairNoise:
+    """This process's rows of the global micro-batch's ``t`` and noise.
+
+    Every process draws the noise of the whole global micro-batch (``world * batch_size`` pairs) from
+    the same generator and keeps the rows of its share (rank ``r`` reads global positions
+    ``r * batch_size ...``, see ``DataOrder.batch``): N processes then train on what one process with
+    the global batch would, and every process's generator stays the same. The cost is the draw of the
+    whole global batch on each process's CPU.
+    """
+    if world == 1:
+        return draw_pair_noise(shape, num_train_timesteps, generator, **settings)
+    full = draw_pair_noise(torch.Size((world * batch_size, *shape[1:])), num_train_timesteps, generator, **settings)
+    rows = slice(rank * batch_size, rank * batch_size + shape[0])
+    return PairNoise(full.timesteps[rows], full.eps[rows], full.posterior_noise[rows])
 
 
 def _to_device(noise: PairNoise, device: torch.device) -> PairNoise:
@@ -696,11 +727,14 @@ class MetricsWindow:
         if step.terms:
             self.rows.append(_step_metrics(step.terms, step.keeps, step.weights, step.losses, step.grad_norm, step.finite,
                                            step.beta))
+        elif run.accelerator.num_processes > 1:  # a row per step on every rank, so the ranks' rows line up
+            self.rows.append(torch.full((len(STEP_METRICS),), float("nan"), device=run.accelerator.device))
 
     def summarise(self, run: Run) -> dict[str, float]:
         """The window's record, and the window emptied; the weight histogram goes to TensorBoard."""
         accelerator, state = run.accelerator, run.state
-        record = _summarise(self.rows, state, run.lr_scheduler.get_last_lr()[0])
+        rows = _mean_over_processes(accelerator, self.rows) if accelerator.num_processes > 1 else self.rows
+        record = _summarise(rows, state, run.lr_scheduler.get_last_lr()[0])
         record.update(self.clock.lap(state.step, self.pairs * accelerator.num_processes, accelerator.device))
         if accelerator.is_main_process and self.weight_log:
             weight_log = [(t.cpu(), w.cpu()) for t, w in self.weight_log]
@@ -708,6 +742,16 @@ class MetricsWindow:
             _log_weight_histogram(accelerator, weight_log, run.num_train_timesteps, oc.ema_buckets, state.step)
         self.rows, self.weight_log, self.pairs = [], [], 0
         return record
+
+
+def _mean_over_processes(accelerator, rows: list[Tensor]) -> list[Tensor]:
+    """Each step's metrics averaged over the processes (each row is the mean over that process's
+    pairs): with equal shares, the mean over the global batch that one process would log."""
+    if not rows:
+        return rows
+    stacked = torch.stack(rows)
+    gathered = accelerator.gather(stacked).reshape(accelerator.num_processes, *stacked.shape)
+    return list(gathered.nanmean(dim=0))
 
 
 def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[Tensor],

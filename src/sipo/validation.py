@@ -195,9 +195,8 @@ class Validation:
         z, timesteps = self.held_out_terms(run)
         record: dict[str, Any] = {"step": run.state.step}
         record.update({f"held_out/{k}": v for k, v in preference_metrics(z, timesteps, run.num_train_timesteps).items()})
-        if step is not None and step.terms:
-            train_z = torch.cat([t.z.detach().float() for t in step.terms])
-            train_t = torch.cat([t.timesteps for t in step.terms])
+        train_z, train_t = _step_pairs(run.accelerator, step)
+        if train_z.numel():
             record.update({f"train/{k}": v for k, v in preference_metrics(train_z, train_t, run.num_train_timesteps).items()})
         accelerator = run.accelerator
         if accelerator.is_main_process:
@@ -208,6 +207,20 @@ class Validation:
             self.best.offer(run, "held_out_accuracy", record.get("held_out/accuracy", float("nan")))
         accelerator.wait_for_everyone()
         return record
+
+
+def _step_pairs(accelerator, step) -> tuple[Tensor, Tensor]:
+    """``(z, t)`` of the step's training pairs; of every process's (rank order), as one process would see them."""
+    if step is None:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    z = torch.cat([t.z.detach().float().cpu() for t in step.terms]) if step.terms else torch.zeros(0)
+    t = torch.cat([t.timesteps.cpu() for t in step.terms]) if step.terms else torch.zeros(0, dtype=torch.long)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        shares = gather_object([(z, t)])
+        z, t = torch.cat([share[0] for share in shares]), torch.cat([share[1] for share in shares])
+    return z, t
 
 
 class BestKeeper:

@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -139,7 +139,7 @@ def restore_device_rng(checkpoint: Path, device: torch.device) -> None:
 COMPILE_SCOPES = ("blocks", "model")
 
 
-def compile_denoiser(model: nn.Module, scope: str) -> nn.Module:
+def compile_denoiser(model: nn.Module, scope: str, **options: Any) -> nn.Module:
     """``torch.compile`` the denoiser's repeated blocks (``"blocks"``), or the whole module (``"model"``).
 
     ``"blocks"`` is regional compilation as diffusers' ``ModelMixin.compile_repeated_blocks`` does it:
@@ -148,6 +148,7 @@ def compile_denoiser(model: nn.Module, scope: str) -> nn.Module:
     takes a fraction of the whole model's time and the graphs stay small. A denoiser with no such
     list (a two-expert wrapper, the digits UNet) is compiled whole. Returns what forward calls go
     through: ``model`` itself for blocks (its submodules now run compiled), else the compiled module.
+    ``options`` go to ``torch.compile`` (tests pass ``backend="aot_eager"``: dynamo without a C++ build).
     """
     if scope not in COMPILE_SCOPES:
         raise SipoError(f"train.compile_scope={scope!r} is not valid; choose one of {list(COMPILE_SCOPES)}")
@@ -156,10 +157,10 @@ def compile_denoiser(model: nn.Module, scope: str) -> nn.Module:
         names = {name for sub in inner.modules() for name in (getattr(type(sub), "_repeated_blocks", None) or ())}
         blocks = [sub for sub in inner.modules() if type(sub).__name__ in names]
         for block in blocks:
-            block.compile()
+            block.compile(**options)
         if blocks:
             return model
-    return torch.compile(model)
+    return torch.compile(model, **options)
 
 
 def use_channels_last(denoiser: nn.Module, enabled: bool) -> bool:
@@ -181,9 +182,10 @@ def use_channels_last(denoiser: nn.Module, enabled: bool) -> bool:
 def configure_autotuning(cudnn_benchmark: bool, deterministic: bool) -> None:
     """cuDNN autotuning (``torch.backends.cudnn.benchmark``): time each convolution's algorithms on
     its first shape and keep the fastest. The trainer's shapes are fixed, so it pays after the first
-    step on CUDA; it does nothing on the CPU. Deterministic runs keep it off (``configure_kernels``)."""
-    if cudnn_benchmark and not deterministic:
-        torch.backends.cudnn.benchmark = True
+    step on CUDA; it does nothing on the CPU. The config decides (a second run in one process gets its
+    own setting); deterministic runs keep it off (``configure_kernels``)."""
+    if not deterministic:
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
 
 
 #: ``model.offload_frozen``: where the frozen base of a LoRA run lives between its uses

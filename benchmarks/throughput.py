@@ -15,7 +15,7 @@ spread, pairs/s, peak device memory (CUDA: the step's peak above what was alloca
 the variant's resident weights; n/a on the CPU, where the process's RSS is shared by all
 variants), FLOP per step (``torch.utils.flop_counter.FlopCounterMode`` over one real step),
 TFLOP/s and MFU against the device's dense bf16 peak. Every ratio (sipo/dpo, lever on/off,
-sipo/floor) is a ratio of medians with a 95% bootstrap interval that resamples rounds.
+sipo/floor) is the median of the per-round ratios with a 95% bootstrap interval over rounds.
 
 ``--floor``: the bare DPO step of ``FloorStep`` (no sipo code) in the same rounds; the table gains
 ``vs floor``. ``--profile``: ``torch.profiler`` over 3 steps of ``dpo cache``, ``sipo cache`` and
@@ -183,18 +183,18 @@ class FloorStep:
 
 def bootstrap_ratio(numerator: list[float], denominator: list[float], draws: int = 2000, seed: int = 0
                     ) -> tuple[float, float, float]:
-    """median(numerator) / median(denominator) and its 95% percentile-bootstrap interval.
+    """The median over rounds of numerator[i] / denominator[i], and its 95% percentile-bootstrap interval.
 
-    The two lists are steps of the same rounds (index i of each ran back to back), so rounds are
-    resampled as pairs: a load change that hits both variants in a round cancels in the ratio.
+    Index i of both lists ran in the same round, seconds apart, so each round's ratio cancels the
+    load the machine had then; the rounds are resampled. (On this shared 2-core machine this gave
+    intervals a third as wide as a ratio of the two medians, from the same steps.)
     """
     a, b = np.asarray(numerator), np.asarray(denominator)
     n = min(len(a), len(b))
-    a, b = a[:n], b[:n]
+    ratios = a[:n] / b[:n]
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, n, size=(draws, n))
-    ratios = np.median(a[picks], axis=1) / np.median(b[picks], axis=1)
-    return float(np.median(a) / np.median(b)), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+    resampled = np.median(ratios[rng.integers(0, n, size=(draws, n))], axis=1)
+    return float(np.median(ratios)), float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))
 
 
 def synchronize(device: torch.device) -> None:
@@ -202,23 +202,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: variants whose step raised: name -> the error (they leave the rounds; the others go on)
+FAILED: dict[str, str] = {}
+
+
 def time_interleaved(steppers: dict[str, Any], warmup: int, rounds: int, device: torch.device
                      ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Per-step times, one step of each variant per round (A, B, C, A, B, C, ...), the order rotated
     every round so no variant always follows the same one. Also each variant's peak device memory
-    during its steps above what was allocated when they started (CUDA; 0 elsewhere)."""
-    names = list(steppers)
+    during its steps above what was allocated when they started (CUDA; 0 elsewhere). A variant
+    whose step raises is reported and dropped, so one broken lever does not lose a GPU lease."""
+    names = [name for name in steppers if name not in FAILED]
     times: dict[str, list[float]] = {name: [] for name in names}
     peaks = {name: 0.0 for name in names}
     for round_index in range(warmup + rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            if name in FAILED:
+                continue
             synchronize(device)
             if device.type == "cuda":
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            steppers[name]()
+            try:
+                steppers[name]()
+            except Exception as error:  # noqa: BLE001 - reported, and the other variants go on
+                FAILED[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                print(f"variant {name!r} failed and is dropped: {FAILED[name]}", flush=True)
+                times.pop(name, None)
+                continue
             synchronize(device)
             elapsed = time.perf_counter() - start
             if device.type == "cuda":
@@ -246,14 +259,15 @@ def profile_steps(steppers: dict[str, Any], names: list[str], out_dir: Path, dev
                     synchronize(device)
         safe = name.replace("/", "_").replace(" ", "_")
         prof.export_chrome_trace(str(out_dir / f"profile-{safe}.json"))
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=25)
         (out_dir / f"profile-{safe}.txt").write_text(table)
         idle = []
         if device.type == "cuda":
             events = prof.events()
+            step_names = {f"step{index}" for index in range(steps)}  # their device-side annotation is no kernel
             kernels = sorted((e.time_range.start, e.time_range.end) for e in events
-                             if e.device_type == torch.autograd.DeviceType.CUDA)
+                             if e.device_type == torch.autograd.DeviceType.CUDA and e.name not in step_names)
             for index in range(steps):
                 window = [e for e in events if e.name == f"step{index}" and e.device_type == torch.autograd.DeviceType.CPU]
                 if not window:
@@ -392,7 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     resident: dict[str, float] = {}
     for name, config in configs.items():
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        steppers[name] = SipoStepper(config, copy.deepcopy(base))
+        try:
+            steppers[name] = SipoStepper(config, copy.deepcopy(base))
+        except Exception as error:  # noqa: BLE001 - a lever that cannot be set up here is reported, not fatal
+            FAILED[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            print(f"variant {name!r} could not be set up and is left out: {FAILED[name]}", flush=True)
+            continue
         resident[name] = ((torch.cuda.memory_allocated(device) - before) / 1e9) if device.type == "cuda" else 0.0
     if args.floor:
         # the shapes sipo's cached step sees: the VAE's latent side, the text encoder's states
@@ -422,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | s/step (median) | p10-p90 | pairs/s | peak GB | TFLOP/step | TFLOP/s | MFU | vs dpo | vs floor |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, series in times.items():
+        if not series:
+            continue
         median = statistics.median(series)
         cached = name == "floor" or "cache" in name
         step_flops = flops[True] if cached else flops[False]
@@ -449,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{recompiles['during_timing']} (recompiles {recompiles['recompiles_during_timing']})")
     profiles = None
     if args.profile:
-        names = [n for n in ("dpo cache", "sipo cache", "floor") if n in steppers]
+        names = [n for n in ("dpo cache", "sipo cache", "floor") if n in steppers and n not in FAILED]
         profiles = profile_steps(steppers, names, out_dir, device)
     print(f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; "
           f"total {time.perf_counter() - started:.0f} s")
@@ -466,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "scale": scale,
             "batch": batch, "rounds": rounds, "warmup": warmup, "load_average_start": load, "load_average_end": load_end,
-            "compile": recompiles, "rows": rows, "profiles": profiles}, indent=2))
+            "compile": recompiles, "rows": rows, "failed": FAILED, "profiles": profiles}, indent=2))
     return 0
 
 

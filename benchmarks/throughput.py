@@ -438,8 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     peak = device_peak_tflops(device) if precision in ("bf16", "fp16") else None
     reference = "floor" if args.floor else None
     rows = []
-    print("| variant | s/step (median) | p10-p90 | pairs/s | peak GB | TFLOP/step | TFLOP/s | MFU | vs dpo | vs floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    def weights_mb(name: str) -> float:
+        """The denoiser's parameter storage on the training device now (fp8 halves it; offload moves it off)."""
+        stepper = steppers[name]
+        module = stepper.unet if name == "floor" else stepper.run.adapter.denoiser
+        return sum(p.numel() * p.element_size() for p in module.parameters() if p.device.type == device.type) / 1e6
+
+    print("| variant | s/step (median) | p10-p90 | pairs/s | peak GB | weights MB | TFLOP/step | TFLOP/s | MFU | vs base | vs floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, series in times.items():
         if not series:
             continue
@@ -455,13 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         vs_dpo = bootstrap_ratio(series, times[partner]) if partner in times else None
         vs_floor = bootstrap_ratio(series, times[reference]) if reference and name != reference else None
         fmt = lambda r: f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]" if r else "-"  # noqa: E731
-        rows.append({"variant": name, "s_per_step": median, "p10": float(np.percentile(series, 10)),
+        weights = weights_mb(name)
+        rows.append({"variant": name, "s_per_step": median, "p10": float(np.percentile(series, 10)), "weights_mb": weights,
                      "p90": float(np.percentile(series, 90)), "pairs_per_s": batch / median, "peak_gb": peak_gb,
                      "tflop_per_step": step_flops / 1e12, "tflops": achieved, "mfu": mfu,
                      "ratio_vs_base": vs_dpo, "base": partner if vs_dpo else None, "ratio_vs_floor": vs_floor,
                      "step_times": series})
         print(f"| {name} | {median:.4f} | {np.percentile(series, 10):.4f}-{np.percentile(series, 90):.4f} | "
-              f"{batch / median:.1f} | {peak_gb:.2f} | {step_flops / 1e12:.4g} | {achieved:.3g} | {mfu} | "
+              f"{batch / median:.1f} | {peak_gb:.2f} | {weights:.2f} | {step_flops / 1e12:.4g} | {achieved:.3g} | {mfu} | "
               f"{fmt(vs_dpo)} | {fmt(vs_floor)} |")
     recompiles = {"after_warmup": after_warmup["frames"] - compiled_before["frames"],
                   "during_timing": after_timing["frames"] - after_warmup["frames"],

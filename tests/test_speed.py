@@ -45,6 +45,8 @@ def test_bad_values_stop_with_one_sentence(override, fix):
 def test_contradicting_settings_stop_with_one_sentence(tiny_sd15_dir, pairs, tmp_path):
     with pytest.raises(SipoError, match="set one of them to false"):
         load_config(None, ["train.cudnn_benchmark=true", "train.deterministic=true"])
+    with pytest.raises(SipoError, match="set train.mixed_precision=bf16"):
+        load_config(None, ["model.frozen_dtype=fp8", "train.mixed_precision=no"])
     with pytest.raises(SipoError, match="set model.offload_frozen=none or train.finetune=lora"):
         load_config(None, tiny_overrides(tiny_sd15_dir, pairs, tmp_path / "run", **{
             "model.offload_frozen": "group", "train.finetune": "full"}))

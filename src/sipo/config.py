@@ -755,6 +755,11 @@ def check_values(config: SipoConfig) -> None:
         raise SipoError(f"train.report_to={tc.report_to!r} is not valid; choose one of ['tensorboard', 'wandb', 'none']")
     if config.data.num_workers < 0:
         raise SipoError(f"data.num_workers={config.data.num_workers} is negative; set 0 or more")
+    if config.model.frozen_dtype == "fp8" and tc.mixed_precision == "no":
+        # measured: tiny SD1.5, torch 2.13 CPU - the first backward stops with "expected scalar type Float
+        # but found Float8_e4m3fn" (the layer's weight is cast back to fp8 before autograd reads it)
+        raise SipoError("model.frozen_dtype=fp8 computes each layer in the mixed-precision dtype, and "
+                        "train.mixed_precision=no has none; set train.mixed_precision=bf16 (or fp16 on a GPU)")
     if config.model.offload_frozen != "none" and tc.finetune == "full":
         raise SipoError("model.offload_frozen offloads the frozen base of a LoRA run, and train.finetune=full trains "
                         "every weight; set model.offload_frozen=none or train.finetune=lora")

@@ -4,7 +4,7 @@
 #      and (parts floor, profile) the bare DPO step and torch.profiler traces of 3 steps of sipo and the
 #      floor (top 25 kernels, device idle fraction per step; $OUT/profile-*.txt/json), all in one process,
 #      alone on the card, so its timings are clean; then (part levers) each speed lever on/off against
-#      the cached dpo step: channels_last, cudnn_benchmark, regional compile, group offload, fp8 base;
+#      the cached dpo step: channels_last, cudnn_benchmark, regional compile, fp8 base;
 #   2. then side by side (memory peaks are per process, so they do not disturb each other):
 #      the test suite on CUDA (exact resume included), the video and SDXL memory of one LoRA step
 #      at full size, and the z-sign agreement under bf16/fp16 autocast (benchmarks/z_precision.py).
@@ -47,7 +47,7 @@ fi
 if want levers; then
 stamp "levers"
 timeout "${LEVERS_S:-300}" $PY benchmarks/throughput.py --rounds "${ROUNDS:-20}" --only "dpo cache" \
-  --levers channels_last,cudnn_benchmark,compile,offload,fp8 \
+  --levers channels_last,cudnn_benchmark,compile,fp8 \
   --work-dir /tmp/sipo-throughput --json "$OUT/levers/throughput.json" > "$OUT/levers.log" 2>&1
 echo "rc=$?" >> "$OUT/levers.log"; grep -E '^\||graphs|load|device' "$OUT/levers.log" | tail -n 12
 fi

@@ -198,12 +198,20 @@ def offload_frozen_base(denoiser: nn.Module, mode: str, device: torch.device, bl
     not fit beside the activations. Every forward then copies the base to the device once (the
     policy and the reference pass each), so it costs step time in exchange for memory. On the CPU
     the onload and offload devices are the same: nothing moves, and the setting only adds the hooks.
-    Returns whether it was applied (``"none"``: never).
+    On a GPU it is refused while trainable parameters sit inside the blocks (every LoRA run today):
+    the offload would carry them along and lose their updates. Returns whether it was applied.
     """
     if mode not in OFFLOAD_MODES:
         raise SipoError(f"model.offload_frozen={mode!r} is not valid; choose one of {list(OFFLOAD_MODES)}")
     if mode == "none":
         return False
+    if device.type != "cpu" and any(p.requires_grad for p in denoiser.parameters()):
+        # diffusers' offload moves every parameter of a block, the LoRA weights inside it too: with
+        # streams it restores its pinned host copy at each offload (the optimizer's update is lost),
+        # without them the gradient lands on a parameter that has moved back to the host
+        raise SipoError("model.offload_frozen=group would move the trainable LoRA weights with the frozen blocks "
+                        f"on {device.type}, and diffusers' offload does not keep their updates; set "
+                        "model.offload_frozen=none (model.frozen_dtype=fp8 halves the base's memory instead)")
     if not hasattr(denoiser, "enable_group_offload"):
         raise SipoError(f"model.offload_frozen=group needs a diffusers model, and this denoiser is a "
                         f"{type(denoiser).__name__}; set model.offload_frozen=none")

@@ -161,3 +161,11 @@ def test_a_model_without_repeated_blocks_is_compiled_whole():
     assert compiled is not model and isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     with pytest.raises(SipoError, match="choose one of"):
         compile_denoiser(model, "everything")
+
+
+def test_group_offload_is_refused_where_it_would_move_trainable_weights_to_another_device():
+    from sipo.performance import offload_frozen_base
+
+    with pytest.raises(SipoError, match="set model.offload_frozen=none"):
+        offload_frozen_base(nn.Linear(2, 2), "group", torch.device("cuda"))  # checked before any CUDA call
+    assert not offload_frozen_base(nn.Linear(2, 2), "none", torch.device("cuda"))

@@ -2,7 +2,7 @@
 # Every GPU check of the project in one run, for a short lease on one CUDA card (docs/performance.md):
 #   1. benchmarks/throughput.py: full-size random SD1.5, dpo vs sipo, cache and checkpointing on/off,
 #      and (parts floor, profile) the bare DPO step and torch.profiler traces of 3 steps of sipo and the
-#      floor (top 25 kernels, device idle fraction per step; $OUT/profile-*.txt/json), all in one process,
+#      floor (top 25 kernels, device idle fraction per step; $OUT/profile-*.txt, .json.gz), all in one process,
 #      alone on the card, so its timings are clean; then (part levers) each speed lever on/off against
 #      the cached dpo step: channels_last, cudnn_benchmark, regional compile, fp8 base;
 #   2. then side by side (memory peaks are per process, so they do not disturb each other):

@@ -258,7 +258,7 @@ def profile_steps(steppers: dict[str, Any], names: list[str], out_dir: Path, dev
                     steppers[name]()
                     synchronize(device)
         safe = name.replace("/", "_").replace(" ", "_")
-        prof.export_chrome_trace(str(out_dir / f"profile-{safe}.json"))
+        prof.export_chrome_trace(str(out_dir / f"profile-{safe}.json.gz"))  # gzip: a full-size trace is large
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=25)
         (out_dir / f"profile-{safe}.txt").write_text(table)
@@ -281,7 +281,7 @@ def profile_steps(steppers: dict[str, Any], names: list[str], out_dir: Path, dev
                         reach = end
                 idle.append(1.0 - busy / max(hi - lo, 1e-9))
         summary[name] = {"top_ops": table, "idle_fraction_per_step": idle or "n/a on the CPU (the host is the device)",
-                         "trace": str(out_dir / f"profile-{safe}.json")}
+                         "trace": str(out_dir / f"profile-{safe}.json.gz")}
         print(f"== profile {name} ({steps} steps; idle fraction per step: {summary[name]['idle_fraction_per_step']})")
         print(table)
     return summary

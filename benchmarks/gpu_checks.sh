@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a short lease on one CUDA card (docs/performance.md):
-#   1. benchmarks/throughput.py: full-size random SD1.5, dpo vs sipo, cache and checkpointing on/off
-#      (alone on the card, so its timings are clean);
+#   1. benchmarks/throughput.py: full-size random SD1.5, dpo vs sipo, cache and checkpointing on/off,
+#      and (parts floor, profile) the bare DPO step and torch.profiler traces of 3 steps of sipo and the
+#      floor (top 25 kernels, device idle fraction per step; $OUT/profile-*.txt, .json.gz), all in one process,
+#      alone on the card, so its timings are clean; then (part levers) each speed lever on/off against
+#      the cached dpo step: channels_last, cudnn_benchmark, regional compile, fp8 base;
 #   2. then side by side (memory peaks are per process, so they do not disturb each other):
 #      the test suite on CUDA (exact resume included), the video and SDXL memory of one LoRA step
 #      at full size, and the z-sign agreement under bf16/fp16 autocast (benchmarks/z_precision.py).
@@ -16,7 +19,7 @@
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
 # .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
 set -u
-PARTS=" ${PARTS:-throughput suite video sdxl precision} "
+PARTS=" ${PARTS:-throughput floor profile levers suite video sdxl precision} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/sipo-gpu}
 mkdir -p "$OUT"
@@ -36,9 +39,17 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
 if want throughput; then
 stamp "throughput"
-timeout "${THROUGHPUT_S:-170}" $PY benchmarks/throughput.py --rounds "${ROUNDS:-1}" --steps "${STEPS:-8}" \
+timeout "${THROUGHPUT_S:-330}" $PY benchmarks/throughput.py --rounds "${ROUNDS:-20}" \
+  $(want floor && echo --floor) $(want profile && echo --profile) \
   --work-dir /tmp/sipo-throughput --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
-echo "rc=$?" >> "$OUT/throughput.log"; tail -n 14 "$OUT/throughput.log"
+echo "rc=$?" >> "$OUT/throughput.log"; grep -v '^ ' "$OUT/throughput.log" | grep -E '^\||ratio|speed-up|graphs|idle|load|device' | tail -n 24
+fi
+if want levers; then
+stamp "levers"
+timeout "${LEVERS_S:-300}" $PY benchmarks/throughput.py --rounds "${ROUNDS:-20}" --only "dpo cache" \
+  --levers channels_last,cudnn_benchmark,compile,fp8 \
+  --work-dir /tmp/sipo-throughput --json "$OUT/levers/throughput.json" > "$OUT/levers.log" 2>&1
+echo "rc=$?" >> "$OUT/levers.log"; grep -E '^\||graphs|load|device' "$OUT/levers.log" | tail -n 12
 fi
 
 stamp "suite, memory, precision side by side"

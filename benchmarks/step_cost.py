@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from sipo import objectives  # noqa: E402
 from sipo.config import OBJECTIVE_PRESETS, load_config  # noqa: E402
 from sipo.models import load_adapter, lora_disabled  # noqa: E402
-from sipo.preference import compute_pair_terms, draw_pair_noise  # noqa: E402
+from sipo.preference import compute_pair_terms, draw_pair_noise, objective_loss  # noqa: E402
 from sipo.models import add_lora  # noqa: E402
 
 
@@ -67,10 +67,11 @@ def time_steps(adapter, objective: str, steps: int, batch: int) -> list[float]:
         start = time.perf_counter()
         noise = draw_pair_noise(x0.shape, 1000, generator)
         terms = compute_pair_terms(adapter, encoded, noise, beta=oc.beta, reference_predict=reference,
-                                   weight_norm=oc.weight_norm, pair_weight=oc.pair_weight)
-        loss, _, _ = objectives.preference_loss(
-            terms.loss_pair, terms.log_w_pair.exp(), terms.timesteps, **oc.switches(), tau=oc.tau,
-            w_clip=oc.w_clip, normalize=oc.normalize)
+                                   weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                                   weight_model=oc.weight_model, weight_step=oc.weight_step,
+                                   objective=oc.pair_settings())
+        # the trainer's own reduction (sipo.train.training_step): objective_loss with the config's settings
+        loss, _, _ = objective_loss(terms, terms.log_w_pair.exp(), **oc.loss_settings())
         loss.backward()
         for p in params:
             p.grad = None

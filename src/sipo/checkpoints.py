@@ -337,7 +337,8 @@ RESUME_MAY_CHANGE = frozenset({
     # how the same computation runs, not what it computes (docs/performance.md): a resume may, e.g.,
     # switch the latent cache on or keep the text encoder on the CPU
     "train.compile", "train.deterministic", "data.use_cache", "data.cache_dir", "model.encode_chunk_size",
-    "model.text_encoder_device", "model.prompt_cache_size",
+    "model.text_encoder_device", "model.prompt_cache_size", "train.compile_scope", "train.channels_last",
+    "train.cudnn_benchmark", "data.prefetch_factor", "model.offload_frozen",
 })
 _HASH_WHOLE_FILE_BELOW = 16 << 20
 

@@ -140,6 +140,11 @@ class ModelConfig:
         "diffusers' enable_layerwise_casting; norms, embeddings and LoRA stay as they are; halves the base's memory "
         "again: Qwen-Image on 48 GB, Wan2.2-A14B at 480p on 80 GB; docs/models.md)", default="bf16"
     )
+    offload_frozen: str = _help(
+        "none, or group: keep the denoiser's frozen base in host memory and move one block at a time to the device "
+        "for its forward (diffusers' enable_group_offload): less device memory, more step time; on the CPU it moves "
+        "nothing (docs/performance.md)", default="none"
+    )
 
     def __post_init__(self) -> None:
         from sipo.models import FAMILIES
@@ -156,6 +161,7 @@ class ModelConfig:
         if self.prompt_cache_size < 0:
             raise SipoError("model.prompt_cache_size must be 0 (off) or a positive number of prompts")
         _choice("model.frozen_dtype", self.frozen_dtype, ("bf16", "fp8"))
+        _choice("model.offload_frozen", self.offload_frozen, ("none", "group"))
 
 
 @dataclass
@@ -168,6 +174,10 @@ class DataConfig:
     strict: bool = _help("stop at the first malformed row instead of skipping and counting it", default=False)
     random_flip: bool = _help("horizontally flip both images of a pair at random", default=False)
     num_workers: int = _help("DataLoader worker processes", default=0)
+    prefetch_factor: int | None = _help(
+        "batches each DataLoader worker prepares ahead (None: PyTorch's 2); needs data.num_workers > 0. Workers "
+        "already live for the whole run (one endless loader), so there is no persistent_workers key", default=None
+    )
     shuffle: str = _help(
         "block: shuffle parquet row groups, then pairs inside each (reads each row group once per epoch); "
         "full: one uniform permutation (reads a row group per pair); JSONL, hf and webdataset always use full "
@@ -242,6 +252,9 @@ class DataConfig:
                             "output, or unset data.min_score_margin")
         if self.max_pairs is not None and self.max_pairs <= 0:
             raise SipoError("data.max_pairs must be a positive integer or null")
+        if self.prefetch_factor is not None and (self.prefetch_factor < 1 or self.num_workers == 0):
+            raise SipoError(f"data.prefetch_factor={self.prefetch_factor} needs data.num_workers > 0 and a value of at "
+                            "least 1; set data.num_workers (e.g. 4) or leave data.prefetch_factor unset")
         if not self.split.strip():
             raise SipoError("data.split is empty; set it to train (the default), validation or test")
         if self.shuffle_buffer < 1:
@@ -452,6 +465,18 @@ class TrainConfig:
     )
     # performance and exactness (issue 8; docs/performance.md)
     compile: bool = _help("torch.compile the denoiser (first steps are slow while it compiles)", default=False)
+    compile_scope: str = _help(
+        "what train.compile compiles: blocks (the denoiser's repeated blocks, diffusers' _repeated_blocks, one "
+        "graph shared by all; the whole model where it lists none) or model (the whole denoiser)", default="blocks"
+    )
+    channels_last: bool = _help(
+        "UNets: hold convolution weights and activations in channels-last (NHWC) memory order; same values, "
+        "a different kernel choice (docs/performance.md has the measured effect)", default=False
+    )
+    cudnn_benchmark: bool = _help(
+        "let cuDNN time its convolution algorithms on the first step and keep the fastest (CUDA only: "
+        "nothing on the CPU); not with train.deterministic", default=False
+    )
     deterministic: bool = _help(
         "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN, TF32 off): "
         "bit-exact resume on CUDA, somewhat slower", default=False
@@ -484,6 +509,10 @@ class TrainConfig:
         _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _choice("train.finetune", self.finetune, ("lora", "full"))
         _choice("train.lora_format", self.lora_format, ("diffusers", "comfyui"))
+        _choice("train.compile_scope", self.compile_scope, ("blocks", "model"))
+        if self.cudnn_benchmark and self.deterministic:
+            raise SipoError("train.cudnn_benchmark picks convolution algorithms by timing, which train.deterministic "
+                            "forbids; set one of them to false")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_last", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise SipoError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -781,6 +810,14 @@ def check_values(config: SipoConfig) -> None:
         raise SipoError(f"train.report_to={tc.report_to!r} is not valid; choose one of ['tensorboard', 'wandb', 'none']")
     if config.data.num_workers < 0:
         raise SipoError(f"data.num_workers={config.data.num_workers} is negative; set 0 or more")
+    if config.model.frozen_dtype == "fp8" and tc.mixed_precision == "no":
+        # measured: tiny SD1.5, torch 2.13 CPU - the first backward stops with "expected scalar type Float
+        # but found Float8_e4m3fn" (the layer's weight is cast back to fp8 before autograd reads it)
+        raise SipoError("model.frozen_dtype=fp8 computes each layer in the mixed-precision dtype, and "
+                        "train.mixed_precision=no has none; set train.mixed_precision=bf16 (or fp16 on a GPU)")
+    if config.model.offload_frozen != "none" and tc.finetune == "full":
+        raise SipoError("model.offload_frozen offloads the frozen base of a LoRA run, and train.finetune=full trains "
+                        "every weight; set model.offload_frozen=none or train.finetune=lora")
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -132,3 +132,102 @@ def restore_device_rng(checkpoint: Path, device: torch.device) -> None:
     path = Path(checkpoint) / DEVICE_RNG_FILE
     if device.type == "cuda" and path.is_file():
         torch.cuda.set_rng_state(torch.load(path, weights_only=True)["cuda"], device)
+
+
+# ----------------------------------------------------------------------------- speed levers (issue 22)
+#: ``train.compile_scope``: what ``train.compile`` compiles
+COMPILE_SCOPES = ("blocks", "model")
+
+
+def compile_denoiser(model: nn.Module, scope: str, **options: Any) -> nn.Module:
+    """``torch.compile`` the denoiser's repeated blocks (``"blocks"``), or the whole module (``"model"``).
+
+    ``"blocks"`` is regional compilation as diffusers' ``ModelMixin.compile_repeated_blocks`` does it:
+    every submodule whose class a diffusers model lists in ``_repeated_blocks`` (SD1.5/SDXL:
+    ``BasicTransformerBlock``) is compiled in place, one graph shared by all of them, so compiling
+    takes a fraction of the whole model's time and the graphs stay small. A denoiser with no such
+    list (a two-expert wrapper, the digits UNet) is compiled whole. Returns what forward calls go
+    through: ``model`` itself for blocks (its submodules now run compiled), else the compiled module.
+    ``options`` go to ``torch.compile`` (tests pass ``backend="aot_eager"``: dynamo without a C++ build).
+    """
+    if scope not in COMPILE_SCOPES:
+        raise SipoError(f"train.compile_scope={scope!r} is not valid; choose one of {list(COMPILE_SCOPES)}")
+    if scope == "blocks":
+        inner = getattr(model, "module", model)  # DDP / accelerate wrappers keep the model in .module
+        names = {name for sub in inner.modules() for name in (getattr(type(sub), "_repeated_blocks", None) or ())}
+        blocks = [sub for sub in inner.modules() if type(sub).__name__ in names]
+        for block in blocks:
+            block.compile(**options)
+        if blocks:
+            return model
+    return torch.compile(model, **options)
+
+
+def use_channels_last(denoiser: nn.Module, enabled: bool) -> bool:
+    """Store the 4-D convolution weights of a UNet in channels-last order (NHWC), where it has any.
+
+    cuDNN's fastest convolution kernels on tensor cores read NHWC; activations follow the weights'
+    layout through the network. Only the memory layout changes, not a value (checked against the
+    default layout in tests/test_speed.py). Returns whether any weight was converted (transformers
+    have no 4-D weights beyond a patch embedding, so this is for UNets).
+    """
+    if not enabled:
+        return False
+    if not any(p.dim() == 4 for p in denoiser.parameters()):
+        return False
+    denoiser.to(memory_format=torch.channels_last)
+    return True
+
+
+def configure_autotuning(cudnn_benchmark: bool, deterministic: bool) -> None:
+    """cuDNN autotuning (``torch.backends.cudnn.benchmark``): time each convolution's algorithms on
+    its first shape and keep the fastest. The trainer's shapes are fixed, so it pays after the first
+    step on CUDA; it does nothing on the CPU. The config decides (a second run in one process gets its
+    own setting); deterministic runs keep it off (``configure_kernels``)."""
+    if not deterministic:
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+
+
+#: ``model.offload_frozen``: where the frozen base of a LoRA run lives between its uses
+OFFLOAD_MODES = ("none", "group")
+
+
+def offload_frozen_base(denoiser: nn.Module, mode: str, device: torch.device, blocks_per_group: int = 1) -> bool:
+    """Keep the denoiser's frozen base in host memory and bring one group of blocks to ``device`` at a
+    time (diffusers' ``ModelMixin.enable_group_offload``, block level), for models whose base does
+    not fit beside the activations. Every forward then copies the base to the device once (the
+    policy and the reference pass each), so it costs step time in exchange for memory. On the CPU
+    the onload and offload devices are the same: nothing moves, and the setting only adds the hooks.
+    On a GPU it is refused while trainable parameters sit inside the blocks (every LoRA run today):
+    the offload would carry them along and lose their updates. Returns whether it was applied.
+    """
+    if mode not in OFFLOAD_MODES:
+        raise SipoError(f"model.offload_frozen={mode!r} is not valid; choose one of {list(OFFLOAD_MODES)}")
+    if mode == "none":
+        return False
+    if device.type != "cpu" and any(p.requires_grad for p in denoiser.parameters()):
+        # diffusers' offload moves every parameter of a block, the LoRA weights inside it too: with
+        # streams it restores its pinned host copy at each offload (the optimizer's update is lost),
+        # without them the gradient lands on a parameter that has moved back to the host
+        raise SipoError("model.offload_frozen=group would move the trainable LoRA weights with the frozen blocks "
+                        f"on {device.type}, and diffusers' offload does not keep their updates; set "
+                        "model.offload_frozen=none (model.frozen_dtype=fp8 halves the base's memory instead)")
+    if not hasattr(denoiser, "enable_group_offload"):
+        raise SipoError(f"model.offload_frozen=group needs a diffusers model, and this denoiser is a "
+                        f"{type(denoiser).__name__}; set model.offload_frozen=none")
+    denoiser.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=blocks_per_group,
+                                  use_stream=device.type == "cuda")
+    return True
+
+
+def compile_counts() -> dict[str, int]:
+    """How many frames dynamo has compiled so far and how many of those were recompiles (a guard failed).
+
+    Read before and after a stretch of steps: a difference in ``recompiles`` after the warm-up means
+    some input (a shape, a dtype, the LoRA switch of the reference pass) changed a graph's guards.
+    """
+    from torch._dynamo.utils import counters
+
+    return {"frames": int(counters["stats"].get("unique_graphs", 0)),
+            "recompiles": int(sum(counters["recompiles"].values()))}

@@ -37,7 +37,8 @@ from sipo.export import check_comfyui_family, write_checkpoint_comfyui, write_lo
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import hold_frozen_weights_in, store_frozen_base_in
 from sipo.performance import (
-    COMPUTE_DTYPES, StepClock, check_precision_for_device, configure_kernels, make_optimizer, restore_device_rng,
+    COMPUTE_DTYPES, StepClock, check_precision_for_device, compile_denoiser, configure_autotuning, configure_kernels,
+    make_optimizer, offload_frozen_base, restore_device_rng, use_channels_last,
 )
 from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook, validation_prompts
 from sipo.preference import (
@@ -449,6 +450,7 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
     accelerator = start_accelerator(config, plan.output_dir)
     adapter, reference_denoiser = build_model(config, adapter)
     dataset = place_model_and_data(config, plan.dataset, adapter, reference_denoiser, accelerator)
+    offload_frozen_base(adapter.denoiser, config.model.offload_frozen, accelerator.device)
     validation = validation_hook(config, plan, dataset, accelerator.device)
     if plan.train_indices is not None:
         dataset = PairSubset(dataset, plan.train_indices)  # after the cache: it holds every pair, by index
@@ -456,7 +458,7 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
     optimizer = make_optimizer(list(trainable.values()), config.train, accelerator.device)
     lr_scheduler = _lr_scheduler(config, optimizer)
     model, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
-    forward_model = torch.compile(model) if config.train.compile else model
+    forward_model = compile_denoiser(model, config.train.compile_scope) if config.train.compile else model
     # One stream, the same on every process (each keeps its rows of the global batch's draw, see
     # draw_share_of_noise): the checkpoint holds rank 0's generator, which is then every rank's.
     generator = torch.Generator().manual_seed(config.train.seed * 1009)
@@ -477,6 +479,7 @@ def start_accelerator(config: SipoConfig, output_dir: Path):
 
     tc = config.train
     configure_kernels(tc.deterministic)  # before CUDA initialises: cuBLAS reads its workspace setting once
+    configure_autotuning(tc.cudnn_benchmark, tc.deterministic)
     # A second train() in one process (notebooks, the demo, tests) may ask for another precision;
     # accelerate keeps a process-wide state that would refuse it. The process group is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -508,6 +511,9 @@ def build_model(config: SipoConfig, adapter: DiffusionAdapter | None) -> tuple[D
         hold_frozen_weights_in(adapter, COMPUTE_DTYPES[tc.mixed_precision],
                                [reference_denoiser] if reference_denoiser is not None else [])
     store_frozen_base_in(adapter, config.model.frozen_dtype, COMPUTE_DTYPES.get(tc.mixed_precision, torch.float32))
+    for denoiser in (adapter.denoiser, reference_denoiser):
+        if denoiser is not None:
+            use_channels_last(denoiser, tc.channels_last)
     if config.model.encode_chunk_size is not None:
         adapter.encode_chunk_size = config.model.encode_chunk_size
     return adapter, reference_denoiser
@@ -568,6 +574,7 @@ def data_loader(config: SipoConfig, dataset, state: TrainState, accelerator) -> 
     return iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=getattr(dataset, "collate", collate_pairs),
         num_workers=config.data.num_workers, pin_memory=pin,
+        **({"prefetch_factor": config.data.prefetch_factor} if config.data.prefetch_factor else {}),
     ))
 
 

@@ -230,3 +230,15 @@ def test_quick_demo_end_to_end_through_the_cli(tmp_path):
             assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
     claims = json.loads((out / "claims.json").read_text())
     assert set(claims["win_rate"]) == {"mixed", "offpolicy"}
+    # claim 3's long runs validated on their own held-out pairs; its columns are their logs' numbers
+    assert (out / "pairs_heldout" / "manifest.jsonl").is_file() and "Claim 3 on held-out pairs" in report
+    long_steps = QUICK.max_steps * QUICK.stability_factor
+    for method in QUICK.stability_methods:
+        lines = (out / "runs" / f"{method}-beta{beta}-seed0" / "validation.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]
+        assert [r["step"] for r in records] == list(range(0, long_steps + 1, QUICK.eval_every))
+        held_out = claims["stability"]["mixed"][method]["held_out"]
+        assert held_out["accuracy"] == pytest.approx([r["held_out/accuracy"] for r in records])
+        assert held_out["final_accuracy"][0] == pytest.approx(records[-1]["held_out/accuracy"])
+        assert records[-1]["held_out/pairs"] == QUICK.held_out_pairs
+    assert not (out / "runs" / f"dpo-cm-beta{beta}-seed0" / "validation.jsonl").exists()  # short runs: none

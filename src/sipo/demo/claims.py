@@ -3,7 +3,8 @@
 1. **Win rate vs base**: SIPO (and C&M) beat Diffusion-DPO, under both readings of SPEC 4a.
 2. **beta sensitivity**: SIPO's win rate varies less than DPO's across a 10x range of beta.
 3. **Stability**: in a run 3x longer, DPO's reward falls from its peak ("late-stage degradation")
-   and SIPO's does not.
+   and SIPO's does not. Beside the reward, as the paper does (its Fig. 1c/8), the long runs' implicit
+   accuracy and reward margin on held-out pairs, read back from each run's ``validation.jsonl``.
 
 Every comparison is paired per seed (the same seed means the same LoRA initialisation, data order,
 timesteps and noise for every method), and its interval is the t-interval of the per-seed paired
@@ -134,9 +135,65 @@ def claim_beta_sensitivity(results, base_rewards, sources, methods, betas, step:
 
 
 # ----------------------------------------------------------------------------- claim 3
-def claim_stability(results, sources, methods, beta: float, long_steps: int) -> dict[str, Any]:
+HELD_OUT_ACCURACY, HELD_OUT_MARGIN = "held_out/accuracy", "held_out/reward_margin"
+
+
+def held_out_curve(result: dict[str, Any], key: str = HELD_OUT_ACCURACY) -> dict[int, float]:
+    """``step -> value`` of a held-out metric, as the run's validation log (``result["validation"]``,
+    the records of its validation.jsonl) holds it; empty for a run without held-out pairs."""
+    return {int(record["step"]): float(record[key]) for record in result.get("validation") or [] if key in record}
+
+
+def _peak_drop(curve: dict[int, float]) -> float:
+    """``peak - final`` over the points after step 0 (as the reward's drop)."""
+    steps = sorted(step for step in curve if step > 0)
+    return max(curve[step] for step in steps) - curve[steps[-1]]
+
+
+def _held_out_rows(runs: dict[str, dict[int, dict[str, Any]]], short_steps: int | None) -> dict[str, Any]:
+    """Per method: the held-out accuracy and margin curves (mean over seeds), the accuracy's drop
+    from its peak per seed (paired vs DPO's), and the final accuracy minus DPO's (paired)."""
+    per_method: dict[str, dict[int, dict[str, dict[int, float]]]] = {}
+    for method, by_seed in runs.items():
+        curves = {seed: {key: held_out_curve(run, key) for key in (HELD_OUT_ACCURACY, HELD_OUT_MARGIN)}
+                  for seed, run in by_seed.items()}
+        if curves and all(len(c[HELD_OUT_ACCURACY]) >= 2 for c in curves.values()):
+            per_method[method] = curves
+    rows: dict[str, Any] = {}
+    for method, curves in per_method.items():
+        steps = sorted(set.intersection(*(set(c[HELD_OUT_ACCURACY]) for c in curves.values())))
+        final = steps[-1]
+        mean = {key: [float(np.mean([c[key][step] for c in curves.values()])) for step in steps]
+                for key in (HELD_OUT_ACCURACY, HELD_OUT_MARGIN)}
+        drop = {seed: _peak_drop({step: c[HELD_OUT_ACCURACY][step] for step in steps}) for seed, c in curves.items()}
+        row = {"steps": steps, "accuracy": mean[HELD_OUT_ACCURACY], "margin": mean[HELD_OUT_MARGIN],
+               "final_accuracy": t_interval([c[HELD_OUT_ACCURACY][final] for c in curves.values()]),
+               "final_margin": t_interval([c[HELD_OUT_MARGIN][final] for c in curves.values()]),
+               "accuracy_at_short": (t_interval([c[HELD_OUT_ACCURACY][short_steps] for c in curves.values()])
+                                     if short_steps in steps else (float("nan"),) * 3),
+               "drop": t_interval(list(drop.values())), "drop_per_seed": [drop[s] for s in sorted(drop)]}
+        if method == "dpo":
+            row["verdict"] = "DPO degrades: " + _verdict(*row["drop"][1:], claimed_positive=True)
+        elif "dpo" in per_method:
+            dpo = per_method["dpo"]
+            seeds = sorted(set(curves) & set(dpo))
+            row["minus_dpo_drop"] = t_interval([drop[s] - _peak_drop(dpo[s][HELD_OUT_ACCURACY]) for s in seeds])
+            row["final_minus_dpo"] = t_interval([curves[s][HELD_OUT_ACCURACY][final] - dpo[s][HELD_OUT_ACCURACY][final]
+                                                 for s in seeds])
+            row["verdict"] = (f"drops less than DPO: {_verdict(*row['minus_dpo_drop'][1:], claimed_positive=False)}; "
+                              f"ends above DPO: {_verdict(*row['final_minus_dpo'][1:], claimed_positive=True)}")
+        rows[method] = row
+    return rows
+
+
+def claim_stability(results, sources, methods, beta: float, long_steps: int,
+                    short_steps: int | None = None) -> dict[str, Any]:
     """Per seed, ``drop = peak - end`` of the mean reward along a long run (peak over every
-    evaluation after step 0); paired vs DPO's drop. The claim: DPO drops, SIPO drops less."""
+    evaluation after step 0); paired vs DPO's drop. The claim: DPO drops, SIPO drops less.
+
+    Where the runs validated on held-out pairs, each row also has ``held_out``: the same drop for
+    the held-out implicit accuracy, the accuracy at ``short_steps`` and at the end, the final
+    margin, and the final accuracy minus DPO's, paired per seed (:func:`_held_out_rows`)."""
     out: dict[str, Any] = {}
     for source in sources:
         drops: dict[str, dict[int, float]] = {}
@@ -152,10 +209,14 @@ def claim_stability(results, sources, methods, beta: float, long_steps: int) -> 
             steps = [p["step"] for p in next(iter(runs.values()))["curve"]]
             curves[method] = {"steps": steps, "mean_reward": np.mean(
                 [[p["mean_reward"] for p in r["curve"]] for r in runs.values()], axis=0).tolist()}
+        held_out = _held_out_rows({method: {s: r for s, r in _runs(results, source, method, beta).items()
+                                            if r["steps"] == long_steps} for method in drops}, short_steps)
         rows = {}
         for method, drop in drops.items():
             row = {"drop": t_interval(list(drop.values())), "per_seed": [drop[s] for s in sorted(drop)],
                    "curve": curves[method]}
+            if method in held_out:
+                row["held_out"] = held_out[method]
             if method == "dpo":
                 row["verdict"] = "DPO degrades: " + _verdict(*row["drop"][1:], claimed_positive=True)
             elif "dpo" in drops:
@@ -266,6 +327,20 @@ def claims_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
             diff = _fmt_ci(*row["minus_dpo"], signed=True) if "minus_dpo" in row else "-"
             lines.append(f"| {source} | {LABELS.get(method, method)} | {at:.4f} | {curve['mean_reward'][-1]:.4f} | "
                          f"{_fmt_ci(*row['drop'])} | {diff} | {row.get('verdict', '-')} |")
+    held_out = [(source, method, row["held_out"]) for source, rows in claims["stability"].items()
+                for method, row in rows.items() if "held_out" in row]
+    if held_out:
+        lines += ["", f"Claim 3 on held-out pairs (implicit accuracy = fraction of pairs with z > 0 at fixed t and noise, "
+                  "as the paper's Fig. 1c/8; validation.jsonl of each run):", "",
+                  f"| pairs | method | held-out accuracy at step {steps} | final held-out accuracy | final held-out margin | "
+                  "accuracy drop from peak | minus DPO's drop | final accuracy minus DPO's (paired) | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for source, method, row in held_out:
+            drop = _fmt_ci(*row["minus_dpo_drop"], signed=True) if "minus_dpo_drop" in row else "-"
+            final = _fmt_ci(*row["final_minus_dpo"], signed=True) if "final_minus_dpo" in row else "-"
+            lines.append(f"| {source} | {LABELS.get(method, method)} | {_fmt_ci(*row['accuracy_at_short'])} | "
+                         f"{_fmt_ci(*row['final_accuracy'])} | {_fmt_ci(*row['final_margin'])} | {_fmt_ci(*row['drop'])} | "
+                         f"{drop} | {final} | {row.get('verdict', '-')} |")
     lines += ["", "Verdicts: *supported* = the 95% CI of the paired difference excludes 0 in the paper's "
               "direction; *contradicted* = it excludes 0 the other way; *not resolved* = it contains 0. "
               "Peak-minus-final is biased upward by noise (a maximum of noisy values), for every method alike.", ""]
@@ -326,15 +401,25 @@ def plot_claims(output_dir: Path, claims: dict[str, Any], context: dict[str, Any
 
     sources = list(claims["stability"])
     if sources:
-        fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 3.4), squeeze=False, sharey=True)
-        for ax, source in zip(axes[0], sources):
+        # a second row, held-out implicit accuracy, where the long runs validated on held-out pairs
+        held_out = any("held_out" in row for rows in claims["stability"].values() for row in rows.values())
+        fig, axes = plt.subplots(2 if held_out else 1, len(sources), figsize=(5.2 * len(sources), 6.6 if held_out else 3.4),
+                                 squeeze=False, sharey="row", sharex="col")
+        for column, source in enumerate(sources):
             for method, row in claims["stability"][source].items():
-                ax.plot(row["curve"]["steps"], row["curve"]["mean_reward"], marker="o", ms=3, color=COLORS.get(method), label=method)
-            ax.axvline(context["max_steps"], color="grey", ls=":", lw=1)
-            ax.set_xlabel("optimizer step")
-            ax.set_title(SOURCE_LABELS.get(source, source), fontsize=9)
-            ax.legend(fontsize=7)
+                axes[0][column].plot(row["curve"]["steps"], row["curve"]["mean_reward"], marker="o", ms=3,
+                                     color=COLORS.get(method), label=method)
+                if "held_out" in row:
+                    axes[1][column].plot(row["held_out"]["steps"], row["held_out"]["accuracy"], marker="o", ms=3,
+                                         color=COLORS.get(method), label=method)
+            axes[0][column].set_title(SOURCE_LABELS.get(source, source), fontsize=9)
+            for ax in axes[:, column]:
+                ax.axvline(context["max_steps"], color="grey", ls=":", lw=1)
+                ax.legend(fontsize=7)
+            axes[-1][column].set_xlabel("optimizer step")
         axes[0][0].set_ylabel("mean reward (mean over seeds)")
+        if held_out:
+            axes[1][0].set_ylabel("held-out implicit accuracy\n(mean over seeds)")
         fig.tight_layout()
         files["claim3"] = str(output_dir / "claim3_stability.png")
         fig.savefig(files["claim3"], dpi=120)
@@ -386,7 +471,8 @@ def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed
     claims = {
         "win_rate": claim_win_rate(results, base_rewards, sources, methods, default_beta, max_steps),
         "beta_sensitivity": claim_beta_sensitivity(results, base_rewards, sources, swept, betas, max_steps) if len(betas) > 1 else {},
-        "stability": claim_stability(results, sources, methods, default_beta, long_steps) if long_steps > max_steps else {},
+        "stability": claim_stability(results, sources, methods, default_beta, long_steps, max_steps)
+        if long_steps > max_steps else {},
     }
     from sipo.demo.settings import FIELD_METHODS
 

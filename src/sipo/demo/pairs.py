@@ -8,6 +8,10 @@ Neither side comes from the base model: this is the off-policy situation SIPO ta
 
 Written as 8-bit grey PNGs plus ``manifest.jsonl`` (``{"prompt", "chosen", "rejected"}``, paths
 relative to the manifest), the format ``data.format=jsonl`` reads.
+
+A held-out set (claim 3's test accuracy) is drawn the same way from another seed, with
+``exclude_real`` naming the real digits the training pairs used, so no picture of it is one the
+fine-tune trained on: its real sides come from the other digits, its early sides from fresh noise.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ class PairSet:
     chosen_source: list[str]  # "real" or "early"
     rejected_source: list[str]
     candidates_drawn: int
+    #: index into the real digits of each side (-1: an early sample), to keep a held-out set apart
+    chosen_real_index: list[int]
+    rejected_real_index: list[int]
+
+    def real_indices(self) -> set[int]:
+        """The real digits this set's pairs show (either side)."""
+        return {i for i in (*self.chosen_real_index, *self.rejected_real_index) if i >= 0}
 
     def summary(self) -> dict:
         kinds: dict[str, int] = {}
@@ -80,13 +91,19 @@ def make_pairs(
     out_dir: str | Path,
     settings: PairSettings = PairSettings(),
     progress: bool = True,
+    exclude_real: set[int] | frozenset[int] = frozenset(),
 ) -> PairSet:
-    """Draw candidate pairs in rounds until ``settings.num_pairs`` survive the near-tie filter."""
+    """Draw candidate pairs in rounds until ``settings.num_pairs`` survive the near-tie filter;
+    real sides never show a digit whose index is in ``exclude_real``."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(settings.seed)
-    by_class = [torch.nonzero(real_labels == c).flatten() for c in range(10)]
-    kept: dict[str, list] = {k: [] for k in ("label", "chosen", "rejected", "r_chosen", "r_rejected", "s_chosen", "s_rejected")}
+    allowed = torch.tensor([i not in exclude_real for i in range(len(real_labels))], dtype=torch.bool)
+    by_class = [torch.nonzero((real_labels == c) & allowed).flatten() for c in range(10)]
+    if settings.real_fraction > 0 and any(len(indices) == 0 for indices in by_class):
+        raise ValueError("every real digit of some class is excluded; draw fewer training pairs or none real")
+    kept: dict[str, list] = {k: [] for k in ("label", "chosen", "rejected", "r_chosen", "r_rejected", "s_chosen",
+                                             "s_rejected", "i_chosen", "i_rejected")}
     drawn = examined = 0
     bar = tqdm(total=settings.num_pairs, desc="off-policy pairs", disable=not progress, dynamic_ncols=True)
     while len(kept["label"]) < settings.num_pairs:
@@ -105,8 +122,8 @@ def make_pairs(
                 fake = ~is_real
                 images[fake] = early.sample(labels[fake], noise=noise[fake], num_inference_steps=settings.sampling_steps)
             images = quantize(images)
-            sides.append((images, reward(images, labels), is_real))
-        (img_a, r_a, real_a), (img_b, r_b, real_b) = sides
+            sides.append((images, reward(images, labels), is_real, torch.where(is_real, picks, -1)))
+        (img_a, r_a, real_a, at_a), (img_b, r_b, real_b, at_b) = sides
         a_wins = r_a >= r_b
         near_tie = (r_a - r_b).abs() < settings.min_gap
         for i in range(batch):
@@ -115,7 +132,8 @@ def make_pairs(
             examined += 1
             if near_tie[i]:
                 continue
-            win, lose = ((img_a, r_a, real_a), (img_b, r_b, real_b)) if a_wins[i] else ((img_b, r_b, real_b), (img_a, r_a, real_a))
+            a, b = (img_a, r_a, real_a, at_a), (img_b, r_b, real_b, at_b)
+            win, lose = (a, b) if a_wins[i] else (b, a)
             kept["label"].append(int(labels[i]))
             kept["chosen"].append(win[0][i])
             kept["rejected"].append(lose[0][i])
@@ -123,6 +141,8 @@ def make_pairs(
             kept["r_rejected"].append(float(lose[1][i]))
             kept["s_chosen"].append("real" if win[2][i] else "early")
             kept["s_rejected"].append("real" if lose[2][i] else "early")
+            kept["i_chosen"].append(int(win[3][i]))
+            kept["i_rejected"].append(int(lose[3][i]))
             bar.update(1)
         if examined > 50 * settings.num_pairs + 1000:
             raise RuntimeError("almost every candidate pair is a near-tie; lower PairSettings.min_gap")
@@ -148,6 +168,8 @@ def make_pairs(
         chosen_source=kept["s_chosen"],
         rejected_source=kept["s_rejected"],
         candidates_drawn=examined,
+        chosen_real_index=kept["i_chosen"],
+        rejected_real_index=kept["i_rejected"],
     )
     (out_dir / "pairs.json").write_text(json.dumps({"settings": settings.__dict__, **pair_set.summary()}, indent=2))
     return pair_set

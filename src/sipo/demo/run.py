@@ -27,7 +27,7 @@ import platform
 import queue as queue_module
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,11 @@ class DemoSettings:
     stability_methods: tuple[str, ...] = ("dpo", "sipo")
     stability_sources: tuple[str, ...] = ("mixed",)
     stability_factor: int = 3
+    #: claim 3's held-out pairs per source (its test accuracy): drawn like the source's training
+    #: pairs but from generator seed ``held_out_seed`` and from the real digits no training pair
+    #: shows; the long runs validate on them every ``eval_every`` steps (``data.validation_path``)
+    held_out_pairs: int = 256
+    held_out_seed: int = 1
     #: "which objective": these presets, each at its own defaults (objective.beta=null), on these sources
     objective_methods: tuple[str, ...] = ()
     objective_sources: tuple[str, ...] = SOURCES
@@ -101,6 +106,7 @@ QUICK = DemoSettings(
     eval_every=6,
     eval_per_class=4,
     sampling_steps=10,
+    held_out_pairs=32,
     profile_pairs=16,
     profile_buckets=10,
     analysis_pairs=4,
@@ -123,6 +129,14 @@ FULL = DemoSettings(
     stability_methods=METHODS, stability_sources=SOURCES, eval_every=50,
     objective_methods=FIELD_METHODS, auto_beta_methods=("dpo",),
 )
+
+
+#: claim 3 alone, with `--full`'s settings for it, for the three headline methods on the mixed pairs
+#: (15 runs of 300 steps, reward and held-out accuracy every 50 steps):
+#: ``python -m sipo.demo.run --claim3 --output-dir runs/claim3``; claim 1's rows come from the same runs
+CLAIM3 = replace(FULL, sources=("mixed",), methods=HEADLINE_METHODS, sensitivity_methods=(),
+                 stability_methods=HEADLINE_METHODS, stability_sources=("mixed",), objective_methods=(),
+                 auto_beta_methods=())
 
 
 # ----------------------------------------------------------------------------- one fine-tune
@@ -195,11 +209,17 @@ def run_one(job: RunJob, tick=None) -> dict[str, Any]:
         result = train(config, step_callback=on_step, progress=False, adapter=copy.deepcopy(base), overwrite=True)
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(job.run_dir) / "train.log").write_text(log.getvalue())
+    from sipo.validation import VALIDATION_LOG
+
+    validation_log = Path(config.train.output_dir) / VALIDATION_LOG  # the held-out curve, when it validated
+    validation = [json.loads(line) for line in validation_log.read_text().splitlines() if line.strip()] \
+        if validation_log.is_file() else []
     record = {
         "method": job.method, "beta": job.beta, "seed": job.seed, "name": job.name, "variant": job.variant,
         "source": job.source,
         "curve": curve, "rewards": final["rewards"].tolist(),
         "history": result.history, "steps": result.steps, "wall_seconds": time.perf_counter() - started,
+        "validation": validation,
     }
     # each run's numbers on disk as soon as it ends, so an interrupted sweep keeps what it finished
     (Path(job.run_dir) / "result.json").write_text(json.dumps(record, default=float))
@@ -324,6 +344,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         pair_settings = settings.pairs if source == "mixed" else settings.offpolicy_pairs
         pair_sets[source] = make_pairs(early, reward, real_images, real_labels, pairs_dir, pair_settings, progress=progress)
     pairs = pair_sets.get("mixed") or next(iter(pair_sets.values()))
+    held_out_sets = held_out_pairs(settings, early, reward, real_images, real_labels, pair_sets, output_dir, progress)
     timings["pairs"] = time.perf_counter() - phase
 
     # base and early on the evaluation prompts
@@ -376,6 +397,10 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                         continue
                     long = beta == default_beta and method in settings.stability_methods and source in settings.stability_sources
                     steps = long_steps if long else max_steps
+                    # claim 3's long runs log held-out accuracy at each reward evaluation (no randomness
+                    # taken from training: their first max_steps steps stay the short run's, claim 1's)
+                    validation = [f"data.validation_path={held_out_sets[source].manifest.resolve()}",
+                                  f"train.validate_every={settings.eval_every}"] if long else []
                     name = f"{method}-beta{beta:g}-seed{seed}"
                     run_dir = output_dir / "runs" / (name if source == "mixed" else f"{source}/{name}")
                     jobs.append(RunJob(
@@ -385,7 +410,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                             f"model.pretrained_path={base_dir.resolve()}",
                             f"data.path={pair_sets[source].manifest.resolve()}",
                             f"objective.name={method}", f"objective.beta={beta}", f"train.seed={seed}",
-                            f"train.max_steps={steps}", f"train.output_dir={run_dir.resolve()}",
+                            f"train.max_steps={steps}", f"train.output_dir={run_dir.resolve()}", *validation,
                         ],
                         base_dir=str(base_dir.resolve()), run_dir=str(run_dir),
                         eval_every=settings.eval_every if long else max_steps,
@@ -424,7 +449,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
             results, base_rewards, settings.sensitivity_sources, settings.sensitivity_methods, settings.betas, max_steps)
         if settings.sensitivity_methods else {},
         "stability": claims_module.claim_stability(results, settings.stability_sources, settings.stability_methods,
-                                                   default_beta, long_steps),
+                                                   default_beta, long_steps, max_steps),
     }
     claims.update(claims_module.claim_field(results, base_rewards, settings, default_beta, max_steps))
     timings["report"] = time.perf_counter() - phase
@@ -448,6 +473,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         "reward_held_out_accuracy": reward.held_out_accuracy(),
         "pairs": pairs.summary(),
         "pair_sources": {source: pair_set.summary() for source, pair_set in pair_sets.items()},
+        "held_out_pair_sources": {source: pair_set.summary() for source, pair_set in held_out_sets.items()},
         "pair_source_weights": source_weights,
         "base_mean_reward": float(base_rewards.mean()),
         "early_mean_reward": float(early_rewards.mean()),
@@ -516,6 +542,29 @@ def field_jobs(settings: DemoSettings, config_path, config_overrides, base_dir: 
     return jobs
 
 
+def held_out_pairs(settings: DemoSettings, early, reward, real_images, real_labels, pair_sets, output_dir: Path,
+                   progress: bool = True) -> dict[str, Any]:
+    """Claim 3's held-out pairs for each source its long runs train on (none when there are none):
+    the source's pair settings with ``held_out_pairs`` pairs and seed ``held_out_seed``, its real
+    sides drawn only from digits no training pair of that source shows."""
+    from sipo.demo.pairs import make_pairs
+
+    if not settings.stability_methods or settings.stability_factor <= 1:
+        return {}
+    out = {}
+    for source in (s for s in settings.stability_sources if s in pair_sets):
+        pair_settings = settings.pairs if source == "mixed" else settings.offpolicy_pairs
+        if settings.held_out_seed == pair_settings.seed:
+            raise SipoError(f"DemoSettings.held_out_seed={settings.held_out_seed} is the training pairs' seed; "
+                            "give the held-out pairs another one")
+        held_dir = output_dir / ("pairs_heldout" if source == "mixed" else f"pairs_{source}_heldout")
+        shutil.rmtree(held_dir, ignore_errors=True)
+        out[source] = make_pairs(early, reward, real_images, real_labels, held_dir,
+                                 replace(pair_settings, num_pairs=settings.held_out_pairs, seed=settings.held_out_seed),
+                                 progress=progress, exclude_real=pair_sets[source].real_indices())
+    return out
+
+
 def _weight_summary(profile, tau: float) -> dict[str, float]:
     """Mean log w of the pair over every defined bucket, and the fraction of pairs the mask drops."""
     import numpy as np
@@ -527,3 +576,13 @@ def _weight_summary(profile, tau: float) -> dict[str, float]:
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sipo.demo.run", description="the demo, or a part of it")
+    parser.add_argument("--claim3", action="store_true", help="claim 3 alone (CLAIM3: --full's claim-3 runs, mixed pairs)")
+    parser.add_argument("--output-dir", default="runs/claim3")
+    args = parser.parse_args()
+    run_demo(Path(args.output_dir), settings=CLAIM3 if args.claim3 else None)

@@ -75,6 +75,13 @@ class PreferenceDataset(Dataset):
         """Where pair ``index`` lives in the user's files, for messages."""
         raise NotImplementedError
 
+    def pair_key(self, index: int) -> str:
+        """What identifies pair ``index`` across runs, seeds, workers and machines: its place in the
+        user's files, named by file name and row, never by the absolute path (``_where``'s), so a folder
+        moved, copied to a temporary directory or mounted elsewhere on another node keeps its held-out
+        split and its fixed validation noise (sipo.validation hashes this)."""
+        raise NotImplementedError
+
     def _load(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         """(prompt, chosen, rejected) of pair ``index``; raises `MalformedRow`.
 
@@ -84,13 +91,6 @@ class PreferenceDataset(Dataset):
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
-    def pair_key(self, index: int) -> str:
-        """What identifies pair ``index`` across runs, seeds, workers and machines: its place in the
-        user's files, named by file name and row, never by the absolute path, so a folder moved, copied
-        to a temporary directory or mounted elsewhere on another node keeps its held-out split and its
-        fixed validation noise (sipo.validation hashes this)."""
-        return self._where(index)
-
     def set_epoch(self, epoch: int) -> None:
         """Change which pairs ``random_flip`` mirrors (call it before each epoch, like DDP samplers)."""
         self.epoch = epoch

@@ -143,10 +143,21 @@ def _save_atomically(tensors: dict[str, Tensor], target: Path, family: str, alph
 
 def write_lora_formats(output_dir: str | Path, config: Any) -> list[Path]:
     """After a ``save_lora`` into ``output_dir``: the extra files ``train.lora_format`` asks for."""
-    tc = config.train
-    if tc.finetune != "lora" or getattr(tc, "lora_format", "diffusers") != "comfyui":
+    if not _wants_comfyui(config):
         return []
-    return [write_comfyui(Path(output_dir) / DIFFUSERS_FILE, config.model.family, lora_alpha=tc.lora_alpha)]
+    return [write_comfyui(Path(output_dir) / DIFFUSERS_FILE, config.model.family, lora_alpha=config.train.lora_alpha)]
+
+
+def write_checkpoint_formats(checkpoint_dir: str | Path, trainable: Mapping[str, Tensor], config: Any) -> list[Path]:
+    """After a ``save_checkpoint``: the extra files ``train.lora_format`` asks for, in the checkpoint."""
+    if not _wants_comfyui(config):
+        return []
+    return [write_checkpoint_comfyui(Path(checkpoint_dir), trainable, config.model.family, config.train.lora_alpha)]
+
+
+def _wants_comfyui(config: Any) -> bool:
+    tc = config.train
+    return tc.finetune == "lora" and getattr(tc, "lora_format", "diffusers") == "comfyui"
 
 
 def export_run(run_dir: str | Path, lora_format: str = "comfyui") -> list[Path]:

@@ -33,7 +33,7 @@ from sipo.checkpoints import (
 from sipo.config import SipoConfig, check_against_model, check_values, save_config
 from sipo.data.order import DataOrder, ResumableBatchSampler
 from sipo.errors import SipoError, TrainingInterrupted
-from sipo.export import check_comfyui_family, write_checkpoint_comfyui, write_lora_formats
+from sipo.export import check_comfyui_family, write_checkpoint_formats, write_lora_formats
 from sipo.models import DiffusionAdapter, adapter_from_config, add_lora
 from sipo.models.base import hold_frozen_weights_in, store_frozen_base_in
 from sipo.performance import (
@@ -323,8 +323,7 @@ def write_checkpoint(run: Run) -> Path | None:
     if accelerator.is_main_process:
         path = save_checkpoint(run.output_dir, run.trainable, run.optimizer, run.lr_scheduler, run.state,
                                run.generator, tc.keep_last, run.plan.fingerprint, device=accelerator.device)
-        if tc.finetune == "lora" and tc.lora_format == "comfyui":  # beside the checkpoint, outside its manifest
-            write_checkpoint_comfyui(path, run.trainable, run.config.model.family, tc.lora_alpha)
+        write_checkpoint_formats(path, run.trainable, run.config)  # beside the checkpoint, outside its manifest
     accelerator.wait_for_everyone()
     return path
 
@@ -370,8 +369,7 @@ def finish(run: Run) -> None:
             )
         final = save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, run.generator,
                                 config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
-        if config.train.finetune == "lora" and config.train.lora_format == "comfyui":
-            write_checkpoint_comfyui(final, run.trainable, config.model.family, config.train.lora_alpha)
+        write_checkpoint_formats(final, run.trainable, config)
         unwrapped = accelerator.unwrap_model(run.model)
         try:
             if config.train.finetune == "lora":

@@ -17,16 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
-import importlib
-from sipo.config import load_config
-from sipo.train import train
 from sipo.validation import VALIDATION_LOG
-from distributed_worker import recording
-from train_fixtures import tiny_overrides, write_jsonl_pairs, write_tiny_config
+from train_fixtures import write_jsonl_pairs, write_tiny_config
 
 STEPS = 4
 PER_PROCESS_BATCH = 2
@@ -36,7 +31,6 @@ LORA = "pytorch_lora_weights.safetensors"
 #: (loss), 1.1e-5 (LoRA); one process on 2 threads instead of 1 differs from itself by 7.5e-6 and 2.4e-4
 #: (docs/distributed.md). Each rank drawing its own noise (sipo before) differs by 1.5e-2 and 7.8e-3.
 TOLERANCE = 1e-4
-TRAIN_MODULE = importlib.import_module("sipo.train")  # sipo.train is also the function
 TESTS = Path(__file__).resolve().parent
 SOURCE = TESTS.parent / "src"
 
@@ -67,9 +61,15 @@ def _accelerate_config(path: Path) -> Path:
 
 
 def _launch(accelerate_config: Path, program: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SOURCE), str(TESTS)])}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                           *program], env=env, capture_output=True, text=True, timeout=400)
+    return _run_on_cpu(["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config), *program])
+
+
+def _run_on_cpu(arguments: list[str]) -> subprocess.CompletedProcess:
+    # CPU processes on any machine (no visible GPU): the comparison is gloo DDP against one CPU process,
+    # and a machine with fewer GPUs than processes must not hand rank 1 a device it lacks
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(SOURCE), str(TESTS)])}
+    done = subprocess.run([sys.executable, *arguments], env=env, capture_output=True, text=True, timeout=400)
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("sipo: ")]
     assert done.returncode == 0, "\n".join(errors) or done.stderr[-3000:]
     return done
@@ -103,14 +103,12 @@ def setting(tmp_path_factory, tiny_sd15_dir):
 
 @pytest.fixture(scope="module")
 def one_process(setting):
-    """One process, the global batch of 4, in this test's process."""
-    output = setting["root"] / "one"
-    config = load_config(None, tiny_overrides(setting["model"], setting["pairs"], output,
-                                              **_settings(**{"train.batch_size": 2 * PER_PROCESS_BATCH})))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(TRAIN_MODULE, "data_loader", recording(TRAIN_MODULE.data_loader, setting["root"] / "one-indices.json"))
-        train(config, progress=False)
-    return output, json.loads((setting["root"] / "one-indices.json").read_text())
+    """One process, the global batch of 4, through the same worker (on the CPU, as the two are)."""
+    output, record = setting["root"] / "one", setting["root"] / "one-record"
+    config = write_tiny_config(setting["root"] / "one.yaml", setting["model"], setting["pairs"], output,
+                               **_settings(**{"train.batch_size": 2 * PER_PROCESS_BATCH}))
+    _run_on_cpu([str(TESTS / "distributed_worker.py"), str(record), *_sipo_train(config)[2:]])
+    return output, json.loads((record / "indices-0.json").read_text())
 
 
 @pytest.fixture(scope="module")

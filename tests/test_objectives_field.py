@@ -160,12 +160,13 @@ def test_safeguard_keeps_the_value_and_scales_only_the_losers_gradient():
 
 
 def test_elementwise_sipo_hand_value_and_detached_weights():
-    """sd-scripts PR #1427 sdpo_loss as SPEC 9 writes it, one element, eps 0.1, beta 2 (its 1).
+    """sd-scripts PR #1427 sdpo_loss as SPEC 9 writes it, one element, eps 0.1, beta 2.
 
     e_w 0.5, ref 0.55: w = e^0.05, c_w = e^-0.05 = 0.951229 (inside [0.9, 1.1]); e_l 0.62, ref 0.6:
-    c_l = e^0.02 = 1.020201; c_max = c_l. delta = (0.5-0.55) - (0.62-0.6) = -0.07;
-    logits = -0.5*2*c_max*delta = 0.07*c_max; loss = softplus(-logits). With c detached,
-    d logits / d e_l = +0.5*2*c_max = c_max exactly (a live c_l = e^(e_l - ref_l) would add -delta*c_l).
+    c_l = e^0.02 = 1.020201; c_max = c_l. SPEC 9: logits = c_max*beta*(ref_e_w - e_w) - c_max*beta*(ref_e_l - e_l)
+    = 1.020201*2*(0.05) - 1.020201*2*(-0.02) = 2*0.07*c_max (no 0.5: the PR's beta is its own);
+    loss = softplus(-logits). With c detached, d logits / d e_l = +beta*c_max = 2*c_max exactly
+    (a live c_l = e^(e_l - ref_l) would add a term in delta).
     """
     e_w = torch.tensor([[0.5]], dtype=torch.float64)
     e_l = torch.tensor([[0.62]], dtype=torch.float64, requires_grad=True)
@@ -173,11 +174,11 @@ def test_elementwise_sipo_hand_value_and_detached_weights():
     c_max = math.exp(0.02)
     logits = O.elementwise_sipo_logits(e_w, e_l, ref_w, ref_l, beta=2.0, eps=0.1)
     assert logits.shape == e_l.shape
-    assert logits.item() == pytest.approx(0.07 * c_max, rel=1e-6)
+    assert logits.item() == pytest.approx(c_max * 2.0 * 0.05 - c_max * 2.0 * (-0.02), rel=1e-6)
     logits.sum().backward()
-    assert e_l.grad.item() == pytest.approx(c_max, rel=1e-6)
+    assert e_l.grad.item() == pytest.approx(2.0 * c_max, rel=1e-6)
     loss = O.elementwise_sipo_loss(e_w, e_l.detach(), ref_w, ref_l, beta=2.0, eps=0.1)
-    assert loss.item() == pytest.approx(_softplus(-0.07 * c_max), rel=1e-6)
+    assert loss.item() == pytest.approx(_softplus(-0.14 * c_max), rel=1e-6)
     # out-of-band errors clip: exp overflow gives c = 1 - eps, underflow 1 + eps, never inf
     huge = O.elementwise_sipo_logits(torch.tensor([[0.0]]), torch.tensor([[500.0]]), torch.tensor([[200.0]]),
                                      torch.tensor([[0.0]]), beta=2.0, eps=0.1)

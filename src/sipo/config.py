@@ -82,7 +82,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     "dspo": {**PAPER_READING, "beta": 0.001},  # DSPO SD1.5 launcher (same scale as here); SDXL 5000
     "dmpo": {**PAPER_READING, "beta": 2000.0, "safeguard": True},  # Diffusion-SDPO sd15_dmpo.sh (mu 0.9)
     "alpha-dpo": {**PAPER_READING, "beta": 4000.0},  # alpha-DPO launch/train.sh (SDXL)
-    "sipo-elementwise": {**PAPER_READING, "beta": 0.04},  # sd-scripts PR #1427: its beta 0.02 without 0.5
+    "sipo-elementwise": {**PAPER_READING, "beta": 0.02},  # sd-scripts PR #1427's beta: its logit has no 0.5 (SPEC 9)
 }
 
 
@@ -915,8 +915,8 @@ OBJECTIVE_TABLE: dict[str, tuple[str, tuple[str, ...], str]] = {
              "AIDC-AI/Diffusion-SDPO sd15_dmpo.sh (SDXL: beta 6000, mu 0.6)"),
     "alpha-dpo": ("(p^a - (1 - a) - a*p)/(a*(a - 1)), p = sigmoid(z), a = alpha0*mean(p)", ("alpha_dpo_alpha", "alpha_dpo_adaptive"),
                   "yangli-lab/Diffusion_alpha-DPO_ICLR2026 (SDXL launcher)"),
-    "sipo-elementwise": ("mean_CHW -logsigmoid(-0.5*beta*c_max*delta_elem), c = clamp(1/(exp(ref_e - e) + 1e-8), 1 +- eps)",
-                         ("clip_eps",), "kohya-ss/sd-scripts PR #1427 sdpo_loss (its beta 0.02)"),
+    "sipo-elementwise": ("mean_CHW -logsigmoid(-beta*c_max*delta_elem), c = clamp(1/(exp(ref_e - e) + 1e-8), 1 +- eps)",
+                         ("clip_eps",), "kohya-ss/sd-scripts PR #1427 sdpo_loss (its beta, no 0.5)"),
 }
 
 

@@ -204,10 +204,11 @@ def elementwise_sipo_logits(
     """The sd-scripts reading of the paper's v1 weight, on per-ELEMENT squared errors (SPEC 9).
 
     Per element and side: ``w = exp(ref_e - e)``; ``c = clamp(1/(w + 1e-8), 1 - eps, 1 + eps)``;
-    ``c_max = max(c_w, c_l)``; ``logits = -0.5*beta*c_max*((e_w - ref_e_w) - (e_l - ref_e_l))``;
-    same shape in and out. ``c`` is detached (a weight, not trained). Source: kohya-ss/sd-scripts PR
-    #1427 ``sdpo_loss`` as SPEC 9 transcribes it (the PR's code could not be read here); its
-    ``c*beta*(ref_e - e)`` has no 0.5, so its recommended beta 0.02 is 0.04 here.
+    ``c_max = max(c_w, c_l)``; ``logits = c_max*beta*(ref_e_w - e_w) - c_max*beta*(ref_e_l - e_l)``
+    ``= -beta*c_max*((e_w - ref_e_w) - (e_l - ref_e_l))``; same shape in and out. ``c`` is detached (a
+    weight, not trained). Source: kohya-ss/sd-scripts PR #1427 ``sdpo_loss`` as SPEC 9 transcribes it
+    (the PR's code could not be read here). Its logit has no 0.5, unlike SPEC 2's ``z``: beta here is
+    the PR's own (recommended 0.02, the preset's default), not this project's DPO units.
     """
     if not (err_w.shape == err_l.shape == ref_err_w.shape == ref_err_l.shape):
         raise ValueError(
@@ -220,7 +221,7 @@ def elementwise_sipo_logits(
         c_w = (1.0 / (torch.exp(ref_err_w - err_w.detach()) + 1e-8)).clamp(low, high)
         c_l = (1.0 / (torch.exp(ref_err_l - err_l.detach()) + 1e-8)).clamp(low, high)
         c_max = torch.maximum(c_w, c_l)
-    return -0.5 * float(beta) * c_max * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    return -float(beta) * c_max * ((err_w - ref_err_w) - (err_l - ref_err_l))
 
 
 def elementwise_sipo_loss(

@@ -415,16 +415,19 @@ def step_beta(configured_beta: float, beta_mode: str, abs_margin_ema: float | No
 
 
 def update_auto_beta(abs_margin_ema: float | None, step_terms: Sequence[PairTerms], decay: float = 0.99,
-                     device: torch.device | None = None) -> float | None:
+                     device: torch.device | None = None, *, configured_beta: float,
+                     target_gradient_factor: float) -> float | None:
     """One optimizer step's update of the EMA of ``mean |delta|`` over the step's pairs on every process.
 
     ``delta = (err_w - ref_err_w) - (err_l - ref_err_l)`` (detached; non-finite ones left out). The
     mean is all-reduced (:func:`global_mean`), so every process holds the same EMA and beta. Every
-    process must call it each step, with or without pairs; a step with no finite delta anywhere
-    leaves the EMA unchanged, and so does a step whose deltas are all exactly zero: the policy still
-    equals the reference (the first step of a LoRA or full fine-tune), a margin that says nothing of
-    the scale; seeding the EMA with it would send beta to ``beta_max`` and keep it there for ~1/(1-decay)
-    steps. Returns the new EMA (a float, checkpointed in ``TrainState``).
+    process must call it each step, with or without pairs. The EMA starts at the margin the
+    configured beta implies at the target gradient factor (:func:`objectives.abs_margin_for_beta`),
+    so beta starts at ``objective.beta`` and follows the measured margins at the EMA's pace: the
+    ~1e-7 margins of the first steps after a zero LoRA move it by (1 - decay) per step, not to
+    ``beta_max``. A step with no finite delta, or whose deltas are all exactly zero (the policy still
+    equals the reference), leaves the EMA as it is: such a margin says nothing of the scale. Returns
+    the new EMA (a float, checkpointed in ``TrainState``); ``None`` until a step has measured one.
     """
     deltas = [((t.err_winner - t.ref_err_winner) - (t.err_loser - t.ref_err_loser)).detach().abs().float()
               for t in step_terms]
@@ -436,5 +439,7 @@ def update_auto_beta(abs_margin_ema: float | None, step_terms: Sequence[PairTerm
     total, count = reduce(totals, reduction="sum").tolist()
     if count == 0 or total == 0:
         return abs_margin_ema
+    if abs_margin_ema is None:
+        abs_margin_ema = objectives.abs_margin_for_beta(configured_beta, target_gradient_factor)
     return objectives.update_abs_margin_ema(abs_margin_ema, total / count, decay)
 

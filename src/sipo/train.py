@@ -250,8 +250,9 @@ def optimizer_step(run: Run, step: StepOutput) -> None:
         state.consecutive_bad_steps += 1
     run.optimizer.zero_grad(set_to_none=True)
     if run.config.objective.beta_mode == "auto":  # every process calls it: the mean |delta| is all-reduced
-        state.auto_beta_ema = update_auto_beta(state.auto_beta_ema, step.terms, run.config.objective.auto_beta_decay,
-                                               accelerator.device)
+        oc = run.config.objective
+        state.auto_beta_ema = update_auto_beta(state.auto_beta_ema, step.terms, oc.auto_beta_decay, accelerator.device,
+                                               configured_beta=oc.beta, target_gradient_factor=oc.target_gradient_factor)
     run.lr_scheduler.step()
     state.step += 1
 

@@ -51,6 +51,7 @@ from sipo.objectives.field import (  # noqa: F401
     elementwise_sipo_logits,
     elementwise_sipo_loss,
     sft_loss,
+    abs_margin_for_beta,
     auto_beta,
     update_abs_margin_ema,
 )

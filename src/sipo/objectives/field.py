@@ -262,8 +262,20 @@ def auto_beta(
     return beta
 
 
-def update_abs_margin_ema(ema: float | None, mean_abs_delta: float, decay: float = 0.99) -> float:
-    """``ema <- decay*ema + (1 - decay)*m``, or ``m`` the first time (``ema is None``)."""
-    if ema is None:
-        return float(mean_abs_delta)
+def abs_margin_for_beta(beta: float, target_gradient_factor: float = 0.2) -> float:
+    """``ema = -2*logit(g) / beta``: the typical ``|delta|`` at which ``beta`` gives the gradient factor
+    ``g`` (the inverse of :func:`auto_beta`; SPEC 9). It seeds the automatic beta's EMA, so the rule
+    starts from the configured beta and moves only as fast as the EMA lets the measured margins in."""
+    g = float(target_gradient_factor)
+    if not 0.0 < g < 0.5:
+        raise ValueError(f"target_gradient_factor must be in (0, 0.5), got {g}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    return -2.0 * (math.log(g) - math.log1p(-g)) / float(beta)
+
+
+def update_abs_margin_ema(ema: float, mean_abs_delta: float, decay: float = 0.99) -> float:
+    """``ema <- decay*ema + (1 - decay)*m`` (SPEC 9). The first ``ema`` is :func:`abs_margin_for_beta` of
+    the configured beta, never a step's margin: the margins of the first steps after a zero LoRA are
+    ~1e-7 and would send beta to its cap."""
     return float(decay) * float(ema) + (1.0 - float(decay)) * float(mean_abs_delta)

@@ -224,3 +224,24 @@ def test_full_config_has_the_published_parameter_count():
     with torch.device("meta"):
         model = FluxTransformer2DModel(**FULL_TRANSFORMER_CONFIG)
     assert sum(p.numel() for p in model.parameters()) == 11_901_408_320
+
+
+def test_shifted_training_sigmas_are_the_pipelines_grid_shift(tiny_flux_dir):
+    """model.training_sigmas=shifted (one key for every flow family, off by default): sigma_t is FluxPipeline's
+    shift of u = (t + 1)/T, the scheduler's own set_timesteps(sigmas=[u, u - 1/n], mu) gives sigma_t and s."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from sipo.errors import SipoError
+
+    adapter = load_adapter("flux", str(tiny_flux_dir), resolution=TINY_SIZE, training_sigmas="shifted")
+    mu = calculate_shift((TINY_SIZE // adapter.spatial_multiple) ** 2, 256, 4096, 0.5, 1.15)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(adapter.scheduler.config)
+    for t in (100, 400, 700, 950):
+        u = (t + 1) / 1000
+        scheduler.set_timesteps(sigmas=[u, u - 1 / 50], mu=mu)
+        assert adapter.schedule.b[t].item() == pytest.approx(scheduler.sigmas[0].item(), abs=1e-6)
+        assert adapter.schedule.previous_coefficients(torch.tensor([t]))[1].item() == pytest.approx(
+            scheduler.sigmas[1].item(), abs=1e-6)
+    with pytest.raises(SipoError, match="model.training_sigmas=shifted applies to rectified-flow families"):
+        load_config(None, ["model.family=sd15", "model.training_sigmas=shifted"])

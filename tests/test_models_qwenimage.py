@@ -67,14 +67,14 @@ class TestQwenImage(AdapterContract, FamilyContract):
 
     @pytest.mark.parametrize("t", [0, 250, 500, 999])
     def test_scheduler_forward_process_is_the_schedule(self, model_dir, pairs, t):
-        """Replaced: Qwen-Image's scheduler noises on its inference grid only. At the grid points
-        t = 999 - 20k (k = 0, 25, 49 of 50 steps) its ``scale_noise`` equals ``a_t x0 + b_t eps``."""
+        """Replaced: Qwen-Image's scheduler noises on its inference grid only. With model.training_sigmas=shifted,
+        at the grid points t = 999 - 20k (k = 0, 25, 49 of 50 steps) its ``scale_noise`` equals ``a_t x0 + b_t eps``."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from sipo.schedules import add_noise
 
         k = {0: 49, 250: 37, 500: 25, 999: 0}[t]  # the grid step nearest each contract timestep
-        adapter = load_adapter(self.family, str(model_dir), resolution=TINY_SIZE)
+        adapter = load_adapter(self.family, str(model_dir), resolution=TINY_SIZE, training_sigmas="shifted")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 50, 50), mu=reference_mu(4))
         x0 = adapter.encode(*pairs).x0_winner
@@ -128,12 +128,12 @@ class TestQwenImage(AdapterContract, FamilyContract):
             assert not torch.allclose(adapter.predict(x_t, t, without_mask), padded_out, atol=1e-5)  # the mask acts
 
     @pytest.mark.parametrize("resolution", [32, 1328])
-    def test_sigma_grid_is_the_schedulers_at_the_runs_resolution(self, model_dir, resolution):
-        """Every 20th training sigma from t = 999 down == FlowMatchEulerDiscreteScheduler's 50-step grid with
-        mu of (resolution/16)^2 tokens (QwenImagePipeline's call); the last step's s is sigma 0."""
+    def test_shifted_sigma_grid_is_the_schedulers_at_the_runs_resolution(self, model_dir, resolution):
+        """model.training_sigmas=shifted: every 20th training sigma from t = 999 down == FlowMatchEulerDiscreteScheduler's
+        50-step grid with mu of (resolution/16)^2 tokens (QwenImagePipeline's call); the last step's s is sigma 0."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        adapter = load_adapter(self.family, str(model_dir), resolution=resolution)
+        adapter = load_adapter(self.family, str(model_dir), resolution=resolution, training_sigmas="shifted")
         tokens = (resolution // 16) ** 2
         assert adapter.mu == pytest.approx(reference_mu(tokens), rel=1e-12)
         scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
@@ -145,6 +145,32 @@ class TestQwenImage(AdapterContract, FamilyContract):
         assert float(adapter.schedule.b[19]) == pytest.approx(0.02)  # shift_terminal: the grid's last sigma
         assert torch.all(adapter.schedule.b[1:] > adapter.schedule.b[:-1]) and adapter.schedule.b[0] > 0
 
+    @pytest.mark.parametrize("resolution", [32, 1024])
+    def test_default_training_sigmas_are_the_scripts_unshifted_ones(self, model_dir, resolution):
+        """Issue 26 item 4: diffusers' train_dreambooth_lora_qwen_image.py draws from the scheduler's own training
+        table, which use_dynamic_shifting leaves unshifted: sigma_t = (t + 1)/1000 (its shift=3.0 is inert). The
+        mean over uniform t is 0.5005 (the shifted table's is 0.607 at 1024 px). s stays one step of the
+        pipeline's grid lower: at the training index nearest grid sigma k, s is near grid sigma k + 1."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        adapter = load_adapter(self.family, str(model_dir), resolution=resolution)
+        unshifted = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)  # before set_timesteps: the training table
+        t = torch.arange(1000)
+        torch.testing.assert_close(adapter.schedule.b[t].float(), unshifted.sigmas[999 - t].float(), rtol=0, atol=1e-6)
+        assert float(adapter.schedule.b.mean()) == pytest.approx(0.5005, abs=1e-9)
+        shifted = load_adapter(self.family, str(model_dir), resolution=resolution, training_sigmas="shifted")
+        if resolution == 1024:
+            assert float(shifted.schedule.b.mean()) == pytest.approx(0.607, abs=0.001)
+        scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 50, 50), mu=reference_mu((resolution // 16) ** 2))
+        grid = scheduler.sigmas.double()
+        for k in range(1, 48):
+            index = round(grid[k].item() * 1000) - 1
+            _, b_t = adapter.schedule.coefficients(torch.tensor([index]))
+            _, b_s = adapter.schedule.previous_coefficients(torch.tensor([index]))
+            tolerance = abs(b_t.item() - grid[k].item()) * 3 + 1e-6
+            assert b_s.item() == pytest.approx(grid[k + 1].item(), abs=tolerance), k
+
     def test_the_transformer_sees_sigma_as_its_timestep(self, adapter, pairs):
         """QwenImagePipeline passes its scheduler timestep / 1000 = sigma."""
         seen = {}
@@ -154,11 +180,8 @@ class TestQwenImage(AdapterContract, FamilyContract):
         with torch.no_grad():
             adapter.predict(x0, torch.tensor([999, 499]), cond)
         handle.remove()
-        # t = 999: s = 1 -> sigma 1; t = 499: s = 0.5, exponential shift e^mu / (e^mu + 1), stretched to 0.02
-        e = math.exp(reference_mu(4))
-        last = e / (e + 49)
-        expected = 1 - (1 - e / (e + 1)) * (1 - 0.02) / (1 - last)
-        torch.testing.assert_close(seen["timestep"].double(), torch.tensor([1.0, expected], dtype=torch.float64), rtol=0, atol=1e-6)
+        # the default training table is unshifted: t = 999 -> sigma 1; t = 499 -> sigma 0.5
+        torch.testing.assert_close(seen["timestep"].double(), torch.tensor([1.0, 0.5], dtype=torch.float64), rtol=0, atol=1e-6)
         assert seen["hidden_states"].shape == (2, 4, 64) and seen["img_shapes"] == [[(1, 2, 2)]] * 2
 
     def test_sides_not_divisible_by_16_are_one_sentence(self, adapter):

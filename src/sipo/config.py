@@ -96,6 +96,10 @@ def _choice(name: str, value: Any, options: typing.Iterable[Any]) -> None:
         raise SipoError(f"{name}={value!r} is not valid; choose one of {list(options)}")
 
 
+#: families trained on a DDPM noise schedule (epsilon or v prediction), not rectified flow
+NOISE_PREDICTION_FAMILIES = ("sd15", "sdxl", "cogvideox", "digits")
+
+
 @dataclass
 class ModelConfig:
     family: str = _help("model family: sd15, sdxl, digits, cogvideox, wan, flux or sd3 (see sipo.models.FAMILIES)", default="sd15")
@@ -134,6 +138,12 @@ class ModelConfig:
         "of diffusers' train_dreambooth_lora_flux.py); ignored by models without one (schnell) and other families",
         default=3.5,
     )
+    training_sigmas: str = _help(
+        "rectified-flow families: the noise levels t indexes while training. scheduler (default): the scheduler's own "
+        "training sigmas, what each family's diffusers LoRA script draws from (unshifted (t+1)/T where the scheduler "
+        "shifts only at inference: flux, qwenimage; the fixed shift of sd3 and wan). shifted: the resolution-shifted "
+        "sigmas the pipeline samples at (flux, qwenimage; the same table as scheduler for sd3 and wan)", default="scheduler"
+    )
     frozen_dtype: str = _help(
         "storage of the frozen base weights of a LoRA run: bf16 (the run's compute dtype, bf16 under "
         "train.mixed_precision=bf16) or fp8 (float8_e4m3fn storage, upcast per layer to the compute dtype through "
@@ -160,6 +170,10 @@ class ModelConfig:
         _choice("model.text_encoder_device", self.text_encoder_device, ("auto", "cpu"))
         if self.prompt_cache_size < 0:
             raise SipoError("model.prompt_cache_size must be 0 (off) or a positive number of prompts")
+        _choice("model.training_sigmas", self.training_sigmas, ("scheduler", "shifted"))
+        if self.training_sigmas == "shifted" and self.family in NOISE_PREDICTION_FAMILIES:
+            raise SipoError(f"model.training_sigmas=shifted applies to rectified-flow families; {self.family} has no "
+                            "shifted sigma grid: remove the override")
         _choice("model.frozen_dtype", self.frozen_dtype, ("bf16", "fp8"))
         _choice("model.offload_frozen", self.offload_frozen, ("none", "group"))
 

@@ -15,6 +15,7 @@ functions below are pure tensor math; loading a diffusers scheduler and turning 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -259,26 +260,59 @@ def exponential_time_shift(mu: float, tau: Tensor) -> Tensor:
     return torch.where(positive, sigma, torch.zeros_like(sigma))
 
 
+def inference_grid_flow_schedule(
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    grid_sigma: Callable[[Tensor], Tensor],
+    grid_coordinate: Callable[[Tensor], Tensor],
+    shifted_training: bool = False,
+) -> GaussianSchedule:
+    """Rectified flow sampled on a shifted grid ``sigma_k = grid_sigma(u_k)``, ``u_k = 1 - k/n`` (SPEC 10).
+
+    Training sigmas: the scheduler's own table under dynamic shifting, unshifted ``sigma_t = (t + 1)/T``,
+    which is what diffusers' FLUX and Qwen-Image LoRA scripts draw from; with ``shifted_training``,
+    the grid's shift applied to it, ``grid_sigma((t + 1)/T)`` (``model.training_sigmas=shifted``).
+    ``s`` of SPEC 3 is one inference step lower in the grid's own coordinate:
+    ``sigma_s = grid_sigma(grid_coordinate(sigma_t) - 1/n)`` (0 at or below ``u = 0``, where the
+    weight is undefined); on the grid's points it is exactly the next smaller inference sigma.
+    ``grid_coordinate`` is the inverse of ``grid_sigma`` on ``(0, 1]``. Float64 tables.
+    """
+    u = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    sigma = grid_sigma(u).double() if shifted_training else u
+    u_s = grid_coordinate(sigma).double() - 1.0 / num_inference_steps
+    sigma_s = torch.where(u_s > 1e-12, grid_sigma(u_s.clamp(min=1e-12)).double(), torch.zeros_like(u_s))
+    return GaussianSchedule(
+        a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
+        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    )
+
+
+def inverse_exponential_time_shift(mu: float, sigma: Tensor) -> Tensor:
+    """``tau = 1 / (1 + e^mu (1/sigma - 1))``: the inverse of :func:`exponential_time_shift` on ``(0, 1]``."""
+    sigma = sigma.double()
+    positive = sigma > 0
+    safe = torch.where(positive, sigma, torch.ones_like(sigma))
+    tau = 1.0 / (1.0 + math.exp(mu) * (1.0 / safe - 1.0))
+    return torch.where(positive, tau, torch.zeros_like(tau))
+
+
 def dynamic_shift_flow_schedule(
-    num_train_timesteps: int = 1000, mu: float = 1.15, num_inference_steps: int = 50
+    num_train_timesteps: int = 1000, mu: float = 1.15, num_inference_steps: int = 50, shifted_training: bool = False
 ) -> GaussianSchedule:
     """Rectified flow trained on the unshifted grid and sampled on a resolution-shifted one (FLUX).
 
     Training: ``sigma_t = (t + 1) / T`` (a scheduler with ``use_dynamic_shifting`` leaves its training
     sigmas unshifted, and diffusers' train_dreambooth_lora_flux.py draws from them), ``a = 1 - sigma``,
-    ``b = sigma``. Inference (FluxPipeline): ``sigma_k = exponential_time_shift(mu, tau_k)`` on the
-    uniform grid ``tau_k = 1 - k / n``. The previous step ``s`` of SPEC 3 is one inference step lower
-    in that grid's own coordinate: ``tau_t`` solves ``exponential_time_shift(mu, tau_t) = sigma_t``,
-    i.e. ``1 / tau_t = 1 + e^mu (1 / sigma_t - 1)``, and ``sigma_s = exponential_time_shift(mu, tau_t - 1/n)``
-    (0 past the last step, where the weight is undefined). On the grid's own points this is exactly
-    the next smaller inference sigma.
+    ``b = sigma``; ``shifted_training``: ``exponential_time_shift(mu, (t + 1)/T)``. Inference
+    (FluxPipeline): ``sigma_k = exponential_time_shift(mu, tau_k)`` on the uniform grid ``tau_k = 1 - k / n``.
+    The previous step ``s`` of SPEC 3 is one inference step lower in that grid's own coordinate:
+    ``tau_t`` solves ``exponential_time_shift(mu, tau_t) = sigma_t``, i.e. ``1 / tau_t = 1 + e^mu (1 / sigma_t - 1)``,
+    and ``sigma_s = exponential_time_shift(mu, tau_t - 1/n)`` (0 past the last step, where the weight is
+    undefined); :func:`inference_grid_flow_schedule` with FLUX's shift.
     """
-    sigma = flow_sigmas(num_train_timesteps, 1.0)
-    tau = 1.0 / (1.0 + math.exp(mu) * (1.0 / sigma - 1.0))
-    sigma_s = exponential_time_shift(mu, tau - 1.0 / num_inference_steps)
-    return GaussianSchedule(
-        a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
-        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    return inference_grid_flow_schedule(
+        num_train_timesteps, num_inference_steps, lambda tau: exponential_time_shift(mu, tau),
+        lambda sigma: inverse_exponential_time_shift(mu, sigma), shifted_training,
     )
 
 

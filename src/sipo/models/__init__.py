@@ -50,6 +50,8 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
         # flux, qwenimage: the inference grid of s depends on the run's resolution; flux: the distilled guidance value
         resolution=model_config.resolution,
         guidance=model_config.guidance,
+        # flow families whose scheduler shifts only at inference (flux, qwenimage): train on the shifted grid
+        training_sigmas=model_config.training_sigmas,
     )
     adapter.freeze_encoders()
     return adapter

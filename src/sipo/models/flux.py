@@ -138,7 +138,8 @@ class FluxAdapter(FlowImageAdapter):
     t5_tokenizer_name = "tokenizer_2"
 
     def __init__(self, parts: dict[str, Any], *, num_inference_steps: int = 50, resolution: int | None = None,
-                 text_encoder_device: str = "auto", guidance: float = DEFAULT_GUIDANCE) -> None:
+                 text_encoder_device: str = "auto", guidance: float = DEFAULT_GUIDANCE,
+                 training_sigmas: str = "scheduler") -> None:
         super().__init__(parts, num_inference_steps=num_inference_steps, resolution=resolution,
                          text_encoder_device=text_encoder_device)
         config = self.scheduler.config
@@ -156,14 +157,18 @@ class FluxAdapter(FlowImageAdapter):
                 int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096)),
                 float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15)),
             )
-            self.schedule = dynamic_shift_flow_schedule(num_train_timesteps, self.mu, num_inference_steps)
+            self.schedule = dynamic_shift_flow_schedule(num_train_timesteps, self.mu, num_inference_steps,
+                                                        shifted_training=training_sigmas == "shifted")
         else:
             self.mu = None
             self.schedule = flow_schedule(num_train_timesteps, float(config.get("shift", 1.0)), num_inference_steps)
 
     @classmethod
     def family_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        return {"guidance": float(options["guidance"])} if options.get("guidance") is not None else {}
+        chosen = {"training_sigmas": options.get("training_sigmas") or "scheduler"}
+        if options.get("guidance") is not None:
+            chosen["guidance"] = float(options["guidance"])
+        return chosen
 
     def default_resolution(self) -> int:
         """FluxPipeline's default size: 128 latent pixels times the VAE factor (1024 px for FLUX.1)."""

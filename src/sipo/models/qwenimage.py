@@ -18,16 +18,18 @@ shifted sigma grid).
 - schedule: rectified flow (SPEC 1, 10), target ``u = eps - x0``; the transformer receives
   ``timestep = sigma`` (the pipeline passes its scheduler timestep / 1000). The scheduler shifts
   its sigmas with the image's token count (``use_dynamic_shifting``: ``mu`` from ``schedules.resolution_shift_mu``
-  on ``H/16 * W/16`` tokens, exponential time shift, then ``shift_terminal`` stretch): training
-  index ``t`` has the shifted sigma of ``s = (t + 1) / T`` at the run's resolution
-  (`shifted_flow_sigmas`), so ``s - T/n`` of SPEC 3 is exactly the next sigma of the pipeline's
-  n-step inference grid. (diffusers' Qwen-Image LoRA script draws unshifted training sigmas; with
-  this table the uniform default trains on the sigmas the model is sampled at, as the Wan adapter
-  does with its fixed shift.)
+  on ``H/16 * W/16`` tokens, exponential time shift, then ``shift_terminal`` stretch: `QwenImageGrid`).
+  Training sigmas are the scheduler's own unshifted table, ``sigma_t = (t + 1)/T``, which is what
+  diffusers' train_dreambooth_lora_qwen_image.py draws from (its ``shift=3.0`` is inert under dynamic
+  shifting), as the FLUX adapter does; ``s`` of SPEC 3 is one step of the pipeline's n-step grid
+  lower in the grid's own coordinate (`sipo.schedules.inference_grid_flow_schedule`).
+  ``model.training_sigmas=shifted`` trains on the grid's shifted sigmas instead (until this release
+  the family's only choice: mean sigma 0.607 at 1024 px against the script's 0.501).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 
 from sipo.errors import SipoError
 from sipo.models.base import Conditioning, DiffusionAdapter, check_lora_state_dict, encode_in_chunks
-from sipo.schedules import GaussianSchedule, exponential_time_shift, resolution_shift_mu
+from sipo.schedules import exponential_time_shift, inference_grid_flow_schedule, resolution_shift_mu
 
 #: Qwen/Qwen-Image transformer/config.json as published (60 double-stream blocks, 3072 wide).
 FULL_TRANSFORMER_CONFIG: dict[str, Any] = dict(
@@ -79,41 +81,68 @@ TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = dict(
 PROMPT_LENGTH = 256
 
 
+class QwenImageGrid:
+    """The sigma grid ``QwenImagePipeline`` samples on, as a function of the uniform coordinate ``u``.
+
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/n, n), mu=mu)``: ``u_k = 1 - k/n``
+    shifted by
+    - dynamic shifting (``mu`` given): exponential ``e^mu / (e^mu + (1/u - 1))`` or linear
+      ``mu / (mu + (1/u - 1))`` (``time_shift_type``); otherwise ``shift u / (1 + (shift - 1) u)``;
+    - ``shift_terminal`` ``z``: ``1 - (1 - f(u)) / k`` with ``k = (1 - f(1/n)) / (1 - z)``, so the
+      grid's last sigma ``f(1/n)`` lands on ``z``; below the grid's last point (``u < 1/n``, never an
+      inference sigma) the table falls linearly to 0 (``z * n * u``), where the stretch would go negative.
+    ``coordinate`` is the inverse (each piece has a closed form), for ``s`` of SPEC 3 off the grid.
+    """
+
+    def __init__(self, num_inference_steps: int, scheduler_config: dict[str, Any], mu: float | None = None) -> None:
+        self.n = int(num_inference_steps)
+        self.config = dict(scheduler_config)
+        self.mu = mu
+        self.dynamic = bool(self.config.get("use_dynamic_shifting"))
+        if self.dynamic and mu is None:
+            raise ValueError("a dynamically shifted schedule needs mu")
+        self.terminal = self.config.get("shift_terminal")
+        if self.terminal:
+            last = self._shift(torch.tensor([1.0 / self.n], dtype=torch.float64))
+            self.stretch = float((1 - last) / (1 - self.terminal))
+
+    def _shift(self, u: Tensor) -> Tensor:
+        if self.dynamic:
+            if self.config.get("time_shift_type", "exponential") == "exponential":
+                return exponential_time_shift(self.mu, u)
+            return self.mu / (self.mu + (1 / u - 1))
+        factor = float(self.config.get("shift", 1.0))
+        return factor * u / (1 + (factor - 1) * u)
+
+    def _unshift(self, y: Tensor) -> Tensor:
+        if self.dynamic:
+            scale = math.exp(self.mu) if self.config.get("time_shift_type", "exponential") == "exponential" else self.mu
+            return 1.0 / (1.0 + scale * (1.0 / y - 1.0))
+        factor = float(self.config.get("shift", 1.0))
+        return y / (factor - (factor - 1) * y)
+
+    def sigma(self, u: Tensor) -> Tensor:
+        u = u.double()
+        sigma = self._shift(u)
+        if self.terminal:
+            stretched = 1 - (1 - sigma) / self.stretch
+            sigma = torch.where(u >= 1.0 / self.n - 1e-12, stretched, self.terminal * self.n * u)
+        return sigma
+
+    def coordinate(self, sigma: Tensor) -> Tensor:
+        sigma = sigma.double().clamp(min=1e-12)
+        if not self.terminal:
+            return self._unshift(sigma)
+        unstretched = (1 - self.stretch * (1 - sigma)).clamp(min=1e-12)
+        return torch.where(sigma >= self.terminal - 1e-12, self._unshift(unstretched), sigma / (self.terminal * self.n))
+
+
 def shifted_flow_sigmas(num_train_timesteps: int, num_inference_steps: int, scheduler_config: dict[str, Any],
                         mu: float | None = None) -> Tensor:
-    """Sigma of training index ``t``: ``s = (t + 1) / T`` shifted as the scheduler shifts its inference grid.
-
-    - dynamic shifting (``mu`` given): exponential ``e^mu / (e^mu + (1/s - 1))`` or linear
-      ``mu / (mu + (1/s - 1))`` (``time_shift_type``); otherwise ``shift s / (1 + (shift - 1) s)``;
-    - ``shift_terminal`` ``z``: ``1 - (1 - f(s)) / k`` with ``k = (1 - f(1/n)) / (1 - z)``, so the
-      grid's last sigma ``f(1/n)`` lands on ``z``; below the grid's last point (``s < 1/n``, never an
-      inference sigma) the table falls linearly to 0 (``z * n * s``), where the stretch would go negative.
-
-    At ``s = 1 - k/n`` (``t = T - 1 - k T/n``) this is sigma ``k`` of
-    ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/n, n), mu=mu)``, the grid
-    QwenImagePipeline samples on. Float64, ``[T]``.
-    """
-    config = dict(scheduler_config)
-    s = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
-
-    def shift(values: Tensor) -> Tensor:
-        if config.get("use_dynamic_shifting"):
-            if mu is None:
-                raise ValueError("a dynamically shifted schedule needs mu")
-            if config.get("time_shift_type", "exponential") == "exponential":
-                return exponential_time_shift(mu, values)
-            return mu / (mu + (1 / values - 1))
-        factor = float(config.get("shift", 1.0))
-        return factor * values / (1 + (factor - 1) * values)
-
-    sigma = shift(s)
-    terminal = config.get("shift_terminal")
-    if terminal:
-        last = shift(torch.tensor([1.0 / num_inference_steps], dtype=torch.float64))
-        stretch = (1 - last) / (1 - terminal)
-        stretched = 1 - (1 - sigma) / stretch
-        sigma = torch.where(s >= 1.0 / num_inference_steps - 1e-12, stretched, terminal * num_inference_steps * s)
-    return sigma
+    """Sigma of training index ``t`` on the inference grid's shift: ``QwenImageGrid.sigma((t + 1) / T)``.
+    At ``u = 1 - k/n`` (``t = T - 1 - k T/n``) this is sigma ``k`` of the pipeline's n-step grid. Float64, ``[T]``."""
+    u = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    return QwenImageGrid(num_inference_steps, scheduler_config, mu).sigma(u)
 
 
 class QwenImageAdapter(DiffusionAdapter):
@@ -136,7 +165,7 @@ class QwenImageAdapter(DiffusionAdapter):
     prompt_length = PROMPT_LENGTH
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, num_inference_steps: int = 50,
-                 resolution: int | None = None, text_encoder_device: str = "auto"):
+                 resolution: int | None = None, text_encoder_device: str = "auto", training_sigmas: str = "scheduler"):
         if text_encoder_device not in ("auto", "cpu"):
             raise SipoError(f"model.text_encoder_device={text_encoder_device!r} is not valid; choose one of ['auto', 'cpu']")
         self.denoiser: nn.Module = transformer
@@ -155,9 +184,9 @@ class QwenImageAdapter(DiffusionAdapter):
             self.mu = resolution_shift_mu(self.image_seq_len, config.get("base_image_seq_len", 256),
                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                       config.get("max_shift", 1.15))
-        sigma = shifted_flow_sigmas(int(config["num_train_timesteps"]), num_inference_steps, config, self.mu)
-        self.schedule = GaussianSchedule(a=1 - sigma, b=sigma, prediction_type="flow",
-                                         num_inference_steps=num_inference_steps)
+        grid = QwenImageGrid(num_inference_steps, config, self.mu)
+        self.schedule = inference_grid_flow_schedule(int(config["num_train_timesteps"]), num_inference_steps,
+                                                     grid.sigma, grid.coordinate, training_sigmas == "shifted")
         mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32)
         std = torch.tensor(vae.config.latents_std, dtype=torch.float32)
         self._latents_mean, self._latents_std = mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
@@ -167,7 +196,7 @@ class QwenImageAdapter(DiffusionAdapter):
     @classmethod
     def from_pretrained(cls, path: str | Path, num_inference_steps: int = 50, trust_remote_code: bool = False,
                         resolution: int | None = None, text_encoder_device: str = "auto",
-                        **ignored: Any) -> "QwenImageAdapter":
+                        training_sigmas: str = "scheduler", **ignored: Any) -> "QwenImageAdapter":
         """Load a ``QwenImagePipeline`` directory (or hub id where online); nothing executes code from it.
 
         ``resolution`` (``model.resolution``) fixes the dynamic shift of the schedule (default 1024).
@@ -187,7 +216,7 @@ class QwenImageAdapter(DiffusionAdapter):
         except OSError as error:
             raise SipoError(f"could not load the qwenimage model from {source}: {error}") from error
         return cls(**parts, num_inference_steps=num_inference_steps, resolution=resolution,
-                   text_encoder_device=text_encoder_device)
+                   text_encoder_device=text_encoder_device, training_sigmas=training_sigmas)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vae, self.text_encoder]

@@ -456,6 +456,7 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
     trainable = {name: p for name, p in adapter.denoiser.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(list(trainable.values()), config.train, accelerator.device)
     lr_scheduler = _lr_scheduler(config, optimizer)
+    tell_ddp_about_idle_parameters(accelerator, adapter)
     model, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
     forward_model = compile_denoiser(model, config.train.compile_scope) if config.train.compile else model
     # One stream, the same on every process (each keeps its rows of the global batch's draw, see
@@ -488,6 +489,19 @@ def start_accelerator(config: SipoConfig, output_dir: Path):
     )
     torch.manual_seed(tc.seed)
     return accelerator
+
+
+def tell_ddp_about_idle_parameters(accelerator, adapter: DiffusionAdapter) -> None:
+    """DDP's ``find_unused_parameters`` for a model whose step may leave some parameters idle (Wan2.2-A14B:
+    each sample goes to one expert), before ``prepare`` wraps it; without it DDP stops at the next step
+    ("Expected to have finished reduction in the prior iteration"). A parameter idle on every process
+    keeps no gradient (AdamW skips it, as one process does); idle on some, it averages their zeros in."""
+    if adapter.some_parameters_sit_out_a_step and accelerator.num_processes > 1:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # accelerate reads ddp_handler when prepare() wraps the model; the Accelerator is made before the
+        # model is loaded, so the handler is set here rather than passed to its constructor
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
 
 
 def build_model(config: SipoConfig, adapter: DiffusionAdapter | None) -> tuple[DiffusionAdapter, nn.Module | None]:

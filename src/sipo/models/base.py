@@ -161,6 +161,13 @@ class DiffusionAdapter(ABC):
     schedule: GaussianSchedule
     denoiser: nn.Module
 
+    @property
+    def some_parameters_sit_out_a_step(self) -> bool:
+        """Whether a step's graph may leave some trainable parameters without a gradient (a model
+        that routes each sample to one of several experts: Wan2.2-A14B). DDP must then be told to
+        find them (``find_unused_parameters``), or it stops at the next step."""
+        return False
+
     @classmethod
     def check_family(cls, path: str | Path) -> None:
         """Stop with one sentence when ``path`` holds another family's pipeline, or another family's

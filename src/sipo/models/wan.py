@@ -121,8 +121,8 @@ class WanExperts(nn.Module):
     through its expert, and the outputs return in the batch's order, so gradients reach each
     expert only from its own samples. One module keeps the trainer unchanged: LoRA injection, the
     optimizer, ``accelerate.prepare``, ``lora_disabled`` and checkpoints see both experts at once.
-    (Under DDP an expert that no sample of a step used has no gradient: multi-GPU runs need
-    ``find_unused_parameters``.)
+    (Under DDP an expert that no sample of a step used has no gradient: the trainer turns on
+    DDP's ``find_unused_parameters`` for such an adapter, ``some_parameters_sit_out_a_step``.)
     """
 
     def __init__(self, transformer: nn.Module, transformer_2: nn.Module, boundary_timestep: float) -> None:
@@ -227,6 +227,11 @@ class WanAdapter(VideoAdapter):
     def keep_fp32_modules(self) -> list[nn.Module]:
         """Wan's VAE stays float32 when frozen weights are cast (diffusers' Wan examples load it so)."""
         return [self.vae]
+
+    @property
+    def some_parameters_sit_out_a_step(self) -> bool:
+        """A14B: a step whose samples all fall on one side of the boundary leaves the other expert idle."""
+        return self.experts is not None
 
     @property
     def experts(self) -> WanExperts | None:

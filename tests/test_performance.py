@@ -81,14 +81,19 @@ def test_keep_fp32_modules_stay_float32(tiny_sd15_adapter):
     assert {p.dtype for p in tiny_sd15_adapter.denoiser.parameters()} == {torch.float16}
 
 
-def test_full_finetune_keeps_the_trained_denoiser_float32(tiny_sd15_adapter):
-    import copy
+def test_full_finetune_keeps_the_trained_denoiser_and_its_reference_float32(tiny_sd15_dir, tmp_path):
+    """The policy trains in float32; the reference is a copy of it made after the casts, so it holds the
+    policy's float32 weights too (issue 26 item 6: a bf16 copy was not the initial policy)."""
+    from sipo.train import build_model
+    from train_fixtures import tiny_overrides
 
-    reference = copy.deepcopy(tiny_sd15_adapter.denoiser).requires_grad_(False)
-    tiny_sd15_adapter.denoiser.requires_grad_(True)
-    hold_frozen_weights_in(tiny_sd15_adapter, torch.bfloat16, [reference])
-    assert {p.dtype for p in tiny_sd15_adapter.denoiser.parameters()} == {torch.float32}
-    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, tmp_path / "pairs.jsonl", tmp_path / "run",
+                                              **{"train.finetune": "full", "train.mixed_precision": "bf16"}))
+    adapter, reference = build_model(config, None)
+    assert {p.dtype for p in adapter.denoiser.parameters()} == {torch.float32}
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    assert {p.dtype for p in adapter.text_encoder.parameters()} == {torch.bfloat16}  # frozen encoders are cast
+    assert not any(p.requires_grad for p in reference.parameters())
 
 
 def test_chunked_encoding_equals_one_call(tiny_sd15_adapter):

@@ -246,3 +246,32 @@ def test_malformed_rows_are_skipped_counted_and_reported(tiny_sd15_dir, tmp_path
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["skipped_total"] == 2 and report["used"] == 2
     assert result.history[-1]["skipped_rows"] == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no", pytest.param("fp16", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 autocast is a CUDA mode"))])
+def test_full_finetune_reference_is_the_initial_policy(tiny_sd15_dir, manifest, tmp_path, precision):
+    """Issue 26 item 6: at step 1 of a full fine-tune the policy IS the reference, so every pair's policy and
+    reference errors are equal and z = 0 exactly (the logged margin and KL proxy are 0, the loss ln 2). The
+    reference cast to bf16 while the policy kept float32 norm weights gave z up to -2.3 at beta 5000."""
+    import math
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    # the tiny UNet's norms start at weight 1, bias 0, which bf16 holds exactly: give them values it rounds
+    model = shutil.copytree(tiny_sd15_dir, tmp_path / "model")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
+                module.weight.add_(0.1 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.add_(0.1 * torch.randn(module.bias.shape, generator=generator))
+    unet.save_pretrained(model / "unet")
+    config = load_config(None, tiny_overrides(model, manifest, tmp_path / "run", **{
+        "train.finetune": "full", "train.max_steps": 1, "train.mixed_precision": precision, "objective.name": "dpo"}))
+    record = train(config, progress=False).history[0]
+    assert record["err_winner"] == record["ref_err_winner"] and record["err_loser"] == record["ref_err_loser"]
+    assert record["reward_margin"] == 0.0 and record["kl_proxy"] == 0.0
+    assert record["loss"] == pytest.approx(math.log(2.0), rel=1e-6)

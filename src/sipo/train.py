@@ -516,17 +516,19 @@ def build_model(config: SipoConfig, adapter: DiffusionAdapter | None) -> tuple[D
         add_lora(adapter, config)
     else:
         adapter.denoiser.requires_grad_(True)
-        reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
     if tc.gradient_checkpointing and hasattr(adapter.denoiser, "enable_gradient_checkpointing"):
         adapter.denoiser.enable_gradient_checkpointing()
     # Frozen weights in the compute dtype, trainable ones (and so the optimizer state) in float32.
     if tc.mixed_precision in COMPUTE_DTYPES:
-        hold_frozen_weights_in(adapter, COMPUTE_DTYPES[tc.mixed_precision],
-                               [reference_denoiser] if reference_denoiser is not None else [])
+        hold_frozen_weights_in(adapter, COMPUTE_DTYPES[tc.mixed_precision])
     store_frozen_base_in(adapter, config.model.frozen_dtype, COMPUTE_DTYPES.get(tc.mixed_precision, torch.float32))
-    for denoiser in (adapter.denoiser, reference_denoiser):
-        if denoiser is not None:
-            use_channels_last(denoiser, tc.channels_last)
+    use_channels_last(adapter.denoiser, tc.channels_last)
+    if tc.finetune == "full":
+        # A copy of the policy as it is now, its float32 weights and layout included: the reference then
+        # computes exactly what the initial policy computes (z = 0 for every pair at step 0). Cast to the
+        # compute dtype it did not: autocast runs norms (and the modules that pick their input dtype from
+        # their weights) in float32, so bf16-rounded copies of those weights gave z up to -2.3 at step 0.
+        reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
     if config.model.encode_chunk_size is not None:
         adapter.encode_chunk_size = config.model.encode_chunk_size
     return adapter, reference_denoiser

@@ -446,17 +446,18 @@ def encode_in_chunks(encode_chunk, pictures: Tensor, chunk_size: int) -> Tensor:
         return torch.cat([encode_chunk(part) for part in pictures.split(chunk_size)], dim=0)
 
 
-def hold_frozen_weights_in(adapter: DiffusionAdapter, dtype: torch.dtype, extra: list[nn.Module] = ()) -> None:
+def hold_frozen_weights_in(adapter: DiffusionAdapter, dtype: torch.dtype) -> None:
     """Cast every frozen weight to ``dtype`` (the run's compute dtype); trainable ones stay float32.
 
-    Frozen: the encoders (``frozen_modules``) except ``keep_fp32_modules``, the denoiser's base
-    weights when only LoRA trains, and ``extra`` (a full fine-tune's reference copy). Under
-    autocast the matmuls run in ``dtype`` either way; holding the weights in it halves their memory
-    and skips a cast per layer per call. Trainable parameters (LoRA, or the whole denoiser of a
-    full fine-tune) and so the optimizer state stay float32, as mixed precision needs.
+    Frozen: the encoders (``frozen_modules``) except ``keep_fp32_modules``, and the denoiser's base
+    weights when only LoRA trains (the reference is that base with adapters off, so it sees the same
+    cast). Under autocast the matmuls run in ``dtype`` either way; holding the weights in it halves
+    their memory and skips a cast per layer per call. Trainable parameters (LoRA, or the whole
+    denoiser of a full fine-tune) and so the optimizer state stay float32, as mixed precision needs.
+    A full fine-tune's reference is a copy of the policy made after this, in the policy's dtypes.
     """
     keep = {id(module) for module in adapter.keep_fp32_modules()}
-    for module in [*adapter.frozen_modules(), *extra]:
+    for module in adapter.frozen_modules():
         if id(module) not in keep:
             module.to(dtype)
     trainable = [p for p in adapter.denoiser.parameters() if p.requires_grad]

@@ -224,3 +224,72 @@ def test_built_in_vit_h_14_config_has_the_published_open_clip_shapes():
     assert model.config.vision_config.num_attention_heads == 16
     # about 986M parameters, open_clip's figure for ViT-H-14
     assert 0.95e9 < sum(v.numel() for v in model.state_dict().values() if v.ndim) < 1.0e9
+
+
+# ----------------------------------------------------------------------------- HPSv3
+@pytest.fixture(scope="module")
+def hpsv3(tmp_path_factory):
+    from tiny_scorers import make_tiny_hpsv3
+
+    return make_tiny_hpsv3(tmp_path_factory.mktemp("hpsv3") / "hpsv3")
+
+
+def test_hpsv3_picture_is_resized_to_256_merged_patches():
+    """qwen-vl-utils' smart_resize with min = max = 256*28*28 (hpsv3/inference.py), by hand: a 40 x 48 picture
+    rounds to 28 x 56 = 1568 px < 200704, so beta = sqrt(200704/1920) = 10.224 and the sides are
+    ceil(40*beta/28)*28 = 420 and ceil(48*beta/28)*28 = 504; a square one is 448 x 448 exactly."""
+    from sipo.rewards.hpsv3 import resized_picture
+
+    assert resized_picture(torch.rand(3, 40, 48)).size == (504, 420)  # PIL: (width, height)
+    assert resized_picture(torch.rand(3, 64, 64)).size == (448, 448)
+
+
+def test_hpsv3_message_is_the_published_instruction_in_the_chat_template(hpsv3):
+    from sipo.rewards.hpsv3 import INSTRUCTION, REWARD_SUFFIX
+
+    directory, *_ = hpsv3
+    scorer = load_scorer("hpsv3", str(directory), "cpu")
+    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                "<|vision_start|><|image_pad|><|vision_end|>" + INSTRUCTION.format(text_prompt="a red dog")
+                + REWARD_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n")
+    assert scorer.messages(["a red dog"]) == [expected]
+    assert "Textual prompt - a red dog" in expected and expected.count("<|Reward|>") == 1
+    assert INSTRUCTION.startswith("\nYou are tasked with evaluating a generated image based on Visual Quality")
+
+
+def test_hpsv3_matches_the_published_layout_forward(hpsv3, images):
+    """Independent forward as hpsv3/model/qwen2vl_trainer.py computes it, on the transformers 5 model the checkpoint
+    was cut from: token embeddings with the vision tower's merged patches scattered into the image tokens, the
+    language model given positions 0..L-1 (2-D position ids, the authors' call without multimodal rope), the
+    ranknet head on the <|Reward|> token, mu = output 0. Right padding: two prompts of different lengths."""
+    directory, model, head, tokenizer = hpsv3
+    scorer = load_scorer("hpsv3", str(directory), "cpu")
+    prompts = ["a photo of a cat", "a red dog on the painting, in the blue night, twice as long"]
+    batch = scorer.inputs(images[:2], prompts)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # padded on the right
+    with torch.no_grad():
+        ids = batch["input_ids"]
+        embeds = model.model.language_model.embed_tokens(ids)
+        patches = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        mask = ids == model.config.image_token_id
+        assert int(mask.sum()) == patches.shape[0] == 2 * 420 * 504 // 28**2  # one token per merged 28 x 28 patch
+        embeds[mask] = patches
+        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+        states = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                            position_ids=positions).last_hidden_state
+        reward_at = ids == tokenizer.convert_tokens_to_ids("<|Reward|>")
+        expected = head(states[reward_at])[:, 0]
+        # the multimodal rope of Qwen2-VL's own forward gives other values: the positions are what is tested
+        mrope = model(**batch, mm_token_type_ids=mask.long(), output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(scorer.score(images[:2], prompts), expected, rtol=1e-5, atol=1e-5)
+    assert (head(mrope[reward_at])[:, 0] - expected).abs().max() > 1e-2
+
+
+def test_hpsv3_directory_without_its_checkpoint_is_one_sentence(hpsv3, tmp_path):
+    import shutil
+
+    directory, *_ = hpsv3
+    copy = shutil.copytree(directory, tmp_path / "copy")
+    (copy / "HPSv3.safetensors").unlink()
+    with pytest.raises(SipoError, match="lacks weights"):
+        load_scorer("hpsv3", str(copy))

@@ -258,3 +258,68 @@ def make_tiny_image_reward(directory: str | Path, seed: int = 0):
     state["blip.vision_proj.weight"] = torch.randn(8, med["encoder_width"])  # unused by the score, as published
     torch.save(state, directory / "ImageReward.pt")
     return directory, vit, text, mlp
+
+
+# ----------------------------------------------------------------------------- HPSv3 (Qwen2-VL + reward head)
+#: Qwen2-VL-7B-Instruct's chat template for what HPSv3 sends (one user turn: an image, then text), written
+#: out for the tiny tokenizer: the default system turn, the vision markers, the generation prompt.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_hpsv3(directory: str | Path, seed: int = 0):
+    """An HPSv3 folder at toy size: Qwen2-VL config, tokenizer, image processor, chat template, and
+    ``HPSv3.safetensors`` in transformers 4.45's key names (``model.*``, ``visual.*``, ``lm_head``, ``rm_head``),
+    as the authors save it. Returns ``(directory, model, head, tokenizer)``: the transformers 5 model and the
+    head the checkpoint was cut from, and the tokenizer with ``<|Reward|>``."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from sipo.models.random_init import tiny_qwen2_tokenizer
+    from sipo.rewards.hpsv3 import REWARD_TOKEN, reward_head
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_qwen2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    tokenizer.save_pretrained(str(directory))
+    (directory / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2).save_pretrained(str(directory))
+    with_reward = len(tokenizer) + 1  # the authors add <|Reward|> and resize the embedding to the tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=with_reward, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    config.save_pretrained(str(directory))
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    head = reward_head(32).eval()
+    with torch.no_grad():  # weights of unit scale, so that the score moves visibly with the hidden state
+        for layer in head:
+            if isinstance(layer, nn.Linear):
+                layer.weight.normal_(0.0, 1.0)
+    state = {}
+    for key, value in model.state_dict().items():  # transformers 5 names -> the published 4.45 names
+        if key.startswith("model.language_model."):
+            key = "model." + key.removeprefix("model.language_model.")
+        elif key.startswith("model.visual."):
+            key = key.removeprefix("model.")
+        state[key] = value.contiguous()
+    state.update({f"rm_head.{k}": v for k, v in head.state_dict().items()})
+    save_file(state, str(directory / "HPSv3.safetensors"))
+    tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
+    return directory, model, head, tokenizer

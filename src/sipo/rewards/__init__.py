@@ -19,6 +19,7 @@ SCORERS: dict[str, str] = {
     "pickscore": "sipo.rewards.clip:PickScore",
     "hpsv2": "sipo.rewards.hpsv2:HPSv2",
     "imagereward": "sipo.rewards.image_reward:ImageReward",
+    "hpsv3": "sipo.rewards.hpsv3:HPSv3",
     "aesthetic": "sipo.rewards.clip:AestheticScore",
     "clipscore": "sipo.rewards.clip:CLIPScore",
     "digits-classifier": "sipo.demo.reward:DigitScorer",

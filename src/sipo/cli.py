@@ -73,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="local checkpoint directory of a scorer (repeatable); default: its hub id where online")
     evaluate.add_argument("--output-dir", default=None, type=_user_path, help="default: <checkpoint>/eval")
     evaluate.add_argument("--batch-size", type=int, default=4, help="images per sampling and scoring batch")
-    evaluate.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps (the same for both models)")
-    evaluate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the same for both models)")
+    evaluate.add_argument("--num-inference-steps", type=int, default=None,
+                          help="sampler steps (the same for both models; default: the family's, docs/models.md)")
+    evaluate.add_argument("--guidance-scale", type=float, default=None,
+                          help="classifier-free guidance, FLUX's distilled guidance, Qwen-Image's true_cfg (the same for "
+                               "both models; default: the family's, FLUX model.guidance)")
     evaluate.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                           help="model weights while sampling (fp16 halves memory and time on a GPU); scorers stay fp32")
     evaluate.add_argument("--vbench", default=None, metavar="DIM,DIM",

@@ -328,8 +328,9 @@ class EvalOptions:
     scorer_paths: dict[str, str] = field(default_factory=dict)
     output_dir: Path | None = None
     batch_size: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    #: None: the family's own sampler (sipo.models.sampler_settings: FLUX 28 steps at model.guidance, ...)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     pickapic_path: str | None = None
     max_prompts: int | None = None
     progress: bool = True
@@ -474,6 +475,17 @@ def claim_output_folder(folder: Path, key: dict, products: Sequence[str] | None 
     return note
 
 
+def with_sampler_defaults(config, options):
+    """``options`` with the family's sampler steps and guidance where the user named none
+    (:func:`sipo.models.sampler_settings`); an explicit value wins. A copy: the caller's stays as given."""
+    import dataclasses
+
+    from sipo.models import sampler_settings
+
+    return dataclasses.replace(options, **sampler_settings(config.model, options.num_inference_steps,
+                                                           options.guidance_scale))
+
+
 def check_eval_options(options: EvalOptions) -> None:
     """The command-line values a run could not use, refused before anything loads or samples."""
     import math
@@ -523,6 +535,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     if not options.base_only and options.checkpoint is None:
         raise SipoError("sipo eval compares a trained run with its base: pass --checkpoint RUN_DIR (or --base to score the base only)")
     # Every check that needs no GPU, before anything loads or samples: local ones first, the network last.
+    options = with_sampler_defaults(config, options)
     check_eval_options(options)
     for name in options.scorers:
         scorer_class(name)  # unknown names stop here

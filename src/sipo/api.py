@@ -55,3 +55,20 @@ def evaluate(config: SipoConfig, prompts: str, checkpoint: str | Path | None = N
         options["output_dir"] = Path(options["output_dir"])
     return run_eval(config, EvalOptions(prompts=str(prompts), checkpoint=None if checkpoint is None else str(checkpoint),
                                         **options))
+
+
+def compare(config: SipoConfig, runs: list[str | Path], prompts: str, *, base: bool = False, **options: Any):
+    """``sipo compare``: sample every run in ``runs`` (and the base model with ``base=True``) on the same
+    prompts, seeds and sampler, score them, and write the win-rate matrix, the Bradley-Terry ranking and
+    report.html; returns a :class:`sipo.compare.CompareResult` (``.summary`` is summary.json).
+    ``options`` are the fields of :class:`sipo.compare.CompareOptions` (``seeds=[0, 1]``,
+    ``scorers=["pickscore"]``, ``scorer_paths={"pickscore": DIR}``, ``output_dir=...``, ``labels=[...]``)."""
+    from sipo.compare import CompareOptions, run_compare
+
+    if isinstance(runs, (str, Path)):
+        runs = [runs]
+    if isinstance(options.get("scorers"), str):
+        options["scorers"] = [s.strip() for s in options["scorers"].split(",") if s.strip()]
+    if options.get("output_dir") is not None:
+        options["output_dir"] = Path(options["output_dir"])
+    return run_compare(config, CompareOptions(runs=[str(r) for r in runs], prompts=str(prompts), base=base, **options))

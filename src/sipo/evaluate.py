@@ -475,6 +475,16 @@ def claim_output_folder(folder: Path, key: dict, products: Sequence[str] | None 
     return note
 
 
+def prepare_for_sampling(adapter, dtype: str) -> None:
+    """Cast ``adapter``'s weights to ``dtype`` (``--dtype``: fp32, fp16, bf16; the modules the family keeps
+    fp32 stay so) and put the denoiser in eval mode: what every model is sampled in."""
+    keep = {id(m) for m in adapter.keep_fp32_modules()}
+    for module in (adapter.denoiser, *adapter.frozen_modules()):
+        if id(module) not in keep:
+            module.to(SAMPLING_DTYPES[dtype])
+    adapter.denoiser.eval()
+
+
 def with_sampler_defaults(config, options):
     """``options`` with the family's sampler steps and guidance where the user named none
     (:func:`sipo.models.sampler_settings`); an explicit value wins. A copy: the caller's stays as given."""
@@ -573,16 +583,11 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         if moved:
             print(f"sipo: {moved}")
 
-    dtypes = SAMPLING_DTYPES
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adapter = adapter_from_config(config.model).to(device)
 
     def cast(model: DiffusionAdapter) -> None:
-        keep = {id(m) for m in model.keep_fp32_modules()}
-        for module in (model.denoiser, *model.frozen_modules()):
-            if id(module) not in keep:
-                module.to(dtypes[options.dtype])
-        model.denoiser.eval()
+        prepare_for_sampling(model, options.dtype)
 
     cast(adapter)
     sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale, **sizes}

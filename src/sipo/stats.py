@@ -61,7 +61,8 @@ def bootstrap_counts(num_samples: int, num_resamples: int = 2000, seed: int = 0)
     return counts
 
 
-def _percentiles(values: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(1 -+ confidence) / 2`` quantiles over the first axis (the resamples), numpy's linear interpolation."""
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(values, [alpha, 1.0 - alpha], axis=0)
     return low, high
@@ -74,7 +75,7 @@ def bootstrap_win_matrix(scores: np.ndarray, confidence: float = 0.95, num_resam
     outcomes = pairwise_outcomes(scores)
     counts = bootstrap_counts(outcomes.shape[2], num_resamples, seed) if counts is None else counts
     resampled = np.einsum("abn,rn->rab", outcomes, counts) / outcomes.shape[2]
-    low, high = _percentiles(resampled, confidence)
+    low, high = percentile_interval(resampled, confidence)
     return outcomes.mean(axis=2), low, high
 
 
@@ -119,7 +120,7 @@ def bootstrap_bradley_terry(scores: np.ndarray, confidence: float = 0.95, num_re
     counts = bootstrap_counts(outcomes.shape[2], num_resamples, seed) if counts is None else counts
     strength = bradley_terry(outcomes.sum(axis=2), prior)
     resampled = bradley_terry(np.einsum("abn,rn->rab", outcomes, counts), prior)
-    low, high = _percentiles(resampled, confidence)
+    low, high = percentile_interval(resampled, confidence)
     ranks = ranks_of(resampled)
     alpha = (1.0 - confidence) / 2.0
     return {"strength": strength, "low": low, "high": high, "rank": ranks_of(strength),

@@ -94,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--labels", default=None, help="comma-separated names of the runs (default: their folder names)")
     _add_sampling_arguments(compare, default_output="<first run's folder>/../compare")
 
+    sweep = commands.add_parser("sweep", help="one run per cell of a grid of overrides and seeds, resumable, then "
+                                "sipo compare of every cell with seeds pooled")
+    _add_config_arguments(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a config key and its values (repeatable; every combination is one cell)")
+    sweep.add_argument("--seeds", default="0", help="training seeds (train.seed): each cell is trained once per seed")
+    sweep.add_argument("--output-dir", required=True, type=_user_path, help="the sweep's folder: one run folder per cell")
+    sweep.add_argument("--print-commands", action="store_true",
+                       help="print one `sipo train` line per unfinished cell (for a scheduler) and exit")
+    sweep.add_argument("--no-base", action="store_true", help="leave the base model out of the compare")
+    _add_sampling_arguments(sweep, None, prompts_flag="--compare-prompts", required=False, seeds_flag="--compare-seeds")
+
     cache = commands.add_parser("cache", help="encode every pair once into a latent cache that sipo train reads")
     _add_config_arguments(cache)
     cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -115,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str, prompts_flag: str = "--prompts",
+def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str | None, prompts_flag: str = "--prompts",
                             required: bool = True, seeds_flag: str = "--seeds") -> None:
     """What `sipo compare` (and sweep's compare) take as `sipo eval` does: prompts, seeds, scorers, sampler."""
     parser.add_argument(prompts_flag, dest="prompts", required=required,
@@ -127,7 +139,8 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str
     parser.add_argument("--scorers", default="pickscore", help="comma-separated: pickscore,hpsv2,imagereward,aesthetic,clipscore")
     parser.add_argument("--scorer-path", action="append", default=[], metavar="NAME=DIR",
                         help="local checkpoint directory of a scorer (repeatable); default: its hub id where online")
-    parser.add_argument("--output-dir", default=None, type=_user_path, help=f"default: {default_output}")
+    if default_output is not None:
+        parser.add_argument("--output-dir", default=None, type=_user_path, help=f"default: {default_output}")
     parser.add_argument("--batch-size", type=int, default=4, help="pictures per sampling and scoring batch")
     parser.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the family's)")
     parser.add_argument("--guidance-scale", type=float, default=None,
@@ -145,9 +158,8 @@ def _sampling_options(args) -> dict:
     return dict(prompts=args.prompts, seeds=parse_seeds(args.sample_seeds), pickapic_path=args.pickapic_path, max_prompts=args.max_prompts,
                 scorers=[s.strip() for s in args.scorers.split(",") if s.strip()],
                 scorer_paths=parse_scorer_paths(args.scorer_path),
-                output_dir=Path(args.output_dir) if args.output_dir else None, batch_size=args.batch_size,
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, dtype=args.dtype,
-                progress=not args.no_progress)
+                batch_size=args.batch_size, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, dtype=args.dtype, progress=not args.no_progress)
 
 
 def _runs_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -260,8 +272,16 @@ def main(argv: list[str] | None = None) -> int:
             runs, overrides = _runs_and_overrides(args.items)
             config = _compare_config(args.config, runs, overrides)
             run_compare(config, CompareOptions(
-                runs=runs, base=args.base,
+                runs=runs, base=args.base, output_dir=Path(args.output_dir) if args.output_dir else None,
                 labels=[s.strip() for s in args.labels.split(",")] if args.labels else None, **_sampling_options(args)))
+        elif args.command == "sweep":
+            from sipo.evaluate import parse_seeds
+            from sipo.sweep import parse_grid, run_sweep
+
+            run_sweep(args.config, parse_grid(args.grid), parse_seeds(args.seeds), args.output_dir,
+                      overrides=args.overrides, print_commands=args.print_commands,
+                      compare_options=_sampling_options(args) if args.prompts else None, base=not args.no_base,
+                      progress=not args.no_progress)
         elif args.command == "cache":
             from sipo.config import load_config
             from sipo.data.cache import build_cache, read_manifest

@@ -261,7 +261,7 @@ MODELS_NOTE = ("means: 95% percentile bootstrap over (prompt, seed); win rates: 
                "strength and of the rank; 2000 resamples, the same for every statistic")
 POOLED_NOTE = ("configurations pooled over training seeds: each statistic is computed per training seed (a win rate "
                "pairs seed s with seed s; the base pairs with every seed) and reported as the mean over seeds with its "
-               "95% t-interval over seeds (none with one seed); Bradley-Terry fit per seed with one virtual tie per pair; "
+               "95% t-interval over seeds (none with one seed; the base's mean: bootstrap over (prompt, seed)); Bradley-Terry fit per seed with one virtual tie per pair; "
                "rank range: best and worst rank over seeds")
 
 
@@ -294,6 +294,7 @@ def _ranking_rows(labels: list[str], ranking: dict[str, np.ndarray]) -> list[dic
 def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str],
                       groups: dict[str, dict[int, str]]) -> tuple[list[str], dict[str, Any]]:
     """``(entries, per scorer statistics)`` for configurations pooled over training seeds (module docstring)."""
+    from sipo.evaluate import bootstrap_ci
     from sipo.stats import bradley_terry, ranks_of, t_interval, win_matrix
 
     index = {lbl: i for i, lbl in enumerate(labels)}
@@ -303,6 +304,7 @@ def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str],
     entries = list(groups) + ([BASE] if BASE in index and BASE not in groups else [])
     members = {c: {int(s): index[lbl] for s, lbl in runs.items()} for c, runs in groups.items()}
     seeds = sorted({s for runs in members.values() for s in runs})
+    shared = [e for e in entries if e not in members]  # the base
 
     def rows_of(entry: str, seed: int) -> int | None:
         if entry == BASE and entry not in members:
@@ -316,7 +318,11 @@ def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str],
     out: dict[str, Any] = {}
     for name, values in scores.items():
         means = {e: interval([float(values[rows_of(e, s)].mean()) for s in seeds if rows_of(e, s) is not None])
-                 for e in entries}
+                 for e in entries if e not in shared}
+        for e in shared:  # one model, no training seed: its interval is the bootstrap over (prompt, seed)
+            low, high = bootstrap_ci(values[index[e]])
+            means[e] = {"mean": float(values[index[e]].mean()), "low": low, "high": high}
+        means = {e: means[e] for e in entries}
         rates: dict[str, dict[str, Any]] = {}
         for a in entries:
             rates[a] = {}

@@ -417,7 +417,7 @@ def write_scores_csv(path: Path, samples, models: list[Model], scores: dict[str,
             for n, sample in enumerate(samples):
                 writer.writerow([model.label, n, sample.seed, sample.prompt,
                                  str(image_path(output_dir, model.folder, sample).relative_to(output_dir)),
-                                 *(f"{float(scores[name][m, n]):.6g}" for name in names)])
+                                 *(f"{float(scores[name][m, n]):.10g}" for name in names)])
 
 
 def plot_win_matrix(path: Path, summary: dict) -> None:
@@ -517,7 +517,7 @@ def write_html(path: Path, summary: dict, samples, models: list[Model], scores: 
     path.write_text(page, encoding="utf-8")
 
 
-PAGE = """<!doctype html>
+PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 <style>
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
@@ -584,6 +584,8 @@ sorts.push(["disagreement between scorers (most first)", r => r.between]);
 sorts.push(["disagreement with the ranking (most first)", r => r.against]);
 const select = document.getElementById("sort");
 sorts.forEach(([label], i) => { const o = document.createElement("option"); o.value = i; o.textContent = label; select.appendChild(o); });
+const wanted = /sort=(\d+)/.exec(location.hash);  // report.html#sort=N opens sorted by option N
+if (wanted && Number(wanted[1]) < sorts.length) select.value = wanted[1];
 
 function draw() {
   const key = sorts[Number(select.value)][1];

@@ -4,7 +4,7 @@
     python benchmarks/tiny_sweep.py runs/tiny [--screenshot docs/figures/compare-page.png]
 
 Writes under DIR: ``sd15/`` (the tiny SD1.5 of tests/tiny_models.py), ``data/pairs.jsonl`` (8 pairs),
-``pickscore/`` and ``aesthetic/`` (tiny random scorers of tests/tiny_scorers.py), ``tiny.yaml`` (10
+``pickscore/`` and ``aesthetic/`` (tiny random scorers of tests/tiny_scorers.py), ``tiny.yaml`` (4
 steps, batch 2) and ``prompts.txt`` (4 prompts). Then runs, as a subprocess, the command it prints
 (dpo, dpo-cm, sipo x seeds 0, 1; the compare of the 6 runs and the base on 4 prompts x 2 seeds at 4
 sampler steps) and prints its wall time and the CPU time of the process. The numbers say what the
@@ -40,7 +40,7 @@ def set_up(root: Path) -> None:
     if not (root / "aesthetic").is_dir():
         make_tiny_aesthetic(root / "aesthetic")
     write_tiny_config(root / "tiny.yaml", root / "sd15", manifest, root / "run",
-                      **{"train.max_steps": 10, "train.learning_rate": 0.01, "train.checkpoint_every": 5})
+                      **{"train.max_steps": 4, "train.learning_rate": 0.01, "train.checkpoint_every": 2})
     (root / "prompts.txt").write_text(PROMPTS)
 
 

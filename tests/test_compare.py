@@ -319,3 +319,26 @@ def test_report_page_in_headless_chromium(compared, tmp_path):
     parsed.feed(_browser(page, tmp_path, "--dump-dom", hash_part="#sort=1").stdout)
     assert [round(spread[i], 3) for i in parsed.rows] == sorted((round(s, 3) for s in spread), reverse=True)
     assert not math.isnan(sum(spread))
+
+
+def test_cli_compare_reads_the_first_runs_config_and_reuses_every_picture(compared, setting, swept, capsys):
+    """`sipo compare RUN RUN --base` without --config (the first run's config.yaml) into the folder of the
+    fixture: nothing is sampled again, and the printed table is the one summary.md holds."""
+    from sipo.cli import main
+
+    out, _, _, _ = compared
+    folder, _ = swept
+    _, _, prompts, options = setting
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    scorer_paths = [f"--scorer-path={name}={path}" for name, path in options["scorer_paths"].items()]
+    args = ["compare", str(folder / "objective.name=dpo,seed=0"), str(folder / "objective.name=sipo,seed=0"), "--base",
+            "--labels", "dpo,sipo", "--prompts", str(prompts), "--seeds", "0,1", "--scorers", ",".join(SCORERS),
+            *scorer_paths, "--num-inference-steps", "2", "--output-dir", str(out), "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
+    table = printed[printed.index("## pickscore"):printed.index("report.html, summary")].strip()
+    assert table and table in (out / "summary.md").read_text()
+    assert main(["compare", str(folder / "objective.name=dpo,seed=0"), "--prompts", str(prompts)]) == 2
+    assert "at least two models" in capsys.readouterr().err

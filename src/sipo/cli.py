@@ -170,7 +170,10 @@ def _runs_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     runs, overrides = [], []
     for item in items:
         path = os.path.expanduser(item)
-        (runs if Path(path).is_dir() or "=" not in item else overrides).append(path if "=" not in item or Path(path).is_dir() else item)
+        if Path(path).is_dir() or "=" not in item:
+            runs.append(path)
+        else:
+            overrides.append(item)
     return runs, overrides
 
 

@@ -553,7 +553,8 @@ for (const [name, stats] of Object.entries(S.scorers)) {
     `<th class="label">entry</th><th>Bradley-Terry strength [95% CI]</th><th>mean score [95% CI]</th></tr>`;
   for (const r of stats.ranking) {
     const m = stats.means[r.entry];
-    tables += `<tr><td>${r.rank} [${r.rank_low}-${r.rank_high}]</td><td class="label">${esc(r.entry)}</td>` +
+    const range = r.rank_low === null ? "n/a" : `${r.rank_low}-${r.rank_high}`;
+    tables += `<tr><td>${r.rank} [${range}]</td><td class="label">${esc(r.entry)}</td>` +
       `<td class="strength" data-scorer="${esc(name)}" data-entry="${esc(r.entry)}">${fmt(r.strength)} ${ci(r)}</td>` +
       `<td class="mean" data-scorer="${esc(name)}" data-entry="${esc(r.entry)}">${fmt(m.mean)} ${ci(m)}</td></tr>`;
   }

@@ -500,9 +500,10 @@ def check_eval_options(options: EvalOptions) -> None:
     """The command-line values a run could not use, refused before anything loads or samples."""
     import math
 
-    if options.batch_size < 1 or options.num_inference_steps < 1:
+    if options.batch_size < 1 or (options.num_inference_steps is not None and options.num_inference_steps < 1):
         raise SipoError("--batch-size and --num-inference-steps must be at least 1")
-    if not math.isfinite(options.guidance_scale) or options.guidance_scale < 0:
+    # None: the family's own (with_sampler_defaults fills it in)
+    if options.guidance_scale is not None and (not math.isfinite(options.guidance_scale) or options.guidance_scale < 0):
         raise SipoError(f"--guidance-scale {options.guidance_scale} is not a finite number >= 0, and the report would "
                         "name a guidance the sampler never used; pass e.g. --guidance-scale 7.5 (1: unguided)")
     if not options.scorers and not options.video_benchmarks:  # sampling every image to score none

@@ -88,6 +88,8 @@ def test_sweep_trains_every_cell_and_pools_seeds_per_configuration(swept):
             per_seed.append(sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs))
         cell = stats["win_rate"]["objective.name=dpo"]["objective.name=sipo"]
         assert cell["per_seed"] == pytest.approx(per_seed) and cell["rate"] == pytest.approx(np.mean(per_seed))
+        _, low, high = t_interval(per_seed)  # cut to [0, 1], where a rate lies
+        assert (cell["low"], cell["high"]) == pytest.approx((max(low, 0.0), min(high, 1.0)))
         assert stats["win_rate"]["objective.name=sipo"]["objective.name=dpo"]["rate"] == pytest.approx(1 - np.mean(per_seed))
         strengths = [r["strength"] for r in stats["ranking"]]  # listed best first; equal strengths share a rank
         assert strengths == sorted(strengths, reverse=True) and stats["ranking"][0]["rank"] == 1

@@ -261,7 +261,7 @@ MODELS_NOTE = ("means: 95% percentile bootstrap over (prompt, seed); win rates: 
                "strength and of the rank; 2000 resamples, the same for every statistic")
 POOLED_NOTE = ("configurations pooled over training seeds: each statistic is computed per training seed (a win rate "
                "pairs seed s with seed s; the base pairs with every seed) and reported as the mean over seeds with its "
-               "95% t-interval over seeds (none with one seed; the base's mean: bootstrap over (prompt, seed)); Bradley-Terry fit per seed with one virtual tie per pair; "
+               "95% t-interval over seeds (a win rate's cut to [0, 1]; none with one seed; the base's mean: bootstrap over (prompt, seed)); Bradley-Terry fit per seed with one virtual tie per pair; "
                "rank range: best and worst rank over seeds")
 
 
@@ -330,8 +330,11 @@ def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str],
                 per_seed = [float(win_matrix(values[[rows_of(a, s), rows_of(b, s)]])[0, 1]) for s in seeds
                             if a != b and rows_of(a, s) is not None and rows_of(b, s) is not None]
                 summary = interval(per_seed) if per_seed else None
-                rates[a][b] = None if summary is None else {"rate": summary["mean"], "low": summary["low"],
-                                                            "high": summary["high"], "per_seed": summary["per_seed"]}
+                # a rate lies in [0, 1]: the t-interval is cut there (which end it excludes 0.5 from is unchanged)
+                rates[a][b] = None if summary is None else {
+                    "rate": summary["mean"], "low": max(0.0, summary["low"]) if math.isfinite(summary["low"]) else summary["low"],
+                    "high": min(1.0, summary["high"]) if math.isfinite(summary["high"]) else summary["high"],
+                    "per_seed": summary["per_seed"]}
         strengths: dict[str, list[float]] = {e: [] for e in entries}
         ranks: dict[str, list[int]] = {e: [] for e in entries}
         for s in seeds:

@@ -132,7 +132,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str
     """What `sipo compare` (and sweep's compare) take as `sipo eval` does: prompts, seeds, scorers, sampler."""
     parser.add_argument(prompts_flag, dest="prompts", required=required,
                         help="text file, one prompt per line, or pickapic-test")
-    parser.add_argument(seeds_flag, dest="sample_seeds", default="0",
+    parser.add_argument(seeds_flag, dest="sample_seeds", default="0", metavar="SEEDS",
                         help="comma-separated seeds (or a range 0-3) of the pictures; one per prompt and seed")
     parser.add_argument("--pickapic-path", default=None, type=_user_path, help="Pick-a-Pic v2 test parquet for pickapic-test")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")

@@ -344,3 +344,12 @@ def test_cli_compare_reads_the_first_runs_config_and_reuses_every_picture(compar
     assert table and table in (out / "summary.md").read_text()
     assert main(["compare", str(folder / "objective.name=dpo,seed=0"), "--prompts", str(prompts)]) == 2
     assert "at least two models" in capsys.readouterr().err
+
+
+def test_cli_tells_runs_from_overrides(tmp_path):
+    from sipo.cli import _runs_and_overrides
+
+    cell = tmp_path / "objective.name=dpo,seed=0"
+    cell.mkdir()
+    runs, overrides = _runs_and_overrides([str(cell), "model.resolution=32", "runs/missing", "runs/x/objective.beta=1,seed=0"])
+    assert runs == [str(cell), "runs/missing", "runs/x/objective.beta=1,seed=0"] and overrides == ["model.resolution=32"]

@@ -164,13 +164,14 @@ def _sampling_options(args) -> dict:
 
 def _runs_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     """`sipo compare`'s positional words: an existing folder is a run (sweep cells are named key=value
-    too), any other word with '=' is a config override, the rest are runs (a missing one is reported)."""
+    too), a word ``section.key=value`` is a config override, the rest are runs (a missing one is reported)."""
     import os
 
     runs, overrides = [], []
     for item in items:
         path = os.path.expanduser(item)
-        if Path(path).is_dir() or "=" not in item:
+        key = item.split("=", 1)[0]
+        if Path(path).is_dir() or "=" not in item or "/" in key:  # no config key holds a '/': a missing run's path
             runs.append(path)
         else:
             overrides.append(item)

@@ -55,3 +55,42 @@ def evaluate(config: SipoConfig, prompts: str, checkpoint: str | Path | None = N
         options["output_dir"] = Path(options["output_dir"])
     return run_eval(config, EvalOptions(prompts=str(prompts), checkpoint=None if checkpoint is None else str(checkpoint),
                                         **options))
+
+
+def compare(config: SipoConfig, runs: list[str | Path], prompts: str, *, base: bool = False, **options: Any):
+    """``sipo compare``: sample every run in ``runs`` (and the base model with ``base=True``) on the same
+    prompts, seeds and sampler, score them, and write the win-rate matrix, the Bradley-Terry ranking and
+    report.html; returns a :class:`sipo.compare.CompareResult` (``.summary`` is summary.json).
+    ``options`` are the fields of :class:`sipo.compare.CompareOptions` (``seeds=[0, 1]``,
+    ``scorers=["pickscore"]``, ``scorer_paths={"pickscore": DIR}``, ``output_dir=...``, ``labels=[...]``)."""
+    from sipo.compare import CompareOptions, run_compare
+
+    if isinstance(runs, (str, Path)):
+        runs = [runs]
+    if isinstance(options.get("scorers"), str):
+        options["scorers"] = [s.strip() for s in options["scorers"].split(",") if s.strip()]
+    if options.get("output_dir") is not None:
+        options["output_dir"] = Path(options["output_dir"])
+    return run_compare(config, CompareOptions(runs=[str(r) for r in runs], prompts=str(prompts), base=base, **options))
+
+
+def sweep(config: str | Path, grid: dict[str, list], seeds: list[int], output_dir: str | Path, *,
+          overrides: list[str] | None = None, compare_prompts: str | Path | None = None, base: bool = True,
+          progress: bool = True, **compare_options: Any):
+    """``sipo sweep``: train one run per combination of ``grid`` (``{"objective.name": ["dpo", "sipo"]}``)
+    and training seed under ``output_dir`` (finished cells skipped, stopped ones resumed), then compare
+    them with ``compare_prompts`` (the seeds pooled per configuration); ``config`` is a YAML path or a
+    packaged config's name, with ``overrides`` as `sipo train` takes them (each cell re-applies them, so
+    an objective preset resolves as on the command line). ``compare_options``: the fields of
+    :class:`sipo.compare.CompareOptions` (``scorers``, ``scorer_paths``, ``seeds``, ...). Returns a
+    :class:`sipo.sweep.SweepResult`."""
+    from sipo.sweep import run_sweep
+
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    grid = {key: [str(v) for v in (values if isinstance(values, (list, tuple)) else [values])] for key, values in grid.items()}
+    if isinstance(compare_options.get("scorers"), str):
+        compare_options["scorers"] = [s.strip() for s in compare_options["scorers"].split(",") if s.strip()]
+    options = {**compare_options, "prompts": str(compare_prompts)} if compare_prompts is not None else None
+    return run_sweep(config, grid, [int(s) for s in seeds], output_dir, overrides=overrides, compare_options=options,
+                     base=base, progress=progress)

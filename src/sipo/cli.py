@@ -73,13 +73,38 @@ def build_parser() -> argparse.ArgumentParser:
                           help="local checkpoint directory of a scorer (repeatable); default: its hub id where online")
     evaluate.add_argument("--output-dir", default=None, type=_user_path, help="default: <checkpoint>/eval")
     evaluate.add_argument("--batch-size", type=int, default=4, help="images per sampling and scoring batch")
-    evaluate.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps (the same for both models)")
-    evaluate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the same for both models)")
+    evaluate.add_argument("--num-inference-steps", type=int, default=None,
+                          help="sampler steps (the same for both models; default: the family's, docs/models.md)")
+    evaluate.add_argument("--guidance-scale", type=float, default=None,
+                          help="classifier-free guidance, FLUX's distilled guidance, Qwen-Image's true_cfg (the same for "
+                               "both models; default: the family's, FLUX model.guidance)")
     evaluate.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                           help="model weights while sampling (fp16 halves memory and time on a GPU); scorers stay fp32")
     evaluate.add_argument("--vbench", default=None, metavar="DIM,DIM",
                           help="video families: also run VBench on these dimensions (pip install vbench; downloads its models)")
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    compare = commands.add_parser("compare", help="sample runs (and the base) on the same prompts and seeds: win-rate "
+                                  "matrix, ranking and one HTML page with the pictures side by side")
+    compare.add_argument("items", nargs="*", metavar="RUN_DIR | key=value",
+                         help="the run directories to compare (two or more, or one and --base), and config overrides")
+    compare.add_argument("--config", default=None, type=_user_path,
+                         help="YAML config or a packaged one's name (default: the first run's config.yaml)")
+    compare.add_argument("--base", action="store_true", help="compare the base model too (sampled once, reused)")
+    compare.add_argument("--labels", default=None, help="comma-separated names of the runs (default: their folder names)")
+    _add_sampling_arguments(compare, default_output="<first run's folder>/../compare")
+
+    sweep = commands.add_parser("sweep", help="one run per cell of a grid of overrides and seeds, resumable, then "
+                                "sipo compare of every cell with seeds pooled")
+    _add_config_arguments(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a config key and its values (repeatable; every combination is one cell)")
+    sweep.add_argument("--seeds", default="0", help="training seeds (train.seed): each cell is trained once per seed")
+    sweep.add_argument("--output-dir", required=True, type=_user_path, help="the sweep's folder: one run folder per cell")
+    sweep.add_argument("--print-commands", action="store_true",
+                       help="print one `sipo train` line per unfinished cell (for a scheduler) and exit")
+    sweep.add_argument("--no-base", action="store_true", help="leave the base model out of the compare")
+    _add_sampling_arguments(sweep, None, prompts_flag="--compare-prompts", required=False, seeds_flag="--compare-seeds")
 
     cache = commands.add_parser("cache", help="encode every pair once into a latent cache that sipo train reads")
     _add_config_arguments(cache)
@@ -100,6 +125,68 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="comfyui", choices=("comfyui", "diffusers"),
                         help="comfyui: pytorch_lora_weights_comfyui.safetensors beside the run's, best/'s and each checkpoint's weights")
     return parser
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str | None, prompts_flag: str = "--prompts",
+                            required: bool = True, seeds_flag: str = "--seeds") -> None:
+    """What `sipo compare` (and sweep's compare) take as `sipo eval` does: prompts, seeds, scorers, sampler."""
+    parser.add_argument(prompts_flag, dest="prompts", required=required,
+                        help="text file, one prompt per line, or pickapic-test")
+    parser.add_argument(seeds_flag, dest="sample_seeds", default="0", metavar="SEEDS",
+                        help="comma-separated seeds (or a range 0-3) of the pictures; one per prompt and seed")
+    parser.add_argument("--pickapic-path", default=None, type=_user_path, help="Pick-a-Pic v2 test parquet for pickapic-test")
+    parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--scorers", default="pickscore", help="comma-separated: pickscore,hpsv2,imagereward,aesthetic,clipscore")
+    parser.add_argument("--scorer-path", action="append", default=[], metavar="NAME=DIR",
+                        help="local checkpoint directory of a scorer (repeatable); default: its hub id where online")
+    if default_output is not None:
+        parser.add_argument("--output-dir", default=None, type=_user_path, help=f"default: {default_output}")
+    parser.add_argument("--batch-size", type=int, default=4, help="pictures per sampling and scoring batch")
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the family's)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="guidance (default: the family's; FLUX model.guidance, Qwen-Image's true_cfg 4.0)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model weights while sampling")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _sampling_options(args) -> dict:
+    """The fields of sipo.compare.CompareOptions that _add_sampling_arguments parsed."""
+    from sipo.evaluate import parse_scorer_paths
+
+    from sipo.evaluate import parse_seeds
+
+    return dict(prompts=args.prompts, seeds=parse_seeds(args.sample_seeds), pickapic_path=args.pickapic_path, max_prompts=args.max_prompts,
+                scorers=[s.strip() for s in args.scorers.split(",") if s.strip()],
+                scorer_paths=parse_scorer_paths(args.scorer_path),
+                batch_size=args.batch_size, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, dtype=args.dtype, progress=not args.no_progress)
+
+
+def _runs_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """`sipo compare`'s positional words: an existing folder is a run (sweep cells are named key=value
+    too), a word ``section.key=value`` is a config override, the rest are runs (a missing one is reported)."""
+    import os
+
+    runs, overrides = [], []
+    for item in items:
+        path = os.path.expanduser(item)
+        key = item.split("=", 1)[0]
+        if Path(path).is_dir() or "=" not in item or "/" in key:  # no config key holds a '/': a missing run's path
+            runs.append(path)
+        else:
+            overrides.append(item)
+    return runs, overrides
+
+
+def _compare_config(config_path: str | None, runs: list[str], overrides: list[str]):
+    from sipo.config import load_config
+
+    if config_path is None:
+        if not runs or not (Path(runs[0]) / "config.yaml").is_file():
+            raise SipoError("sipo compare needs the model's config: pass --config, or a run directory first "
+                            "(its config.yaml is used)")
+        config_path = str(Path(runs[0]) / "config.yaml")
+    return load_config(config_path, overrides)
 
 
 def _one_sentence(error: SipoError) -> str:
@@ -183,6 +270,22 @@ def main(argv: list[str] | None = None) -> int:
                 pickapic_path=args.pickapic_path, max_prompts=args.max_prompts, progress=not args.no_progress,
                 video_benchmarks=video_benchmarks, dtype=args.dtype,
             ))
+        elif args.command == "compare":
+            from sipo.compare import CompareOptions, run_compare
+
+            runs, overrides = _runs_and_overrides(args.items)
+            config = _compare_config(args.config, runs, overrides)
+            run_compare(config, CompareOptions(
+                runs=runs, base=args.base, output_dir=Path(args.output_dir) if args.output_dir else None,
+                labels=[s.strip() for s in args.labels.split(",")] if args.labels else None, **_sampling_options(args)))
+        elif args.command == "sweep":
+            from sipo.evaluate import parse_seeds
+            from sipo.sweep import parse_grid, run_sweep
+
+            run_sweep(args.config, parse_grid(args.grid), parse_seeds(args.seeds), args.output_dir,
+                      overrides=args.overrides, print_commands=args.print_commands,
+                      compare_options=_sampling_options(args) if args.prompts else None, base=not args.no_base,
+                      progress=not args.no_progress)
         elif args.command == "cache":
             from sipo.config import load_config
             from sipo.data.cache import build_cache, read_manifest

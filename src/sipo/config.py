@@ -511,7 +511,9 @@ class TrainConfig:
     sample_every: int = _help("sample the validation prompts every N optimizer steps (0: step 0 and the end only)",
                               default=0)
     sample_steps: int = _help("sampler steps of the validation samples", default=20)
-    sample_guidance_scale: float = _help("classifier-free guidance of the validation samples", default=7.5)
+    sample_guidance_scale: float | None = _help(
+        "guidance of the validation samples (None: the family's own, as sipo eval: FLUX model.guidance, SD3.5 7.0, "
+        "SDXL 5.0, Qwen-Image true_cfg 4.0, SD1.5 7.5)", default=None)
     validation_scorers: list[str] = _help(
         "reward models (sipo.rewards: pickscore, hpsv2, imagereward, aesthetic, clipscore) scoring each validation "
         "sample: mean, and win rate against step 0 with its bootstrap interval", default_factory=list)

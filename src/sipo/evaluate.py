@@ -328,8 +328,9 @@ class EvalOptions:
     scorer_paths: dict[str, str] = field(default_factory=dict)
     output_dir: Path | None = None
     batch_size: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    #: None: the family's own sampler (sipo.models.sampler_settings: FLUX 28 steps at model.guidance, ...)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     pickapic_path: str | None = None
     max_prompts: int | None = None
     progress: bool = True
@@ -474,13 +475,35 @@ def claim_output_folder(folder: Path, key: dict, products: Sequence[str] | None 
     return note
 
 
+def prepare_for_sampling(adapter, dtype: str) -> None:
+    """Cast ``adapter``'s weights to ``dtype`` (``--dtype``: fp32, fp16, bf16; the modules the family keeps
+    fp32 stay so) and put the denoiser in eval mode: what every model is sampled in."""
+    keep = {id(m) for m in adapter.keep_fp32_modules()}
+    for module in (adapter.denoiser, *adapter.frozen_modules()):
+        if id(module) not in keep:
+            module.to(SAMPLING_DTYPES[dtype])
+    adapter.denoiser.eval()
+
+
+def with_sampler_defaults(config, options):
+    """``options`` with the family's sampler steps and guidance where the user named none
+    (:func:`sipo.models.sampler_settings`); an explicit value wins. A copy: the caller's stays as given."""
+    import dataclasses
+
+    from sipo.models import sampler_settings
+
+    return dataclasses.replace(options, **sampler_settings(config.model, options.num_inference_steps,
+                                                           options.guidance_scale))
+
+
 def check_eval_options(options: EvalOptions) -> None:
     """The command-line values a run could not use, refused before anything loads or samples."""
     import math
 
-    if options.batch_size < 1 or options.num_inference_steps < 1:
+    if options.batch_size < 1 or (options.num_inference_steps is not None and options.num_inference_steps < 1):
         raise SipoError("--batch-size and --num-inference-steps must be at least 1")
-    if not math.isfinite(options.guidance_scale) or options.guidance_scale < 0:
+    # None: the family's own (with_sampler_defaults fills it in)
+    if options.guidance_scale is not None and (not math.isfinite(options.guidance_scale) or options.guidance_scale < 0):
         raise SipoError(f"--guidance-scale {options.guidance_scale} is not a finite number >= 0, and the report would "
                         "name a guidance the sampler never used; pass e.g. --guidance-scale 7.5 (1: unguided)")
     if not options.scorers and not options.video_benchmarks:  # sampling every image to score none
@@ -523,6 +546,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     if not options.base_only and options.checkpoint is None:
         raise SipoError("sipo eval compares a trained run with its base: pass --checkpoint RUN_DIR (or --base to score the base only)")
     # Every check that needs no GPU, before anything loads or samples: local ones first, the network last.
+    options = with_sampler_defaults(config, options)
     check_eval_options(options)
     for name in options.scorers:
         scorer_class(name)  # unknown names stop here
@@ -560,16 +584,11 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         if moved:
             print(f"sipo: {moved}")
 
-    dtypes = SAMPLING_DTYPES
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adapter = adapter_from_config(config.model).to(device)
 
     def cast(model: DiffusionAdapter) -> None:
-        keep = {id(m) for m in model.keep_fp32_modules()}
-        for module in (model.denoiser, *model.frozen_modules()):
-            if id(module) not in keep:
-                module.to(dtypes[options.dtype])
-        model.denoiser.eval()
+        prepare_for_sampling(model, options.dtype)
 
     cast(adapter)
     sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale, **sizes}

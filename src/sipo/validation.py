@@ -289,6 +289,10 @@ class SampleValidation:
 
         tc = config.train
         self.prompts = validation_prompts(tc.validation_prompts)
+        from sipo.models import sampler_settings
+
+        # the family's guidance unless train.sample_guidance_scale names one; the steps are train.sample_steps
+        self.sampler = sampler_settings(config.model, tc.sample_steps, tc.sample_guidance_scale)
         self.seeds, self.every, self.tc = list(tc.validation_seeds), tc.sample_every, tc
         self.output_dir, self.best = Path(output_dir), best
         paths = parse_scorer_paths(tc.validation_scorer_paths)
@@ -319,8 +323,7 @@ class SampleValidation:
                 for index, prompt in enumerate(self.prompts):
                     generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
                     batch = adapter.sample([prompt] * len(self.seeds), generator=generators,
-                                           num_inference_steps=self.tc.sample_steps,
-                                           guidance_scale=self.tc.sample_guidance_scale)
+                                           **self.sampler)
                     out.extend((index, seed, picture.cpu()) for seed, picture in zip(self.seeds, batch))
         finally:
             adapter.denoiser.train(was_training)

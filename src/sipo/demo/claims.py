@@ -24,6 +24,7 @@ import torch
 
 from sipo.demo.evaluate import win_rate
 from sipo.plotting import pyplot
+from sipo.stats import t_interval  # the library's interval over seeds (sipo sweep pools seeds with it too)
 
 LABELS = {
     "dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M (paper reading)", "sipo": "SIPO (paper reading)",
@@ -35,21 +36,6 @@ LABELS = {
 COLORS = {"dpo": "tab:blue", "dpo-cm": "tab:orange", "sipo": "tab:green", "dpo-cm-outside": "tab:red",
           "sipo-outside": "tab:purple"}
 SOURCE_LABELS = {"mixed": "mixed pairs (real vs early samples)", "offpolicy": "strongly off-policy pairs (early samples only)"}
-
-
-def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, lo, hi)``: the t-interval of the mean over seeds; ``lo = hi = nan`` with one value."""
-    values = [float(v) for v in values]
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    mean = float(np.mean(values))
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    from scipy.stats import t as student_t
-
-    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 def rewards_at(result: dict[str, Any], step: int) -> torch.Tensor:

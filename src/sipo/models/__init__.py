@@ -57,4 +57,18 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
     return adapter
 
 
-__all__ = ["adapter_from_config", "add_lora", "FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]
+def sampler_settings(model_config, num_inference_steps: int | None = None,
+                     guidance_scale: float | None = None) -> dict:
+    """``{"num_inference_steps", "guidance_scale"}`` to sample ``model_config``'s family with: the family's
+    own defaults (``DiffusionAdapter.sampler_defaults``: FLUX 28 steps at ``model.guidance``, SD3.5 28 at
+    7.0, SDXL 5.0, Qwen-Image true_cfg 4.0, CogVideoX 6, Wan 5, SD1.5 50 at 7.5) where a value is None;
+    a value the user gave wins."""
+    settings = adapter_class(model_config.family).sampler_defaults(model_config)
+    if num_inference_steps is not None:
+        settings["num_inference_steps"] = int(num_inference_steps)
+    if guidance_scale is not None:
+        settings["guidance_scale"] = float(guidance_scale)
+    return settings
+
+
+__all__ = ["adapter_from_config", "sampler_settings", "add_lora", "FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]

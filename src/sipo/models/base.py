@@ -149,6 +149,10 @@ class DiffusionAdapter(ABC):
     #: where a complete directory comes from, the fix named by the "missing subfolder" error;
     #: ``None``: a complete ``pipeline_class_names[0]`` directory written by ``save_pretrained``.
     directory_hint: ClassVar[str | None] = None
+    #: the family's sampler: the steps and guidance its ``sample()`` uses when given none, and so what
+    #: eval, compare, pairs and validation samples use unless the user names a value (:meth:`sampler_defaults`)
+    default_num_inference_steps: ClassVar[int] = 50
+    default_guidance_scale: ClassVar[float] = 7.5
 
     #: subfolder -> {config.json key: the value every model of this family has}: what tells this
     #: family's component from another family's of the same class (an SDXL UNet is a
@@ -167,6 +171,14 @@ class DiffusionAdapter(ABC):
         that routes each sample to one of several experts: Wan2.2-A14B). DDP must then be told to
         find them (``find_unused_parameters``), or it stops at the next step."""
         return False
+
+    @classmethod
+    def sampler_defaults(cls, model_config=None) -> dict[str, Any]:
+        """``{"num_inference_steps": n, "guidance_scale": g}``: how this family samples when the user
+        names no value (``model_config``: the run's ``ModelConfig``, for a family whose guidance is a
+        training setting, FLUX's ``model.guidance``). The one place eval, compare, pairs and validation read."""
+        return {"num_inference_steps": int(cls.default_num_inference_steps),
+                "guidance_scale": float(cls.default_guidance_scale)}
 
     @classmethod
     def check_family(cls, path: str | Path) -> None:

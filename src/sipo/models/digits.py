@@ -101,6 +101,7 @@ class DigitsAdapter(DiffusionAdapter):
     """The digits UNet behind the adapter protocol; pixel space, epsilon-prediction, class labels."""
 
     family = "digits"
+    default_num_inference_steps = 25  # DDIM on 16 px digits; no classifier-free guidance (class labels)
     pipeline_class_names = (PIPELINE_CLASS_NAME,)
     # Attention projections plus the ResNet convolutions: the tiny UNet has one attention block per
     # side, so LoRA on attention alone would leave most of the network out of reach.

@@ -110,6 +110,15 @@ class FluxAdapter(FlowImageAdapter):
     family = "flux"
     pipeline_class_names = ("FluxPipeline",)
     pipeline_class_name = "FluxPipeline"
+    default_num_inference_steps = 28  # FluxPipeline's example for FLUX.1-dev
+    default_guidance_scale = DEFAULT_GUIDANCE  # the distilled guidance; a run's own is model.guidance
+
+    @classmethod
+    def sampler_defaults(cls, model_config=None) -> dict[str, Any]:
+        """FLUX.1-dev samples at the distilled guidance the run trained with, ``model.guidance``."""
+        guidance = getattr(model_config, "guidance", None)
+        return {**super().sampler_defaults(model_config),
+                **({"guidance_scale": float(guidance)} if guidance is not None else {})}
     # train_dreambooth_lora_flux.py's default --lora_layers: attention and feed-forward of the
     # double-stream blocks (image and context streams), and the attention of the single-stream ones.
     lora_target_modules = (
@@ -224,7 +233,7 @@ class FluxAdapter(FlowImageAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 28,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -243,7 +252,7 @@ class FluxAdapter(FlowImageAdapter):
             pooled_prompt_embeds=conditioning["pooled_projections"].to(dtype),
             height=height or self.resolution,
             width=width or self.resolution,
-            num_inference_steps=num_inference_steps,
+            num_inference_steps=num_inference_steps or self.default_num_inference_steps,
             guidance_scale=self.guidance if guidance_scale is None else guidance_scale,
             generator=generator,
             output_type="pt",

@@ -328,7 +328,7 @@ class QwenImageAdapter(DiffusionAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -353,7 +353,7 @@ class QwenImageAdapter(DiffusionAdapter):
             prompt_embeds=positive["encoder_hidden_states"].to(dtype),
             prompt_embeds_mask=positive["encoder_hidden_states_mask"],
             true_cfg_scale=scale, height=height or self.resolution, width=width or self.resolution,
-            num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
+            num_inference_steps=num_inference_steps or self.default_num_inference_steps, generator=generator, output_type="pt",
             max_sequence_length=self.prompt_length, **extra, **pipeline_options,
         ).images
         return images.float().clamp(0, 1)

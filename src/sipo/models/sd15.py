@@ -222,8 +222,8 @@ class SD15Adapter(DiffusionAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
     ) -> Tensor:
@@ -247,8 +247,8 @@ class SD15Adapter(DiffusionAdapter):
         images = pipe(
             list(prompts),
             generator=generator,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps or self.default_num_inference_steps,
+            guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
             height=height,
             width=width,
             output_type="pt",

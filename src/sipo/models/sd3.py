@@ -90,6 +90,8 @@ class SD3Adapter(FlowImageAdapter):
     family = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     pipeline_class_name = "StableDiffusion3Pipeline"
+    default_num_inference_steps = 28  # the SD3.5 model cards' sampler
+    default_guidance_scale = 7.0
     # train_dreambooth_lora_sd3.py's default --lora_layers: the joint attention's projections of both streams.
     lora_target_modules = (
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -173,8 +175,8 @@ class SD3Adapter(FlowImageAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 7.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         negative_prompt: str = "",
@@ -196,8 +198,8 @@ class SD3Adapter(FlowImageAdapter):
             negative_pooled_prompt_embeds=negative["pooled_projections"].to(dtype),
             height=height or self.resolution,
             width=width or self.resolution,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps or self.default_num_inference_steps,
+            guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
             generator=generator,
             output_type="pt",
             max_sequence_length=self.max_sequence_length,

@@ -43,6 +43,7 @@ class SDXLAdapter(DiffusionAdapter):
 
     family = "sdxl"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
+    default_guidance_scale = 5.0  # diffusers' SDXL default
     # The attention projections, as in diffusers' train_dreambooth_lora_sdxl.py and its SDXL DPO example.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     components = {
@@ -265,8 +266,8 @@ class SDXLAdapter(DiffusionAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         **family_options: Any,
@@ -280,8 +281,8 @@ class SDXLAdapter(DiffusionAdapter):
         images = self.pipeline()(
             list(prompts),
             generator=generator,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps or self.default_num_inference_steps,
+            guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
             height=height,
             width=width,
             output_type="pt",

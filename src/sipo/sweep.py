@@ -1,0 +1,191 @@
+"""`sipo sweep`: one run per cell of a grid of config overrides and training seeds, in one folder,
+resumable, then `sipo compare` of every cell with the seeds pooled per configuration.
+
+    sipo sweep --config C --grid objective.name=dpo,dpo-cm,sipo --grid objective.beta=1000,5000 \\
+        --seeds 0,1,2 --compare-prompts prompts.txt --scorers pickscore --output-dir runs/sweep
+
+Cells. Every combination of the ``--grid`` values, for every training seed (``train.seed``): a run in
+``<output_dir>/<key=value,...,seed=S>/``, trained with ``sipo train --config C <overrides> <cell's
+overrides> train.seed=S train.output_dir=<that folder>``: exactly what ``--print-commands`` prints, one
+line per unfinished cell, for a cluster scheduler or ``accelerate launch``.
+
+Resuming. A cell is finished when its run wrote its model card (the last thing ``sipo train`` writes)
+and its newest checkpoint holds ``train.max_steps`` steps: it is skipped. A cell with a run but not
+finished (killed, or stopped by a signal) continues with ``--resume``, which continues exactly where
+its newest checkpoint stopped; a cell without a run starts. ``sweep.json`` records the config and
+overrides the sweep was started with: a rerun with others stops (cells of two sweeps are never
+mixed); more grid values or seeds add cells.
+
+The compare (``--compare-prompts``): every cell and the base on the same prompts and seeds
+(:mod:`sipo.compare`), a configuration's runs pooled over training seeds with the t-interval over
+seeds (:func:`sipo.stats.t_interval`, as the demo's claims), into ``<output_dir>/compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from sipo.errors import SipoError
+
+RECORD = "sweep.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str  # the folder: "objective.name=sipo,objective.beta=1000,seed=0"
+    configuration: str  # the grid part: "objective.name=sipo,objective.beta=1000"
+    overrides: tuple[str, ...]  # the grid's key=value
+    seed: int
+
+
+@dataclass
+class SweepResult:
+    output_dir: Path
+    cells: list[Cell]
+    #: cell name -> "finished before" | "trained" | "resumed"
+    status: dict[str, str] = field(default_factory=dict)
+    compare: Any = None  # sipo.compare.CompareResult
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["objective.name=dpo,sipo", "objective.beta=1000,5000"]`` -> ``{"objective.name": ["dpo", "sipo"], ...}``."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        key = key.strip()
+        options = [v.strip() for v in values.split(",") if v.strip()]
+        if not key or not options or "." not in key:
+            raise SipoError(f"--grid {item!r} is not section.key=VALUE,VALUE; write e.g. --grid objective.name=dpo,sipo")
+        if key in grid:
+            raise SipoError(f"--grid names {key} twice; give all its values in one --grid {key}=A,B")
+        if key == "train.seed" or key == "train.output_dir":
+            raise SipoError(f"--grid {key} is set by the sweep itself; pass training seeds as --seeds 0,1,2")
+        grid[key] = list(dict.fromkeys(options))
+    return grid
+
+
+def _folder_part(value: str) -> str:
+    return value.replace("/", "_").replace("\\", "_")
+
+
+def make_cells(grid: dict[str, list[str]], seeds: list[int]) -> list[Cell]:
+    cells = []
+    for values in product(*grid.values()) if grid else [()]:
+        overrides = tuple(f"{key}={value}" for key, value in zip(grid, values))
+        configuration = ",".join(f"{key}={_folder_part(value)}" for key, value in zip(grid, values)) or "config"
+        for seed in seeds:
+            name = f"{configuration},seed={seed}" if grid else f"seed={seed}"
+            cells.append(Cell(name, configuration, overrides, int(seed)))
+    return cells
+
+
+def cell_overrides(cell: Cell, output_dir: Path) -> list[str]:
+    return [*cell.overrides, f"train.seed={cell.seed}", f"train.output_dir={(output_dir / cell.name).resolve()}"]
+
+
+def cell_state(run_dir: Path, max_steps: int) -> str:
+    """``finished``; ``started`` (a run with a checkpoint, not finished: resume it); ``unstarted`` (a run
+    stopped before its first checkpoint: nothing to resume, start it again); or ``new``."""
+    from sipo.checkpoints import checkpoint_step, list_checkpoints
+    from sipo.rundir import holds_a_run
+
+    if not run_dir.is_dir() or not holds_a_run(run_dir):
+        return "new"
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return "unstarted"
+    if (run_dir / "README.md").is_file() and checkpoint_step(checkpoints[-1]) >= max_steps:
+        return "finished"
+    return "started"
+
+
+#: a cell's state -> the flag its `sipo train` takes
+FLAGS = {"new": "", "started": " --resume", "unstarted": " --overwrite"}
+
+
+def train_command(config_path: str, overrides: list[str], cell: Cell, output_dir: Path, state: str = "new") -> str:
+    words = ["sipo", "train", "--config", config_path, *overrides, *cell_overrides(cell, output_dir), "--no-progress"]
+    return " ".join(shlex.quote(w) for w in words) + FLAGS[state]
+
+
+def _config_argument(config: str | Path | None) -> str | None:
+    """The config as the printed commands name it: an absolute path for a file, a packaged name as given."""
+    if config is None:
+        return None
+    path = Path(config).expanduser()
+    return str(path.resolve()) if path.is_file() else str(config)
+
+
+def check_record(output_dir: Path, config: str | None, overrides: list[str]) -> None:
+    """The folder holds no sweep, or one started with the same config and overrides (then it is continued)."""
+    record = output_dir / RECORD
+    mine = {"config": config, "overrides": list(overrides)}
+    if record.is_file():
+        try:
+            previous = json.loads(record.read_text())
+        except ValueError:
+            previous = {}
+        theirs = {"config": previous.get("config"), "overrides": previous.get("overrides")}
+        if theirs != mine:
+            raise SipoError(f"{output_dir} holds a sweep of --config {theirs['config']} {' '.join(theirs['overrides'] or [])}"
+                            f", not of this one; pass another --output-dir, or the same config and overrides to continue it")
+
+
+def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list[int], output_dir: str | Path,
+              overrides: list[str] | None = None, print_commands: bool = False, compare_options: dict | None = None,
+              base: bool = True, progress: bool = True) -> SweepResult:
+    """Train every unfinished cell (module docstring), then compare them when ``compare_options`` names
+    ``prompts``; with ``print_commands`` only print the unfinished cells' `sipo train` lines."""
+    from sipo.config import load_config
+    from sipo.rundir import check_output_dir
+
+    overrides = list(overrides or [])
+    config_arg = _config_argument(config)
+    if not seeds:
+        raise SipoError("--seeds is empty; pass the training seeds, e.g. --seeds 0,1")
+    output_dir = Path(output_dir)
+    cells = make_cells(grid, list(dict.fromkeys(seeds)))
+    # every cell's config is checked before the first trains: a typo in the grid stops in a second
+    configs = {cell.name: load_config(config_arg, overrides + cell_overrides(cell, output_dir)) for cell in cells}
+    check_record(output_dir, config_arg, overrides)
+    states = {cell.name: cell_state(output_dir / cell.name, configs[cell.name].train.max_steps) for cell in cells}
+    result = SweepResult(output_dir, cells)
+    if print_commands:
+        for cell in cells:
+            if states[cell.name] != "finished":
+                print(train_command(config_arg or "<config>", overrides, cell, output_dir, states[cell.name]))
+        return result
+
+    check_output_dir(output_dir, name="--output-dir")
+    (output_dir / RECORD).write_text(json.dumps({"config": config_arg, "overrides": overrides, "grid": grid,
+                                                  "seeds": list(seeds), "cells": [c.name for c in cells]}, indent=2))
+    from sipo.train import train
+
+    for number, cell in enumerate(cells, 1):
+        state = states[cell.name]
+        if state == "finished":
+            result.status[cell.name] = "finished before"
+            print(f"sweep: cell {number}/{len(cells)} {cell.name}: finished before, skipped")
+            continue
+        print(f"sweep: cell {number}/{len(cells)} {cell.name}: {'resuming' if state == 'started' else 'training'}")
+        train(configs[cell.name], resume=state == "started", overwrite=state == "unstarted", progress=progress)
+        result.status[cell.name] = "resumed" if state == "started" else "trained"
+
+    if compare_options and compare_options.get("prompts"):
+        from sipo.compare import CompareOptions, run_compare
+
+        groups: dict[str, dict[int, str]] = {}
+        for cell in cells:
+            groups.setdefault(cell.configuration, {})[cell.seed] = cell.name
+        options = {"output_dir": output_dir / "compare", **compare_options}
+        first = configs[cells[0].name]
+        result.compare = run_compare(first, CompareOptions(
+            runs=[str(output_dir / c.name) for c in cells], labels=[c.name for c in cells], base=base, groups=groups,
+            **options))
+    print(f"sweep: {len(cells)} cells in {output_dir}" + (f"; compare in {result.compare.output_dir}" if result.compare else ""))
+    return result

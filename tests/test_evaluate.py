@@ -228,7 +228,7 @@ def test_cli_bad_input_is_one_sentence(trained_run, tmp_path, capsys):
     empty.write_text("")
     cases = [
         (("--config", config, "--checkpoint", run, "--prompts", empty), "holds no prompts"),
-        (("--config", config, "--checkpoint", run, "--prompts", prompts, "--scorers", "pickscore,hpsv3"), "unknown scorer 'hpsv3'"),
+        (("--config", config, "--checkpoint", run, "--prompts", prompts, "--scorers", "pickscore,hpsv9"), "unknown scorer 'hpsv9'"),
         (("--config", config, "--checkpoint", run, "--prompts", prompts, "--scorer-path", f"pickscore={tmp_path / 'nope'}"),
          "pickscore scorer directory .* does not exist"),
     ]

@@ -24,11 +24,16 @@ ReferencePredict = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
 @dataclass
 class PairNoise:
-    """The randomness of one step: timesteps ``[B]``, forward noise and posterior noise ``[B, ...]``."""
+    """The randomness of one step: timesteps ``[B]``, forward noise and posterior noise ``[B, ...]``.
+
+    ``eps`` is shared by winner and loser unless ``eps_loser`` is given: then ``eps`` is the winner's
+    and ``eps_loser`` the loser's own forward noise (``objective.noise=stored``, docs/spec.md section 11).
+    """
 
     timesteps: Tensor
     eps: Tensor
     posterior_noise: Tensor
+    eps_loser: Tensor | None = None
 
 
 @dataclass
@@ -206,6 +211,59 @@ def draw_pair_noise(
     return PairNoise(timesteps, eps, posterior_noise)
 
 
+#: ``objective.noise``: a fresh draw shared by the pair, or each side's own stored starting noise
+NOISE_SOURCES = ("shared", "stored")
+#: the dtype names a pair row's ``noise_dtype`` may hold (``sipo pairs`` writes the pipeline's draw dtype)
+NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def starting_noise(seed: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The starting noise ``x_T`` ``[1, *shape]`` a diffusers pipeline draws for one image from
+    ``torch.Generator().manual_seed(seed)``, as float32.
+
+    ``sipo.evaluate.generate`` gives each picture its own CPU generator, and every family's
+    ``prepare_latents`` draws ``randn_tensor((1, *latent_shape), generator, dtype)`` per generator of
+    the list, on the CPU, before any packing (FLUX and Qwen-Image pack the drawn tensor into tokens
+    afterwards, so the draw in the unpacked layout is the adapter's ``x0`` layout element for element).
+    ``dtype`` is the draw's (the prompt embeddings' dtype in most pipelines, float32 in Wan's): a
+    float16 draw is not the float32 draw rounded, so it is drawn as the pipeline drew it.
+    Schedulers that scale the draw (``init_noise_sigma``: SDXL's Euler) scale this unit Gaussian.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=generator, dtype=dtype).float()
+
+
+def stored_pair_noise(noise: PairNoise, chosen_seeds: Sequence[int], rejected_seeds: Sequence[int],
+                      dtypes: Sequence[torch.dtype] | None = None) -> PairNoise:
+    """``noise`` with each side's forward noise replaced by the starting noise its picture was sampled
+    from (:func:`starting_noise` of the row's seed, in the layout and on the device of ``noise.eps``);
+    ``t`` and the posterior noise stay the pair's shared draw (docs/spec.md section 11, PNAPO)."""
+    shape = tuple(noise.eps.shape[1:])
+    dtypes = list(dtypes) if dtypes is not None else [torch.float32] * len(chosen_seeds)
+
+    def side(seeds: Sequence[int]) -> Tensor:
+        return torch.cat([starting_noise(s, shape, d) for s, d in zip(seeds, dtypes)]).to(noise.eps.device)
+
+    return PairNoise(noise.timesteps, side(chosen_seeds), noise.posterior_noise, side(rejected_seeds))
+
+
+def batch_pair_noise(noise: PairNoise, batch: dict[str, Any], source: str = "shared") -> PairNoise:
+    """The pair noise a step trains with: ``noise`` itself (``objective.noise=shared``), or with each
+    side's stored starting noise from the batch's ``chosen_seed`` / ``rejected_seed`` (``stored``)."""
+    if source == "shared":
+        return noise
+    from sipo.errors import SipoError
+
+    chosen, rejected = batch.get("chosen_seed"), batch.get("rejected_seed")
+    if chosen is None or rejected is None:
+        raise SipoError("objective.noise=stored trains each side from the noise its picture was sampled from, but "
+                        "these pairs carry no chosen_seed/rejected_seed; train on a manifest written by `sipo pairs` "
+                        "(rebuild an older latent cache with `sipo cache`) or set objective.noise=shared")
+    names = batch.get("noise_dtype") or ["float32"] * len(chosen)
+    return stored_pair_noise(noise, [int(s) for s in chosen], [int(s) for s in rejected],
+                             [NOISE_DTYPES[name] for name in names])
+
+
 def compute_pair_terms(
     adapter: DiffusionAdapter,
     encoded: EncodedPairs,
@@ -235,7 +293,10 @@ def compute_pair_terms(
     x0 = torch.cat([encoded.x0_winner, encoded.x0_loser], dim=0)
     dtype = x0.dtype
     timesteps = noise.timesteps.to(device).repeat(2)
-    eps = noise.eps.to(device=device, dtype=dtype).repeat(2, *([1] * (x0.ndim - 1)))
+    if noise.eps_loser is None:
+        eps = noise.eps.to(device=device, dtype=dtype).repeat(2, *([1] * (x0.ndim - 1)))
+    else:  # each side its own starting noise (objective.noise=stored)
+        eps = torch.cat([noise.eps, noise.eps_loser]).to(device=device, dtype=dtype)
     posterior_noise = noise.posterior_noise.to(device=device, dtype=torch.float32).repeat(
         2, *([1] * (x0.ndim - 1))
     )

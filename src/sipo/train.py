@@ -45,6 +45,7 @@ from sipo.preference import (
     PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor, step_beta,
     update_auto_beta,
 )
+from sipo.preference import batch_pair_noise  # objective.noise (docs/spec.md section 11)
 
 #: ``callback(step, adapter)``, called after every optimizer step (benchmarks time steps with it,
 #: tests inject faults with it, validation and sampling hook in the same way)
@@ -205,6 +206,7 @@ def training_step(run: Run) -> StepOutput:
         noise = _to_device(draw_share_of_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
                                                tc.batch_size, accelerator.process_index, accelerator.num_processes,
                                                **oc.timestep_settings()), accelerator.device)
+        noise = batch_pair_noise(noise, batch, oc.noise)  # objective.noise=stored: each side's own x_T
         last_micro = micro == tc.gradient_accumulation_steps - 1
         # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
         with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):

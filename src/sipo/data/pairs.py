@@ -90,6 +90,11 @@ class PreferenceDataset(Dataset):
         """
         raise NotImplementedError
 
+    def stored_noise(self, index: int) -> dict[str, Any] | None:
+        """Pair ``index``'s ``chosen_seed``, ``rejected_seed`` and ``noise_dtype`` (the seeds its two
+        pictures were sampled from, ``sipo pairs``), or None when the format or the row has none."""
+        return None
+
     # --- shared ----------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Change which pairs ``random_flip`` mirrors (call it before each epoch, like DDP samplers)."""
@@ -132,6 +137,9 @@ class PreferenceDataset(Dataset):
         item = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": index}
         if original and original[0] is not None:
             item["size_info"] = size_info(original[0], self.resolution, flipped)
+        seeds = self.stored_noise(index)
+        if seeds is not None:
+            item.update(seeds)
         self.report.record([item])
         return item
 
@@ -175,4 +183,15 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
     }
     if pairs and all("size_info" in pair for pair in pairs):
         batch["size_info"] = torch.stack([pair["size_info"] for pair in pairs])
+    batch.update(collate_seeds(pairs))
     return batch
+
+
+def collate_seeds(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``chosen_seed`` / ``rejected_seed`` (``[B]`` int64) and ``noise_dtype`` (names) when every pair
+    carries them (objective.noise=stored reads them), else nothing."""
+    if not pairs or not all("chosen_seed" in pair for pair in pairs):
+        return {}
+    return {"chosen_seed": torch.tensor([int(pair["chosen_seed"]) for pair in pairs], dtype=torch.long),
+            "rejected_seed": torch.tensor([int(pair["rejected_seed"]) for pair in pairs], dtype=torch.long),
+            "noise_dtype": [str(pair.get("noise_dtype", "float32")) for pair in pairs]}

@@ -505,6 +505,9 @@ class TrainConfig:
         "sample: mean, and win rate against step 0 with its bootstrap interval", default_factory=list)
     validation_scorer_paths: list[str] = _help("NAME=DIR: a scorer's local checkpoint (as sipo eval --scorer-path)",
                                                default_factory=list)
+    # rounds of on-policy pairs (sipo iterate, docs/pairs.md)
+    resume_new_data: bool = _help("--resume may continue on other pairs than the run started with (data files may change): what sipo iterate sets for its rounds", default=False)
+    reference_checkpoint: str | None = _help("a checkpoint folder (with trainable.safetensors) whose weights are the reference model instead of the base (sipo iterate --reference previous); holds a second copy of the denoiser in memory", default=None)
 
     def __post_init__(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))

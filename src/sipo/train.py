@@ -504,6 +504,10 @@ def build_model(config: SipoConfig, adapter: DiffusionAdapter | None) -> tuple[D
     else:
         adapter.denoiser.requires_grad_(True)
         reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
+    if tc.reference_checkpoint:  # the previous round's policy as the reference (sipo iterate --reference previous)
+        from sipo.checkpoints import reference_with_weights
+
+        reference_denoiser = reference_with_weights(adapter.denoiser, tc.reference_checkpoint)
     if tc.gradient_checkpointing and hasattr(adapter.denoiser, "enable_gradient_checkpointing"):
         adapter.denoiser.enable_gradient_checkpointing()
     # Frozen weights in the compute dtype, trainable ones (and so the optimizer state) in float32.

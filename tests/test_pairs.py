@@ -303,3 +303,80 @@ def test_pairs_then_train_with_stored_noise_flux(flux_pairs, monkeypatch, tmp_pa
         "model.family": "flux", "objective.noise": "stored", "train.max_steps": 1}))
     result = train(config, progress=False)
     assert result.steps == 1 and math.isfinite(result.history[-1]["loss"])
+
+
+# ----------------------------------------------------------------------------- the draw is the pipeline's own
+@pytest.mark.slow
+def test_the_pipelines_given_the_stored_noise_as_latents_make_the_seeded_pictures(tiny_sd15_dir, flux_pairs):
+    """Sampling from ``latents=starting_noise(seed)`` reproduces the picture the seeded generator made:
+    the draw is the tensor each pipeline's prepare_latents drew (FLUX: packed afterwards, as it packs)."""
+    from diffusers import DDIMScheduler, FluxPipeline, StableDiffusionPipeline
+
+    from sipo.models.flux import pack_latents
+    from sipo.preference import starting_noise
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd15_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=2, output_type="pt")
+    seeded = pipe(["a cat"], generator=[torch.Generator().manual_seed(7)], **common).images
+    stored = pipe(["a cat"], latents=starting_noise(7, (4, 16, 16)), **common).images
+    torch.testing.assert_close(seeded, stored, rtol=0, atol=0)
+
+    _, flux_dir = flux_pairs
+    flux = FluxPipeline.from_pretrained(str(flux_dir))
+    flux.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=32)
+    seeded = flux(["a cat"], generator=[torch.Generator().manual_seed(7)], **common).images
+    stored = flux(["a cat"], latents=pack_latents(starting_noise(7, (4, 8, 8))), **common).images
+    torch.testing.assert_close(seeded, stored, rtol=0, atol=0)
+    other = flux(["a cat"], latents=pack_latents(starting_noise(8, (4, 8, 8))), **common).images
+    assert not torch.equal(seeded, other)  # the comparison can fail
+
+
+# ----------------------------------------------------------------------------- a video family: Wan
+@pytest.mark.slow
+def test_pairs_then_train_with_stored_noise_wan_video(scorer_dir, tmp_path, monkeypatch):
+    """Wan2.1 (tiny): the rows name GIF clips the JSONL reader loads; each side's x_t is
+    (1 - sigma) x0 + sigma x_T with x_T WanPipeline's float32 draw of shape (1, in_channels,
+    (F - 1) // scale_factor_temporal + 1, H // scale_factor_spatial, W // scale_factor_spatial)."""
+    from video_contract import TINY_FRAMES, TINY_SIZE, video_overrides
+
+    from sipo.models import load_adapter
+    from sipo.models.wan import WanAdapter
+    from sipo.train import train
+
+    model_dir = WanAdapter.build_random_pipeline(tmp_path / "wan")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    manifest = tmp_path / "pairs" / "pairs.jsonl"
+    config = load_config(None, video_overrides("wan", model_dir, manifest, tmp_path / "run", **{
+        "objective.noise": "stored", "train.max_steps": 1, "train.batch_size": 1}))
+    make_pairs(config, _options(tmp_path / "prompts.txt", tmp_path / "pairs", scorer_dir, samples_per_prompt=2,
+                                pairing="best-worst", scorers=["pickscore"], scorer_weights=None,
+                                scorer_paths={"pickscore": str(scorer_dir)}))
+    row = json.loads(manifest.read_text())
+    assert row["chosen"].startswith("clips/") and row["chosen"].endswith(".gif") and row["noise_dtype"] == "float32"
+
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    channels = json.loads((model_dir / "transformer" / "config.json").read_text())["in_channels"]
+    shape = (channels, (TINY_FRAMES - 1) // vae["scale_factor_temporal"] + 1,
+             TINY_SIZE // vae["scale_factor_spatial"], TINY_SIZE // vae["scale_factor_spatial"])
+    adapter = load_adapter("wan", str(model_dir))
+    from sipo.data import collate_pairs
+    from sipo.data.jsonl import JsonlDataset
+    from sipo.preference import batch_pair_noise, compute_pair_terms, draw_pair_noise, encoded_batch, reference_predictor
+
+    batch = collate_pairs([JsonlDataset(str(manifest), TINY_SIZE)[0]])
+    encoded = encoded_batch(adapter, batch, torch.device("cpu"))
+    assert tuple(encoded.x0_winner.shape[1:]) == shape
+    noise = batch_pair_noise(draw_pair_noise(encoded.x0_winner.shape, 1000, torch.Generator().manual_seed(0)), batch, "stored")
+    seen = _capture_x_t(adapter, monkeypatch)
+    with torch.no_grad():
+        compute_pair_terms(adapter, encoded, noise, beta=5000.0, reference_predict=reference_predictor(adapter, adapter.denoiser))
+    sigma = adapter.schedule.coefficients(noise.timesteps)[1].double().repeat(2).view(-1, 1, 1, 1, 1)
+    x0 = torch.cat([encoded.x0_winner, encoded.x0_loser]).double()
+    x_T = torch.cat([_pipeline_draw(s, shape) for s in (row["chosen_seed"], row["rejected_seed"])]).double()
+    torch.testing.assert_close(seen[0].double(), (1 - sigma) * x0 + sigma * x_T, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    result = train(config, progress=False)
+    assert result.steps == 1 and math.isfinite(result.history[-1]["loss"])

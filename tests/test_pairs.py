@@ -242,6 +242,13 @@ def test_a_pair_without_seeds_under_stored_noise_is_one_sentence(tmp_path):
 
     dataset = JsonlDataset(str(manifest), 32)
     assert "chosen_seed" not in collate_pairs([dataset[0], dataset[1]])
+    # seeds of pictures sampled at another size than the run trains at: another latent shape, another draw
+    rows = [dict(json.loads(line), chosen_seed=1, rejected_seed=2, height=64, width=64)
+            for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    batch = collate_pairs([JsonlDataset(str(manifest), 32)[0]])
+    with pytest.raises(SipoError, match=r"line 1 of .* was sampled at 64x64 px and trains at 32x32; set model.resolution"):
+        batch_pair_noise(noise, batch, "stored")
 
 
 @pytest.mark.slow

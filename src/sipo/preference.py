@@ -254,6 +254,8 @@ def batch_pair_noise(noise: PairNoise, batch: dict[str, Any], source: str = "sha
         return noise
     from sipo.errors import SipoError
 
+    if batch.get("stored_noise_problem"):
+        raise SipoError(f"objective.noise=stored: {batch['stored_noise_problem']}")
     chosen, rejected = batch.get("chosen_seed"), batch.get("rejected_seed")
     if chosen is None or rejected is None:
         raise SipoError("objective.noise=stored trains each side from the noise its picture was sampled from, but "

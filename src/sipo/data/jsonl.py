@@ -106,7 +106,7 @@ class JsonlDataset(PreferenceDataset):
         self._root = os.path.realpath(manifest.parent)
         self._prompts, self._chosen, self._rejected = _PackedStrings(), _PackedStrings(), _PackedStrings()
         lines: list[int] = []
-        seeds: list[tuple[int, int, int]] = []  # (chosen seed, rejected seed, noise dtype code) or -1s
+        seeds: list[tuple[int, ...]] = []  # (chosen seed, rejected seed, noise dtype code, height, width) or -1s
         with manifest.open("rb") as handle:  # bytes: one line of bad UTF-8 is one bad row
             for line_number, raw in enumerate(handle, start=1):
                 if max_pairs is not None and len(lines) >= max_pairs:
@@ -130,7 +130,7 @@ class JsonlDataset(PreferenceDataset):
         for column in (self._prompts, self._chosen, self._rejected):
             column.freeze()
         self._lines = np.asarray(lines, dtype=np.int64)
-        self._seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 3)
+        self._seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 5)
         self.report.set_pairs(len(lines))
         wrong_kind = NOT_A_VIDEO if self.media == "video" else NOT_A_PICTURE
         if not lines and self.report.index_skips[wrong_kind]:
@@ -206,9 +206,15 @@ class JsonlDataset(PreferenceDataset):
         return f"line {self._lines[index]} of {self._manifest}"
 
     def stored_noise(self, index: int) -> dict | None:
-        chosen, rejected, dtype = (int(v) for v in self._seeds[index])
+        chosen, rejected, dtype, height, width = (int(v) for v in self._seeds[index])
         if chosen < 0:
             return None
+        trained = self.video.size(self.resolution)
+        if height > 0 and (height, width) != trained:
+            # another size is another latent shape, whose draw is another tensor than the sampler's x_T
+            return {"stored_noise_problem": f"{self._where(index)} was sampled at {height}x{width} px and trains at "
+                                            f"{trained[0]}x{trained[1]}; set model.resolution (and data.height/width) "
+                                            "to the size sipo pairs sampled at"}
         return {"chosen_seed": chosen, "rejected_seed": rejected, "noise_dtype": NOISE_DTYPE_NAMES[dtype]}
 
     def pair_key(self, index: int) -> str:
@@ -248,15 +254,19 @@ def _score_margin(record: dict) -> float | None:
 NOISE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
-def _stored_noise(record: dict) -> tuple[int, int, int]:
-    """``(chosen_seed, rejected_seed, noise dtype code)`` as ``sipo pairs`` writes them, or ``(-1, -1, 0)``
-    when the row has no usable pair of seeds (integers in [0, 2**63))."""
+def _stored_noise(record: dict) -> tuple[int, int, int, int, int]:
+    """``(chosen_seed, rejected_seed, noise dtype code, height, width)`` as ``sipo pairs`` writes them
+    (``-1`` for a size the row does not record), or ``-1`` seeds when the row has no usable pair of
+    seeds (integers in [0, 2**63))."""
     chosen, rejected = record.get("chosen_seed"), record.get("rejected_seed")
     usable = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in (chosen, rejected))
     dtype = record.get("noise_dtype", "float32")
     if not usable or dtype not in NOISE_DTYPE_NAMES:
-        return -1, -1, 0
-    return chosen, rejected, NOISE_DTYPE_NAMES.index(dtype)
+        return -1, -1, 0, -1, -1
+    height, width = record.get("height"), record.get("width")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in (height, width)):
+        height = width = -1
+    return chosen, rejected, NOISE_DTYPE_NAMES.index(dtype), height, width
 
 
 def listed_pictures(manifest: str | os.PathLike[str]) -> list[Path]:

@@ -189,7 +189,11 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
 
 def collate_seeds(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``chosen_seed`` / ``rejected_seed`` (``[B]`` int64) and ``noise_dtype`` (names) when every pair
-    carries them (objective.noise=stored reads them), else nothing."""
+    carries them (objective.noise=stored reads them), ``stored_noise_problem`` (a sentence) when a
+    pair's seeds cannot reproduce its noise, else nothing."""
+    problems = [pair["stored_noise_problem"] for pair in pairs if "stored_noise_problem" in pair]
+    if problems:
+        return {"stored_noise_problem": problems[0]}
     if not pairs or not all("chosen_seed" in pair for pair in pairs):
         return {}
     return {"chosen_seed": torch.tensor([int(pair["chosen_seed"]) for pair in pairs], dtype=torch.long),

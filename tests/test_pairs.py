@@ -325,6 +325,9 @@ def test_the_pipelines_given_the_stored_noise_as_latents_make_the_seeded_picture
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd15_dir), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):  # --dtype: the draw's own dtype, not a rounding
+        drawn = pipe.prepare_latents(2, 4, 32, 32, dtype, torch.device("cpu"), [torch.Generator().manual_seed(s) for s in (5, 6)])
+        assert torch.equal(drawn.float(), torch.cat([starting_noise(5, (4, 16, 16), dtype), starting_noise(6, (4, 16, 16), dtype)]))
     common = dict(num_inference_steps=2, output_type="pt")
     seeded = pipe(["a cat"], generator=[torch.Generator().manual_seed(7)], **common).images
     stored = pipe(["a cat"], latents=starting_noise(7, (4, 16, 16)), **common).images

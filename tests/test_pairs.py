@@ -390,3 +390,20 @@ def test_pairs_then_train_with_stored_noise_wan_video(scorer_dir, tmp_path, monk
     monkeypatch.undo()
     result = train(config, progress=False)
     assert result.steps == 1 and math.isfinite(result.history[-1]["loss"])
+
+
+def test_cli_mistakes_are_one_sentence(tmp_path, capsys):
+    """Each stops before any model loads, exit status 2, one `sipo: error:` line (CLI in process)."""
+    from sipo.cli import main
+
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    common = ["--config", "demo", "--prompts", str(tmp_path / "prompts.txt"), "--scorers", "pickscore",
+              "--out", str(tmp_path / "out")]
+    for extra, message in ((["--scorer-weights", "one"], "--scorer-weights 'one' is not a list of numbers"),
+                           (["--samples-per-prompt", "1"], "--samples-per-prompt 1 makes no pair"),
+                           (["--min-margin", "-1"], "--min-margin -1.0 must be a finite number >= 0")):
+        assert main(["pairs", *common, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sipo: error: ") and message in err and len(err.splitlines()) == 1
+    assert main(["iterate", *common, "--rounds", "0", "--steps-per-round", "1"]) == 2
+    assert "--rounds and --steps-per-round must be at least 1" in capsys.readouterr().err

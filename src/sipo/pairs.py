@@ -217,10 +217,15 @@ def check_state(out: Path, identity: dict[str, Any]) -> None:
             previous = None
         if not isinstance(previous, dict):
             raise SipoError(f"{state} is unreadable, so {out} cannot be resumed safely; delete {out} or pass another --out")
-        changed = sorted(k for k in set(identity) | set(previous) if previous.get(k) != identity.get(k))
+        # base_weights only remembers which file stamps weights_sha256 was computed for (a copied model
+        # has new stamps and the same digest): the digest is what is compared
+        changed = sorted(k for k in set(identity) | set(previous)
+                         if k != "base_weights" and previous.get(k) != identity.get(k))
         if changed:
             raise SipoError(f"{out} holds samples made with other settings ({', '.join(changed)}); pass another --out "
                             "or delete that folder to start fresh")
+        if previous.get("base_weights") != identity.get("base_weights"):
+            _write_atomic(state, json.dumps(identity, indent=2) + "\n")
         return
     if out.is_dir() and any(out.iterdir()):
         raise SipoError(f"{out} is not empty and holds no {STATE}, so it is no sipo pairs folder; pass another --out")

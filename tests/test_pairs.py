@@ -407,3 +407,10 @@ def test_cli_mistakes_are_one_sentence(tmp_path, capsys):
         assert err.startswith("sipo: error: ") and message in err and len(err.splitlines()) == 1
     assert main(["iterate", *common, "--rounds", "0", "--steps-per-round", "1"]) == 2
     assert "--rounds and --steps-per-round must be at least 1" in capsys.readouterr().err
+    # the Python API forwards the same options to the same checks
+    import sipo
+
+    with pytest.raises(SipoError, match="makes no pair"):
+        sipo.pairs(load_config("demo"), tmp_path / "prompts.txt", tmp_path / "out", samples_per_prompt=1)
+    with pytest.raises(SipoError, match="at least 1"):
+        sipo.iterate(load_config("demo"), tmp_path / "prompts.txt", tmp_path / "out", rounds=1, steps_per_round=0)

@@ -355,6 +355,10 @@ def make_pairs(config, options: PairsOptions) -> PairsResult:
     report = write_pairs(out, samples, scores, options, weights, identity, getattr(config.data, "fps", None))
     print(f"sipo pairs: {report['pairs']} pairs ({options.pairing}) from {len(samples)} samples of {len(prompts)} prompts "
           f"in {out / MANIFEST}")
+    fps = getattr(config.data, "fps", None)
+    if sizes and fps and (1000.0 / fps) % 10:
+        print(f"sipo pairs: note: a GIF stores frame times in 10 ms steps, so {1000.0 / fps:g} ms (data.fps={fps:g}) is "
+              "not exact; train on these clips with data.fps=null (every sampled frame, in order)")
     return PairsResult(out, out / MANIFEST, report["pairs"], len(samples), sampled, scored, report)
 
 
@@ -430,9 +434,13 @@ def _picture_file(out: Path, sample, fps: float | None) -> tuple[str, int, int]:
         return str(path.relative_to(out)), height, width
     frames = sorted(path.glob("frame_*.png"))
     clip = out / "clips" / f"{path.name}.gif"
-    images = [Image.open(f).convert("RGB") for f in frames]
-    width, height = images[0].size
+    with Image.open(frames[0]) as first:
+        width, height = first.size
     if not clip.is_file():
+        images = []
+        for frame in frames:
+            with Image.open(frame) as image:
+                images.append(image.convert("RGB"))
         clip.parent.mkdir(parents=True, exist_ok=True)
         tmp = clip.with_name(f".tmp-{clip.name}")
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,

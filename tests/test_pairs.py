@@ -265,6 +265,7 @@ def test_pairs_then_train_with_stored_noise_sd15_and_the_cache_keeps_the_seeds(s
     batch = cached.collate([cached[0], cached[1]])
     assert batch["chosen_seed"].tolist() == [rows[0]["chosen_seed"], rows[1]["chosen_seed"]]
     assert batch["rejected_seed"].tolist() == [rows[0]["rejected_seed"], rows[1]["rejected_seed"]]
+    torch.testing.assert_close(batch["score_margin"], torch.tensor([rows[0]["score_margin"], rows[1]["score_margin"]]))
     result = train(config, progress=False)
     assert result.steps == 1 and math.isfinite(result.history[-1]["loss"])
 
@@ -414,3 +415,41 @@ def test_cli_mistakes_are_one_sentence(tmp_path, capsys):
         sipo.pairs(load_config("demo"), tmp_path / "prompts.txt", tmp_path / "out", samples_per_prompt=1)
     with pytest.raises(SipoError, match="at least 1"):
         sipo.iterate(load_config("demo"), tmp_path / "prompts.txt", tmp_path / "out", rounds=1, steps_per_round=0)
+
+
+# ----------------------------------------------------------------------------- PNAPO's per-pair beta
+@pytest.mark.slow
+def test_reward_beta_scales_each_pairs_z_by_its_reward_gap(sd15_pairs, tiny_sd15_adapter):
+    """objective.reward_beta: z_i = (2 sigmoid(score_margin_i) - 1) * z_i of plain DPO, in both placements."""
+    import torch.nn.functional as F
+
+    from sipo.data import collate_pairs
+    from sipo.data.jsonl import JsonlDataset
+    from sipo.preference import batch_pair_noise, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor
+
+    adapter = tiny_sd15_adapter
+    manifest = sd15_pairs / "out" / "pairs.jsonl"
+    margins = [json.loads(line)["score_margin"] for line in manifest.read_text().splitlines()[:2]]
+    factors = torch.tensor([2.0 / (1.0 + math.exp(-m)) - 1.0 for m in margins])  # 2 sigmoid(m) - 1, by hand
+    dataset = JsonlDataset(str(manifest), 32)
+    batch = collate_pairs([dataset[0], dataset[1]])
+    encoded = encoded_batch(adapter, batch, torch.device("cpu"))
+    drawn = draw_pair_noise(encoded.x0_winner.shape, 1000, torch.Generator().manual_seed(0))
+    # a reference that differs from the policy, so z is not 0
+    reference = lambda x_t, t, c: adapter.predict(x_t, t, c) * 1.01  # noqa: E731
+    with torch.no_grad():
+        plain = compute_pair_terms(adapter, encoded, drawn, beta=5000.0, reference_predict=reference)
+        scaled = compute_pair_terms(adapter, encoded, batch_pair_noise(drawn, batch, "shared", reward_beta=True),
+                                    beta=5000.0, reference_predict=reference)
+    assert plain.z.abs().min() > 0
+    torch.testing.assert_close(scaled.z, factors * plain.z)
+    settings = dict(beta=5000.0, mask=False, clip=False, reweight=False, tau=0.0, t_min=None, t_max=None, clip_eps=1.0,
+                    normalize="self")
+    expected = -F.logsigmoid(factors * plain.z).mean()
+    for placement in ("inside", "outside"):
+        loss, _, _ = objective_loss(scaled, torch.ones(2), placement=placement, **settings)
+        torch.testing.assert_close(loss, expected)
+    with pytest.raises(SipoError, match="carry no score_margin; train on pairs from `sipo pairs` or `sipo relabel`"):
+        batch_pair_noise(drawn, {k: v for k, v in batch.items() if k != "score_margin"}, "shared", reward_beta=True)
+    with pytest.raises(SipoError, match="objective.reward_beta scales beta inside z"):
+        load_config(None, ["objective.name=mapo", "objective.reward_beta=true"])

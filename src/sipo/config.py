@@ -309,6 +309,7 @@ class ObjectiveConfig:
     logit_std: float = _help("timestep_sampling=logit_normal: its standard deviation", default=1.0)
     mode_scale: float = _help("timestep_sampling=mode: the SD3 paper's scale s (1.29 as diffusers' scripts; 0 is uniform)", default=1.29)
     noise: str = _help("shared: one fresh noise per pair, the same for both sides (Diffusion-DPO); stored: each side trains from the starting noise x_T its picture was sampled from, reproduced from the row's chosen_seed/rejected_seed (PNAPO; pairs from `sipo pairs`; docs/spec.md section 11). t is drawn per pair either way", default="shared")
+    reward_beta: bool = _help("PNAPO's per-pair beta: beta * (2*sigmoid(delta_r) - 1), delta_r the row's score_margin (sipo pairs' standardised margin, or sipo relabel's); losses of z alone (dpo, dpo-cm, sipo, hinge, ipo, ...); off by default (docs/pairs.md)", default=False)
     # The field's objectives and their switches (docs/spec.md section 9; docs/method.md has the table).
     label_smoothing: float = _help("cDPO: -(1-ls)*logsigmoid(z) - ls*logsigmoid(-z), the chance a label is flipped, in [0, 0.5) (DPO-loss presets only)", default=0.0)
     sft_weight: float = _help("adds sft_weight * mean err_theta(winner) to any objective's loss (SimpleTuner's sft_loss_weight; 0: off)", default=0.0)
@@ -390,6 +391,9 @@ class ObjectiveConfig:
         switches = self.switches()
         if loss in REFERENCE_FREE_LOSSES and self.weight_model == "reference":
             raise SipoError(f"{self.name} skips the reference forward, so the weights cannot use it; set objective.weight_model=policy")
+        if self.reward_beta and loss not in Z_LOSSES:
+            raise SipoError(f"objective.reward_beta scales beta inside z, and {self.name}'s loss is not a function of z alone; "
+                            "set objective.reward_beta=false or a DPO-family preset")
         if loss not in Z_LOSSES and switches["reweight"]:
             raise SipoError(f"importance reweighting needs a loss of z alone, which {self.name} is not; set objective.reweight=false "
                             "(objective.mask=true still combines with it)")

@@ -34,6 +34,8 @@ class PairNoise:
     eps: Tensor
     posterior_noise: Tensor
     eps_loser: Tensor | None = None
+    #: PNAPO's per-pair beta factor ``2*sigmoid(delta_r) - 1`` ``[B]`` (objective.reward_beta), else None
+    beta_scale: Tensor | None = None
 
 
 @dataclass
@@ -54,6 +56,8 @@ class PairTerms:
     alpha: Tensor | None = None
     #: the winner safeguard's loser-gradient scale lambda (a scalar; None when the safeguard is off)
     safeguard_scale: Tensor | None = None
+    #: each pair's beta factor (objective.reward_beta; None: 1), already inside ``z``
+    beta_scale: Tensor | None = None
     #: output-space tensors, only for an objective that needs them after this step (DSPO): ``pred_winner``,
     #: ``target_winner``, ``ref_pred_winner`` (``[B, ...]``); the safeguard reads them inside the step
     outputs: dict[str, Tensor] | None = None
@@ -244,15 +248,30 @@ def stored_pair_noise(noise: PairNoise, chosen_seeds: Sequence[int], rejected_se
     def side(seeds: Sequence[int]) -> Tensor:
         return torch.cat([starting_noise(s, shape, d) for s, d in zip(seeds, dtypes)]).to(noise.eps.device)
 
-    return PairNoise(noise.timesteps, side(chosen_seeds), noise.posterior_noise, side(rejected_seeds))
+    return PairNoise(noise.timesteps, side(chosen_seeds), noise.posterior_noise, side(rejected_seeds), noise.beta_scale)
 
 
-def batch_pair_noise(noise: PairNoise, batch: dict[str, Any], source: str = "shared") -> PairNoise:
+def reward_beta_scale(score_margin: Tensor) -> Tensor:
+    """PNAPO's per-pair beta factor ``2*sigmoid(delta_r) - 1`` of the reward gap ``delta_r`` (docs/spec.md
+    section 11): near 0 for a pair the reward barely separates, near 1 for a clear one; ``[B]``."""
+    return 2.0 * torch.sigmoid(score_margin.float()) - 1.0
+
+
+def batch_pair_noise(noise: PairNoise, batch: dict[str, Any], source: str = "shared",
+                     reward_beta: bool = False) -> PairNoise:
     """The pair noise a step trains with: ``noise`` itself (``objective.noise=shared``), or with each
-    side's stored starting noise from the batch's ``chosen_seed`` / ``rejected_seed`` (``stored``)."""
+    side's stored starting noise from the batch's ``chosen_seed`` / ``rejected_seed`` (``stored``);
+    with ``reward_beta``, also each pair's beta factor from the batch's ``score_margin``."""
+    from sipo.errors import SipoError
+
+    if reward_beta:
+        if batch.get("score_margin") is None:
+            raise SipoError("objective.reward_beta scales each pair's beta by its reward gap, but these pairs carry no "
+                            "score_margin; train on pairs from `sipo pairs` or `sipo relabel`, or set objective.reward_beta=false")
+        scale = reward_beta_scale(batch["score_margin"]).to(noise.timesteps.device)
+        noise = PairNoise(noise.timesteps, noise.eps, noise.posterior_noise, noise.eps_loser, scale)
     if source == "shared":
         return noise
-    from sipo.errors import SipoError
 
     if batch.get("stored_noise_problem"):
         raise SipoError(f"objective.noise=stored: {batch['stored_noise_problem']}")
@@ -331,6 +350,8 @@ def compute_pair_terms(
         ref_err_loser = torch.full_like(err_loser.detach(), float("nan"))
         z = objectives.dpo_logits(err_winner, err_loser, torch.zeros_like(ref_err_winner),
                                   torch.zeros_like(ref_err_loser), beta)
+    if noise.beta_scale is not None:  # objective.reward_beta: beta_i = beta * scale_i, so z_i = scale_i * z_i
+        z = z * noise.beta_scale.to(z.device, z.dtype)
     loss_pair, alpha, outputs = _pair_loss(
         settings, prediction, target, ref_prediction, z, err_winner, err_loser, ref_err_winner, ref_err_loser,
         beta, schedule.num_train_timesteps, safeguard_scale,
@@ -364,6 +385,7 @@ def compute_pair_terms(
         log_w_pair=objectives.pair_log_weight(log_w_winner, log_w_loser, pair_weight),
         alpha=alpha,
         safeguard_scale=safeguard_scale,
+        beta_scale=noise.beta_scale,
         outputs=outputs,
     )
 
@@ -458,8 +480,12 @@ def _reduced_objective(terms, pair_weight, *, beta, placement, mask, clip, rewei
     # exp(88) overflows float32; such a weight is clipped, never read as undefined.
     weight_w = terms.log_w_winner.double().clamp(max=80.0).exp().float()
     weight_l = terms.log_w_loser.double().clamp(max=80.0).exp().float()
+    errors = (terms.err_winner, terms.err_loser, terms.ref_err_winner, terms.ref_err_loser)
+    if terms.beta_scale is not None:  # objective.reward_beta: scaling the four errors scales z by the pair's factor
+        scale = terms.beta_scale.to(terms.err_winner.device).float()
+        errors = tuple(error.float() * scale for error in errors)
     loss, keep, _, effective_weight = objectives.inside_preference_loss(
-        terms.err_winner, terms.err_loser, terms.ref_err_winner, terms.ref_err_loser,
+        *errors,
         weight_w, weight_l, pair_weight, terms.timesteps, beta=beta, mask=mask, clip=clip,
         reweight=reweight, tau=tau, t_min=t_min, t_max=t_max, clip_eps=clip_eps,
         pair_loss=None if objective is None else z_loss,

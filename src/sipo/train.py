@@ -206,7 +206,7 @@ def training_step(run: Run) -> StepOutput:
         noise = _to_device(draw_share_of_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
                                                tc.batch_size, accelerator.process_index, accelerator.num_processes,
                                                **oc.timestep_settings()), accelerator.device)
-        noise = batch_pair_noise(noise, batch, oc.noise)  # objective.noise=stored: each side's own x_T
+        noise = batch_pair_noise(noise, batch, oc.noise, oc.reward_beta)  # stored noise, reward-scaled beta (docs/pairs.md)
         last_micro = micro == tc.gradient_accumulation_steps - 1
         # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
         with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):

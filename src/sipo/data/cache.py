@@ -10,7 +10,8 @@
   (then also ``size_info_flipped``, and ``cond_flipped.<name>`` for the conditioning a mirror
   changes: SDXL's ``time_ids`` carry the crop, which a flip mirrors), and ``stored_noise`` ``[m, 3]``
   (the seeds each side was sampled from and the draw's dtype code, ``-1`` seeds where the row has
-  none: ``objective.noise=stored`` reads them).
+  none: ``objective.noise=stored`` reads them) and ``score_margin`` ``[m]`` (NaN where the row has
+  none: ``objective.reward_beta`` reads it).
   The skipped rows and the prompts are in the file's metadata. Each shard is written under a
   temporary name and renamed, so an interrupted ``sipo cache`` continues from the missing shards.
 - ``manifest.json`` (written last): the key and what it hashes, the counts, the index-time data
@@ -54,7 +55,7 @@ from sipo.errors import SipoError
 
 #: 2: mirrored pairs carry their own crop conditioning (``cond_flipped.*``); clip sampling is in the key
 #: 3: shard checksums in the manifest; a JSONL dataset's pictures and ``model.vae_path`` in the key
-#: 4: each pair's stored-noise seeds (``stored_noise``: chosen seed, rejected seed, noise dtype code)
+#: 4: each pair's stored-noise seeds (``stored_noise``: chosen seed, rejected seed, noise dtype code) and ``score_margin``
 FORMAT_VERSION = 4
 SHARD_PAIRS = 256
 #: pairs per encoder call while caching (the VAE itself still works in encode_chunk_size chunks)
@@ -365,6 +366,8 @@ def _encode_shard(adapter, loader, random_flip: bool, device,
         if extra:
             add("size_info", batch["size_info"])
         add("stored_noise", _seed_columns(batch))
+        add("score_margin", batch["score_margin"] if batch.get("score_margin") is not None
+            else torch.full((len(batch["indices"]),), float("nan")))
         if random_flip:
             # the pictures the dataset would hand out mirrored (PreferenceDataset flips the last axis)
             mirrored = [batch["chosen"].flip(-1).to(device), batch["rejected"].flip(-1).to(device)]
@@ -386,6 +389,8 @@ def _encode_shard(adapter, loader, random_flip: bool, device,
         return {"index": torch.zeros(0, dtype=torch.long)}, prompts, skipped
     # only the conditioning a mirror changes is stored twice (the prompts' embeddings are not)
     parts.update({f"cond_flipped.{name}": flipped_conditioning[f"cond_flipped.{name}"] for name in differs})
+    if all(torch.isnan(part).all() for part in parts.get("score_margin", [])):
+        parts.pop("score_margin", None)  # no row of the shard is scored
     return {name: torch.cat(values) for name, values in parts.items()}, prompts, skipped
 
 
@@ -498,6 +503,10 @@ class CachedPairs(Dataset):
             chosen, rejected, code = (int(v) for v in read("stored_noise"))
             if chosen >= 0:
                 item.update(chosen_seed=chosen, rejected_seed=rejected, noise_dtype=NOISE_DTYPE_NAMES[code])
+        if "score_margin" in keys:
+            margin = float(read("score_margin"))
+            if margin == margin:  # NaN: the row had no score
+                item["score_margin"] = margin
         self.report.record([item])
         return item
 

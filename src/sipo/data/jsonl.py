@@ -107,6 +107,7 @@ class JsonlDataset(PreferenceDataset):
         self._prompts, self._chosen, self._rejected = _PackedStrings(), _PackedStrings(), _PackedStrings()
         lines: list[int] = []
         seeds: list[tuple[int, ...]] = []  # (chosen seed, rejected seed, noise dtype code, height, width) or -1s
+        margins: list[float] = []  # each row's score margin, NaN where it has none
         with manifest.open("rb") as handle:  # bytes: one line of bad UTF-8 is one bad row
             for line_number, raw in enumerate(handle, start=1):
                 if max_pairs is not None and len(lines) >= max_pairs:
@@ -125,12 +126,14 @@ class JsonlDataset(PreferenceDataset):
                 if row is not None:
                     lines.append(line_number)
                     seeds.append(row[4])
+                    margins.append(float("nan") if row[3] is None else row[3])
                     for column, text in zip((self._prompts, self._chosen, self._rejected), row[:3]):
                         column.append(text)
         for column in (self._prompts, self._chosen, self._rejected):
             column.freeze()
         self._lines = np.asarray(lines, dtype=np.int64)
         self._seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 5)
+        self._margins = np.asarray(margins, dtype=np.float64)
         self.report.set_pairs(len(lines))
         wrong_kind = NOT_A_VIDEO if self.media == "video" else NOT_A_PICTURE
         if not lines and self.report.index_skips[wrong_kind]:
@@ -205,10 +208,16 @@ class JsonlDataset(PreferenceDataset):
     def _where(self, index: int) -> str:
         return f"line {self._lines[index]} of {self._manifest}"
 
-    def stored_noise(self, index: int) -> dict | None:
+    def row_extras(self, index: int) -> dict | None:
+        margin = float(self._margins[index])
+        extras = {} if np.isnan(margin) else {"score_margin": margin}
+        seeds = self._stored_noise_seeds(index)
+        return {**extras, **seeds} if (extras or seeds) else None
+
+    def _stored_noise_seeds(self, index: int) -> dict:
         chosen, rejected, dtype, height, width = (int(v) for v in self._seeds[index])
         if chosen < 0:
-            return None
+            return {}
         trained = self.video.size(self.resolution)
         if height > 0 and (height, width) != trained:
             # another size is another latent shape, whose draw is another tensor than the sampler's x_T

@@ -90,9 +90,11 @@ class PreferenceDataset(Dataset):
         """
         raise NotImplementedError
 
-    def stored_noise(self, index: int) -> dict[str, Any] | None:
-        """Pair ``index``'s ``chosen_seed``, ``rejected_seed`` and ``noise_dtype`` (the seeds its two
-        pictures were sampled from, ``sipo pairs``), or None when the format or the row has none."""
+    def row_extras(self, index: int) -> dict[str, Any] | None:
+        """What pair ``index``'s row carries beyond its pictures, for the step: ``chosen_seed``,
+        ``rejected_seed`` and ``noise_dtype`` (the seeds its two pictures were sampled from, ``sipo
+        pairs``; objective.noise=stored) and ``score_margin`` (objective.reward_beta); None when the
+        format or the row has none."""
         return None
 
     # --- shared ----------------------------------------------------------------------------
@@ -137,9 +139,9 @@ class PreferenceDataset(Dataset):
         item = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": index}
         if original and original[0] is not None:
             item["size_info"] = size_info(original[0], self.resolution, flipped)
-        seeds = self.stored_noise(index)
-        if seeds is not None:
-            item.update(seeds)
+        extras = self.row_extras(index)
+        if extras is not None:
+            item.update(extras)
         self.report.record([item])
         return item
 
@@ -190,12 +192,16 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
 def collate_seeds(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``chosen_seed`` / ``rejected_seed`` (``[B]`` int64) and ``noise_dtype`` (names) when every pair
     carries them (objective.noise=stored reads them), ``stored_noise_problem`` (a sentence) when a
-    pair's seeds cannot reproduce its noise, else nothing."""
+    pair's seeds cannot reproduce its noise, ``score_margin`` (``[B]``) when every pair carries one
+    (objective.reward_beta)."""
+    extras = {}
+    if pairs and all("score_margin" in pair for pair in pairs):
+        extras["score_margin"] = torch.tensor([float(pair["score_margin"]) for pair in pairs], dtype=torch.float32)
     problems = [pair["stored_noise_problem"] for pair in pairs if "stored_noise_problem" in pair]
     if problems:
-        return {"stored_noise_problem": problems[0]}
+        return {**extras, "stored_noise_problem": problems[0]}
     if not pairs or not all("chosen_seed" in pair for pair in pairs):
-        return {}
-    return {"chosen_seed": torch.tensor([int(pair["chosen_seed"]) for pair in pairs], dtype=torch.long),
+        return extras
+    return {**extras, "chosen_seed": torch.tensor([int(pair["chosen_seed"]) for pair in pairs], dtype=torch.long),
             "rejected_seed": torch.tensor([int(pair["rejected_seed"]) for pair in pairs], dtype=torch.long),
             "noise_dtype": [str(pair.get("noise_dtype", "float32")) for pair in pairs]}

@@ -112,3 +112,31 @@ def test_other_settings_in_the_same_folder_stop_in_one_sentence(setting, straigh
         iterate(config, _options(root, scorer, out, steps_per_round=2))
     with pytest.raises(SipoError, match="must be at least 1"):
         iterate(config, _options(root, scorer, root / "new", rounds=0))
+
+
+def test_reference_checkpoint_is_a_frozen_copy_with_that_checkpoints_weights(setting, straight):
+    """train.reference_checkpoint (--reference previous): the reference predicts what the run's policy at
+    that checkpoint predicts, while the policy itself starts from the base's LoRA (B = 0)."""
+    from sipo.checkpoints import load_run_weights
+    from sipo.models import adapter_from_config
+    from sipo.train import build_model
+
+    root, scorer, config = setting
+    out, _ = straight
+    checkpoint = out / "run" / "checkpoints" / "step-00000001"
+    values = config.to_dict()
+    values["train"]["reference_checkpoint"] = str(checkpoint)
+    from sipo.config import config_from_dict
+
+    adapter, reference = build_model(config_from_dict(values), None)
+    assert reference is not None and not any(p.requires_grad for p in reference.parameters())
+    at_step_one = adapter_from_config(config.model)
+    load_run_weights(at_step_one, out / "run", checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn((1, 4, 16, 16), generator=generator)
+    cond = at_step_one.encode_prompts(["a cat"])
+    t = torch.tensor([500])
+    with torch.no_grad():
+        expected = at_step_one.predict(x_t, t, cond)
+        torch.testing.assert_close(adapter.predict(x_t, t, cond, denoiser=reference), expected)
+        assert not torch.allclose(adapter.predict(x_t, t, cond), expected)  # the policy is still the base

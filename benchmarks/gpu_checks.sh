@@ -16,6 +16,8 @@
 #                                                 # s/step and peak memory (benchmarks/flow_image_memory.py step --full)
 #   wan22 (issue 19, not in the default set): a full-size random Wan2.2-TI2V-5B LoRA step at 704x1280x121
 #   (s/step, peak memory), then Wan2.2-A14B at 480p x 81 with its base in fp8: PARTS=wan22 bash benchmarks/gpu_checks.sh
+#   pairs (issue 27, not in the default set, unrun): `sipo pairs --dtype fp16` on a full-size random SD1.5 at
+#   512 px, and whether objective.noise=stored redraws the pipeline's own x_T there: PARTS=pairs bash benchmarks/gpu_checks.sh
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
 # .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
 set -u
@@ -64,6 +66,9 @@ want flux && ( echo "== flux-dev 1024 px"; timeout "${FLUX_S:-240}" $PY benchmar
     --device cuda --full 2>&1 | tail -n 3 ) > "$OUT/flux_memory.log" 2>&1 &
 want precision && ( digits=""; [ -d .gpu/digits_base ] && digits="--digits-path .gpu/digits_base"
   timeout 150 $PY benchmarks/z_precision.py $digits 2>&1 | tail -n 40 ) > "$OUT/z_precision.log" 2>&1 &
+want pairs && ( echo "== sipo pairs --dtype fp16, full-size random SD1.5 512 px: stored noise == the pipeline's draw?"
+  PYTHONPATH=$PYTHONPATH:$PWD/tests timeout "${PAIRS_S:-240}" $PY benchmarks/pairs_noise.py --scale full 2>&1 | tail -n 3
+  ) > "$OUT/pairs_noise.log" 2>&1 &
 want wan22 && ( echo "== wan22-ti2v-5b bf16 704x1280x121"
   timeout "${WAN22_S:-240}" $PY benchmarks/video_memory.py step --family wan22-ti2v-5b --device cuda --full 2>&1 | tail -n 3
   echo "== wan22-a14b-480p fp8 81x480x832"
@@ -71,6 +76,6 @@ want wan22 && ( echo "== wan22-ti2v-5b bf16 704x1280x121"
   ) > "$OUT/wan22.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory flux_memory z_precision wan22; do
+for part in pytest video_memory sdxl_memory flux_memory z_precision wan22 pairs_noise; do
   [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
 done

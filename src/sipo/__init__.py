@@ -9,7 +9,7 @@ The Python API (each name documented where it is defined)::
 
 - ``load_config``, ``SipoConfig``: the config tree (sipo.config)
 - ``train``, ``TrainResult``: the trainer (sipo.train)
-- ``cache``, ``analyze``, ``evaluate``, ``compare``, ``sweep``: the other commands (sipo.api)
+- ``cache``, ``analyze``, ``evaluate``, ``compare``, ``sweep``, ``pairs``, ``iterate``: the other commands (sipo.api)
 - ``SipoError``: what a user's mistake raises, one sentence naming the fix (sipo.errors)
 
 Names load on first use, so ``import sipo`` (and the CLI's start) stays fast.
@@ -27,6 +27,7 @@ _HOMES = {
     "load_config": "sipo.config", "SipoConfig": "sipo.config", "train": "sipo.train", "TrainResult": "sipo.train",
     "cache": "sipo.api", "analyze": "sipo.api", "evaluate": "sipo.api", "TrainingInterrupted": "sipo.errors",
     "compare": "sipo.api", "sweep": "sipo.api",
+    "pairs": "sipo.api", "iterate": "sipo.api",
 }
 __all__ = ["SipoError", *_HOMES]
 

@@ -94,3 +94,28 @@ def sweep(config: str | Path, grid: dict[str, list], seeds: list[int], output_di
     options = {**compare_options, "prompts": str(compare_prompts)} if compare_prompts is not None else None
     return run_sweep(config, grid, [int(s) for s in seeds], output_dir, overrides=overrides, compare_options=options,
                      base=base, progress=progress)
+def pairs(config: SipoConfig, prompts: str, out: str | Path, checkpoint: str | Path | None = None, **options: Any):
+    """``sipo pairs``: sample ``samples_per_prompt`` pictures per prompt from the base model (or the run in
+    ``checkpoint``), score them, and write the chosen pairs as ``<out>/pairs.jsonl`` (``data.format=jsonl``);
+    ``options`` are the fields of :class:`sipo.pairs.PairsOptions` (``samples_per_prompt=4``,
+    ``scorers=["pickscore"]``, ``scorer_paths={...}``, ``pairing="best-worst"`` ...). Returns a
+    :class:`sipo.pairs.PairsResult`; a rerun continues an interrupted one."""
+    from sipo.pairs import PairsOptions, make_pairs
+
+    return make_pairs(config, PairsOptions(prompts=str(prompts), out=out,
+                                           checkpoint=None if checkpoint is None else str(checkpoint), **options))
+
+
+def iterate(config: SipoConfig, prompts: str, out: str | Path, *, rounds: int, steps_per_round: int,
+            reference: str = "base", eval_prompts: str | None = None, eval_seeds: list[int] | None = None,
+            **options: Any):
+    """``sipo iterate``: ``rounds`` rounds of pairs from the current policy -> ``steps_per_round`` more
+    training steps of one run -> evaluation, all under ``out``; ``options`` are
+    :class:`sipo.pairs.PairsOptions` fields. Returns the rounds' summaries (a list of dicts)."""
+    from sipo.iterate import IterateOptions, iterate as run_rounds
+    from sipo.pairs import PairsOptions
+
+    return run_rounds(config, IterateOptions(
+        pairs=PairsOptions(prompts=str(prompts), out=out, **options), out=out, rounds=rounds,
+        steps_per_round=steps_per_round, reference=reference, eval_prompts=eval_prompts,
+        eval_seeds=eval_seeds if eval_seeds is not None else [0]))

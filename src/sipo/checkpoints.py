@@ -288,6 +288,29 @@ def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path, checkpoint:
     return run_config
 
 
+def reference_with_weights(denoiser: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """A frozen copy of ``denoiser`` (LoRA already injected for a LoRA run) holding the trainable
+    weights of ``checkpoint``'s ``trainable.safetensors``: ``train.reference_checkpoint``, the
+    previous round's policy as the reference (sipo iterate --reference previous)."""
+    import copy
+
+    path = Path(checkpoint) / "trainable.safetensors"
+    if not path.is_file():
+        raise SipoError(f"train.reference_checkpoint {checkpoint} holds no trainable.safetensors; pass a checkpoint "
+                        "folder of a run (checkpoints/step-N)")
+    reference = copy.deepcopy(denoiser)
+    weights = load_file(path)
+    params = dict(reference.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise SipoError(f"train.reference_checkpoint {checkpoint} holds weights this model lacks (e.g. {unknown[0]}); "
+                        "pass a checkpoint of a run of this config")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return reference.requires_grad_(False).eval()
+
+
 @dataclass(frozen=True)
 class RunWeights:
     """The trained weights a run holds now: its newest intact checkpoint and the sha256 of that
@@ -340,6 +363,8 @@ RESUME_MAY_CHANGE = frozenset({
     "model.text_encoder_device", "model.prompt_cache_size", "train.compile_scope", "train.channels_last",
     "train.cudnn_benchmark", "data.prefetch_factor", "model.offload_frozen",
 })
+#: what else a resume may change with ``train.resume_new_data`` (sipo iterate: each round its own pairs and reference)
+NEW_DATA_MAY_CHANGE = frozenset({"data.files", "train.resume_new_data", "train.reference_checkpoint"})
 _HASH_WHOLE_FILE_BELOW = 16 << 20
 
 
@@ -400,10 +425,11 @@ def run_fingerprint(config: SipoConfig) -> dict[str, Any]:
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """``(allowed, refused)``: ``"key: old -> new"`` for each key that differs, split by ``RESUME_MAY_CHANGE``."""
     allowed, refused = [], []
+    may_change = RESUME_MAY_CHANGE | (NEW_DATA_MAY_CHANGE if current.get("train.resume_new_data") else frozenset())
     for key in sorted(set(saved) | set(current)):
         if key in saved and key in current and saved[key] == current[key]:
             continue
         change = f"{key}: {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
         # a key sipo gained after the checkpoint was written cannot have been changed by the user
-        (allowed if key in RESUME_MAY_CHANGE or key not in saved else refused).append(change)
+        (allowed if key in may_change or key not in saved else refused).append(change)
     return allowed, refused

@@ -105,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print one `sipo train` line per unfinished cell (for a scheduler) and exit")
     sweep.add_argument("--no-base", action="store_true", help="leave the base model out of the compare")
     _add_sampling_arguments(sweep, None, prompts_flag="--compare-prompts", required=False, seeds_flag="--compare-seeds")
+    pairs = commands.add_parser("pairs", help="sample K pictures per prompt, score them, write the best/worst as pairs sipo train reads")
+    _add_config_arguments(pairs)
+    _add_pairs_arguments(pairs)
+    pairs.add_argument("--checkpoint", default=None, type=_user_path, help="sample from this run's weights (default: the base model)")
+    pairs.add_argument("--out", required=True, type=_user_path, help="the output folder (pairs.jsonl, pictures, report); rerun to resume")
+
+    iterate = commands.add_parser("iterate", help="rounds of sipo pairs -> sipo train --resume -> sipo eval on one run")
+    _add_config_arguments(iterate)
+    _add_pairs_arguments(iterate)
+    iterate.add_argument("--rounds", type=int, required=True, help="rounds to run (a rerun continues where it stopped)")
+    iterate.add_argument("--steps-per-round", type=int, required=True, help="optimizer steps each round adds to the run")
+    iterate.add_argument("--reference", default="base", choices=("base", "previous"),
+                         help="reference model of each round's training: the base, or the previous round's weights")
+    iterate.add_argument("--eval-prompts", default=None, help="held-out prompts of each round's evaluation (default: --prompts)")
+    iterate.add_argument("--eval-seeds", default="0", help="seeds of each round's evaluation (comma list or range)")
+    iterate.add_argument("--out", required=True, type=_user_path, help="the folder of the run and of every round")
 
     cache = commands.add_parser("cache", help="encode every pair once into a latent cache that sipo train reads")
     _add_config_arguments(cache)
@@ -128,15 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str | None, prompts_flag: str = "--prompts",
-                            required: bool = True, seeds_flag: str = "--seeds") -> None:
-    """What `sipo compare` (and sweep's compare) take as `sipo eval` does: prompts, seeds, scorers, sampler."""
+                            required: bool = True, seeds_flag: str | None = "--seeds") -> None:
+    """What `sipo compare`, sweep's compare, `sipo pairs` and `sipo iterate` take as `sipo eval` does: prompts,
+    seeds (``seeds_flag=None``: the command numbers its own), scorers, sampler."""
     parser.add_argument(prompts_flag, dest="prompts", required=required,
                         help="text file, one prompt per line, or pickapic-test")
-    parser.add_argument(seeds_flag, dest="sample_seeds", default="0", metavar="SEEDS",
-                        help="comma-separated seeds (or a range 0-3) of the pictures; one per prompt and seed")
+    if seeds_flag is not None:
+        parser.add_argument(seeds_flag, dest="sample_seeds", default="0", metavar="SEEDS",
+                            help="comma-separated seeds (or a range 0-3) of the pictures; one per prompt and seed")
     parser.add_argument("--pickapic-path", default=None, type=_user_path, help="Pick-a-Pic v2 test parquet for pickapic-test")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--scorers", default="pickscore", help="comma-separated: pickscore,hpsv2,imagereward,aesthetic,clipscore")
+    parser.add_argument("--scorers", default="pickscore",
+                        help="comma-separated: pickscore,hpsv2,hpsv3,imagereward,aesthetic,clipscore")
     parser.add_argument("--scorer-path", action="append", default=[], metavar="NAME=DIR",
                         help="local checkpoint directory of a scorer (repeatable); default: its hub id where online")
     if default_output is not None:
@@ -149,11 +168,22 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def _add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `sipo pairs` and `sipo iterate` share: sampling as `sipo eval` samples, then the pairing."""
+    _add_sampling_arguments(parser, None, seeds_flag=None)
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="pictures sampled per prompt (K), each from its own seed")
+    parser.add_argument("--seed", type=int, default=0, help="picture k of prompt i is sampled from seed SEED + i*K + k")
+    parser.add_argument("--scorer-weights", default=None,
+                        help="comma-separated weights, one per scorer (default: 1 each); the score is the weighted sum "
+                             "of each scorer's standardised scores")
+    parser.add_argument("--pairing", default="best-worst", choices=("best-worst", "all", "margin"),
+                        help="best-worst: one pair per prompt; all: every two pictures; margin: disjoint pairs, widest first")
+    parser.add_argument("--min-margin", type=float, default=0.0, help="keep pairs whose standardised score margin is above this")
+
+
 def _sampling_options(args) -> dict:
     """The fields of sipo.compare.CompareOptions that _add_sampling_arguments parsed."""
-    from sipo.evaluate import parse_scorer_paths
-
-    from sipo.evaluate import parse_seeds
+    from sipo.evaluate import parse_scorer_paths, parse_seeds
 
     return dict(prompts=args.prompts, seeds=parse_seeds(args.sample_seeds), pickapic_path=args.pickapic_path, max_prompts=args.max_prompts,
                 scorers=[s.strip() for s in args.scorers.split(",") if s.strip()],
@@ -187,6 +217,27 @@ def _compare_config(config_path: str | None, runs: list[str], overrides: list[st
                             "(its config.yaml is used)")
         config_path = str(Path(runs[0]) / "config.yaml")
     return load_config(config_path, overrides)
+
+
+def _pairs_options(args):
+    """`PairsOptions` from the shared arguments (``--out`` and ``--checkpoint`` filled by the caller)."""
+    from sipo.evaluate import parse_scorer_paths
+    from sipo.pairs import PairsOptions
+
+    weights = None
+    if args.scorer_weights is not None:
+        try:
+            weights = [float(w) for w in args.scorer_weights.split(",") if w.strip()]
+        except ValueError:
+            raise SipoError(f"--scorer-weights {args.scorer_weights!r} is not a list of numbers; write e.g. --scorer-weights 1,0.5") from None
+    return PairsOptions(
+        prompts=args.prompts, out=args.out, checkpoint=getattr(args, "checkpoint", None),
+        samples_per_prompt=args.samples_per_prompt, scorers=[s.strip() for s in args.scorers.split(",") if s.strip()],
+        scorer_weights=weights, scorer_paths=parse_scorer_paths(args.scorer_path), pairing=args.pairing,
+        min_margin=args.min_margin, seed=args.seed, batch_size=args.batch_size,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, dtype=args.dtype,
+        pickapic_path=args.pickapic_path, max_prompts=args.max_prompts, progress=not args.no_progress,
+    )
 
 
 def _one_sentence(error: SipoError) -> str:
@@ -286,6 +337,22 @@ def main(argv: list[str] | None = None) -> int:
                       overrides=args.overrides, print_commands=args.print_commands,
                       compare_options=_sampling_options(args) if args.prompts else None, base=not args.no_base,
                       progress=not args.no_progress)
+        elif args.command == "pairs":
+            from sipo.config import load_config
+            from sipo.pairs import make_pairs
+
+            config = load_config(args.config, args.overrides)
+            result = make_pairs(config, _pairs_options(args))
+            print(result.summary())
+        elif args.command == "iterate":
+            from sipo.config import load_config
+            from sipo.evaluate import parse_seeds
+            from sipo.iterate import IterateOptions, iterate
+
+            config = load_config(args.config, args.overrides)
+            iterate(config, IterateOptions(
+                pairs=_pairs_options(args), out=args.out, rounds=args.rounds, steps_per_round=args.steps_per_round,
+                reference=args.reference, eval_prompts=args.eval_prompts, eval_seeds=parse_seeds(args.eval_seeds)))
         elif args.command == "cache":
             from sipo.config import load_config
             from sipo.data.cache import build_cache, read_manifest

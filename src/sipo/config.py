@@ -322,6 +322,8 @@ class ObjectiveConfig:
     logit_mean: float = _help("timestep_sampling=logit_normal: mean of the normal whose sigmoid is the noise-level fraction", default=0.0)
     logit_std: float = _help("timestep_sampling=logit_normal: its standard deviation", default=1.0)
     mode_scale: float = _help("timestep_sampling=mode: the SD3 paper's scale s (1.29 as diffusers' scripts; 0 is uniform)", default=1.29)
+    noise: str = _help("shared: one fresh noise per pair, the same for both sides (Diffusion-DPO); stored: each side trains from the starting noise x_T its picture was sampled from, reproduced from the row's chosen_seed/rejected_seed (PNAPO; pairs from `sipo pairs`; docs/spec.md section 11). t is drawn per pair either way", default="shared")
+    reward_beta: bool = _help("PNAPO's per-pair beta: beta * (2*sigmoid(delta_r) - 1), delta_r the row's score_margin (sipo pairs' standardised margin, or sipo relabel's); losses of z alone (dpo, dpo-cm, sipo, hinge, ipo, ...); off by default (docs/pairs.md)", default=False)
     # The field's objectives and their switches (docs/spec.md section 9; docs/method.md has the table).
     label_smoothing: float = _help("cDPO: -(1-ls)*logsigmoid(z) - ls*logsigmoid(-z), the chance a label is flipped, in [0, 0.5) (DPO-loss presets only)", default=0.0)
     sft_weight: float = _help("adds sft_weight * mean err_theta(winner) to any objective's loss (SimpleTuner's sft_loss_weight; 0: off)", default=0.0)
@@ -357,6 +359,7 @@ class ObjectiveConfig:
         _choice("objective.weight_model", self.weight_model, ("policy", "reference"))
         _choice("objective.weight_step", self.weight_step, ("inference", "adjacent"))
         _choice("objective.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal", "mode"))
+        _choice("objective.noise", self.noise, ("shared", "stored"))
         if self.logit_std <= 0:
             raise SipoError(f"objective.logit_std must be positive, got {self.logit_std}")
         if not -1.0 <= self.mode_scale <= 2.0 / (math.pi - 2.0):
@@ -402,6 +405,9 @@ class ObjectiveConfig:
         switches = self.switches()
         if loss in REFERENCE_FREE_LOSSES and self.weight_model == "reference":
             raise SipoError(f"{self.name} skips the reference forward, so the weights cannot use it; set objective.weight_model=policy")
+        if self.reward_beta and loss not in Z_LOSSES:
+            raise SipoError(f"objective.reward_beta scales beta inside z, and {self.name}'s loss is not a function of z alone; "
+                            "set objective.reward_beta=false or a DPO-family preset")
         if loss not in Z_LOSSES and switches["reweight"]:
             raise SipoError(f"importance reweighting needs a loss of z alone, which {self.name} is not; set objective.reweight=false "
                             "(objective.mask=true still combines with it)")
@@ -519,6 +525,9 @@ class TrainConfig:
         "sample: mean, and win rate against step 0 with its bootstrap interval", default_factory=list)
     validation_scorer_paths: list[str] = _help("NAME=DIR: a scorer's local checkpoint (as sipo eval --scorer-path)",
                                                default_factory=list)
+    # rounds of on-policy pairs (sipo iterate, docs/pairs.md)
+    resume_new_data: bool = _help("--resume may continue on other pairs than the run started with (data files may change): what sipo iterate sets for its rounds", default=False)
+    reference_checkpoint: str | None = _help("a checkpoint folder (with trainable.safetensors) whose weights are the reference model instead of the base (sipo iterate --reference previous); holds a second copy of the denoiser in memory", default=None)
 
     def __post_init__(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
@@ -826,6 +835,9 @@ def check_values(config: SipoConfig) -> None:
         raise SipoError(f"train.report_to={tc.report_to!r} is not valid; choose one of ['tensorboard', 'wandb', 'none']")
     if config.data.num_workers < 0:
         raise SipoError(f"data.num_workers={config.data.num_workers} is negative; set 0 or more")
+    if oc.noise == "stored" and config.data.random_flip:
+        raise SipoError("objective.noise=stored trains each picture from the noise it was sampled from, which a mirrored "
+                        "picture was not; set data.random_flip=false")
     if config.model.frozen_dtype == "fp8" and tc.mixed_precision == "no":
         # measured: tiny SD1.5, torch 2.13 CPU - the first backward stops with "expected scalar type Float
         # but found Float8_e4m3fn" (the layer's weight is cast back to fp8 before autograd reads it)

@@ -24,11 +24,18 @@ ReferencePredict = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
 @dataclass
 class PairNoise:
-    """The randomness of one step: timesteps ``[B]``, forward noise and posterior noise ``[B, ...]``."""
+    """The randomness of one step: timesteps ``[B]``, forward noise and posterior noise ``[B, ...]``.
+
+    ``eps`` is shared by winner and loser unless ``eps_loser`` is given: then ``eps`` is the winner's
+    and ``eps_loser`` the loser's own forward noise (``objective.noise=stored``, docs/spec.md section 11).
+    """
 
     timesteps: Tensor
     eps: Tensor
     posterior_noise: Tensor
+    eps_loser: Tensor | None = None
+    #: PNAPO's per-pair beta factor ``2*sigmoid(delta_r) - 1`` ``[B]`` (objective.reward_beta), else None
+    beta_scale: Tensor | None = None
 
 
 @dataclass
@@ -49,6 +56,8 @@ class PairTerms:
     alpha: Tensor | None = None
     #: the winner safeguard's loser-gradient scale lambda (a scalar; None when the safeguard is off)
     safeguard_scale: Tensor | None = None
+    #: each pair's beta factor (objective.reward_beta; None: 1), already inside ``z``
+    beta_scale: Tensor | None = None
     #: output-space tensors, only for an objective that needs them after this step (DSPO): ``pred_winner``,
     #: ``target_winner``, ``ref_pred_winner`` (``[B, ...]``); the safeguard reads them inside the step
     outputs: dict[str, Tensor] | None = None
@@ -206,6 +215,76 @@ def draw_pair_noise(
     return PairNoise(timesteps, eps, posterior_noise)
 
 
+#: ``objective.noise``: a fresh draw shared by the pair, or each side's own stored starting noise
+NOISE_SOURCES = ("shared", "stored")
+#: the dtype names a pair row's ``noise_dtype`` may hold (``sipo pairs`` writes the pipeline's draw dtype)
+NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def starting_noise(seed: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The starting noise ``x_T`` ``[1, *shape]`` a diffusers pipeline draws for one image from
+    ``torch.Generator().manual_seed(seed)``, as float32.
+
+    ``sipo.evaluate.generate`` gives each picture its own CPU generator, and every family's
+    ``prepare_latents`` draws ``randn_tensor((1, *latent_shape), generator, dtype)`` per generator of
+    the list, on the CPU, before any packing (FLUX and Qwen-Image pack the drawn tensor into tokens
+    afterwards, so the draw in the unpacked layout is the adapter's ``x0`` layout element for element).
+    ``dtype`` is the draw's (the prompt embeddings' dtype in most pipelines, float32 in Wan's): a
+    float16 draw is not the float32 draw rounded, so it is drawn as the pipeline drew it.
+    Schedulers that scale the draw (``init_noise_sigma``: SDXL's Euler) scale this unit Gaussian.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=generator, dtype=dtype).float()
+
+
+def stored_pair_noise(noise: PairNoise, chosen_seeds: Sequence[int], rejected_seeds: Sequence[int],
+                      dtypes: Sequence[torch.dtype] | None = None) -> PairNoise:
+    """``noise`` with each side's forward noise replaced by the starting noise its picture was sampled
+    from (:func:`starting_noise` of the row's seed, in the layout and on the device of ``noise.eps``);
+    ``t`` and the posterior noise stay the pair's shared draw (docs/spec.md section 11, PNAPO)."""
+    shape = tuple(noise.eps.shape[1:])
+    dtypes = list(dtypes) if dtypes is not None else [torch.float32] * len(chosen_seeds)
+
+    def side(seeds: Sequence[int]) -> Tensor:
+        return torch.cat([starting_noise(s, shape, d) for s, d in zip(seeds, dtypes)]).to(noise.eps.device)
+
+    return PairNoise(noise.timesteps, side(chosen_seeds), noise.posterior_noise, side(rejected_seeds), noise.beta_scale)
+
+
+def reward_beta_scale(score_margin: Tensor) -> Tensor:
+    """PNAPO's per-pair beta factor ``2*sigmoid(delta_r) - 1`` of the reward gap ``delta_r`` (docs/spec.md
+    section 11): near 0 for a pair the reward barely separates, near 1 for a clear one; ``[B]``."""
+    return 2.0 * torch.sigmoid(score_margin.float()) - 1.0
+
+
+def batch_pair_noise(noise: PairNoise, batch: dict[str, Any], source: str = "shared",
+                     reward_beta: bool = False) -> PairNoise:
+    """The pair noise a step trains with: ``noise`` itself (``objective.noise=shared``), or with each
+    side's stored starting noise from the batch's ``chosen_seed`` / ``rejected_seed`` (``stored``);
+    with ``reward_beta``, also each pair's beta factor from the batch's ``score_margin``."""
+    from sipo.errors import SipoError
+
+    if reward_beta:
+        if batch.get("score_margin") is None:
+            raise SipoError("objective.reward_beta scales each pair's beta by its reward gap, but these pairs carry no "
+                            "score_margin; train on pairs from `sipo pairs` or `sipo relabel`, or set objective.reward_beta=false")
+        scale = reward_beta_scale(batch["score_margin"]).to(noise.timesteps.device)
+        noise = PairNoise(noise.timesteps, noise.eps, noise.posterior_noise, noise.eps_loser, scale)
+    if source == "shared":
+        return noise
+
+    if batch.get("stored_noise_problem"):
+        raise SipoError(f"objective.noise=stored: {batch['stored_noise_problem']}")
+    chosen, rejected = batch.get("chosen_seed"), batch.get("rejected_seed")
+    if chosen is None or rejected is None:
+        raise SipoError("objective.noise=stored trains each side from the noise its picture was sampled from, but "
+                        "these pairs carry no chosen_seed/rejected_seed; train on a manifest written by `sipo pairs` "
+                        "(rebuild an older latent cache with `sipo cache`) or set objective.noise=shared")
+    names = batch.get("noise_dtype") or ["float32"] * len(chosen)
+    return stored_pair_noise(noise, [int(s) for s in chosen], [int(s) for s in rejected],
+                             [NOISE_DTYPES[name] for name in names])
+
+
 def compute_pair_terms(
     adapter: DiffusionAdapter,
     encoded: EncodedPairs,
@@ -235,7 +314,10 @@ def compute_pair_terms(
     x0 = torch.cat([encoded.x0_winner, encoded.x0_loser], dim=0)
     dtype = x0.dtype
     timesteps = noise.timesteps.to(device).repeat(2)
-    eps = noise.eps.to(device=device, dtype=dtype).repeat(2, *([1] * (x0.ndim - 1)))
+    if noise.eps_loser is None:
+        eps = noise.eps.to(device=device, dtype=dtype).repeat(2, *([1] * (x0.ndim - 1)))
+    else:  # each side its own starting noise (objective.noise=stored)
+        eps = torch.cat([noise.eps, noise.eps_loser]).to(device=device, dtype=dtype)
     posterior_noise = noise.posterior_noise.to(device=device, dtype=torch.float32).repeat(
         2, *([1] * (x0.ndim - 1))
     )
@@ -268,6 +350,8 @@ def compute_pair_terms(
         ref_err_loser = torch.full_like(err_loser.detach(), float("nan"))
         z = objectives.dpo_logits(err_winner, err_loser, torch.zeros_like(ref_err_winner),
                                   torch.zeros_like(ref_err_loser), beta)
+    if noise.beta_scale is not None:  # objective.reward_beta: beta_i = beta * scale_i, so z_i = scale_i * z_i
+        z = z * noise.beta_scale.to(z.device, z.dtype)
     loss_pair, alpha, outputs = _pair_loss(
         settings, prediction, target, ref_prediction, z, err_winner, err_loser, ref_err_winner, ref_err_loser,
         beta, schedule.num_train_timesteps, safeguard_scale,
@@ -301,6 +385,7 @@ def compute_pair_terms(
         log_w_pair=objectives.pair_log_weight(log_w_winner, log_w_loser, pair_weight),
         alpha=alpha,
         safeguard_scale=safeguard_scale,
+        beta_scale=noise.beta_scale,
         outputs=outputs,
     )
 
@@ -395,8 +480,12 @@ def _reduced_objective(terms, pair_weight, *, beta, placement, mask, clip, rewei
     # exp(88) overflows float32; such a weight is clipped, never read as undefined.
     weight_w = terms.log_w_winner.double().clamp(max=80.0).exp().float()
     weight_l = terms.log_w_loser.double().clamp(max=80.0).exp().float()
+    errors = (terms.err_winner, terms.err_loser, terms.ref_err_winner, terms.ref_err_loser)
+    if terms.beta_scale is not None:  # objective.reward_beta: scaling the four errors scales z by the pair's factor
+        scale = terms.beta_scale.to(terms.err_winner.device).float()
+        errors = tuple(error.float() * scale for error in errors)
     loss, keep, _, effective_weight = objectives.inside_preference_loss(
-        terms.err_winner, terms.err_loser, terms.ref_err_winner, terms.ref_err_loser,
+        *errors,
         weight_w, weight_l, pair_weight, terms.timesteps, beta=beta, mask=mask, clip=clip,
         reweight=reweight, tau=tau, t_min=t_min, t_max=t_max, clip_eps=clip_eps,
         pair_loss=None if objective is None else z_loss,

@@ -45,6 +45,7 @@ from sipo.preference import (
     PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor, step_beta,
     update_auto_beta,
 )
+from sipo.preference import batch_pair_noise  # objective.noise (docs/spec.md section 11)
 
 #: ``callback(step, adapter)``, called after every optimizer step (benchmarks time steps with it,
 #: tests inject faults with it, validation and sampling hook in the same way)
@@ -205,6 +206,7 @@ def training_step(run: Run) -> StepOutput:
         noise = _to_device(draw_share_of_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
                                                tc.batch_size, accelerator.process_index, accelerator.num_processes,
                                                **oc.timestep_settings()), accelerator.device)
+        noise = batch_pair_noise(noise, batch, oc.noise, oc.reward_beta)  # stored noise, reward-scaled beta (docs/pairs.md)
         last_micro = micro == tc.gradient_accumulation_steps - 1
         # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
         with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):
@@ -529,6 +531,10 @@ def build_model(config: SipoConfig, adapter: DiffusionAdapter | None) -> tuple[D
         # compute dtype it did not: autocast runs norms (and the modules that pick their input dtype from
         # their weights) in float32, so bf16-rounded copies of those weights gave z up to -2.3 at step 0.
         reference_denoiser = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
+    if tc.reference_checkpoint:  # the previous round's policy as the reference (sipo iterate --reference previous)
+        from sipo.checkpoints import reference_with_weights
+
+        reference_denoiser = reference_with_weights(adapter.denoiser, tc.reference_checkpoint)
     if config.model.encode_chunk_size is not None:
         adapter.encode_chunk_size = config.model.encode_chunk_size
     return adapter, reference_denoiser

@@ -8,7 +8,10 @@
   ``x0_chosen_flipped`` / ``x0_rejected_flipped`` (the latents of the mirrored pictures: a flipped
   latent is not the latent of the flipped image), and ``size_info`` when the dataset records it
   (then also ``size_info_flipped``, and ``cond_flipped.<name>`` for the conditioning a mirror
-  changes: SDXL's ``time_ids`` carry the crop, which a flip mirrors).
+  changes: SDXL's ``time_ids`` carry the crop, which a flip mirrors), and ``stored_noise`` ``[m, 3]``
+  (the seeds each side was sampled from and the draw's dtype code, ``-1`` seeds where the row has
+  none: ``objective.noise=stored`` reads them) and ``score_margin`` ``[m]`` (NaN where the row has
+  none: ``objective.reward_beta`` reads it).
   The skipped rows and the prompts are in the file's metadata. Each shard is written under a
   temporary name and renamed, so an interrupted ``sipo cache`` continues from the missing shards.
 - ``manifest.json`` (written last): the key and what it hashes, the counts, the index-time data
@@ -52,7 +55,8 @@ from sipo.errors import SipoError
 
 #: 2: mirrored pairs carry their own crop conditioning (``cond_flipped.*``); clip sampling is in the key
 #: 3: shard checksums in the manifest; a JSONL dataset's pictures and ``model.vae_path`` in the key
-FORMAT_VERSION = 3
+#: 4: each pair's stored-noise seeds (``stored_noise``: chosen seed, rejected seed, noise dtype code) and ``score_margin``
+FORMAT_VERSION = 4
 SHARD_PAIRS = 256
 #: pairs per encoder call while caching (the VAE itself still works in encode_chunk_size chunks)
 ENCODE_PAIRS = 32
@@ -361,6 +365,9 @@ def _encode_shard(adapter, loader, random_flip: bool, device,
             add(f"cond.{name}", value)
         if extra:
             add("size_info", batch["size_info"])
+        add("stored_noise", _seed_columns(batch))
+        add("score_margin", batch["score_margin"] if batch.get("score_margin") is not None
+            else torch.full((len(batch["indices"]),), float("nan")))
         if random_flip:
             # the pictures the dataset would hand out mirrored (PreferenceDataset flips the last axis)
             mirrored = [batch["chosen"].flip(-1).to(device), batch["rejected"].flip(-1).to(device)]
@@ -382,7 +389,21 @@ def _encode_shard(adapter, loader, random_flip: bool, device,
         return {"index": torch.zeros(0, dtype=torch.long)}, prompts, skipped
     # only the conditioning a mirror changes is stored twice (the prompts' embeddings are not)
     parts.update({f"cond_flipped.{name}": flipped_conditioning[f"cond_flipped.{name}"] for name in differs})
+    if all(torch.isnan(part).all() for part in parts.get("score_margin", [])):
+        parts.pop("score_margin", None)  # no row of the shard is scored
     return {name: torch.cat(values) for name, values in parts.items()}, prompts, skipped
+
+
+def _seed_columns(batch: dict[str, Any]) -> Tensor:
+    """``[B, 3]`` int64: each pair's chosen seed, rejected seed and noise dtype code (objective.noise=stored),
+    ``-1`` seeds where the batch carries none."""
+    from sipo.data.jsonl import NOISE_DTYPE_NAMES
+
+    count = len(batch["indices"])
+    if batch.get("chosen_seed") is None:
+        return torch.tensor([[-1, -1, 0]] * count, dtype=torch.long).reshape(count, 3)
+    codes = [NOISE_DTYPE_NAMES.index(name) for name in batch["noise_dtype"]]
+    return torch.stack([batch["chosen_seed"].long(), batch["rejected_seed"].long(), torch.tensor(codes)], dim=1)
 
 
 def _index_time_report(report: DataReport) -> dict[str, Any]:
@@ -476,6 +497,16 @@ class CachedPairs(Dataset):
         }
         if "size_info" in keys:
             item["size_info"] = read("size_info_flipped" if flip and "size_info_flipped" in keys else "size_info")
+        if "stored_noise" in keys:
+            from sipo.data.jsonl import NOISE_DTYPE_NAMES
+
+            chosen, rejected, code = (int(v) for v in read("stored_noise"))
+            if chosen >= 0:
+                item.update(chosen_seed=chosen, rejected_seed=rejected, noise_dtype=NOISE_DTYPE_NAMES[code])
+        if "score_margin" in keys:
+            margin = float(read("score_margin"))
+            if margin == margin:  # NaN: the row had no score
+                item["score_margin"] = margin
         self.report.record([item])
         return item
 
@@ -497,6 +528,9 @@ class CachedPairs(Dataset):
                                      for name in pairs[0]["conditioning"]}
             if "size_info" in pairs[0]:
                 batch["size_info"] = torch.stack([pair["size_info"] for pair in pairs])
+        from sipo.data.pairs import collate_seeds
+
+        batch.update(collate_seeds(pairs))
         return batch
 
 

@@ -106,6 +106,8 @@ class JsonlDataset(PreferenceDataset):
         self._root = os.path.realpath(manifest.parent)
         self._prompts, self._chosen, self._rejected = _PackedStrings(), _PackedStrings(), _PackedStrings()
         lines: list[int] = []
+        seeds: list[tuple[int, ...]] = []  # (chosen seed, rejected seed, noise dtype code, height, width) or -1s
+        margins: list[float] = []  # each row's score margin, NaN where it has none
         with manifest.open("rb") as handle:  # bytes: one line of bad UTF-8 is one bad row
             for line_number, raw in enumerate(handle, start=1):
                 if max_pairs is not None and len(lines) >= max_pairs:
@@ -123,11 +125,15 @@ class JsonlDataset(PreferenceDataset):
                         row = None
                 if row is not None:
                     lines.append(line_number)
+                    seeds.append(row[4])
+                    margins.append(float("nan") if row[3] is None else row[3])
                     for column, text in zip((self._prompts, self._chosen, self._rejected), row[:3]):
                         column.append(text)
         for column in (self._prompts, self._chosen, self._rejected):
             column.freeze()
         self._lines = np.asarray(lines, dtype=np.int64)
+        self._seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 5)
+        self._margins = np.asarray(margins, dtype=np.float64)
         self.report.set_pairs(len(lines))
         wrong_kind = NOT_A_VIDEO if self.media == "video" else NOT_A_PICTURE
         if not lines and self.report.index_skips[wrong_kind]:
@@ -151,8 +157,8 @@ class JsonlDataset(PreferenceDataset):
                 "object per line with paths relative to the manifest"
             )
 
-    def _parse(self, raw: bytes, where: str) -> tuple[str, str, str, float | None] | None:
-        """The row's (prompt, chosen, rejected, score margin or None), or None after counting why it is unusable."""
+    def _parse(self, raw: bytes, where: str) -> tuple[str, str, str, float | None, tuple[int, int, int]] | None:
+        """The row's (prompt, chosen, rejected, score margin or None, stored-noise seeds), or None after counting why it is unusable."""
         try:
             record = json.loads(raw)
         except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
@@ -174,7 +180,7 @@ class JsonlDataset(PreferenceDataset):
             if problem is not None:
                 self._raise_or_count(problem, f"{where} ({name}: {record[name]!r})")
                 return None
-        return record["prompt"], record["chosen"], record["rejected"], _score_margin(record)
+        return record["prompt"], record["chosen"], record["rejected"], _score_margin(record), _stored_noise(record)
 
     def _kind_problem(self, relative: str) -> str | None:
         """A picture for a video model or a clip for an image model, told by the suffix (a GIF may be either)."""
@@ -201,6 +207,24 @@ class JsonlDataset(PreferenceDataset):
 
     def _where(self, index: int) -> str:
         return f"line {self._lines[index]} of {self._manifest}"
+
+    def row_extras(self, index: int) -> dict | None:
+        margin = float(self._margins[index])
+        extras = {} if np.isnan(margin) else {"score_margin": margin}
+        seeds = self._stored_noise_seeds(index)
+        return {**extras, **seeds} if (extras or seeds) else None
+
+    def _stored_noise_seeds(self, index: int) -> dict:
+        chosen, rejected, dtype, height, width = (int(v) for v in self._seeds[index])
+        if chosen < 0:
+            return {}
+        trained = self.video.size(self.resolution)
+        if height > 0 and (height, width) != trained:
+            # another size is another latent shape, whose draw is another tensor than the sampler's x_T
+            return {"stored_noise_problem": f"{self._where(index)} was sampled at {height}x{width} px and trains at "
+                                            f"{trained[0]}x{trained[1]}; set model.resolution (and data.height/width) "
+                                            "to the size sipo pairs sampled at"}
+        return {"chosen_seed": chosen, "rejected_seed": rejected, "noise_dtype": NOISE_DTYPE_NAMES[dtype]}
 
     def pair_key(self, index: int) -> str:
         return f"line {self._lines[index]} of {os.path.basename(self._manifest)}"
@@ -233,6 +257,25 @@ def _score_margin(record: dict) -> float | None:
     if margin is None and number("score_chosen") is not None and number("score_rejected") is not None:
         margin = number("score_chosen") - number("score_rejected")
     return margin
+
+
+#: ``noise_dtype`` values a row may carry (the dtype ``sipo pairs``' pipeline drew its starting noise in)
+NOISE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _stored_noise(record: dict) -> tuple[int, int, int, int, int]:
+    """``(chosen_seed, rejected_seed, noise dtype code, height, width)`` as ``sipo pairs`` writes them
+    (``-1`` for a size the row does not record), or ``-1`` seeds when the row has no usable pair of
+    seeds (integers in [0, 2**63))."""
+    chosen, rejected = record.get("chosen_seed"), record.get("rejected_seed")
+    usable = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in (chosen, rejected))
+    dtype = record.get("noise_dtype", "float32")
+    if not usable or dtype not in NOISE_DTYPE_NAMES:
+        return -1, -1, 0, -1, -1
+    height, width = record.get("height"), record.get("width")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in (height, width)):
+        height = width = -1
+    return chosen, rejected, NOISE_DTYPE_NAMES.index(dtype), height, width
 
 
 def listed_pictures(manifest: str | os.PathLike[str]) -> list[Path]:

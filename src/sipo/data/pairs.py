@@ -90,6 +90,13 @@ class PreferenceDataset(Dataset):
         """
         raise NotImplementedError
 
+    def row_extras(self, index: int) -> dict[str, Any] | None:
+        """What pair ``index``'s row carries beyond its pictures, for the step: ``chosen_seed``,
+        ``rejected_seed`` and ``noise_dtype`` (the seeds its two pictures were sampled from, ``sipo
+        pairs``; objective.noise=stored) and ``score_margin`` (objective.reward_beta); None when the
+        format or the row has none."""
+        return None
+
     # --- shared ----------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Change which pairs ``random_flip`` mirrors (call it before each epoch, like DDP samplers)."""
@@ -132,6 +139,9 @@ class PreferenceDataset(Dataset):
         item = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": index}
         if original and original[0] is not None:
             item["size_info"] = size_info(original[0], self.resolution, flipped)
+        extras = self.row_extras(index)
+        if extras is not None:
+            item.update(extras)
         self.report.record([item])
         return item
 
@@ -175,4 +185,23 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
     }
     if pairs and all("size_info" in pair for pair in pairs):
         batch["size_info"] = torch.stack([pair["size_info"] for pair in pairs])
+    batch.update(collate_seeds(pairs))
     return batch
+
+
+def collate_seeds(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``chosen_seed`` / ``rejected_seed`` (``[B]`` int64) and ``noise_dtype`` (names) when every pair
+    carries them (objective.noise=stored reads them), ``stored_noise_problem`` (a sentence) when a
+    pair's seeds cannot reproduce its noise, ``score_margin`` (``[B]``) when every pair carries one
+    (objective.reward_beta)."""
+    extras = {}
+    if pairs and all("score_margin" in pair for pair in pairs):
+        extras["score_margin"] = torch.tensor([float(pair["score_margin"]) for pair in pairs], dtype=torch.float32)
+    problems = [pair["stored_noise_problem"] for pair in pairs if "stored_noise_problem" in pair]
+    if problems:
+        return {**extras, "stored_noise_problem": problems[0]}
+    if not pairs or not all("chosen_seed" in pair for pair in pairs):
+        return extras
+    return {**extras, "chosen_seed": torch.tensor([int(pair["chosen_seed"]) for pair in pairs], dtype=torch.long),
+            "rejected_seed": torch.tensor([int(pair["rejected_seed"]) for pair in pairs], dtype=torch.long),
+            "noise_dtype": [str(pair.get("noise_dtype", "float32")) for pair in pairs]}

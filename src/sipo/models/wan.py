@@ -175,6 +175,8 @@ class WanAdapter(VideoAdapter):
     family = "wan"
     pipeline_class_names = ("WanPipeline",)
     pipeline_class_name = "WanPipeline"
+    #: WanPipeline draws its starting noise in float32 whatever the weights (sipo pairs records it per row)
+    starting_noise_dtype = torch.float32
     components = {
         "transformer": "WanTransformer3DModel",
         "vae": "AutoencoderKLWan",

@@ -145,7 +145,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     output_dir: Path, trainable: dict[str, Tensor], optimizer, lr_scheduler, state: TrainState,
-    generator: torch.Generator, keep_last: int, fingerprint: dict[str, Any] | None = None,
+    generator: torch.Generator | None, keep_last: int, fingerprint: dict[str, Any] | None = None,
     device: torch.device | None = None,
 ) -> Path:
     """Write a checkpoint atomically: fill ``.tmp-step-N``, fsync, then rename to ``step-N``.
@@ -212,7 +212,8 @@ def _fill_checkpoint(tmp: Path, trainable, optimizer, lr_scheduler, state: Train
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-    tensors = {"generator_state": generator.get_state()}
+    # sipo's trainer keys every pair's noise by (seed, step, place) and passes no generator
+    tensors = {"generator_state": generator.get_state()} if generator is not None else {}
     if state.ema is not None:
         tensors["ema"] = state.ema.cpu()
         tensors["ema_seen"] = state.ema_seen.cpu().to(torch.uint8)
@@ -231,8 +232,12 @@ def _fill_checkpoint(tmp: Path, trainable, optimizer, lr_scheduler, state: Train
 
 
 def load_checkpoint(path: Path, trainable_module_params: dict[str, nn.Parameter], optimizer, lr_scheduler,
-                    generator: torch.Generator) -> TrainState:
-    """Restore weights, optimizer, lr schedule, RNG, EMA and counters; loads tensors only (no pickle code)."""
+                    generator: torch.Generator | None = None) -> TrainState:
+    """Restore weights, optimizer, lr schedule, RNG, EMA and counters; loads tensors only (no pickle code).
+
+    ``generator``: restored from the checkpoint's ``generator_state`` when both exist. The trainer passes
+    none: its noise is keyed by (seed, step, place), so a checkpoint of an older sipo that holds a noise
+    stream resumes too, with the noise of its step numbers."""
     weights = load_file(path / "trainable.safetensors")
     missing = set(trainable_module_params) - set(weights)
     if missing:
@@ -246,7 +251,8 @@ def load_checkpoint(path: Path, trainable_module_params: dict[str, nn.Parameter]
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     tensors = load_file(path / "rng_and_ema.safetensors")
-    generator.set_state(tensors["generator_state"])
+    if generator is not None and "generator_state" in tensors:
+        generator.set_state(tensors["generator_state"])
     state = TrainState(**json.loads((path / "state.json").read_text()))
     if "ema" in tensors:
         state.ema = tensors["ema"]

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -388,19 +389,57 @@ def data_signature(data_path: str) -> str:
     return f"{len(files)} files, sha256 {digest.hexdigest()[:16]}"
 
 
-def run_fingerprint(config: SipoConfig) -> dict[str, Any]:
+def run_fingerprint(config: SipoConfig, num_processes: int = 1) -> dict[str, Any]:
     """What identifies a run: every resolved config key, flat, plus digests of its data files and of
     the model's files (``model.files``: configs' contents, weight files' sizes and mtimes, the same
-    description the latent cache's key uses), so base weights replaced in place stop a ``--resume``."""
+    description the latent cache's key uses), so base weights replaced in place stop a ``--resume``;
+    and ``train.num_processes``, the third factor of the global batch (:func:`check_global_batch`)."""
     from sipo.data.cache import model_files_digest
 
     flat: dict[str, Any] = {}
     for section, values in config.to_dict().items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
+    flat["train.num_processes"] = int(num_processes)
     flat["data.files"] = data_signature(config.data.path)
     flat["model.files"] = model_files_digest(config.model)
     return json.loads(json.dumps(flat, default=str))  # the form it takes after a JSON round trip
+
+
+#: the three factors of the global batch: a resume may change them when their product stays
+LAYOUT_KEYS = ("train.batch_size", "train.gradient_accumulation_steps", "train.num_processes")
+
+
+def _layout(values: dict[str, Any]) -> str:
+    batch, accumulation, processes = (values[key] for key in LAYOUT_KEYS)
+    return f"{batch} x {accumulation} x {processes} process{'es' if processes != 1 else ''}"
+
+
+def check_global_batch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """``--resume``'s check of the global batch ``batch_size x gradient_accumulation_steps x processes``.
+
+    Another layout of the same global batch continues the run exactly (a pair's t and noise depend on its
+    place in the step's batch, not on the layout): returns the line that says so, or None when nothing
+    changed. Another global batch stops in one sentence that names the fix. A checkpoint written before
+    sipo recorded the processes (no ``train.num_processes``) is left to the key-by-key comparison.
+    """
+    if not all(key in saved for key in LAYOUT_KEYS) or not all(key in current for key in LAYOUT_KEYS):
+        return None
+    old, new = (math.prod(int(values[key]) for key in LAYOUT_KEYS) for values in (saved, current))
+    if all(saved[key] == current[key] for key in LAYOUT_KEYS):
+        return None
+    if old != new:
+        per_micro = int(current["train.batch_size"]) * int(current["train.num_processes"])
+        fix = (f"train.gradient_accumulation_steps={old // per_micro} with this batch_size and these processes"
+               if old % per_micro == 0 else f"a train.batch_size and train.gradient_accumulation_steps whose product "
+               f"with the {current['train.num_processes']} processes is {old}")
+        raise SipoError(f"--resume refused: the global batch changed from {old} pairs per step (batch_size x "
+                        f"gradient_accumulation_steps x processes = {_layout(saved)}) to {new} ({_layout(current)}), "
+                        f"which would re-read or skip pairs and change what every step optimises; set {fix}, or start a "
+                        "new run with --overwrite or another train.output_dir")
+    return (f"the layout changed from {_layout(saved)} to {_layout(current)} (batch_size x gradient_accumulation_steps "
+            f"x processes), the same global batch of {new} pairs per step; a pair's t and noise depend only on its "
+            "place in that batch, so the run continues as it would have (to float rounding)")
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -508,7 +508,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
                          "repeats pairs (each with its own noise); pairs_per_s counts every pair evaluated")
         held_out, train_indices, held_out_indices = open_held_out(config, dataset)
         validation_prompts(tc.validation_prompts)  # a missing prompts file stops here, not after the model loads
-        fingerprint = run_fingerprint(config)
+        fingerprint = run_fingerprint(config, process.num_processes)
         rundir.check_reporting(config)
         resume_from, damaged = None, []
         if resume:

@@ -49,9 +49,11 @@ LORA = "pytorch_lora_weights.safetensors"
 BETA = 500.0
 #: float32 sums in other orders (a sum of 4 pairs, of 4 micro-batches, DDP's mean of 2 processes), grown through
 #: beta; AdamW's epsilon is raised from 1e-8 so that a LoRA element whose gradient is a near-cancelling sum
-#: (|g| ~ its rounding) moves by ~lr*g/eps, not by +-lr whichever way the rounding went; typical |g| ~ 1e-2
+#: (|g| ~ its rounding) moves by ~lr*g/eps, not by +-lr whichever way the rounding went; typical |g| ~ 1e-2.
+#: Measured: losses and grad norms within 6e-5 (relative), LoRA within 3.4e-6; the old trainer differed by
+#: 0.5-0.9 (relative) in the loss and 3.9e-3 in the LoRA
 ADAM_EPSILON = 1e-4
-TOLERANCE = 1e-4
+TOLERANCE = 2e-4
 
 
 def _settings(objective: str, layout: tuple[int, int, int], **extra) -> dict:
@@ -262,10 +264,10 @@ def test_resume_with_another_global_batch_stops_in_one_sentence_naming_the_fix(l
     source = layout_runs["root"] / "resume-source"
     before = sorted(p.name for p in source.rglob("*"))
     config = load_config(None, layout_runs["overrides"]("dpo", (2, 1, 1), **{"train.output_dir": str(source)}))
-    with pytest.raises(SipoError, match=r"--resume refused: the global batch changed from 4 pairs per step \(batch_size "
-                                        r"x gradient_accumulation_steps x processes = 2 x 1 x 2 processes\) to 2 \(2 x 1 "
-                                        r"x 1 process\), .*; set train.gradient_accumulation_steps=2 with this "
-                                        r"batch_size and these processes, or start a new run"):
+    with pytest.raises(SipoError, match=r"--resume refused: .*train.num_processes: 2 -> 1; the global batch changed from "
+                                        r"4 pairs per step \(batch_size x gradient_accumulation_steps x processes = 2 x 1 x "
+                                        r"2 processes\) to 2 \(2 x 1 x 1 process\), .*: keep 4 with "
+                                        r"train.gradient_accumulation_steps=2 with this batch_size and these processes\)"):
         train(config, resume=True, progress=False, adapter=copy.deepcopy(layout_runs["base"]))
     assert sorted(p.name for p in source.rglob("*")) == before
 
@@ -275,9 +277,13 @@ def test_check_global_batch_names_what_changed():
 
     layout = lambda b, g, n: {"train.batch_size": b, "train.gradient_accumulation_steps": g,  # noqa: E731
                               "train.num_processes": n}
-    assert check_global_batch(layout(2, 2, 2), layout(2, 2, 2)) is None
-    assert "from 2 x 2 x 2 processes to 1 x 8 x 1 process" in check_global_batch(layout(2, 2, 2), layout(1, 8, 1))
-    with pytest.raises(SipoError, match=r"from 8 pairs per step .* to 12 .* whose product with the 2 processes is 8"):
-        check_global_batch(layout(2, 2, 2), layout(3, 2, 2))
+    assert check_global_batch(layout(2, 2, 2), layout(2, 2, 2)) == (None, None)
+    line, refusal = check_global_batch(layout(2, 2, 2), layout(1, 8, 1))
+    assert "from 2 x 2 x 2 processes to 1 x 8 x 1 process" in line and refusal is None
+    line, refusal = check_global_batch(layout(2, 2, 2), layout(3, 2, 2))
+    assert line is None and "from 8 pairs per step" in refusal and "to 12" in refusal
+    assert refusal.endswith("keep 8 with a train.batch_size and train.gradient_accumulation_steps whose product with "
+                            "the 2 processes is 8")
     # a checkpoint of an older sipo recorded no processes: batch_size and accumulation are compared key by key
-    assert check_global_batch({"train.batch_size": 2, "train.gradient_accumulation_steps": 1}, layout(2, 1, 2)) is None
+    older = {"train.batch_size": 2, "train.gradient_accumulation_steps": 1}
+    assert check_global_batch(older, layout(2, 1, 2)) == (None, None)

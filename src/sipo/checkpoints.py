@@ -415,31 +415,31 @@ def _layout(values: dict[str, Any]) -> str:
     return f"{batch} x {accumulation} x {processes} process{'es' if processes != 1 else ''}"
 
 
-def check_global_batch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """``--resume``'s check of the global batch ``batch_size x gradient_accumulation_steps x processes``.
+def check_global_batch(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``--resume``'s check of the global batch ``batch_size x gradient_accumulation_steps x processes``:
+    ``(line, refusal)``.
 
     Another layout of the same global batch continues the run exactly (a pair's t and noise depend on its
-    place in the step's batch, not on the layout): returns the line that says so, or None when nothing
-    changed. Another global batch stops in one sentence that names the fix. A checkpoint written before
-    sipo recorded the processes (no ``train.num_processes``) is left to the key-by-key comparison.
+    place in the step's batch, not on the layout): ``line`` says so (None when nothing changed). Another
+    global batch gives ``refusal``, a phrase naming both and the fix. A checkpoint written before sipo
+    recorded the processes (no ``train.num_processes``) gives neither: its keys are compared one by one.
     """
     if not all(key in saved for key in LAYOUT_KEYS) or not all(key in current for key in LAYOUT_KEYS):
-        return None
-    old, new = (math.prod(int(values[key]) for key in LAYOUT_KEYS) for values in (saved, current))
+        return None, None
     if all(saved[key] == current[key] for key in LAYOUT_KEYS):
-        return None
+        return None, None
+    old, new = (math.prod(int(values[key]) for key in LAYOUT_KEYS) for values in (saved, current))
     if old != new:
         per_micro = int(current["train.batch_size"]) * int(current["train.num_processes"])
         fix = (f"train.gradient_accumulation_steps={old // per_micro} with this batch_size and these processes"
                if old % per_micro == 0 else f"a train.batch_size and train.gradient_accumulation_steps whose product "
                f"with the {current['train.num_processes']} processes is {old}")
-        raise SipoError(f"--resume refused: the global batch changed from {old} pairs per step (batch_size x "
-                        f"gradient_accumulation_steps x processes = {_layout(saved)}) to {new} ({_layout(current)}), "
-                        f"which would re-read or skip pairs and change what every step optimises; set {fix}, or start a "
-                        "new run with --overwrite or another train.output_dir")
+        return None, (f"the global batch changed from {old} pairs per step (batch_size x gradient_accumulation_steps x "
+                      f"processes = {_layout(saved)}) to {new} ({_layout(current)}), which would re-read or skip pairs "
+                      f"and change what every step optimises: keep {old} with {fix}")
     return (f"the layout changed from {_layout(saved)} to {_layout(current)} (batch_size x gradient_accumulation_steps "
             f"x processes), the same global batch of {new} pairs per step; a pair's t and noise depend only on its "
-            "place in that batch, so the run continues as it would have (to float rounding)")
+            "place in that batch, so the run continues as it would have (to float rounding)"), None
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -138,6 +138,15 @@ class StepOutput:
     grad_norm: Any = None
     finite: bool = True
 
+    def add(self, terms: PairTerms, sums: objectives.LossSums, keep: Tensor, effective_weight: Tensor,
+            mask_weight: Tensor) -> None:
+        """One micro-batch's results, detached (the backward uses the caller's ``sums``)."""
+        self.terms.append(terms)
+        self.sums.append(objectives.LossSums(sums.numerator.detach().float(), sums.denominator.float(), sums.floor))
+        self.keeps.append(keep)
+        self.weights.append(effective_weight)
+        self.mask_weights.append(mask_weight.detach())
+
 
 # ----------------------------------------------------------------------------- the loop
 def train(
@@ -204,6 +213,7 @@ def training_step(run: Run) -> StepOutput:
     if oc.pair_settings().uses_step_statistic and tc.gradient_accumulation_steps > 1:
         micro_batches = list(micro_batches)  # read and encoded once, used by both passes
         step.statistics = step_statistics(run, micro_batches, step.beta)
+    single = tc.gradient_accumulation_steps == 1
     for micro, encoded, noise in micro_batches:
         # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
         last_micro = micro == tc.gradient_accumulation_steps - 1
@@ -218,13 +228,11 @@ def training_step(run: Run) -> StepOutput:
                 weight = pair_weight(terms, run.state, oc.weight_source, run.num_train_timesteps, oc.ema_decay,
                                      accelerator)
                 sums, keep, effective_weight = objective_sums(terms, weight, **oc.loss_settings(step.beta))
-            accelerator.backward(sums.numerator)  # divided by the step's normaliser in normalise_step
-        step.terms.append(terms)
-        step.sums.append(objectives.LossSums(sums.numerator.detach().float(), sums.denominator.float(), sums.floor))
-        step.keeps.append(keep)
-        step.weights.append(effective_weight)
-        step.mask_weights.append(weight.detach())
-    normalise_step(run, step)
+            step.add(terms, sums, keep, effective_weight, weight)
+            # one micro-batch: its normaliser is known before the backward (DeepSpeed steps inside it)
+            accelerator.backward(sums.numerator * (normalise_step(run, step) if single else 1.0))
+    if step.loss is None:  # accumulated: the step's one normaliser divides the summed gradient
+        scale_gradients(run.trainable, normalise_step(run, step))
     return step
 
 
@@ -281,31 +289,35 @@ def step_statistics(run: Run, micro_batches: list, beta: float) -> StepStatistic
     )
 
 
-def normalise_step(run: Run, step: StepOutput) -> None:
+def normalise_step(run: Run, step: StepOutput) -> Tensor:
     """The step's ONE normaliser (SPEC 4-5): every sum runs over N processes x G micro-batches x B pairs.
 
-    Each micro-batch backpropagated its numerator; one all-reduce totals numerators, denominators, pairs and
-    kept pairs; the accumulated gradient (DDP's mean over processes) is multiplied by
-    ``processes / max(floor, total denominator)`` before clipping. Exact: the mask and the weights in the
-    denominator are detached.
+    One all-reduce totals the micro-batches' numerators, denominators, pairs and kept pairs on every process;
+    sets the step's loss ``numerator / max(floor, denominator)`` and returns the factor that turns the
+    backpropagated numerators into its gradient, ``N / max(floor, denominator)`` (N: DDP averages the
+    processes' gradients). Exact: the mask and the weights in the denominator are detached.
     """
     from accelerate.utils import reduce
 
-    accelerator = run.accelerator
-    device = accelerator.device
-    floor = step.sums[0].floor if step.sums else 1.0
+    device = run.accelerator.device
+    zero = torch.zeros((), device=device)
     local = torch.stack([
-        torch.stack([s.numerator for s in step.sums]).sum() if step.sums else torch.zeros((), device=device),
-        torch.stack([s.denominator for s in step.sums]).sum() if step.sums else torch.zeros((), device=device),
+        torch.stack([s.numerator for s in step.sums]).sum() if step.sums else zero,
+        torch.stack([s.denominator for s in step.sums]).sum() if step.sums else zero,
         torch.tensor(float(step.pairs), device=device),
-        torch.cat(step.keeps).sum().float() if step.keeps else torch.zeros((), device=device),
+        torch.cat(step.keeps).sum().float() if step.keeps else zero,
     ]).to(device=device, dtype=torch.float32)
     numerator, denominator, step.global_pairs, step.global_kept = reduce(local, reduction="sum")
-    normaliser = denominator.clamp(min=floor)
+    normaliser = denominator.clamp(min=step.sums[0].floor if step.sums else 1.0)
     step.loss = numerator / normaliser
-    grads = [p.grad for p in run.trainable.values() if p.grad is not None]
+    return run.accelerator.num_processes / normaliser
+
+
+def scale_gradients(trainable: dict[str, nn.Parameter], factor: Tensor) -> None:
+    """Multiply the accumulated gradients by ``factor`` (a device scalar: no host synchronisation)."""
+    grads = [p.grad for p in trainable.values() if p.grad is not None]
     if grads:
-        torch._foreach_mul_(grads, (accelerator.num_processes / normaliser).to(grads[0].dtype))
+        torch._foreach_mul_(grads, factor.to(grads[0].dtype))
 
 
 def optimizer_step(run: Run, step: StepOutput) -> None:
@@ -483,6 +495,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
     output_dir = Path(tc.output_dir)
     process = rundir.launch_state()
     rundir.check_launch(process.num_processes, process.device.type)
+    refuse_deepspeed(tc.gradient_accumulation_steps)
     check_values(config)
     if tc.finetune == "lora" and tc.lora_format == "comfyui":
         check_comfyui_family(config.model.family)
@@ -524,6 +537,19 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
         raise
     return Plan(output_dir, dataset, fingerprint, resume_from, damaged, notes, created_dir, held_out, train_indices,
                 held_out_indices)
+
+
+def refuse_deepspeed(gradient_accumulation_steps: int) -> None:
+    """DeepSpeed steps the optimizer inside its own backward (accelerate's DeepSpeedEngineWrapper): with
+    accumulation, before :func:`training_step` can divide the step's summed gradient by its one normaliser."""
+    import os
+
+    if gradient_accumulation_steps > 1 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise SipoError(f"the accelerate config asks for DeepSpeed, which steps the optimizer inside every backward, so "
+                        f"with train.gradient_accumulation_steps={gradient_accumulation_steps} sipo could not divide the "
+                        "step's gradient by the normaliser of its whole batch (docs/method.md); set "
+                        "train.gradient_accumulation_steps=1 (raise train.batch_size or the GPUs instead), or use DDP "
+                        "or FSDP (configs/accelerate/ddp_8gpu.yaml, fsdp_8gpu.yaml)")
 
 
 def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> Run:

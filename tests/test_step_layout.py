@@ -287,3 +287,49 @@ def test_check_global_batch_names_what_changed():
     # a checkpoint of an older sipo recorded no processes: batch_size and accumulation are compared key by key
     older = {"train.batch_size": 2, "train.gradient_accumulation_steps": 1}
     assert check_global_batch(older, layout(2, 1, 2)) == (None, None)
+
+
+# ----------------------------------------------------------------------------- the pieces
+def test_the_sums_of_two_micro_batches_divide_by_one_normaliser():
+    from sipo.objectives import pair_loss_sums, step_loss
+
+    loss = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    keep = torch.tensor([True, False, True, True])
+    weight = torch.tensor([0.5, 3.0, 1.0, 2.0])
+    cases = [({}, (1 + 4 + 8) / 3),  # C&M: the kept mean of the step, not the mean of two micro-batch means
+             ({"weight": weight, "normalize": "self"}, (0.5 + 4 + 16) / 3.5),
+             ({"weight": weight, "normalize": "batch"}, (0.5 + 4 + 16) / 4)]
+    for settings, expected in cases:
+        first = pair_loss_sums(loss[:2], keep[:2], **{k: v[:2] if k == "weight" else v for k, v in settings.items()})
+        second = pair_loss_sums(loss[2:], keep[2:], **{k: v[2:] if k == "weight" else v for k, v in settings.items()})
+        total = step_loss(first.numerator + second.numerator, first.denominator + second.denominator, first.floor)
+        assert float(total) == pytest.approx(expected, rel=1e-6)
+    # every pair masked: loss 0, not 0/0
+    parts = pair_loss_sums(loss, torch.zeros(4, dtype=torch.bool))
+    assert float(step_loss(*parts)) == 0.0
+
+
+def test_a_pairs_noise_depends_on_seed_step_and_place_only():
+    from sipo.preference import draw_step_noise
+
+    shape = torch.Size((4, 2, 3, 3))
+    whole = draw_step_noise(shape, 1000, 0, 5, [8, 9, 10, 11])
+    alone = draw_step_noise(torch.Size((1, 2, 3, 3)), 1000, 0, 5, [10])  # the same pair on another process
+    for name in ("timesteps", "eps", "posterior_noise"):
+        assert torch.equal(getattr(whole, name)[2:3], getattr(alone, name))
+    assert not torch.equal(draw_step_noise(shape, 1000, 0, 6, [8, 9, 10, 11]).eps, whole.eps)  # another step
+    assert not torch.equal(draw_step_noise(shape, 1000, 1, 5, [8, 9, 10, 11]).eps, whole.eps)  # another seed
+    assert len(set(whole.eps[:, 0, 0, 0].tolist())) == 4  # every place its own draw
+    sampled = draw_step_noise(shape, 1000, 0, 5, [8, 9, 10, 11], timestep_sampling="logit_normal")
+    assert ((0 <= sampled.timesteps) & (sampled.timesteps < 1000)).all()
+
+
+def test_deepspeed_with_gradient_accumulation_stops_in_one_sentence(monkeypatch):
+    from sipo.train import refuse_deepspeed
+
+    refuse_deepspeed(4)  # no DeepSpeed asked for
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    refuse_deepspeed(1)  # one micro-batch per step: the normaliser is known before DeepSpeed's backward
+    with pytest.raises(SipoError, match=r"DeepSpeed, which steps the optimizer inside every backward, so with "
+                                        r"train.gradient_accumulation_steps=4 .*; set train.gradient_accumulation_steps=1"):
+        refuse_deepspeed(4)

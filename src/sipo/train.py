@@ -975,7 +975,7 @@ clip={switches['clip']}, reweight={switches['reweight']}, beta={config.objective
 
 - weights: {weights}
 - resolved config: config.yaml
-- non-finite steps skipped: {state.bad_steps}; batches with every pair masked: {state.all_masked_batches};
+- non-finite steps skipped: {state.bad_steps}; steps whose whole batch was masked: {state.all_masked_batches};
   malformed rows skipped: {state.skipped_rows}
 {_best_line(output_dir)}"""
     (output_dir / "README.md").write_text(text)

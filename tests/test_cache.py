@@ -53,8 +53,9 @@ def test_training_from_the_cache_equals_training_from_pictures(tiny_sd15_dir, tm
     assert any(v.abs().max() > 0 for k, v in weights_c.items() if "lora_B" in k)  # it trained
     for name in weights_p:
         # the encoders see 4 images per call from pictures and up to 8 per call while caching:
-        # equal up to float32 rounding of the convolutions
-        torch.testing.assert_close(weights_c[name], weights_p[name], rtol=0, atol=1e-5)
+        # equal up to float32 rounding of the convolutions, grown by beta 5000 and AdamW's per-weight
+        # normalisation (with the noise keyed per pair, one of 128 elements differs by 1.5e-5)
+        torch.testing.assert_close(weights_c[name], weights_p[name], rtol=0, atol=3e-5)
     # beta = 5000 scales error differences of ~1e-7 into z: the losses agree to ~1e-4, not to 1e-7
     assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in pictures.history], abs=1e-3)
     # and the tolerance above is tight: the weights moved far more than it from their start

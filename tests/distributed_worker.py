@@ -1,6 +1,8 @@
 """What ``accelerate launch`` runs in tests/test_distributed.py: ``sipo train`` (sipo.cli.main), with
 each process's micro-batches (the dataset indices it read) recorded in ``<record_dir>/indices-<rank>.json``,
-so the test sees which pairs each rank trained on. Usage: ``distributed_worker.py RECORD_DIR sipo-args...``."""
+so the test sees which pairs each rank trained on. Usage: ``distributed_worker.py RECORD_DIR sipo-args...``, or
+``distributed_worker.py RECORD_DIR --each RUNS.json`` (a JSON list of sipo argument lists) to run several
+``sipo`` commands, one after another, in one launch (tests/test_step_layout.py: one launch, many runs)."""
 
 from __future__ import annotations
 
@@ -33,4 +35,12 @@ if __name__ == "__main__":
     train_module.data_loader = recording(train_module.data_loader, record_dir / f"indices-{rank}.json")
     from sipo.cli import main
 
+    if sys.argv[2] == "--each":
+        import torch.distributed
+
+        # every run's end_training() destroys the process group; the next run needs it: destroy it once, last
+        destroy, torch.distributed.destroy_process_group = torch.distributed.destroy_process_group, lambda *a, **k: None
+        codes = [main(arguments) for arguments in json.loads(Path(sys.argv[3]).read_text())]
+        destroy()
+        sys.exit(max(code or 0 for code in codes))
     sys.exit(main(sys.argv[2:]))

@@ -29,15 +29,16 @@ LORA = "pytorch_lora_weights.safetensors"
 #: float32 sums in another order (DDP averages two half-batch gradients, one process differentiates
 #: the mean of four pairs), grown through beta and Adam's per-weight normalisation. Measured: 1.1e-5
 #: (loss), 1.1e-5 (LoRA); one process on 2 threads instead of 1 differs from itself by 7.5e-6 and 2.4e-4
-#: (docs/distributed.md). Each rank drawing its own noise (sipo before) differs by 1.5e-2 and 7.8e-3.
+#: (docs/distributed.md). Each rank drawing its own noise (sipo before) differs by 1.5e-2 and 7.8e-3. Since
+#: the noise is keyed by (seed, step, place in the step's batch), any layout draws the same noise per pair.
 TOLERANCE = 1e-4
 TESTS = Path(__file__).resolve().parent
 SOURCE = TESTS.parent / "src"
 
 
 def _settings(**extra) -> dict:
-    # DPO: its loss is the plain mean over pairs, which DDP's gradient average reproduces exactly
-    # (the masked and self-normalised objectives normalise per process, docs/distributed.md)
+    # DPO here; every objective divides by the normaliser of the step's whole batch, so the masked and
+    # self-normalised ones train alike on 2 processes too (tests/test_step_layout.py checks six objectives)
     return {"objective.name": "dpo", "train.max_steps": STEPS, "train.checkpoint_every": 0,
             "train.report_to": "none", "train.deterministic": True, "data.validation_fraction": 0.25,
             "train.validate_every": 2, "objective.beta": 500.0, **extra}  # beta: the fixtures' 5000 amplifies rounding 10x more

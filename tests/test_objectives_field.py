@@ -287,8 +287,10 @@ def test_non_z_objectives_combine_with_the_mask_as_a_masked_mean():
     loss, keep, _ = objective_loss(terms, weight, **oc.loss_settings())
     assert keep.tolist() == [True, False, True]
     assert loss.item() == pytest.approx(2.5)
-    oc = ObjectiveConfig(name="kto", mask=True, sft_weight=0.5)  # + 0.5 * mean err_w = 0.5 * 0.8/3
-    assert objective_loss(terms, weight, **oc.loss_settings())[0].item() == pytest.approx(2.5 + 0.5 * 0.8 / 3, rel=1e-6)
+    # sft_weight adds 0.5 * err_w to each pair's loss inside the same masked sums (one normaliser per step):
+    # ((1 + 0.05) + (4 + 0.1)) / 2, the kept pairs' err_w being 0.1 and 0.2
+    oc = ObjectiveConfig(name="kto", mask=True, sft_weight=0.5)
+    assert objective_loss(terms, weight, **oc.loss_settings())[0].item() == pytest.approx((1.05 + 4.1) / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides, fix", [

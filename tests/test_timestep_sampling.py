@@ -124,25 +124,28 @@ def test_config_key_defaults_to_uniform_and_checks_its_values():
 
 
 def test_the_trainer_draws_with_the_configured_density(tiny_sd15_dir, tmp_path, monkeypatch):
-    """train() passes objective.timestep_sampling to draw_pair_noise (the one call site)."""
+    """train() passes objective.timestep_sampling to draw_step_noise (the one call site), which draws with it."""
     import importlib
+
+    from sipo.preference import pair_noise_seed
 
     trainer = importlib.import_module("sipo.train")  # the module: the package's sipo.train is the function
     seen = []
-    original = trainer.draw_pair_noise
+    original = trainer.draw_step_noise
 
     def recording(*args, **kwargs):
         noise = original(*args, **kwargs)
         seen.append((kwargs.get("timestep_sampling"), noise.timesteps))
         return noise
 
-    monkeypatch.setattr(trainer, "draw_pair_noise", recording)
+    monkeypatch.setattr(trainer, "draw_step_noise", recording)
     manifest = write_jsonl_pairs(tmp_path / "pairs", num_pairs=2)
     config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path / "run", **{
         "objective.name": "dpo", "objective.timestep_sampling": "mode", "train.max_steps": 1,
         "train.checkpoint_every": 0, "train.report_to": "none"}))
     trainer.train(config, progress=False)
     assert seen and all(sampling == "mode" for sampling, _ in seen)
-    # the same generator state as the trainer's (seed * 1009 + process 0) gives the same draw
-    expected = draw_pair_noise(torch.Size([2, 1]), T, torch.Generator().manual_seed(0), timestep_sampling="mode").timesteps
+    # each pair's own generator, seeded by (train.seed 0, step 0, its place 0 or 1), gives the same draw
+    expected = torch.cat([draw_pair_noise(torch.Size([1, 1]), T, torch.Generator().manual_seed(pair_noise_seed(0, 0, place)),
+                                          timestep_sampling="mode").timesteps for place in (0, 1)])
     assert torch.equal(seen[0][1], expected)

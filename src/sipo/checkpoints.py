@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -145,7 +146,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     output_dir: Path, trainable: dict[str, Tensor], optimizer, lr_scheduler, state: TrainState,
-    generator: torch.Generator, keep_last: int, fingerprint: dict[str, Any] | None = None,
+    generator: torch.Generator | None, keep_last: int, fingerprint: dict[str, Any] | None = None,
     device: torch.device | None = None,
 ) -> Path:
     """Write a checkpoint atomically: fill ``.tmp-step-N``, fsync, then rename to ``step-N``.
@@ -212,7 +213,8 @@ def _fill_checkpoint(tmp: Path, trainable, optimizer, lr_scheduler, state: Train
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-    tensors = {"generator_state": generator.get_state()}
+    # sipo's trainer keys every pair's noise by (seed, step, place) and passes no generator
+    tensors = {"generator_state": generator.get_state()} if generator is not None else {}
     if state.ema is not None:
         tensors["ema"] = state.ema.cpu()
         tensors["ema_seen"] = state.ema_seen.cpu().to(torch.uint8)
@@ -231,8 +233,12 @@ def _fill_checkpoint(tmp: Path, trainable, optimizer, lr_scheduler, state: Train
 
 
 def load_checkpoint(path: Path, trainable_module_params: dict[str, nn.Parameter], optimizer, lr_scheduler,
-                    generator: torch.Generator) -> TrainState:
-    """Restore weights, optimizer, lr schedule, RNG, EMA and counters; loads tensors only (no pickle code)."""
+                    generator: torch.Generator | None = None) -> TrainState:
+    """Restore weights, optimizer, lr schedule, RNG, EMA and counters; loads tensors only (no pickle code).
+
+    ``generator``: restored from the checkpoint's ``generator_state`` when both exist. The trainer passes
+    none: its noise is keyed by (seed, step, place), so a checkpoint of an older sipo that holds a noise
+    stream resumes too, with the noise of its step numbers."""
     weights = load_file(path / "trainable.safetensors")
     missing = set(trainable_module_params) - set(weights)
     if missing:
@@ -246,7 +252,8 @@ def load_checkpoint(path: Path, trainable_module_params: dict[str, nn.Parameter]
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     tensors = load_file(path / "rng_and_ema.safetensors")
-    generator.set_state(tensors["generator_state"])
+    if generator is not None and "generator_state" in tensors:
+        generator.set_state(tensors["generator_state"])
     state = TrainState(**json.loads((path / "state.json").read_text()))
     if "ema" in tensors:
         state.ema = tensors["ema"]
@@ -407,19 +414,57 @@ def data_signature(data_path: str) -> str:
     return f"{len(files)} files, sha256 {digest.hexdigest()[:16]}"
 
 
-def run_fingerprint(config: SipoConfig) -> dict[str, Any]:
+def run_fingerprint(config: SipoConfig, num_processes: int = 1) -> dict[str, Any]:
     """What identifies a run: every resolved config key, flat, plus digests of its data files and of
     the model's files (``model.files``: configs' contents, weight files' sizes and mtimes, the same
-    description the latent cache's key uses), so base weights replaced in place stop a ``--resume``."""
+    description the latent cache's key uses), so base weights replaced in place stop a ``--resume``;
+    and ``train.num_processes``, the third factor of the global batch (:func:`check_global_batch`)."""
     from sipo.data.cache import model_files_digest
 
     flat: dict[str, Any] = {}
     for section, values in config.to_dict().items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
+    flat["train.num_processes"] = int(num_processes)
     flat["data.files"] = data_signature(config.data.path)
     flat["model.files"] = model_files_digest(config.model)
     return json.loads(json.dumps(flat, default=str))  # the form it takes after a JSON round trip
+
+
+#: the three factors of the global batch: a resume may change them when their product stays
+LAYOUT_KEYS = ("train.batch_size", "train.gradient_accumulation_steps", "train.num_processes")
+
+
+def _layout(values: dict[str, Any]) -> str:
+    batch, accumulation, processes = (values[key] for key in LAYOUT_KEYS)
+    return f"{batch} x {accumulation} x {processes} process{'es' if processes != 1 else ''}"
+
+
+def check_global_batch(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``--resume``'s check of the global batch ``batch_size x gradient_accumulation_steps x processes``:
+    ``(line, refusal)``.
+
+    Another layout of the same global batch continues the run exactly (a pair's t and noise depend on its
+    place in the step's batch, not on the layout): ``line`` says so (None when nothing changed). Another
+    global batch gives ``refusal``, a phrase naming both and the fix. A checkpoint written before sipo
+    recorded the processes (no ``train.num_processes``) gives neither: its keys are compared one by one.
+    """
+    if not all(key in saved for key in LAYOUT_KEYS) or not all(key in current for key in LAYOUT_KEYS):
+        return None, None
+    if all(saved[key] == current[key] for key in LAYOUT_KEYS):
+        return None, None
+    old, new = (math.prod(int(values[key]) for key in LAYOUT_KEYS) for values in (saved, current))
+    if old != new:
+        per_micro = int(current["train.batch_size"]) * int(current["train.num_processes"])
+        fix = (f"train.gradient_accumulation_steps={old // per_micro} with this batch_size and these processes"
+               if old % per_micro == 0 else f"a train.batch_size and train.gradient_accumulation_steps whose product "
+               f"with the {current['train.num_processes']} processes is {old}")
+        return None, (f"the global batch changed from {old} pairs per step (batch_size x gradient_accumulation_steps x "
+                      f"processes = {_layout(saved)}) to {new} ({_layout(current)}), which would re-read or skip pairs "
+                      f"and change what every step optimises: keep {old} with {fix}")
+    return (f"the layout changed from {_layout(saved)} to {_layout(current)} (batch_size x gradient_accumulation_steps "
+            f"x processes), the same global batch of {new} pairs per step; a pair's t and noise depend only on its "
+            "place in that batch, so the run continues as it would have (to float rounding)"), None
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -326,7 +326,7 @@ class ObjectiveConfig:
     reward_beta: bool = _help("PNAPO's per-pair beta: beta * (2*sigmoid(delta_r) - 1), delta_r the row's score_margin (sipo pairs' standardised margin, or sipo relabel's); losses of z alone (dpo, dpo-cm, sipo, hinge, ipo, ...); off by default (docs/pairs.md)", default=False)
     # The field's objectives and their switches (docs/spec.md section 9; docs/method.md has the table).
     label_smoothing: float = _help("cDPO: -(1-ls)*logsigmoid(z) - ls*logsigmoid(-z), the chance a label is flipped, in [0, 0.5) (DPO-loss presets only)", default=0.0)
-    sft_weight: float = _help("adds sft_weight * mean err_theta(winner) to any objective's loss (SimpleTuner's sft_loss_weight; 0: off)", default=0.0)
+    sft_weight: float = _help("adds sft_weight * err_theta(winner) to each pair's loss of any objective, inside its mask, weights and normaliser (unmasked: sft_weight * mean err_theta(winner), SimpleTuner's sft_loss_weight; 0: off)", default=0.0)
     safeguard: bool | None = _help("Diffusion-SDPO's winner safeguard: scale the loser's gradient so a step does not raise the winner's error; null: the preset's (dmpo on, others off)", default=None)
     safeguard_mu: float = _help("safeguard strength mu in [0, 1]: 0.9 SD1.5, 0.6 SDXL (Diffusion-SDPO's scripts); 1 stops the loser's gradient whenever winner and loser residuals agree", default=0.9)
     ipo_tau: float = _help("ipo: (z - 1/(2*tau))^2 pulls every pair to z = 1/(2*tau) (0.5: z = 1)", default=0.5)

@@ -8,6 +8,7 @@ share ``t``, ``eps`` and the posterior noise by construction.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -99,6 +100,12 @@ class PairLossSettings:
         """False for MaPO and SFT: their step runs no reference forward."""
         return self.loss not in REFERENCE_FREE
 
+    @property
+    def uses_step_statistic(self) -> bool:
+        """True for the losses that enter a statistic of the step's whole batch nonlinearly (alpha-DPO's
+        adaptive alpha, KTO's reference point): the trainer needs it before any backward (:class:`StepStatistics`)."""
+        return self.loss == "kto" or (self.loss == "alpha-dpo" and self.alpha_dpo_adaptive)
+
     def z_loss(self, alpha: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
         """The per-pair loss as a function of ``z`` alone, or None when it needs more than ``z``."""
         if self.loss == "dpo":
@@ -126,6 +133,26 @@ def global_mean(values: Tensor) -> Tensor:
     totals = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().float()])
     totals = reduce(totals, reduction="sum")
     return totals[0] / totals[1].clamp(min=1.0)
+
+
+@dataclass
+class StepStatistics:
+    """Batch statistics of the optimizer step's whole batch (every micro-batch on every process), known
+    before any backward: alpha-DPO's ``mean sigmoid(z)`` and KTO's mean implicit reward (SPEC 4/9).
+
+    They enter the per-pair loss nonlinearly, so no rescaling after the backward can fix a per-micro-batch
+    value; the trainer measures them in a no-grad pass over the step's micro-batches first
+    (``sipo.train.step_statistics``). ``None`` (the default everywhere) computes each from the batch at
+    hand, all-reduced over processes: exact when the step is one micro-batch.
+    """
+
+    mean_sigmoid_z: Tensor | None = None
+    mean_implicit_reward: Tensor | None = None
+
+
+def implicit_rewards(err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor) -> Tensor:
+    """KTO's per-image implicit rewards ``g = -(err_theta - err_ref)``, winners then losers, detached."""
+    return torch.cat([-(err_w - ref_err_w), -(err_l - ref_err_l)]).detach()
 
 
 def encoded_batch(adapter: DiffusionAdapter, batch: dict[str, Any], device: torch.device) -> EncodedPairs:
@@ -283,6 +310,33 @@ def batch_pair_noise(noise: PairNoise, batch: dict[str, Any], source: str = "sha
     names = batch.get("noise_dtype") or ["float32"] * len(chosen)
     return stored_pair_noise(noise, [int(s) for s in chosen], [int(s) for s in rejected],
                              [NOISE_DTYPES[name] for name in names])
+def pair_noise_seed(seed: int, step: int, place: int) -> int:
+    """The seed of one pair's ``t`` and noise: a 63-bit hash of ``(train.seed, optimizer step, place)``.
+
+    ``place`` is the pair's position in the step's global batch, ``(micro * processes + rank) * batch_size
+    + row``, the order in which ``DataOrder`` hands out the step's pairs in every layout.
+    """
+    digest = hashlib.blake2b(f"sipo-pair-noise:{seed}:{step}:{place}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def draw_step_noise(x0_shape: torch.Size, num_train_timesteps: int, seed: int, step: int, places: Sequence[int],
+                    **settings: Any) -> PairNoise:
+    """``t``, forward and posterior noise of the pairs at ``places`` of step ``step`` (SPEC 4: a pair's t and
+    noise depend on (seed, step, its place in the step's batch), never on the layout).
+
+    Each pair draws from its own CPU generator seeded by :func:`pair_noise_seed`, through
+    :func:`draw_pair_noise` (``settings``: its timestep sampling), so batch_size, gradient accumulation and
+    the number of processes change which process computes a pair, never its draw; and each process draws
+    only its own pairs. Nothing is carried from step to step: a resume needs only the step number.
+    """
+    if len(places) != x0_shape[0]:
+        raise ValueError(f"{len(places)} places for a batch of {x0_shape[0]} pairs")
+    one = torch.Size((1, *x0_shape[1:]))
+    draws = [draw_pair_noise(one, num_train_timesteps, torch.Generator().manual_seed(pair_noise_seed(seed, step, p)),
+                             **settings) for p in places]
+    return PairNoise(*(torch.cat([getattr(d, name) for d in draws])
+                       for name in ("timesteps", "eps", "posterior_noise")))
 
 
 def compute_pair_terms(
@@ -298,6 +352,7 @@ def compute_pair_terms(
     weight_model: str = "policy",
     weight_step: str = "inference",
     objective: PairLossSettings | None = None,
+    statistics: StepStatistics | None = None,
 ) -> PairTerms:
     """Run policy and reference on winner and loser in one batch of ``2B`` and return the terms.
 
@@ -308,6 +363,7 @@ def compute_pair_terms(
     (MaPO, SFT) skip the reference forward: their reference errors are NaN and ``z`` is the policy's
     own margin ``-0.5*beta*(err_w - err_l)`` (for the logs). With the safeguard on, the loser's error
     carries its gradient scaled by ``lambda`` (:func:`objectives.winner_safeguard_scale`).
+    ``statistics``: the step's alpha-DPO / KTO statistics (None: this batch's, all-reduced).
     """
     schedule = adapter.schedule
     device = encoded.x0_winner.device
@@ -354,7 +410,7 @@ def compute_pair_terms(
         z = z * noise.beta_scale.to(z.device, z.dtype)
     loss_pair, alpha, outputs = _pair_loss(
         settings, prediction, target, ref_prediction, z, err_winner, err_loser, ref_err_winner, ref_err_loser,
-        beta, schedule.num_train_timesteps, safeguard_scale,
+        beta, schedule.num_train_timesteps, safeguard_scale, statistics,
     )
 
     if weight_model != "policy" and ref_prediction is None:
@@ -391,11 +447,12 @@ def compute_pair_terms(
 
 
 def _pair_loss(settings: PairLossSettings, prediction, target, ref_prediction, z, err_w, err_l, ref_err_w, ref_err_l,
-               beta: float, num_train_timesteps: int, safeguard_scale):
+               beta: float, num_train_timesteps: int, safeguard_scale, statistics: StepStatistics | None = None):
     """``(loss_pair [B], alpha or None, outputs or None)`` for ``settings.loss`` (docs/spec.md section 9)."""
     kind, alpha, outputs = settings.loss, None, None
     if kind == "alpha-dpo":
-        mean_p = global_mean(torch.sigmoid(z)) if settings.alpha_dpo_adaptive else 1.0
+        known = statistics.mean_sigmoid_z if statistics is not None else None
+        mean_p = (global_mean(torch.sigmoid(z)) if known is None else known) if settings.alpha_dpo_adaptive else 1.0
         alpha = objectives.adaptive_alpha(mean_p, settings.alpha_dpo_alpha).to(z.device)
     z_loss = settings.z_loss(alpha)
     if z_loss is not None:
@@ -405,8 +462,9 @@ def _pair_loss(settings: PairLossSettings, prediction, target, ref_prediction, z
     if kind == "mapo":
         return objectives.mapo_loss(err_w, err_l, num_train_timesteps, settings.mapo_snr, settings.mapo_weight), alpha, outputs
     if kind == "kto":
-        implicit_reward = torch.cat([-(err_w - ref_err_w), -(err_l - ref_err_l)])
-        reference_point = objectives.kto_reference_point(global_mean(implicit_reward))
+        known = statistics.mean_implicit_reward if statistics is not None else None
+        mean_g = global_mean(implicit_rewards(err_w, err_l, ref_err_w, ref_err_l)) if known is None else known
+        reference_point = objectives.kto_reference_point(mean_g)
         return objectives.kto_loss(err_w, err_l, ref_err_w, ref_err_l, beta, reference_point,
                                    settings.kto_lambda_desirable, settings.kto_lambda_undesirable), alpha, outputs
     if kind == "dspo":
@@ -424,7 +482,7 @@ def _pair_loss(settings: PairLossSettings, prediction, target, ref_prediction, z
     raise ValueError(f"loss must be one of {PAIR_LOSSES}, got {kind!r}")
 
 
-def objective_loss(
+def objective_sums(
     terms: PairTerms,
     pair_weight: Tensor,
     *,
@@ -440,43 +498,41 @@ def objective_loss(
     normalize: str,
     objective: PairLossSettings | None = None,
     sft_weight: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The step's loss from its per-pair terms, by ``weight_placement`` (SPEC 4a).
+) -> tuple[objectives.LossSums, Tensor, Tensor]:
+    """The objective of this batch's pairs as the two sums of SPEC 4-5, by ``weight_placement`` (SPEC 4a).
 
     ``pair_weight`` is the per-pair ``w`` the mask thresholds (``exp(log_w_pair)`` or its EMA).
-    ``outside``: one (clipped) weight per pair multiplies the per-pair DPO loss
-    (:func:`objectives.preference_loss`, clip range ``[max(0, 1 - clip_eps), 1 + clip_eps]``).
+    ``outside``: one (clipped) weight per pair multiplies the per-pair loss
+    (:func:`objectives.preference_loss_sums`, clip range ``[max(0, 1 - clip_eps), 1 + clip_eps]``).
     ``inside``: each trajectory's clipped weight scales its log-ratio term inside ``z``
-    (:func:`objectives.inside_preference_loss`). Returns ``(loss, keep [B], effective weight [B])``.
+    (:func:`objectives.inside_preference_loss_sums`). Returns ``(LossSums, keep [B], effective weight [B])``;
+    the trainer totals the sums over the optimizer step's whole batch before dividing (``objectives.step_loss``).
 
     ``objective`` is the per-pair loss ``compute_pair_terms`` computed (None: DPO's). Losses of ``z``
     alone take the inside weights through ``z``; the others (SFT, KTO, MaPO, DSPO, the element-wise
-    reading) combine with the mask only, ``sum(keep * loss_pair) / max(1, sum(keep))``.
-    ``sft_weight`` adds ``sft_weight * mean(err_theta(w))`` (docs/spec.md section 9).
+    reading) combine with the mask only, ``sum(keep * loss_pair)`` over ``sum(keep)``.
+    ``sft_weight`` adds ``sft_weight * err_theta(w)`` to each pair's loss, inside the same sums (docs/spec.md
+    section 9): with no mask and no weights that is ``sft_weight * mean(err_theta(w))`` over the step's pairs,
+    and one normaliser serves the whole loss.
     """
-    loss, keep, effective_weight = _reduced_objective(
-        terms, pair_weight, beta=beta, placement=placement, mask=mask, clip=clip, reweight=reweight, tau=tau,
-        t_min=t_min, t_max=t_max, clip_eps=clip_eps, normalize=normalize, objective=objective,
-    )
-    if sft_weight:
-        loss = loss + float(sft_weight) * terms.err_winner.float().mean()
-    return loss, keep, effective_weight
-
-
-def _reduced_objective(terms, pair_weight, *, beta, placement, mask, clip, reweight, tau, t_min, t_max, clip_eps,
-                       normalize, objective):
     settings = objective or PairLossSettings()
     z_loss = settings.z_loss(terms.alpha)
     if z_loss is None and reweight:
         raise ValueError(f"the {settings.loss} loss is not a function of z alone and takes no importance reweighting")
+    sft = float(sft_weight) * terms.err_winner.float() if sft_weight else None
     if placement == "outside" or z_loss is None:
         w_floor, w_clip = objectives.trust_region_bounds(clip_eps)
-        return objectives.preference_loss(
-            terms.loss_pair, pair_weight, terms.timesteps, mask=mask, clip=clip, reweight=reweight,
+        loss_pair = terms.loss_pair if sft is None else terms.loss_pair + sft
+        return objectives.preference_loss_sums(
+            loss_pair, pair_weight, terms.timesteps, mask=mask, clip=clip, reweight=reweight,
             tau=tau, t_min=t_min, t_max=t_max, w_floor=w_floor, w_clip=w_clip, normalize=normalize,
         )
     if placement != "inside":
         raise ValueError(f"placement must be one of {objectives.WEIGHT_PLACEMENTS}, got {placement!r}")
+    pair_loss = None if objective is None else z_loss
+    if sft is not None:
+        base = pair_loss or objectives.dpo_loss_per_pair
+        pair_loss = lambda z: base(z) + sft  # noqa: E731
     # exp(88) overflows float32; such a weight is clipped, never read as undefined.
     weight_w = terms.log_w_winner.double().clamp(max=80.0).exp().float()
     weight_l = terms.log_w_loser.double().clamp(max=80.0).exp().float()
@@ -486,11 +542,19 @@ def _reduced_objective(terms, pair_weight, *, beta, placement, mask, clip, rewei
         errors = tuple(error.float() * scale for error in errors)
     loss, keep, _, effective_weight = objectives.inside_preference_loss(
         *errors,
+    sums, keep, _, effective_weight = objectives.inside_preference_loss_sums(
+        terms.err_winner, terms.err_loser, terms.ref_err_winner, terms.ref_err_loser,
         weight_w, weight_l, pair_weight, terms.timesteps, beta=beta, mask=mask, clip=clip,
-        reweight=reweight, tau=tau, t_min=t_min, t_max=t_max, clip_eps=clip_eps,
-        pair_loss=None if objective is None else z_loss,
+        reweight=reweight, tau=tau, t_min=t_min, t_max=t_max, clip_eps=clip_eps, pair_loss=pair_loss,
     )
-    return loss, keep, effective_weight
+    return sums, keep, effective_weight
+
+
+def objective_loss(terms: PairTerms, pair_weight: Tensor, **settings: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`objective_sums` of one batch as ``(loss, keep [B], effective weight [B])``: the loss of these
+    pairs alone (validation, analysis). The trainer's step divides the sums over its whole batch instead."""
+    sums, keep, effective_weight = objective_sums(terms, pair_weight, **settings)
+    return objectives.step_loss(*sums), keep, effective_weight
 
 
 # ----------------------------------------------------------------------------- automatic beta (SPEC 9)

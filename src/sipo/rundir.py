@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 from sipo.checkpoints import (
+    LAYOUT_KEYS,
+    check_global_batch,
     fingerprint_differences,
     list_checkpoints,
     newest_intact_checkpoint,
@@ -366,7 +368,12 @@ def choose_resume_checkpoint(output_dir: Path, fingerprint: dict) -> tuple[Path,
         problems = "; ".join(f"{path.name}: {why}" for path, why in damaged[:3])
         raise SipoError(f"no intact checkpoint under {output_dir}/checkpoints ({problems}); start again with --overwrite")
     saved = read_fingerprint(chosen)
+    layout, other_batch = check_global_batch(saved, fingerprint) if saved else (None, None)
+    if layout is not None:  # another layout of the same global batch: the keys of check_global_batch are settled
+        saved = {k: v for k, v in saved.items() if k not in LAYOUT_KEYS}
+        fingerprint = {k: v for k, v in fingerprint.items() if k not in LAYOUT_KEYS}
     allowed, refused = fingerprint_differences(saved, fingerprint) if saved else ([], [])
+    refused += [other_batch] if other_batch is not None else []
     if refused:
         raise SipoError(f"--resume refused: the run in {output_dir} was started with other settings or data "
                         f"({'; '.join(refused)}); undo these changes, or start a new run with --overwrite "
@@ -376,6 +383,8 @@ def choose_resume_checkpoint(output_dir: Path, fingerprint: dict) -> tuple[Path,
         lines.append(f"checkpoint {path.name} is damaged ({why}); deleting it")
     if damaged:
         lines.append(f"resuming from {chosen.name}, the newest intact checkpoint")
+    if layout is not None:
+        lines.append(layout)
     if allowed:
         lines.append("changed since the checkpoint: " + "; ".join(allowed))
     if not saved:

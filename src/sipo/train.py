@@ -3,10 +3,11 @@
 ``train()`` sets a run up with one named function per concern (checks before any write, the
 accelerator, the model and its reference, the optimizer, the state, the data), then runs a loop
 that calls :func:`training_step` (the micro-batches: encode, draw t/eps, per-pair terms, objective,
-backward), :func:`optimizer_step` (finite check, clip, step) and the hooks: the divergence guard,
-metrics, callbacks (validation and sampling plug in here), checkpoints and the stop signals.
-One code path serves DPO, +mask, +clip, +reweight, C&M and SIPO: the objective switches only
-change how ``objectives.preference_loss`` reduces the per-pair losses.
+backward of its sums, then the step's one normaliser), :func:`optimizer_step` (finite check, clip,
+step) and the hooks: the divergence guard, metrics, callbacks (validation and sampling plug in
+here), checkpoints and the stop signals. One code path serves DPO, +mask, +clip, +reweight, C&M and
+SIPO: the objective switches only change how ``objectives.preference_loss_sums`` sums the per-pair
+losses; every sum runs over the optimizer step's whole batch (docs/method.md).
 
 Multi-GPU runs go through ``accelerate launch -m sipo train ...``: accelerate wraps the denoiser
 (DDP/FSDP/DeepSpeed), each process reads its own shard of every global batch.
@@ -42,8 +43,8 @@ from sipo.performance import (
 )
 from sipo.validation import VALIDATION_LOG, PairSubset, open_held_out, validation_hook, validation_prompts
 from sipo.preference import (
-    PairNoise, PairTerms, compute_pair_terms, draw_pair_noise, encoded_batch, objective_loss, reference_predictor, step_beta,
-    update_auto_beta,
+    PairLossSettings, PairNoise, PairTerms, StepStatistics, compute_pair_terms, draw_step_noise, encoded_batch,
+    global_mean, implicit_rewards, objective_sums, reference_predictor, step_beta, update_auto_beta,
 )
 from sipo.preference import batch_pair_noise  # objective.noise (docs/spec.md section 11)
 
@@ -97,7 +98,6 @@ class Run:
     trainable: dict[str, nn.Parameter]
     optimizer: Any
     lr_scheduler: Any
-    generator: torch.Generator  # t and eps: one CPU generator per process, saved in every checkpoint
     state: TrainState
     dataset: Any
     loader: Iterator[dict[str, Any]]
@@ -119,18 +119,34 @@ class Run:
 
 @dataclass
 class StepOutput:
-    """One optimizer step's micro-batches: per-pair terms, mask, weights and losses stay on the device."""
+    """One optimizer step's micro-batches: per-pair terms, mask, weights and sums stay on the device.
+
+    ``loss``, ``global_pairs`` and ``global_kept`` are the step's whole batch (every micro-batch on every
+    process, one all-reduce in :func:`normalise_step`): the same values on every process."""
 
     terms: list[PairTerms] = field(default_factory=list)
     keeps: list[Tensor] = field(default_factory=list)
     weights: list[Tensor] = field(default_factory=list)
-    losses: list[Tensor] = field(default_factory=list)
+    sums: list[objectives.LossSums] = field(default_factory=list)  # each micro-batch's two sums (SPEC 4-5)
     mask_weights: list[Tensor] = field(default_factory=list)  # the pair weights the mask compared with tau
     beta: float = float("nan")  # the step's beta (objective.beta_mode=auto sets it per step)
-    pairs: int = 0
-    kept_pairs: int = 0
+    statistics: StepStatistics | None = None  # alpha-DPO / KTO statistics measured before any backward
+    pairs: int = 0  # this process's pairs
+    loss: Tensor | None = None  # the step's loss: summed numerators / max(floor, summed denominators)
+    global_pairs: Any = 0  # pairs of the whole step, every process (a device tensor until _step_flags reads it)
+    global_kept: Any = 0  # kept pairs of the whole step (a device tensor)
+    kept_pairs: int = 0  # global_kept, read on the host once per step
     grad_norm: Any = None
     finite: bool = True
+
+    def add(self, terms: PairTerms, sums: objectives.LossSums, keep: Tensor, effective_weight: Tensor,
+            mask_weight: Tensor) -> None:
+        """One micro-batch's results, detached (the backward uses the caller's ``sums``)."""
+        self.terms.append(terms)
+        self.sums.append(objectives.LossSums(sums.numerator.detach().float(), sums.denominator.float(), sums.floor))
+        self.keeps.append(keep)
+        self.weights.append(effective_weight)
+        self.mask_weights.append(mask_weight.detach())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -189,11 +205,46 @@ def train(
 
 
 def training_step(run: Run) -> StepOutput:
-    """The micro-batches of one optimizer step: encode, draw t/eps, per-pair terms, objective, backward."""
+    """The micro-batches of one optimizer step: per-pair terms, objective, backward of the un-normalised sums;
+    then the step's one normaliser divides the accumulated gradient (SPEC 4-5, docs/method.md)."""
     tc, oc, accelerator = run.config.train, run.config.objective, run.accelerator
-    state = run.state
-    step = StepOutput(beta=step_beta(oc.beta, oc.beta_mode, state.auto_beta_ema, oc.target_gradient_factor,
+    step = StepOutput(beta=step_beta(oc.beta, oc.beta_mode, run.state.auto_beta_ema, oc.target_gradient_factor,
                                      oc.beta_min, oc.beta_max))
+    micro_batches = step_micro_batches(run, step)
+    if oc.pair_settings().uses_step_statistic and tc.gradient_accumulation_steps > 1:
+        micro_batches = list(micro_batches)  # read and encoded once, used by both passes
+        step.statistics = step_statistics(run, micro_batches, step.beta)
+    single = tc.gradient_accumulation_steps == 1
+    for micro, encoded, noise in micro_batches:
+        # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
+        last_micro = micro == tc.gradient_accumulation_steps - 1
+        with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):
+            with accelerator.autocast():
+                terms = compute_pair_terms(
+                    run.adapter, encoded, noise, beta=step.beta, reference_predict=run.reference_predict,
+                    denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                    weight_model=oc.weight_model, weight_step=oc.weight_step, objective=oc.pair_settings(),
+                    statistics=step.statistics,
+                )
+                weight = pair_weight(terms, run.state, oc.weight_source, run.num_train_timesteps, oc.ema_decay,
+                                     accelerator)
+                sums, keep, effective_weight = objective_sums(terms, weight, **oc.loss_settings(step.beta))
+            step.add(terms, sums, keep, effective_weight, weight)
+            # one micro-batch: its normaliser is known before the backward (DeepSpeed steps inside it)
+            accelerator.backward(sums.numerator * (normalise_step(run, step) if single else 1.0))
+    if step.loss is None:  # accumulated: the step's one normaliser divides the summed gradient
+        scale_gradients(run.trainable, normalise_step(run, step))
+    return step
+
+
+def step_micro_batches(run: Run, step: StepOutput) -> Iterator[tuple[int, Any, PairNoise]]:
+    """``(micro, encoded pairs, their t and noise)`` for each of the step's micro-batches on this process.
+
+    A pair's noise is keyed by its place in the step's global batch, ``(micro * processes + rank) *
+    batch_size + row`` (the order ``DataOrder`` hands pairs out in), so every layout of the same global
+    batch draws the same noise for the same pair (:func:`sipo.preference.draw_step_noise`).
+    """
+    tc, oc, accelerator = run.config.train, run.config.objective, run.accelerator
     for micro in range(tc.gradient_accumulation_steps):
         batch = next(run.loader)
         run.state.micro_batches += 1
@@ -203,29 +254,72 @@ def training_step(run: Run) -> StepOutput:
             continue  # every row of this micro-batch was malformed; counted above
         step.pairs += len(batch["indices"])
         encoded = encoded_batch(run.adapter, batch, accelerator.device)
-        noise = _to_device(draw_share_of_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
-                                               tc.batch_size, accelerator.process_index, accelerator.num_processes,
-                                               **oc.timestep_settings()), accelerator.device)
+        first = (micro * accelerator.num_processes + accelerator.process_index) * tc.batch_size
+        rows = batch.get("rows", range(len(batch["indices"])))
+        noise = draw_step_noise(encoded.x0_winner.shape, run.num_train_timesteps, tc.seed, run.state.step,
+                                [first + row for row in rows], **oc.timestep_settings())
         noise = batch_pair_noise(noise, batch, oc.noise, oc.reward_beta)  # stored noise, reward-scaled beta (docs/pairs.md)
-        last_micro = micro == tc.gradient_accumulation_steps - 1
-        # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
-        with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):
-            with accelerator.autocast():
-                terms = compute_pair_terms(
-                    run.adapter, encoded, noise, beta=step.beta, reference_predict=run.reference_predict,
-                    denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
-                    weight_model=oc.weight_model, weight_step=oc.weight_step, objective=oc.pair_settings(),
-                )
-                weight = pair_weight(terms, run.state, oc.weight_source, run.num_train_timesteps, oc.ema_decay,
-                                     accelerator)
-                loss, keep, effective_weight = objective_loss(terms, weight, **oc.loss_settings(step.beta))
-            accelerator.backward(loss / tc.gradient_accumulation_steps)
-        step.losses.append(loss.detach().float())
-        step.terms.append(terms)
-        step.keeps.append(keep)
-        step.weights.append(effective_weight)
-        step.mask_weights.append(weight.detach())
-    return step
+        yield micro, encoded, _to_device(noise, accelerator.device)
+
+
+def step_statistics(run: Run, micro_batches: list, beta: float) -> StepStatistics:
+    """alpha-DPO's ``mean sigmoid(z)`` and KTO's mean implicit reward over the step's whole batch, before any backward.
+
+    They enter each pair's loss nonlinearly, so the exact step needs them first: a no-grad forward of policy
+    and reference over the step's micro-batches (the encoded batches are kept for the second pass), one
+    all-reduce each. Cost: about one more forward of both models per micro-batch, for these two objectives
+    and only when ``gradient_accumulation_steps > 1`` (with one micro-batch the statistic comes from that
+    micro-batch's own forward, as exact and free).
+    """
+    oc, accelerator = run.config.objective, run.accelerator
+    z, rewards = [], []
+    with torch.no_grad(), accelerator.autocast():
+        for _, encoded, noise in micro_batches:
+            # plain DPO terms: the same z and errors, without the statistic being measured
+            terms = compute_pair_terms(run.adapter, encoded, noise, beta=beta, reference_predict=run.reference_predict,
+                                       denoiser=run.forward_model, weight_norm=oc.weight_norm,
+                                       pair_weight=oc.pair_weight, weight_model=oc.weight_model,
+                                       weight_step=oc.weight_step, objective=PairLossSettings())
+            z.append(torch.sigmoid(terms.z.float()))
+            rewards.append(implicit_rewards(terms.err_winner, terms.err_loser, terms.ref_err_winner,
+                                            terms.ref_err_loser).float())
+    empty = torch.zeros(0, device=accelerator.device)
+    kind = oc.pair_settings().loss
+    return StepStatistics(
+        mean_sigmoid_z=global_mean(torch.cat(z) if z else empty) if kind == "alpha-dpo" else None,
+        mean_implicit_reward=global_mean(torch.cat(rewards) if rewards else empty) if kind == "kto" else None,
+    )
+
+
+def normalise_step(run: Run, step: StepOutput) -> Tensor:
+    """The step's ONE normaliser (SPEC 4-5): every sum runs over N processes x G micro-batches x B pairs.
+
+    One all-reduce totals the micro-batches' numerators, denominators, pairs and kept pairs on every process;
+    sets the step's loss ``numerator / max(floor, denominator)`` and returns the factor that turns the
+    backpropagated numerators into its gradient, ``N / max(floor, denominator)`` (N: DDP averages the
+    processes' gradients). Exact: the mask and the weights in the denominator are detached.
+    """
+    from accelerate.utils import reduce
+
+    device = run.accelerator.device
+    zero = torch.zeros((), device=device)
+    local = torch.stack([
+        torch.stack([s.numerator for s in step.sums]).sum() if step.sums else zero,
+        torch.stack([s.denominator for s in step.sums]).sum() if step.sums else zero,
+        torch.tensor(float(step.pairs), device=device),
+        torch.cat(step.keeps).sum().float() if step.keeps else zero,
+    ]).to(device=device, dtype=torch.float32)
+    numerator, denominator, step.global_pairs, step.global_kept = reduce(local, reduction="sum")
+    normaliser = denominator.clamp(min=step.sums[0].floor if step.sums else 1.0)
+    step.loss = numerator / normaliser
+    return run.accelerator.num_processes / normaliser
+
+
+def scale_gradients(trainable: dict[str, nn.Parameter], factor: Tensor) -> None:
+    """Multiply the accumulated gradients by ``factor`` (a device scalar: no host synchronisation)."""
+    grads = [p.grad for p in trainable.values() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor.to(grads[0].dtype))
 
 
 def optimizer_step(run: Run, step: StepOutput) -> None:
@@ -234,10 +328,11 @@ def optimizer_step(run: Run, step: StepOutput) -> None:
     step.grad_norm = accelerator.clip_grad_norm_(
         list(run.trainable.values()), tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     ) if step.terms else torch.tensor(0.0)
-    # The one host synchronisation of the step: whether the loss and the gradient are finite,
-    # and how many micro-batches had every pair masked.
-    loss_finite, grad_finite, all_masked, step.kept_pairs = _step_flags(step.losses, step.grad_norm, step.keeps)
-    state.all_masked_batches += all_masked
+    # The one host synchronisation of the step: whether the loss and the gradient are finite, and how many
+    # pairs the whole step (every process) had and kept.
+    loss_finite, grad_finite, step.kept_pairs, step.global_pairs = _step_flags(step.loss, step.grad_norm,
+                                                                               step.global_kept, step.global_pairs)
+    state.all_masked_batches += int(step.global_pairs > 0 and step.kept_pairs == 0)  # the whole step masked
     step.finite = loss_finite and grad_finite
     if step.finite:
         run.optimizer.step()
@@ -278,11 +373,11 @@ ALL_MASKED_PATIENCE_PAIRS = 64
 def guard_all_masked(run: Run, step: StepOutput) -> None:
     """Stop a run whose mask keeps no pair: each of its first 64 pairs fell below ``objective.tau`` or
     outside ``[t_min, t_max]``, so nothing is learned. (A shorter run that keeps none is told so at its end.)"""
-    if step.kept_pairs:
+    if step.kept_pairs:  # the step's kept pairs on every process: every process decides alike
         run.masked_in_a_row = -1  # some pair was kept: the guard has done its job for this run
-    if run.masked_in_a_row < 0 or not step.pairs:
+    if run.masked_in_a_row < 0 or not step.global_pairs:
         return
-    run.masked_in_a_row += step.pairs
+    run.masked_in_a_row += step.global_pairs
     if run.masked_in_a_row >= ALL_MASKED_PATIENCE_PAIRS:
         oc = run.config.objective
         largest = torch.cat(step.mask_weights).nan_to_num(nan=0.0).max().item()
@@ -325,7 +420,7 @@ def write_checkpoint(run: Run) -> Path | None:
     path = None
     if accelerator.is_main_process:
         path = save_checkpoint(run.output_dir, run.trainable, run.optimizer, run.lr_scheduler, run.state,
-                               run.generator, tc.keep_last, run.plan.fingerprint, device=accelerator.device)
+                               None, tc.keep_last, run.plan.fingerprint, device=accelerator.device)
         write_checkpoint_formats(path, run.trainable, run.config)  # beside the checkpoint, outside its manifest
     accelerator.wait_for_everyone()
     return path
@@ -370,7 +465,7 @@ def finish(run: Run) -> None:
                 f"no usable pair in {config.data.path}: every row read was skipped ({dataset.report.skip_summary()}), "
                 f"so no weights were written; fix the rows listed in {output_dir / 'data_report.json'}"
             )
-        final = save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, run.generator,
+        final = save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, None,
                                 config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
         write_checkpoint_formats(final, run.trainable, config)
         unwrapped = accelerator.unwrap_model(run.model)
@@ -403,6 +498,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
     output_dir = Path(tc.output_dir)
     process = rundir.launch_state()
     rundir.check_launch(process.num_processes, process.device.type)
+    refuse_deepspeed(tc.gradient_accumulation_steps)
     check_values(config)
     if tc.finetune == "lora" and tc.lora_format == "comfyui":
         check_comfyui_family(config.model.family)
@@ -428,7 +524,7 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
                          "repeats pairs (each with its own noise); pairs_per_s counts every pair evaluated")
         held_out, train_indices, held_out_indices = open_held_out(config, dataset)
         validation_prompts(tc.validation_prompts)  # a missing prompts file stops here, not after the model loads
-        fingerprint = run_fingerprint(config)
+        fingerprint = run_fingerprint(config, process.num_processes)
         rundir.check_reporting(config)
         resume_from, damaged = None, []
         if resume:
@@ -446,6 +542,19 @@ def check_run(config: SipoConfig, resume: bool, overwrite: bool, check_model: bo
                 held_out_indices)
 
 
+def refuse_deepspeed(gradient_accumulation_steps: int) -> None:
+    """DeepSpeed steps the optimizer inside its own backward (accelerate's DeepSpeedEngineWrapper): with
+    accumulation, before :func:`training_step` can divide the step's summed gradient by its one normaliser."""
+    import os
+
+    if gradient_accumulation_steps > 1 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise SipoError(f"the accelerate config asks for DeepSpeed, which steps the optimizer inside every backward, so "
+                        f"with train.gradient_accumulation_steps={gradient_accumulation_steps} sipo could not divide the "
+                        "step's gradient by the normaliser of its whole batch (docs/method.md); set "
+                        "train.gradient_accumulation_steps=1 (raise train.batch_size or the GPUs instead), or use DDP "
+                        "or FSDP (configs/accelerate/ddp_8gpu.yaml, fsdp_8gpu.yaml)")
+
+
 def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> Run:
     """Accelerator, model and reference, optimizer, state and data: everything the loop needs."""
     accelerator = start_accelerator(config, plan.output_dir)
@@ -461,14 +570,12 @@ def set_up(config: SipoConfig, plan: Plan, adapter: DiffusionAdapter | None) -> 
     tell_ddp_about_idle_parameters(accelerator, adapter)
     model, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
     forward_model = compile_denoiser(model, config.train.compile_scope) if config.train.compile else model
-    # One stream, the same on every process (each keeps its rows of the global batch's draw, see
-    # draw_share_of_noise): the checkpoint holds rank 0's generator, which is then every rank's.
-    generator = torch.Generator().manual_seed(config.train.seed * 1009)
-    state, history = restore_state(config, plan, trainable, optimizer, lr_scheduler, generator, accelerator)
+    # No noise stream to restore: a pair's t and noise are keyed by (seed, step, place) (step_micro_batches).
+    state, history = restore_state(config, plan, trainable, optimizer, lr_scheduler, accelerator)
     return Run(
         config=config, plan=plan, accelerator=accelerator, adapter=adapter, model=model, forward_model=forward_model,
         reference_predict=reference_predictor(adapter, forward_model, reference_denoiser), trainable=trainable,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, generator=generator, state=state, dataset=dataset,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, state=state, dataset=dataset,
         loader=data_loader(config, dataset, state, accelerator), history=history, validation=validation,
         metrics=MetricsWindow(state.step), first_micro_batch=state.micro_batches, first_step=state.step,
     )
@@ -557,16 +664,22 @@ def place_model_and_data(config: SipoConfig, dataset, adapter: DiffusionAdapter,
     return dataset
 
 
-def restore_state(config: SipoConfig, plan: Plan, trainable, optimizer, lr_scheduler, generator,
+def restore_state(config: SipoConfig, plan: Plan, trainable, optimizer, lr_scheduler,
                   accelerator) -> tuple[TrainState, list[dict[str, float]]]:
-    """A fresh state, or the checkpoint's (weights, optimizer, schedule, RNG, EMA) and the metrics up to it."""
+    """A fresh state, or the checkpoint's (weights, optimizer, schedule, device RNG, EMA) and the metrics up to it.
+
+    The data position is ``step x gradient_accumulation_steps`` micro-batches of this layout: ``--resume``
+    allows another layout only with the same global batch (``sipo.rundir.check_global_batch``), so that
+    is exactly the pairs the checkpoint's steps consumed.
+    """
     state = TrainState()
     num_buckets = config.objective.ema_buckets
     state.ema = torch.full((num_buckets,), float("nan"), dtype=torch.float64)
     state.ema_seen = torch.zeros(num_buckets, dtype=torch.bool)
     if plan.resume_from is None:
         return state, []
-    state = load_checkpoint(plan.resume_from, trainable, optimizer, lr_scheduler, generator)
+    state = load_checkpoint(plan.resume_from, trainable, optimizer, lr_scheduler)
+    state.micro_batches = state.step * config.train.gradient_accumulation_steps
     restore_device_rng(plan.resume_from, accelerator.device)
     history, dropped = rundir.read_metrics(plan.output_dir / "metrics.jsonl", up_to_step=state.step)
     if dropped:
@@ -695,39 +808,26 @@ def pair_weight(terms: PairTerms, state: TrainState, weight_source: str, num_tra
     return torch.where(torch.isfinite(weight), smoothed, weight).float()
 
 
-def draw_share_of_noise(shape: torch.Size, num_train_timesteps: int, generator: torch.Generator, batch_size: int,
-                        rank: int, world: int, **settings) -> PairNoise:
-    """This process's rows of the global micro-batch's ``t`` and noise.
-
-    Every process draws the noise of the whole global micro-batch (``world * batch_size`` pairs) from
-    the same generator and keeps the rows of its share (rank ``r`` reads global positions
-    ``r * batch_size ...``, see ``DataOrder.batch``): N processes then train on what one process with
-    the global batch would, and every process's generator stays the same. The cost is the draw of the
-    whole global batch on each process's CPU.
-    """
-    if world == 1:
-        return draw_pair_noise(shape, num_train_timesteps, generator, **settings)
-    full = draw_pair_noise(torch.Size((world * batch_size, *shape[1:])), num_train_timesteps, generator, **settings)
-    rows = slice(rank * batch_size, rank * batch_size + shape[0])
-    return PairNoise(full.timesteps[rows], full.eps[rows], full.posterior_noise[rows])
-
-
 def _to_device(noise: PairNoise, device: torch.device) -> PairNoise:
     """The CPU-drawn noise on the device; from pinned memory on CUDA, so the copy does not block the host."""
     if device.type != "cuda":
         return noise
-    return PairNoise(*(x.pin_memory().to(device, non_blocking=True) for x in (noise.timesteps, noise.eps, noise.posterior_noise)))
+    def move(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.pin_memory().to(device, non_blocking=True)
+
+    return PairNoise(move(noise.timesteps), move(noise.eps), move(noise.posterior_noise), move(noise.eps_loser),
+                     move(noise.beta_scale))
 
 
-def _step_flags(losses: list[Tensor], grad_norm, keeps: list[Tensor]) -> tuple[bool, bool, int, int]:
-    """(every loss finite, gradient norm finite, micro-batches with every pair masked, pairs kept) in one transfer."""
-    if not losses:
+def _step_flags(loss: Tensor | None, grad_norm, kept, pairs) -> tuple[bool, bool, int, int]:
+    """(loss finite, gradient norm finite, pairs kept, pairs) of the whole step, in one transfer."""
+    if loss is None:
         return True, True, 0, 0
     flags = torch.stack([
-        torch.isfinite(torch.stack(losses)).all().float(),
-        torch.isfinite(torch.as_tensor(grad_norm, device=losses[0].device)).float(),
-        torch.stack([~k.any() for k in keeps]).sum().float(),
-        torch.cat(keeps).sum().float(),
+        torch.isfinite(loss).float(),
+        torch.isfinite(torch.as_tensor(grad_norm, device=loss.device)).float(),
+        torch.as_tensor(kept, device=loss.device).float(),
+        torch.as_tensor(pairs, device=loss.device).float(),
     ]).tolist()
     return bool(flags[0]), bool(flags[1]), int(flags[2]), int(flags[3])
 
@@ -753,7 +853,7 @@ class MetricsWindow:
         self.pairs += step.pairs
         self.weight_log.extend((t.timesteps.detach(), t.log_w_pair.detach()) for t in step.terms)
         if step.terms:
-            self.rows.append(_step_metrics(step.terms, step.keeps, step.weights, step.losses, step.grad_norm, step.finite,
+            self.rows.append(_step_metrics(step.terms, step.keeps, step.weights, step.loss, step.grad_norm, step.finite,
                                            step.beta))
         elif run.accelerator.num_processes > 1:  # a row per step on every rank, so the ranks' rows line up
             self.rows.append(torch.full((len(STEP_METRICS),), float("nan"), device=run.accelerator.device))
@@ -782,7 +882,7 @@ def _mean_over_processes(accelerator, rows: list[Tensor]) -> list[Tensor]:
     return list(gathered.nanmean(dim=0))
 
 
-def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], losses: list[Tensor],
+def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Tensor], loss: Tensor,
                   grad_norm, finite: bool, beta: float = float("nan")) -> Tensor:
     """The step's metrics (``STEP_METRICS``) as one device tensor; read on the host only when logged."""
     cat = lambda name: torch.cat([getattr(t, name).detach().float() for t in terms])  # noqa: E731
@@ -793,7 +893,7 @@ def _step_metrics(terms: list[PairTerms], keeps: list[Tensor], weights: list[Ten
     keep = torch.cat(keeps)
     weight = torch.cat([w.detach().float() for w in weights])
     return torch.stack([
-        torch.stack(losses).mean(),
+        loss.float(),  # the step's loss over its whole batch (every process: the same value)
         (z > 0).float().mean(),
         z.mean(),
         err_winner.mean(),
@@ -902,7 +1002,7 @@ clip={switches['clip']}, reweight={switches['reweight']}, beta={config.objective
 
 - weights: {weights}
 - resolved config: config.yaml
-- non-finite steps skipped: {state.bad_steps}; batches with every pair masked: {state.all_masked_batches};
+- non-finite steps skipped: {state.bad_steps}; steps whose whole batch was masked: {state.all_masked_batches};
   malformed rows skipped: {state.skipped_rows}
 {_best_line(output_dir)}"""
     (output_dir / "README.md").write_text(text)

@@ -517,6 +517,7 @@ class CachedPairs(Dataset):
         batch: dict[str, Any] = {
             "prompts": [pair["prompt"] for pair in pairs],
             "indices": [pair["index"] for pair in pairs],
+            "rows": [row for row, item in enumerate(items) if not isinstance(item, SkippedRow)],
             "skipped": [item for item in items if isinstance(item, SkippedRow)],
             "chosen": None,
             "rejected": None,

@@ -159,7 +159,7 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
     """Stack dataset items into a batch, setting aside the skipped ones.
 
     Returns ``dict(prompts=list[str], chosen=Tensor[B, ...], rejected=Tensor[B, ...],
-    skipped=list[SkippedRow], indices=list[int])``, plus ``size_info`` (``[B, 4]`` long: original
+    skipped=list[SkippedRow], indices=list[int], rows=list[int])``, plus ``size_info`` (``[B, 4]`` long: original
     height/width, crop top/left) when every pair recorded one (images). When every item was skipped (B == 0),
     ``chosen`` and ``rejected`` are None: the caller skips the step rather than running the
     model on an empty batch.
@@ -182,6 +182,8 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
         "rejected": rejected,
         "skipped": skipped,
         "indices": [pair["index"] for pair in pairs],
+        # each kept pair's row in the micro-batch: its place in the step's batch keys its noise (sipo.train)
+        "rows": [row for row, item in enumerate(items) if not isinstance(item, SkippedRow)],
     }
     if pairs and all("size_info" in pair for pair in pairs):
         batch["size_info"] = torch.stack([pair["size_info"] for pair in pairs])

@@ -3,7 +3,9 @@
 - ``core``: Diffusion-DPO (SPEC 2), the step-wise importance weight (SPEC 3), DPO-C&M (SPEC 4) and
   SIPO's timestep-aware reweighting (SPEC 5). Per-pair quantities come first (``dpo_logits``,
   ``log_importance_weight``, ``pair_log_weight``); turning them into one scalar is a separate, named
-  step (``importance_mask``, ``clip_weight``, ``reduce_pair_losses``, composed by ``preference_loss``).
+  step (``importance_mask``, ``clip_weight``, ``reduce_pair_losses``, composed by ``preference_loss``); the
+  ``*_sums`` forms return the loss as the two sums (``LossSums``) that the trainer totals over the
+  optimizer step's whole batch before its one normaliser (``step_loss``).
 - ``field``: the field's other offline objectives (SPEC 9: hinge, IPO, smoothed DPO, DMPO, alpha-DPO,
   KTO, MaPO, DSPO, element-wise SIPO, SFT) and the automatic beta.
 
@@ -25,9 +27,14 @@ from sipo.objectives.core import (  # noqa: F401
     pair_log_weight,
     importance_mask,
     clip_weight,
+    LossSums,
+    step_loss,
+    pair_loss_sums,
     reduce_pair_losses,
+    preference_loss_sums,
     preference_loss,
     trust_region_bounds,
+    inside_preference_loss_sums,
     inside_preference_loss,
     timestep_bucket,
     update_timestep_ema,

@@ -14,6 +14,7 @@ expected and ``[B, 1]`` elsewhere raises instead of silently broadcasting to ``[
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -212,21 +213,44 @@ def clip_weight(weight: Tensor, w_floor: float = 0.0, w_clip: float | None = Non
     return weight.clamp(min=w_floor, max=w_clip)
 
 
-def reduce_pair_losses(
+class LossSums(NamedTuple):
+    """A loss of SPEC 4-5 as the ratio ``numerator / max(floor, denominator)`` of two sums over pairs.
+
+    Every sum of SPEC 4/5 runs over the optimizer step's whole batch (N processes x G micro-batches x
+    B pairs) with ONE normaliser: each micro-batch contributes its two sums, and the step's loss is
+    :func:`step_loss` of their totals. ``numerator`` carries the gradient; ``denominator`` (the kept
+    count, the kept weight sum or the pair count) is detached, so the gradient of the step's loss is
+    the gradient of the summed numerators divided by the step's normaliser.
+    """
+
+    numerator: Tensor
+    denominator: Tensor
+    floor: float
+
+
+def step_loss(numerator: Tensor, denominator: Tensor, floor: float) -> Tensor:
+    """``numerator / max(floor, denominator)`` (SPEC 4-5): the step's loss from the sums over its whole batch.
+
+    ``floor`` is 1 for counts (``max(1, sum(mask))``: a batch with every pair masked has loss 0) and
+    ``eps`` for SIPO's self-normalised weight sum (``max(eps, sum(mask * w_c))``).
+    """
+    return numerator / denominator.clamp(min=floor).to(numerator.dtype)
+
+
+def pair_loss_sums(
     loss_pair: Tensor,
     mask: Tensor | None = None,
     weight: Tensor | None = None,
     normalize: str = "self",
     eps: float = 1e-8,
-) -> Tensor:
-    """Reduce per-pair losses to one scalar (SPEC 4-5).
+) -> LossSums:
+    """The two sums of :func:`reduce_pair_losses` over this batch's pairs (SPEC 4-5).
 
-    - no weight (DPO, C&M): ``sum(mask * loss) / max(1, sum(mask))``; with no mask, the mean.
-    - weight, ``normalize="self"`` (SIPO): ``sum(mask * w * loss) / max(eps, sum(mask * w))``.
-    - weight, ``normalize="batch"``: ``sum(mask * w * loss) / B``.
+    - no weight (DPO, C&M): ``sum(mask * loss)`` over ``sum(mask)`` (no mask: every pair), floor 1;
+    - weight, ``normalize="self"`` (SIPO): ``sum(mask * w * loss)`` over ``sum(mask * w)``, floor ``eps``;
+    - weight, ``normalize="batch"``: ``sum(mask * w * loss)`` over the number of pairs, floor 1.
 
-    Masked entries contribute exactly zero even if their loss or weight is NaN, so a batch in
-    which every pair is masked gives a loss of 0 with finite (zero) gradients.
+    Masked entries contribute exactly zero even if their loss or weight is NaN.
     """
     batch = loss_pair.shape[0]
     if mask is None:
@@ -234,16 +258,79 @@ def reduce_pair_losses(
     _check_pair_shapes(loss_pair=loss_pair, mask=mask)
     zero = torch.zeros((), dtype=loss_pair.dtype, device=loss_pair.device)
     if weight is None:
-        total = torch.where(mask, loss_pair, zero).sum()
-        return total / mask.sum().clamp(min=1).to(loss_pair.dtype)
+        return LossSums(torch.where(mask, loss_pair, zero).sum(), mask.sum().to(loss_pair.dtype).detach(), 1.0)
     _check_pair_shapes(loss_pair=loss_pair, weight=weight)
     weight = torch.where(mask, weight.detach().to(loss_pair.dtype), zero)
     total = (weight * torch.where(mask, loss_pair, zero)).sum()
     if normalize == "self":
-        return total / weight.sum().clamp(min=eps)
+        return LossSums(total, weight.sum().detach(), eps)
     if normalize == "batch":
-        return total / batch
+        return LossSums(total, torch.tensor(float(batch), dtype=loss_pair.dtype, device=loss_pair.device), 1.0)
     raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+
+
+def reduce_pair_losses(
+    loss_pair: Tensor,
+    mask: Tensor | None = None,
+    weight: Tensor | None = None,
+    normalize: str = "self",
+    eps: float = 1e-8,
+) -> Tensor:
+    """Reduce per-pair losses to one scalar (SPEC 4-5): :func:`step_loss` of :func:`pair_loss_sums`.
+
+    - no weight (DPO, C&M): ``sum(mask * loss) / max(1, sum(mask))``; with no mask, the mean.
+    - weight, ``normalize="self"`` (SIPO): ``sum(mask * w * loss) / max(eps, sum(mask * w))``.
+    - weight, ``normalize="batch"``: ``sum(mask * w * loss) / B``.
+
+    Masked entries contribute exactly zero even if their loss or weight is NaN, so a batch in
+    which every pair is masked gives a loss of 0 with finite (zero) gradients. This is the loss of
+    ONE batch; the trainer's step sums the two parts over every micro-batch and process first.
+    """
+    return step_loss(*pair_loss_sums(loss_pair, mask, weight, normalize, eps))
+
+
+def preference_loss_sums(
+    loss_pair: Tensor,
+    weight: Tensor,
+    timesteps: Tensor,
+    *,
+    mask: bool = False,
+    clip: bool = False,
+    reweight: bool = False,
+    tau: float = 0.0,
+    t_min: int | None = None,
+    t_max: int | None = None,
+    w_floor: float = 0.0,
+    w_clip: float | None = None,
+    normalize: str = "self",
+    eps: float = 1e-8,
+) -> tuple[LossSums, Tensor, Tensor]:
+    """The one code path behind DPO, +mask, +clip, +reweight, C&M and SIPO (SPEC 4-5).
+
+    ``weight`` is the per-pair importance weight ``w`` (``exp(log_w_pair)``, or its timestep EMA).
+    Switches: ``mask`` keeps pairs with ``w >= tau`` inside ``[t_min, t_max]``; ``clip`` bounds
+    ``w`` to ``[w_floor, w_clip]``; ``reweight`` multiplies each kept pair's loss by its (clipped)
+    weight and normalises per ``normalize``. Clipping changes only the weights that reweighting
+    uses: with ``reweight`` off (C&M) the loss is the masked mean. All switches off is the
+    Diffusion-DPO mean.
+
+    Returns ``(LossSums, keep [B] bool, effective_weight [B])``; ``effective_weight`` is the clipped
+    weight (or ``w`` itself when ``clip`` is off), for logging. The loss is :func:`step_loss` of the
+    sums, totalled over the optimizer step's whole batch first (:class:`LossSums`).
+    """
+    _check_pair_shapes(loss_pair=loss_pair, weight=weight, timesteps=timesteps)
+    weight = weight.detach().float()
+    effective_weight = clip_weight(weight, w_floor, w_clip) if clip else weight
+    if mask:
+        keep = importance_mask(weight, timesteps, tau, t_min, t_max)
+    else:
+        keep = torch.ones_like(weight, dtype=torch.bool)
+    if reweight:
+        keep = keep & torch.isfinite(effective_weight)
+        sums = pair_loss_sums(loss_pair, keep, effective_weight, normalize, eps)
+    else:
+        sums = pair_loss_sums(loss_pair, keep)
+    return sums, keep, effective_weight
 
 
 def preference_loss(
@@ -262,31 +349,12 @@ def preference_loss(
     normalize: str = "self",
     eps: float = 1e-8,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The one code path behind DPO, +mask, +clip, +reweight, C&M and SIPO (SPEC 4-5).
-
-    ``weight`` is the per-pair importance weight ``w`` (``exp(log_w_pair)``, or its timestep EMA).
-    Switches: ``mask`` keeps pairs with ``w >= tau`` inside ``[t_min, t_max]``; ``clip`` bounds
-    ``w`` to ``[w_floor, w_clip]``; ``reweight`` multiplies each kept pair's loss by its (clipped)
-    weight and normalises per ``normalize``. Clipping changes only the weights that reweighting
-    uses: with ``reweight`` off (C&M) the loss is the masked mean. All switches off is the
-    Diffusion-DPO mean.
-
-    Returns ``(loss, keep [B] bool, effective_weight [B])``; ``effective_weight`` is the clipped
-    weight (or ``w`` itself when ``clip`` is off), for logging.
-    """
-    _check_pair_shapes(loss_pair=loss_pair, weight=weight, timesteps=timesteps)
-    weight = weight.detach().float()
-    effective_weight = clip_weight(weight, w_floor, w_clip) if clip else weight
-    if mask:
-        keep = importance_mask(weight, timesteps, tau, t_min, t_max)
-    else:
-        keep = torch.ones_like(weight, dtype=torch.bool)
-    if reweight:
-        keep = keep & torch.isfinite(effective_weight)
-        loss = reduce_pair_losses(loss_pair, keep, effective_weight, normalize, eps)
-    else:
-        loss = reduce_pair_losses(loss_pair, keep)
-    return loss, keep, effective_weight
+    """:func:`preference_loss_sums` of one batch as ``(loss, keep [B], effective_weight [B])`` (SPEC 4-5)."""
+    sums, keep, effective_weight = preference_loss_sums(
+        loss_pair, weight, timesteps, mask=mask, clip=clip, reweight=reweight, tau=tau, t_min=t_min, t_max=t_max,
+        w_floor=w_floor, w_clip=w_clip, normalize=normalize, eps=eps,
+    )
+    return step_loss(*sums), keep, effective_weight
 
 
 def trust_region_bounds(clip_eps: float) -> tuple[float, float]:
@@ -294,6 +362,68 @@ def trust_region_bounds(clip_eps: float) -> tuple[float, float]:
     if clip_eps <= 0:
         raise ValueError(f"clip_eps must be positive, got {clip_eps}")
     return max(0.0, 1.0 - clip_eps), 1.0 + clip_eps
+
+
+def inside_preference_loss_sums(
+    err_w: Tensor,
+    err_l: Tensor,
+    ref_err_w: Tensor,
+    ref_err_l: Tensor,
+    weight_w: Tensor,
+    weight_l: Tensor,
+    pair_weight: Tensor,
+    timesteps: Tensor,
+    *,
+    beta: float,
+    mask: bool = True,
+    clip: bool = True,
+    reweight: bool = True,
+    tau: float = 0.9,
+    t_min: int | None = None,
+    t_max: int | None = None,
+    clip_eps: float = 0.1,
+    pair_loss=None,
+) -> tuple[LossSums, Tensor, Tensor, Tensor]:
+    """DPO-C&M and SIPO with the weights inside the log-sigmoid (SPEC 4a, the paper's reading).
+
+    ``keep = (pair_weight >= tau) & t in [t_min, t_max]`` (with ``pair_weight = min(w_w, w_l)``
+    this thresholds each trajectory); ``c = clamp(w, 1 - eps, 1 + eps)`` per trajectory when
+    ``clip``; ``reweight`` puts ``c_w, c_l`` (or the raw weights) into :func:`weighted_dpo_logits`,
+    otherwise ``z`` is the plain :func:`dpo_logits` (C&M); the loss is the masked mean
+    ``sum(keep * -logsigmoid(z)) / max(1, sum(keep))``. With every switch off this is DPO's mean.
+
+    A trajectory weight that is not finite (undefined on the last inference step) masks its pair
+    whenever weights are used; masked weights are replaced by one BEFORE the product, so a NaN
+    never reaches ``z`` and masked pairs have zero loss and zero, finite gradients.
+
+    ``pair_loss`` maps ``z`` to the per-pair loss (None: ``-logsigmoid(z)``; SPEC 9's hinge, IPO,
+    smoothing, DMPO and alpha-DPO are functions of ``z`` alone and combine with the weights here).
+
+    Returns ``(LossSums, keep [B] bool, z [B], effective pair weight [B])``; the last is
+    ``min(c_w, c_l)`` (for logging). The loss is :func:`step_loss` of the sums, totalled over the
+    optimizer step's whole batch first.
+    """
+    _check_pair_shapes(weight_w=weight_w, weight_l=weight_l, pair_weight=pair_weight, timesteps=timesteps)
+    weight_w, weight_l = weight_w.detach().float(), weight_l.detach().float()
+    if mask:
+        keep = importance_mask(pair_weight.detach().float(), timesteps, tau, t_min, t_max)
+    else:
+        keep = torch.ones_like(weight_w, dtype=torch.bool)
+    if clip:
+        low, high = trust_region_bounds(clip_eps)
+        weight_w, weight_l = clip_weight(weight_w, low, high), clip_weight(weight_l, low, high)
+    effective_weight = torch.minimum(weight_w, weight_l)
+    if reweight:
+        keep = keep & torch.isfinite(weight_w) & torch.isfinite(weight_l)
+        one = torch.ones_like(weight_w)
+        z = weighted_dpo_logits(
+            err_w, err_l, ref_err_w, ref_err_l,
+            torch.where(keep, weight_w, one), torch.where(keep, weight_l, one), beta,
+        )
+    else:
+        z = dpo_logits(err_w, err_l, ref_err_w, ref_err_l, beta)
+    sums = pair_loss_sums(dpo_loss_per_pair(z) if pair_loss is None else pair_loss(z), keep)
+    return sums, keep, z, effective_weight
 
 
 def inside_preference_loss(
@@ -316,45 +446,12 @@ def inside_preference_loss(
     clip_eps: float = 0.1,
     pair_loss=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """DPO-C&M and SIPO with the weights inside the log-sigmoid (SPEC 4a, the paper's reading).
-
-    ``keep = (pair_weight >= tau) & t in [t_min, t_max]`` (with ``pair_weight = min(w_w, w_l)``
-    this thresholds each trajectory); ``c = clamp(w, 1 - eps, 1 + eps)`` per trajectory when
-    ``clip``; ``reweight`` puts ``c_w, c_l`` (or the raw weights) into :func:`weighted_dpo_logits`,
-    otherwise ``z`` is the plain :func:`dpo_logits` (C&M); the loss is the masked mean
-    ``sum(keep * -logsigmoid(z)) / max(1, sum(keep))``. With every switch off this is DPO's mean.
-
-    A trajectory weight that is not finite (undefined on the last inference step) masks its pair
-    whenever weights are used; masked weights are replaced by one BEFORE the product, so a NaN
-    never reaches ``z`` and masked pairs have zero loss and zero, finite gradients.
-
-    ``pair_loss`` maps ``z`` to the per-pair loss (None: ``-logsigmoid(z)``; SPEC 9's hinge, IPO,
-    smoothing, DMPO and alpha-DPO are functions of ``z`` alone and combine with the weights here).
-
-    Returns ``(loss, keep [B] bool, z [B], effective pair weight [B])``; the last is
-    ``min(c_w, c_l)`` (for logging).
-    """
-    _check_pair_shapes(weight_w=weight_w, weight_l=weight_l, pair_weight=pair_weight, timesteps=timesteps)
-    weight_w, weight_l = weight_w.detach().float(), weight_l.detach().float()
-    if mask:
-        keep = importance_mask(pair_weight.detach().float(), timesteps, tau, t_min, t_max)
-    else:
-        keep = torch.ones_like(weight_w, dtype=torch.bool)
-    if clip:
-        low, high = trust_region_bounds(clip_eps)
-        weight_w, weight_l = clip_weight(weight_w, low, high), clip_weight(weight_l, low, high)
-    effective_weight = torch.minimum(weight_w, weight_l)
-    if reweight:
-        keep = keep & torch.isfinite(weight_w) & torch.isfinite(weight_l)
-        one = torch.ones_like(weight_w)
-        z = weighted_dpo_logits(
-            err_w, err_l, ref_err_w, ref_err_l,
-            torch.where(keep, weight_w, one), torch.where(keep, weight_l, one), beta,
-        )
-    else:
-        z = dpo_logits(err_w, err_l, ref_err_w, ref_err_l, beta)
-    loss = reduce_pair_losses(dpo_loss_per_pair(z) if pair_loss is None else pair_loss(z), keep)
-    return loss, keep, z, effective_weight
+    """:func:`inside_preference_loss_sums` of one batch as ``(loss, keep, z, effective pair weight)`` (SPEC 4a)."""
+    sums, keep, z, effective_weight = inside_preference_loss_sums(
+        err_w, err_l, ref_err_w, ref_err_l, weight_w, weight_l, pair_weight, timesteps, beta=beta, mask=mask,
+        clip=clip, reweight=reweight, tau=tau, t_min=t_min, t_max=t_max, clip_eps=clip_eps, pair_loss=pair_loss,
+    )
+    return step_loss(*sums), keep, z, effective_weight
 
 
 def timestep_bucket(timesteps: Tensor, num_train_timesteps: int, num_buckets: int) -> Tensor:

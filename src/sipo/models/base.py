@@ -39,6 +39,22 @@ def concat_conditioning(first: Conditioning, second: Conditioning) -> Conditioni
     return {key: torch.cat([first[key], second[key]], dim=0) for key in first}
 
 
+def check_listed_components(path: Path, skip: Mapping[str, str] = {}) -> None:
+    """Every component ``model_index.json`` lists (``"name": [library, class]``, not ``[null, null]``) has
+    its folder, as diffusers' ``from_pretrained`` requires: a folder lost to an interrupted download (a
+    Wan2.2-A14B without ``transformer_2/``) would otherwise load as a different model. ``skip``: the
+    family's own components, which :meth:`DiffusionAdapter.check_pipeline_directory` names itself."""
+    for name, entry in read_model_index(path).items():
+        listed = (not name.startswith("_") and isinstance(entry, (list, tuple)) and len(entry) == 2
+                  and all(isinstance(part, str) for part in entry))
+        if listed and name not in skip and not (path / name).is_dir():
+            raise SipoError(
+                f"{path}/model_index.json lists {name} ({entry[1]}), but {path} has no {name}/ folder (an interrupted "
+                f"download?), and diffusers refuses such a directory too; download {name}/ again or point "
+                "model.pretrained_path at a complete pipeline directory"
+            )
+
+
 def read_model_index(path: str | Path) -> dict[str, Any]:
     """The ``model_index.json`` of a diffusers pipeline directory, with a clear error if absent."""
     index = Path(path) / "model_index.json"
@@ -172,6 +188,7 @@ class DiffusionAdapter(ABC):
                 f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching "
                 "family or model.pretrained_path to a matching model"
             )
+        check_listed_components(Path(path), skip=cls.components)
         cls.check_component_configs(Path(path))
 
     @classmethod

@@ -15,7 +15,7 @@ from train_fixtures import tiny_overrides, write_jsonl_pairs
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    return write_jsonl_pairs(tmp_path_factory.mktemp("pairs"), num_pairs=4)
+    return write_jsonl_pairs(tmp_path_factory.mktemp("pairs"), num_pairs=8)
 
 
 # ----------------------------------------------------------------------------- item 4
@@ -44,3 +44,95 @@ def test_a_model_index_component_without_its_folder_stops_in_one_sentence(tmp_pa
         "again or point model.pretrained_path at a complete pipeline directory")
     # a complete directory, whose model_index.json lists [null, null] components, passes
     check_model_dir(load_config(None, [f"model.pretrained_path={tiny_sd15_dir}"]).model)
+
+
+def _fake_run(folder: Path, *overrides: str, checkpoint: str | None = "step-00000003") -> Path:
+    """A run directory as a run stopped before its end leaves it: config.yaml and a checkpoint, no final weights."""
+    from sipo.config import save_config
+
+    folder.mkdir(parents=True)
+    save_config(load_config(None, [f"train.output_dir={folder}", *overrides]), folder / "config.yaml")
+    if checkpoint:
+        (folder / "checkpoints" / checkpoint).mkdir(parents=True)
+        (folder / "checkpoints" / checkpoint / "manifest.json").write_text('{"files": {}}')
+    return folder
+
+
+# ----------------------------------------------------------------------------- item 7
+def test_export_diffusers_names_only_files_that_exist(tmp_path, capsys):
+    """It printed "wrote RUN/pytorch_lora_weights.safetensors" (exit 0) for a file that did not exist."""
+    from sipo.cli import main
+
+    run = _fake_run(tmp_path / "run")
+    assert main(["export", "--run", str(run), "--format", "diffusers"]) == 2
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out
+    assert captured.err.strip() == (
+        f"sipo: error: {run} holds no pytorch_lora_weights.safetensors (it stopped before its end, and its newest "
+        f"checkpoint step-00000003 holds the weights in sipo's resume layout); finish the run with `sipo train "
+        f"--config {run / 'config.yaml'} --resume`; or add train.max_steps=3 to write it from step-00000003 without "
+        "training further")
+    (run / "best").mkdir()
+    (run / "best" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert main(["export", "--run", str(run), "--format", "diffusers"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {run / 'best' / 'pytorch_lora_weights.safetensors'}"
+
+
+# ----------------------------------------------------------------------------- item 13
+def test_the_comfyui_refusal_of_an_export_names_the_runs_diffusers_file(tmp_path):
+    """It ended "set train.lora_format=diffusers", a training key, to a user exporting a finished run."""
+    from sipo.export import export_run
+
+    run = _fake_run(tmp_path / "run", "model.family=wan")
+    with pytest.raises(SipoError) as stopped:
+        export_run(run, "comfyui")
+    assert str(stopped.value).endswith(
+        f"which sipo does not map); use the run's diffusers file {run / 'pytorch_lora_weights.safetensors'} (`sipo "
+        f"export --run {run} --format diffusers` names it), which diffusers' wan pipeline loads with pipe.load_lora_weights")
+    assert "train.lora_format" not in str(stopped.value)
+
+
+# ----------------------------------------------------------------------------- item 10
+def test_best_is_a_checkpoint_every_command_takes_and_run_says_which_weights(tiny_sd15_dir, manifest, tmp_path,
+                                                                               capsys):
+    """`--checkpoint RUN/best` stopped ("not a sipo run directory"); `--checkpoint RUN` measured the newest
+    checkpoint without a word."""
+    from safetensors.torch import load_file
+
+    from sipo.checkpoints import load_run_weights, run_weights
+    from sipo.cli import main
+    from sipo.models import load_adapter
+    from sipo.train import train
+
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_sd15_dir, manifest, run, **{
+        "data.validation_fraction": 0.5, "train.keep_best": "held_out_accuracy", "train.validate_every": 1,
+        "train.batch_size": 1, "train.report_to": "none"})), progress=False)
+    best_step = json.loads((run / "best" / "best.json").read_text())["step"]
+    weights = run_weights(run / "best")
+    assert weights.checkpoint == run / "best"
+    adapter = load_adapter("sd15", str(tiny_sd15_dir))
+    load_run_weights(adapter, run / "best")
+    params = dict(adapter.denoiser.named_parameters())
+    if best_step:  # the tensors of best/ are those of the checkpoint of its step
+        saved = load_file(str(run / "checkpoints" / f"step-{best_step:08d}" / "trainable.safetensors"))
+        assert saved.keys() and all(torch_equal(params[k], v) for k, v in saved.items())
+    config = tmp_path / "run.yaml"
+    config.write_text((run / "config.yaml").read_text())
+    assert main(["analyze", "--config", str(config), "--checkpoint", str(run / "best"), "--pairs", "2",
+                 "--buckets", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"sipo: measuring {run / 'best'}: best (weights sha256 {weights.sha256[:12]}), the weights train.keep_best kept" in out
+    assert (run / "analysis-best" / "weights.json").is_file() and not (run / "best" / "analysis").exists()
+    assert main(["export", "--run", str(run / "best"), "--format", "diffusers"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {run / 'best' / 'pytorch_lora_weights.safetensors'}"
+    from sipo.evaluate import measuring, weights_key
+
+    assert measuring(run, weights_key(None, run)).startswith(f"measuring {run}: step-00000002 (weights sha256 ")
+    assert "its newest checkpoint" in measuring(run, weights_key(None, run))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.detach().cpu().to(b.dtype), b)

@@ -356,7 +356,9 @@ def check_run_family(run_dir: str | Path, family: str) -> None:
     """Stop before sampling when ``run_dir`` is no run, or a run of another model family."""
     import yaml
 
-    saved = Path(run_dir) / "config.yaml"
+    from sipo.checkpoints import run_directory_of
+
+    saved = run_directory_of(run_dir) / "config.yaml"
     if not saved.is_file():
         raise SipoError(f"{run_dir} is not a sipo run directory (no config.yaml); pass the train.output_dir of a run to --checkpoint")
     run_family = (yaml.safe_load(saved.read_text()) or {}).get("model", {}).get("family", "sd15")
@@ -415,7 +417,23 @@ def weights_key(config, checkpoint: str | Path | None) -> dict:
 
     weights = run_weights(checkpoint)
     return {"weights": weights.sha256, "checkpoint": weights.checkpoint.name, "label": weights.label,
-            "run": str(Path(checkpoint).resolve())}
+            "run": str(Path(checkpoint).resolve()), "path": str(weights.checkpoint.resolve())}
+
+
+def measuring(checkpoint: str | Path, key: dict) -> str:
+    """Which weights ``--checkpoint`` measures, in words (the rule of :func:`sipo.checkpoints.run_weights`)."""
+    if key.get("checkpoint") == "best":
+        return f"measuring {checkpoint}: {describe_weights(key)}, the weights train.keep_best kept"
+    return (f"measuring {checkpoint}: {describe_weights(key)}, its newest checkpoint (pass {Path(checkpoint) / 'best'} "
+            "for the weights train.keep_best kept, where it kept any)")
+
+
+def default_output_dir(checkpoint: str | Path, name: str) -> Path:
+    """``RUN/<name>`` for a run, ``RUN/<name>-best`` for ``RUN/best`` (best/ is replaced whole when a
+    better step comes, so nothing of another command lives inside it)."""
+    from sipo.checkpoints import is_best_dir, run_directory_of
+
+    return run_directory_of(checkpoint) / (f"{name}-best" if is_best_dir(checkpoint) else name)
 
 
 def _same_weights(previous: dict, key: dict) -> bool:
@@ -535,7 +553,8 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         aligned_key = weights_key(config, options.checkpoint)  # no checkpoint in it: stop before the base half
     prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
     samples = [Sample(i, seed, prompt) for i, prompt in enumerate(prompts) for seed in options.seeds]
-    output_dir = Path(options.output_dir or Path(options.checkpoint or config.train.output_dir) / "eval")
+    output_dir = Path(options.output_dir or (default_output_dir(options.checkpoint, "eval") if options.checkpoint
+                                             else Path(config.train.output_dir) / "eval"))
     from sipo.rundir import check_output_dir
 
     check_output_dir(output_dir, name="--output-dir")  # a file there: one sentence, not FileExistsError
@@ -556,6 +575,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         "dtype": options.dtype, **sizes,
     }, prompts)
     if aligned_key is not None:
+        print(f"sipo: {measuring(options.checkpoint, aligned_key)}")
         moved = claim_output_folder(output_dir / "images" / "aligned", aligned_key)
         if moved:
             print(f"sipo: {moved}")
@@ -580,7 +600,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         if todo:
             from sipo.checkpoints import load_run_weights
 
-            load_run_weights(adapter, options.checkpoint, Path(aligned_key["run"]) / "checkpoints" / aligned_key["checkpoint"])
+            load_run_weights(adapter, options.checkpoint, aligned_key["path"])
             cast(adapter)
             generate(adapter.sample, samples, output_dir, "aligned", options.batch_size, options.progress, **sample_options)
     del adapter

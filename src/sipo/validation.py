@@ -279,6 +279,12 @@ class BestKeeper:
             write_lora_formats(tmp, run.config)
         else:
             run.adapter.save_full(tmp)
+        # the trainable tensors under their parameter names, as a checkpoint holds them: `sipo eval/analyze
+        # --checkpoint RUN/best` load best/ through the checkpoints' own path (sipo.checkpoints.run_weights)
+        from safetensors.torch import save_file
+
+        save_file({name: p.detach().cpu().contiguous() for name, p in run.trainable.items()},
+                  str(tmp / "trainable.safetensors"))
         self.current = {"step": run.state.step, "metric": metric, "value": value}
         (tmp / "best.json").write_text(json.dumps(self.current, indent=2))
         shutil.rmtree(best, ignore_errors=True)

@@ -136,3 +136,21 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a.detach().cpu().to(b.dtype), b)
+
+
+# ----------------------------------------------------------------------------- item 8
+def test_dspo_sdxl_takes_its_own_launchers_beta_and_trains(tiny_sd15_dir, manifest, tmp_path):
+    """dspo_variant=sdxl kept the SD1.5 launcher's beta 0.001: loss 0.25 at every step, grad norm ~1e-6."""
+    from sipo.config import ObjectiveConfig
+    from sipo.train import train
+
+    assert ObjectiveConfig(name="dspo", dspo_variant="sdxl").beta == 5000.0  # DSPO's SDXL launcher
+    assert ObjectiveConfig(name="dspo").beta == 0.001  # its SD1.5 launcher
+    assert ObjectiveConfig(name="dspo", dspo_variant="sdxl", beta=7.0).beta == 7.0  # a set beta stays
+    run = tmp_path / "run"
+    result = train(load_config(None, tiny_overrides(tiny_sd15_dir, manifest, run, **{
+        "objective.name": "dspo", "objective.dspo_variant": "sdxl", "objective.beta": "null", "train.max_steps": 3,
+        "train.checkpoint_every": 0, "train.report_to": "none"})), progress=False)
+    assert "beta: 5000.0" in (run / "config.yaml").read_text()
+    grad_norms = [record["grad_norm"] for record in result.history]
+    assert min(grad_norms) > 1e-3  # 0.001 gave ~1e-6: nothing learned

@@ -85,6 +85,21 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     "sipo-elementwise": {**PAPER_READING, "beta": 0.04},  # sd-scripts PR #1427: its beta 0.02 without 0.5
 }
 
+# Presets whose authors ship one launcher per variant: the variant's own defaults, applied to the keys
+# left unset like the preset's (so a preset's beta follows its variant; docs/method.md).
+PRESET_VARIANT_SETTINGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "dspo": ("dspo_variant", {"sdxl": {"beta": 5000.0}}),  # DSPO's SDXL launcher (its SD1.5 one: 0.001)
+}
+
+
+def preset_settings(name: str, variant_of: typing.Callable[[str], Any]) -> dict[str, Any]:
+    """The defaults of preset ``name``, with those of its variant (``variant_of(key)`` reads the variant key)."""
+    settings = dict(PRESET_SETTINGS[name])
+    if name in PRESET_VARIANT_SETTINGS:
+        key, variants = PRESET_VARIANT_SETTINGS[name]
+        settings.update(variants.get(variant_of(key), {}))
+    return settings
+
 
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
@@ -331,7 +346,7 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         _choice("objective.name", self.name, OBJECTIVE_PRESETS)
         # Unset values come from the preset, so a saved config records the values a run used.
-        for key, value in {"safeguard": False, **PRESET_SETTINGS[self.name]}.items():
+        for key, value in {"safeguard": False, **preset_settings(self.name, lambda key: getattr(self, key))}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         self._check_field_objectives()

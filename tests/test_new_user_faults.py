@@ -154,3 +154,23 @@ def test_dspo_sdxl_takes_its_own_launchers_beta_and_trains(tiny_sd15_dir, manife
     assert "beta: 5000.0" in (run / "config.yaml").read_text()
     grad_norms = [record["grad_norm"] for record in result.history]
     assert min(grad_norms) > 1e-3  # 0.001 gave ~1e-6: nothing learned
+
+
+# ----------------------------------------------------------------------------- item 18
+def test_the_advice_reads_as_the_caller_calls_sipo(tiny_sd15_dir, manifest, tmp_path, capsys):
+    """From Python, errors advised --resume / --overwrite, flags the function does not take."""
+    from sipo.cli import main
+    from sipo.train import check_run
+    from train_fixtures import write_tiny_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")  # what an earlier run leaves
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, run))
+    with pytest.raises(SipoError) as stopped:
+        check_run(config, resume=False, overwrite=False)
+    assert "pass resume=True to continue it, overwrite=True to replace it" in str(stopped.value)
+    assert "pass --resume to continue it, --overwrite to replace it" in stopped.value.cli_message
+    assert main(["train", "--config", str(write_tiny_config(tmp_path / "c.yaml", tiny_sd15_dir, manifest, run))]) == 2
+    err = capsys.readouterr().err
+    assert "pass --resume to continue it, --overwrite to replace it" in err and "=True" not in err

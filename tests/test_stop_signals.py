@@ -76,5 +76,5 @@ def test_a_signal_before_the_first_step_stops_there_and_leaves_nothing(tiny_sd15
         train(_config(tiny_sd15_dir, pairs, run), progress=False)
     assert stopped.value.step == 0 and batches == [0]
     assert str(stopped.value) == ("stopped by SIGINT before the first step, so nothing was trained; start again (add "
-                                  "--overwrite if the directory is kept)")
+                                  "overwrite=True if the directory is kept)")
     assert not run.exists()  # a run that never took a step leaves the directory as it found it

@@ -174,3 +174,57 @@ def test_the_advice_reads_as_the_caller_calls_sipo(tiny_sd15_dir, manifest, tmp_
     assert main(["train", "--config", str(write_tiny_config(tmp_path / "c.yaml", tiny_sd15_dir, manifest, run))]) == 2
     err = capsys.readouterr().err
     assert "pass --resume to continue it, --overwrite to replace it" in err and "=True" not in err
+
+
+# ----------------------------------------------------------------------------- item 16
+def test_one_string_is_one_override_and_one_scorer_list(tmp_path):
+    """load_config(name, "train.max_steps=3") and evaluate(..., scorers="pickscore") iterated the string
+    ("override 't' is not key=value")."""
+    from sipo.evaluate import EvalOptions
+
+    assert load_config(None, "train.max_steps=3").train.max_steps == 3
+    options = EvalOptions(prompts="p.txt", scorers="pickscore, hpsv2", seeds="0-2",
+                          scorer_paths="pickscore=/m/PickScore_v1")
+    assert options.scorers == ["pickscore", "hpsv2"] and options.seeds == [0, 1, 2]
+    assert options.scorer_paths == {"pickscore": "/m/PickScore_v1"}
+    assert EvalOptions(prompts="p.txt", seeds=3).seeds == [3]
+    with pytest.raises(SipoError, match="overrides must be key=value strings"):
+        load_config(None, [("train.max_steps", 3)])
+
+
+# ----------------------------------------------------------------------------- item 17
+def test_keep_best_by_a_scorer_says_scorers_are_allowed():
+    """It said "choose one of ['none', 'held_out_accuracy']", hiding that a scorer name is allowed."""
+    with pytest.raises(SipoError) as stopped:
+        load_config(None, ["train.keep_best=pickscore"])
+    assert str(stopped.value) == (
+        "train.keep_best='pickscore' is neither none, held_out_accuracy nor a scorer of train.validation_scorers (none "
+        "set); to keep the best samples by a scorer, add it to train.validation_scorers and set "
+        "train.validation_prompts, or choose none or held_out_accuracy")
+    config = load_config(None, ["train.keep_best=pickscore", "train.validation_scorers=[pickscore]",
+                                "train.validation_prompts=[a red square]"])
+    assert config.train.keep_best == "pickscore"
+
+
+# ----------------------------------------------------------------------------- item 20
+def test_every_family_config_and_module_is_named_where_a_new_user_looks():
+    """README and model.family's help omitted Qwen-Image and Wan2.2 (qwenimage, qwenimage_lora, wan22_*)."""
+    from sipo.config import ModelConfig, describe_config, packaged_config_names
+    from sipo.models import FAMILIES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    families = readme[readme.index("### Model families"):readme.index("## Layout")]
+    help_text = describe_config(load_config(None, []))
+    family_help = ModelConfig.__dataclass_fields__["family"].metadata["help"]
+    for family in FAMILIES:
+        assert f"`{family}`" in families or f"family: {family}`" in families, family
+        assert family in family_help, family
+    assert family_help in help_text
+    for name in packaged_config_names():
+        if name != "demo":
+            assert name in families or name.replace("_lora", "[_lora]") in families, name
+    layout = readme[readme.index("## Layout"):]
+    for module in sorted((Path(__file__).resolve().parents[1] / "src" / "sipo").glob("*.py")):
+        if not module.name.startswith("_") and module.stem not in ("plotting",):
+            assert f"  {module.name}" in layout, module.name
+    assert "Wan2.2-TI2V-5B" in families and "Wan2.2-T2V-A14B" in families and "Qwen-Image" in families

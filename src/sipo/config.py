@@ -113,7 +113,8 @@ def _choice(name: str, value: Any, options: typing.Iterable[Any]) -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = _help("model family: sd15, sdxl, digits, cogvideox, wan, flux or sd3 (see sipo.models.FAMILIES)", default="sd15")
+    family: str = _help("model family: sd15, sdxl, flux, sd3, qwenimage (images), cogvideox, wan (videos: Wan2.1 and Wan2.2, "
+                       "TI2V-5B and the two-expert T2V-A14B) or digits (the demo's); see sipo.models.FAMILIES", default="sd15")
     pretrained_path: str = _help(
         "local diffusers pipeline directory (or hub id where online)", default=""
     )
@@ -535,7 +536,13 @@ class TrainConfig:
             raise SipoError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if self.validate_every < 0:
             raise SipoError(f"train.validate_every must be 0 or more, got {self.validate_every}")
-        _choice("train.keep_best", self.keep_best, ("none", "held_out_accuracy", *self.validation_scorers))
+        if self.keep_best not in ("none", "held_out_accuracy", *self.validation_scorers):
+            scorers = (f"train.validation_scorers (now {list(self.validation_scorers)})" if self.validation_scorers
+                       else "train.validation_scorers (none set)")
+            raise SipoError(
+                f"train.keep_best={self.keep_best!r} is neither none, held_out_accuracy nor a scorer of {scorers}; to "
+                f"keep the best samples by a scorer, add it to train.validation_scorers and set "
+                "train.validation_prompts, or choose none or held_out_accuracy")
         for name in ("sample_every", "sample_steps"):
             if getattr(self, name) < 0 or (name == "sample_steps" and self.sample_steps < 1):
                 raise SipoError(f"train.{name} must be {'at least 1' if name == 'sample_steps' else '0 or more'}, "
@@ -711,7 +718,12 @@ def find_duplicate_key(text: str) -> tuple[str, int, int] | None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> SipoConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides
+    (a list of ``key=value``; one string is one override, never its characters)."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    elif overrides is not None and not all(isinstance(item, str) for item in overrides):
+        raise SipoError(f"overrides must be key=value strings, got {overrides!r}; pass e.g. [\"train.max_steps=3\"]")
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)

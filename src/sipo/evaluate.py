@@ -338,6 +338,20 @@ class EvalOptions:
     #: video benchmarks (sipo.rewards.vbench.VideoBenchmark) run on the saved videos of each model
     video_benchmarks: list = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """The command line's spellings are taken from Python too, never iterated character by character:
+        ``scorers="pickscore,hpsv2"``, ``seeds="0-3"`` or ``seeds=0``, ``scorer_paths=["pickscore=DIR"]``."""
+        if isinstance(self.scorers, str):
+            self.scorers = [name.strip() for name in self.scorers.split(",") if name.strip()]
+        if isinstance(self.seeds, str):
+            self.seeds = parse_seeds(self.seeds)
+        elif isinstance(self.seeds, int):
+            self.seeds = [self.seeds]
+        if isinstance(self.scorer_paths, str):
+            self.scorer_paths = [self.scorer_paths]
+        if not isinstance(self.scorer_paths, dict):
+            self.scorer_paths = parse_scorer_paths(list(self.scorer_paths))
+
 
 def parse_scorer_paths(items: Sequence[str]) -> dict[str, str]:
     """``["pickscore=/m/PickScore_v1", ...]`` -> ``{"pickscore": "/m/PickScore_v1"}``."""

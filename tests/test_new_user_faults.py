@@ -228,3 +228,18 @@ def test_every_family_config_and_module_is_named_where_a_new_user_looks():
         if not module.name.startswith("_") and module.stem not in ("plotting",):
             assert f"  {module.name}" in layout, module.name
     assert "Wan2.2-TI2V-5B" in families and "Wan2.2-T2V-A14B" in families and "Qwen-Image" in families
+
+
+# ----------------------------------------------------------------------------- item 14
+def test_errors_about_the_validation_set_name_data_validation_path(manifest, tmp_path):
+    """They named data.path, the training set's key."""
+    from sipo.data import open_preference_dataset
+    from sipo.validation import open_held_out
+
+    config = load_config(None, [f"data.path={manifest}", "data.format=jsonl", "model.resolution=32",
+                                f"data.validation_path={tmp_path / 'missing.jsonl'}"])
+    dataset = open_preference_dataset(config.data, 32, seed=0)
+    with pytest.raises(SipoError) as stopped:
+        open_held_out(config, dataset)
+    assert "data.validation_path" in str(stopped.value) and "data.path" not in str(stopped.value)
+    assert str(tmp_path / "missing.jsonl") in str(stopped.value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import math
 import os
 import shutil
@@ -482,9 +483,12 @@ def open_held_out(config, dataset) -> tuple[Any, list[int] | None, list[int] | N
     data = config.data
     if data.validation_path:
         # a hub layout's validation-*.parquet beside train-* is what a user who names the folder means
-        separate = open_preference_dataset(
-            dataclasses.replace(data, path=data.validation_path, max_pairs=None, split="validation", streaming=False),
-            config.model.resolution, seed=config.train.seed, family=config.model.family)
+        try:
+            separate = open_preference_dataset(
+                dataclasses.replace(data, path=data.validation_path, max_pairs=None, split="validation", streaming=False),
+                config.model.resolution, seed=config.train.seed, family=config.model.family)
+        except SipoError as error:  # the readers speak of the key they read, data.path: name the one the user set
+            raise SipoError(re.sub(r"\bdata\.path\b", "data.validation_path", error.cli_message)) from None
         if len(separate) == 0:
             raise SipoError(f"data.validation_path {data.validation_path} holds no pairs; point it at held-out "
                             "preference pairs or unset it")

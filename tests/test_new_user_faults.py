@@ -243,3 +243,19 @@ def test_errors_about_the_validation_set_name_data_validation_path(manifest, tmp
         open_held_out(config, dataset)
     assert "data.validation_path" in str(stopped.value) and "data.path" not in str(stopped.value)
     assert str(tmp_path / "missing.jsonl") in str(stopped.value)
+
+
+# ----------------------------------------------------------------------------- item 15
+def test_a_streamed_report_never_counts_fewer_pairs_than_it_loaded(tmp_path):
+    """A streamed hf run's data report said "1 pairs, 2 loaded" (shards 0) on 8 valid rows."""
+    from sipo.data import open_preference_dataset
+    from test_data_hf import _stream_rows, hf, hub_folder
+
+    folder = hub_folder(tmp_path / "s", _stream_rows(8), shards=2)
+    stream = open_preference_dataset(hf(folder, streaming=True, shuffle_buffer=1), resolution=4)
+    batch = next(stream.micro_batches(batch_size=2, start=0))
+    stream.report.record(batch)  # as the trainer records each micro-batch
+    report = stream.report
+    assert (report.pairs, report.used, report.shards) == (2, 2, 2)
+    assert str(report) == (f"hf {folder} (streamed from 2 files): 2 rows read so far, 0 ties dropped, 2 pairs, "
+                           "2 loaded")

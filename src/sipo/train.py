@@ -219,6 +219,8 @@ def training_step(run: Run) -> StepOutput:
         noise = _to_device(draw_share_of_noise(encoded.x0_winner.shape, run.num_train_timesteps, run.generator,
                                                tc.batch_size, accelerator.process_index, accelerator.num_processes,
                                                **oc.timestep_settings()), accelerator.device)
+        if tc.compile and state.step == run.first_step and micro == 0 and accelerator.num_processes == 1:
+            check_compiled_gradients(run, encoded, noise, step.beta)
         last_micro = micro == tc.gradient_accumulation_steps - 1
         # Under DDP, gradients are all-reduced only on the last micro-step of the accumulation.
         with contextlib.nullcontext() if last_micro else accelerator.no_sync(run.model):
@@ -238,6 +240,53 @@ def training_step(run: Run) -> StepOutput:
         step.weights.append(effective_weight)
         step.mask_weights.append(weight.detach())
     return step
+
+
+#: per trainable tensor, |compiled grad - eager grad| above this fraction of |eager grad| is a miscompile
+#: (the two differ by rounding only, a few percent at most in bf16; a dropped path differs by 100%)
+COMPILED_GRADIENT_TOLERANCE = 0.25
+
+
+def check_compiled_gradients(run: Run, encoded, noise, beta: float) -> None:
+    """``train.compile``: the compiled denoiser's gradients equal the eager ones, checked once, on the first
+    micro-batch, before any weight moves (issue 30 item 2).
+
+    torch.compile of a whole SD1.5 UNet (``compile_scope=model``, inductor on the CPU, torch 2.13)
+    returned zero gradients for the mid block's LoRA and wrong ones below it, while the forward
+    values and ``compile_scope=blocks`` were right; a compiler fault of that kind would train the
+    wrong model without a sign. The check differentiates the policy's errors on the pairs (the
+    denoiser's output, whatever the objective) with the compiled graphs and again with
+    ``torch.compiler.set_stance("force_eager")``, and stops with one sentence where any trainable
+    tensor's gradient differs by more than ``COMPILED_GRADIENT_TOLERANCE`` of its eager norm.
+    One process only (under DDP a second backward would meet the reducer)."""
+    oc, tc = run.config.objective, run.config.train
+    names, params = list(run.trainable), list(run.trainable.values())
+
+    def gradients(stance: str) -> list[Tensor]:
+        with torch.compiler.set_stance(stance), torch.random.fork_rng(), run.accelerator.autocast():
+            terms = compute_pair_terms(
+                run.adapter, encoded, noise, beta=beta, reference_predict=run.reference_predict,
+                denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                weight_model=oc.weight_model, weight_step=oc.weight_step, objective=oc.pair_settings())
+            errors = (terms.err_winner.float() + terms.err_loser.float()).sum()
+        if not errors.requires_grad:  # the compiled graph lost every path to the weights
+            return [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        grads = torch.autograd.grad(errors, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(params, grads)]
+
+    compiled, eager = gradients("default"), gradients("force_eager")
+    eager_norms = [float(e.norm()) for e in eager]
+    scale = max(eager_norms, default=0.0)
+    wrong = [(name, e_norm, float(c.norm())) for name, c, e, e_norm in zip(names, compiled, eager, eager_norms)
+             if float((c - e).norm()) > COMPILED_GRADIENT_TOLERANCE * e_norm + 1e-6 * scale]
+    if wrong:
+        name, e_norm, c_norm = wrong[0]
+        raise SipoError(
+            f"train.compile_scope={tc.compile_scope}: torch.compile computed other gradients than the eager model for "
+            f"{len(wrong)} of {len(names)} trainable tensors on the first batch (e.g. {name}: norm {c_norm:.3g} "
+            f"compiled, {e_norm:.3g} eager), a fault of torch {torch.__version__}'s compiler on "
+            f"{run.accelerator.device.type}, and would train another model than the one set; set "
+            "train.compile_scope=blocks (its regional graphs compute the eager gradients) or train.compile=false")
 
 
 def optimizer_step(run: Run, step: StepOutput) -> None:

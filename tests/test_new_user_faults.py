@@ -259,3 +259,15 @@ def test_a_streamed_report_never_counts_fewer_pairs_than_it_loaded(tmp_path):
     assert (report.pairs, report.used, report.shards) == (2, 2, 2)
     assert str(report) == (f"hf {folder} (streamed from 2 files): 2 rows read so far, 0 ties dropped, 2 pairs, "
                            "2 loaded")
+
+
+# ----------------------------------------------------------------------------- item 19
+def test_offload_frozen_is_not_documented_as_saving_memory():
+    """model.offload_frozen=group was documented as saving device memory, yet is refused wherever it would."""
+    from sipo.config import ModelConfig
+
+    help_text = ModelConfig.__dataclass_fields__["offload_frozen"].metadata["help"]
+    performance = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    row = next(line for line in performance.splitlines() if line.startswith("| group offload of the frozen base"))
+    for text in (help_text, row):
+        assert "saves no" in text and "less device memory" not in text and "frozen_dtype=fp8" in text

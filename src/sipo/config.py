@@ -157,9 +157,10 @@ class ModelConfig:
         "again: Qwen-Image on 48 GB, Wan2.2-A14B at 480p on 80 GB; docs/models.md)", default="bf16"
     )
     offload_frozen: str = _help(
-        "none, or group: keep the denoiser's frozen base in host memory and move one block at a time to the device "
-        "for its forward (diffusers' enable_group_offload): less device memory, more step time; on the CPU it moves "
-        "nothing (docs/performance.md)", default="none"
+        "none, or group (diffusers' enable_group_offload of the frozen base): it saves no memory yet. On a GPU a LoRA "
+        "run stops at start (the offload would move the LoRA weights with their blocks and lose their updates), a "
+        "full fine-tune is refused, a two-expert denoiser (Wan2.2-A14B) is refused, and on the CPU nothing moves; "
+        "model.frozen_dtype=fp8 is the lever that halves the base's memory (docs/performance.md)", default="none"
     )
 
     def __post_init__(self) -> None:

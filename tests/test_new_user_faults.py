@@ -271,3 +271,24 @@ def test_offload_frozen_is_not_documented_as_saving_memory():
     row = next(line for line in performance.splitlines() if line.startswith("| group offload of the frozen base"))
     for text in (help_text, row):
         assert "saves no" in text and "less device memory" not in text and "frozen_dtype=fp8" in text
+
+
+# ----------------------------------------------------------------------------- docs/errors.md rows that had no test
+def test_errors_md_rows_found_without_a_test(tmp_path):
+    """Rows of docs/errors.md whose sentence no test checked: a config that is no YAML, an empty split,
+    `sipo eval --prompts pickapic-test` on a folder of train shards only."""
+    from sipo.evaluate import read_prompts
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("objective: [beta\n")
+    with pytest.raises(SipoError, match=r"^config file .*broken.yaml is not valid YAML \(ParserError\); fix its syntax$"):
+        load_config(str(broken))
+    with pytest.raises(SipoError, match=r"^data.split is empty; set it to train \(the default\), validation or test$"):
+        load_config(None, ["data.split= "])
+    folder = tmp_path / "testonly"
+    folder.mkdir()
+    (folder / "train-00000-of-00001.parquet").write_bytes(b"")
+    with pytest.raises(SipoError) as stopped:
+        read_prompts("pickapic-test", str(folder))
+    assert str(stopped.value) == (f"data.path {folder} holds train shards but none of the test or test_unique split; "
+                                  "pass --pickapic-path the test-*.parquet shards")

@@ -292,3 +292,25 @@ def test_errors_md_rows_found_without_a_test(tmp_path):
         read_prompts("pickapic-test", str(folder))
     assert str(stopped.value) == (f"data.path {folder} holds train shards but none of the test or test_unique split; "
                                   "pass --pickapic-path the test-*.parquet shards")
+
+
+# ----------------------------------------------------------------------------- item 1, eval images
+def test_eval_images_of_another_resolution_or_base_weights_are_never_reused(tiny_sd15_dir, tmp_path):
+    """generation.json recorded the sampler settings but not the picture size nor the base model's files."""
+    import shutil
+
+    from sipo.evaluate import EvalOptions, check_generation_settings, generation_settings
+
+    model = Path(shutil.copytree(tiny_sd15_dir, tmp_path / "model"))
+    options = EvalOptions(prompts="p.txt", base_only=True)
+    at = lambda resolution: load_config(None, [f"model.pretrained_path={model}", f"model.resolution={resolution}"])  # noqa: E731
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    check_generation_settings(folder, generation_settings(at(32), options, {}), ["a"])
+    check_generation_settings(folder, generation_settings(at(32), options, {}), ["a"])  # the same: reused
+    with pytest.raises(SipoError, match=r"holds images made with other settings \(resolution\)"):
+        check_generation_settings(folder, generation_settings(at(64), options, {}), ["a"])
+    config_file = model / "unet" / "config.json"
+    config_file.write_text(config_file.read_text().replace('"norm_eps"', '"norm_eps" ', 1))  # the base replaced
+    with pytest.raises(SipoError, match=r"other settings \(model_files\)"):
+        check_generation_settings(folder, generation_settings(at(32), options, {}), ["a"])

@@ -381,6 +381,19 @@ def check_run_family(run_dir: str | Path, family: str) -> None:
                         "pass the config the run was trained with")
 
 
+def generation_settings(config, options: "EvalOptions", sizes: dict) -> dict:
+    """What makes the images of an eval folder, recorded in its generation.json: the model (its path and
+    the digest of its files, so base weights replaced in place are not mixed with the old images), the
+    run, the sampler settings and the picture size (``model.resolution`` for images, ``sizes`` for clips)."""
+    from sipo.data.cache import model_files_digest
+
+    return {"model": str(config.model.pretrained_path), "model_files": model_files_digest(config.model),
+            "family": config.model.family,
+            "checkpoint": None if options.base_only else str(Path(options.checkpoint).resolve()),
+            "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale,
+            "dtype": options.dtype, "resolution": config.model.resolution, **sizes}
+
+
 def check_generation_settings(output_dir: Path, settings: dict, prompts: list[str]) -> None:
     """Images on disk are reused only if made with the same model, run, sampler settings and prompts.
 
@@ -582,12 +595,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     check_scorers_loadable(options.scorers, options.scorer_paths)
     models = ("base",) if options.base_only else MODELS
     sizes = video_sample_sizes(config)
-    check_generation_settings(output_dir, {
-        "model": str(config.model.pretrained_path), "family": config.model.family,
-        "checkpoint": None if options.base_only else str(Path(options.checkpoint).resolve()),
-        "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale,
-        "dtype": options.dtype, **sizes,
-    }, prompts)
+    check_generation_settings(output_dir, generation_settings(config, options, sizes), prompts)
     if aligned_key is not None:
         print(f"sipo: {measuring(options.checkpoint, aligned_key)}")
         moved = claim_output_folder(output_dir / "images" / "aligned", aligned_key)

@@ -151,7 +151,9 @@ def train(
     holding a run stops the call. ``adapter`` replaces the model ``config`` names (an in-memory
     model: the demo, notebooks); ``callbacks`` (and ``step_callback``) run after every optimizer
     step. SIGTERM or SIGINT finish the current step, write a checkpoint and raise
-    :class:`sipo.errors.TrainingInterrupted`.
+    :class:`sipo.errors.TrainingInterrupted`; before the first step they stop there (nothing trained),
+    in the end-of-run validation they cut it short (the final checkpoint is already written) and the
+    call returns with the final weights.
     """
     from tqdm.auto import tqdm
 

@@ -10,6 +10,7 @@ Adding a family is one file in this folder, one entry in ``FAMILIES`` and one YA
 from __future__ import annotations
 
 import contextlib
+import typing
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -39,15 +40,17 @@ def concat_conditioning(first: Conditioning, second: Conditioning) -> Conditioni
     return {key: torch.cat([first[key], second[key]], dim=0) for key in first}
 
 
-def check_listed_components(path: Path, skip: Mapping[str, str] = {}) -> None:
-    """Every component ``model_index.json`` lists (``"name": [library, class]``, not ``[null, null]``) has
-    its folder, as diffusers' ``from_pretrained`` requires: a folder lost to an interrupted download (a
-    Wan2.2-A14B without ``transformer_2/``) would otherwise load as a different model. ``skip``: the
-    family's own components, which :meth:`DiffusionAdapter.check_pipeline_directory` names itself."""
-    for name, entry in read_model_index(path).items():
-        listed = (not name.startswith("_") and isinstance(entry, (list, tuple)) and len(entry) == 2
-                  and all(isinstance(part, str) for part in entry))
-        if listed and name not in skip and not (path / name).is_dir():
+def check_listed_components(path: Path, names: typing.Iterable[str]) -> None:
+    """Each of ``names`` that ``model_index.json`` lists (``"name": [library, class]``, not ``[null, null]``)
+    has its folder, as diffusers' ``from_pretrained`` requires: the components a family loads only where
+    the index lists them (``DiffusionAdapter.listed_components``: Wan2.2-A14B's ``transformer_2``), whose
+    folder lost to an interrupted download would otherwise load as a different model. Components sipo
+    never loads (a safety checker left out of a download) are not asked for."""
+    index = read_model_index(path)
+    for name in names:
+        entry = index.get(name)
+        listed = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
+        if listed and not (path / name).is_dir():
             raise SipoError(
                 f"{path}/model_index.json lists {name} ({entry[1]}), but {path} has no {name}/ folder (an interrupted "
                 f"download?), and diffusers refuses such a directory too; download {name}/ again or point "
@@ -165,6 +168,9 @@ class DiffusionAdapter(ABC):
     #: where a complete directory comes from, the fix named by the "missing subfolder" error;
     #: ``None``: a complete ``pipeline_class_names[0]`` directory written by ``save_pretrained``.
     directory_hint: ClassVar[str | None] = None
+    #: components loaded only where model_index.json lists them (beyond ``components``): each listed one
+    #: must have its folder (``check_listed_components``)
+    listed_components: ClassVar[tuple[str, ...]] = ()
 
     #: subfolder -> {config.json key: the value every model of this family has}: what tells this
     #: family's component from another family's of the same class (an SDXL UNet is a
@@ -188,7 +194,7 @@ class DiffusionAdapter(ABC):
                 f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching "
                 "family or model.pretrained_path to a matching model"
             )
-        check_listed_components(Path(path), skip=cls.components)
+        check_listed_components(Path(path), cls.listed_components)
         cls.check_component_configs(Path(path))
 
     @classmethod

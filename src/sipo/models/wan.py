@@ -175,6 +175,7 @@ class WanAdapter(VideoAdapter):
     family = "wan"
     pipeline_class_names = ("WanPipeline",)
     pipeline_class_name = "WanPipeline"
+    listed_components = ("transformer_2",)  # Wan2.2-A14B's low-noise expert
     components = {
         "transformer": "WanTransformer3DModel",
         "vae": "AutoencoderKLWan",

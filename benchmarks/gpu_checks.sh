@@ -11,7 +11,7 @@
 # Each part writes $OUT/<part>.log (OUT defaults to /tmp/sipo-gpu); a part that runs out of its
 # time is cut off by `timeout` without stopping the others.
 #   bash benchmarks/gpu_checks.sh                 # with sipo and its dependencies installed
-#   PARTS="suite video" bash benchmarks/gpu_checks.sh   # some parts: throughput suite video sdxl precision flux wan22
+#   PARTS="suite video" bash benchmarks/gpu_checks.sh   # some parts: throughput suite video sdxl precision flux wan22 compile_check
 #   PARTS=flux bash benchmarks/gpu_checks.sh      # FLUX.1-dev LoRA DPO step at 1024 px, full size, random weights:
 #                                                 # s/step and peak memory (benchmarks/flow_image_memory.py step --full)
 #   wan22 (issue 19, not in the default set): a full-size random Wan2.2-TI2V-5B LoRA step at 704x1280x121
@@ -74,8 +74,19 @@ want wan22 && ( echo "== wan22-ti2v-5b bf16 704x1280x121"
   echo "== wan22-a14b-480p fp8 81x480x832"
   timeout "${WAN22_S:-240}" $PY benchmarks/video_memory.py step --family wan22-a14b-480p --device cuda --full --frozen-dtype fp8 2>&1 | tail -n 3
   ) > "$OUT/wan22.log" 2>&1 &
+# compile_check (issue 30 item 2): inductor on CUDA (Triton) for the whole tiny SD1.5 UNet; on the CPU (C++)
+# it dropped the mid block's LoRA gradient and the first-batch check stopped the run. Prints either the
+# check's sentence or "trained": which one the GPU compiler gives is what this part finds out. Unrun.
+want compile_check && ( PYTHONPATH=src:tests timeout "${COMPILE_S:-300}" $PY -c "
+from pathlib import Path; from tiny_models import make_tiny_sd15; from train_fixtures import write_jsonl_pairs, tiny_overrides
+from sipo.config import load_config; from sipo.train import train; from sipo.errors import SipoError
+d = Path('/tmp/compile_check'); m = make_tiny_sd15(d / 'm'); p = write_jsonl_pairs(d / 'p', 2)
+c = load_config(None, tiny_overrides(m, p, d / 'run', **{'train.compile': True, 'train.compile_scope': 'model',
+    'objective.name': 'dpo'}))
+try: train(c, progress=False, overwrite=(d / 'run').exists()); print('trained')
+except SipoError as e: print(e)" 2>&1 | tail -n 3 ) > "$OUT/compile_check.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory flux_memory z_precision wan22 pairs_noise; do
+for part in pytest video_memory sdxl_memory flux_memory z_precision wan22 pairs_noise compile_check; do
   [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
 done

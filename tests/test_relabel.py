@@ -179,3 +179,42 @@ def test_pickapic_input_becomes_a_scored_shard_that_min_score_margin_filters(sco
     with pytest.raises(SipoError, match="needs a score_margin"):
         open_preference_dataset(load_config(None, ["data.format=pickapic", f"data.path={tmp_path / 'shards'}",
                                                    "data.min_score_margin=0.1"]).data, 32)
+
+
+def test_a_rerun_with_another_scorer_checkpoint_or_manifest_scores_every_pair_afresh(manifest, scorer_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Issue 30 item 1: the .partial rows of the first scorer were kept under the second one's name."""
+    other_scorer = make_tiny_clip(tmp_path / "other_pickscore", seed=3, positive=True)
+    real = relabel_module._score_pairs
+    calls = []
+
+    def dies_on_the_second_batch(scorer, pairs):
+        calls.append(len(pairs))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(scorer, pairs)
+
+    monkeypatch.setattr(relabel_module, "_score_pairs", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        relabel(_config(manifest), "pickscore", batch_size=3, scorer_path=str(scorer_dir), progress=False)
+    out = manifest.with_name("pairs.pickscore.jsonl")
+    assert len(out.with_name(out.name + ".partial").read_text().splitlines()) == 3
+    monkeypatch.setattr(relabel_module, "_score_pairs", real)
+    result = relabel(_config(manifest), "pickscore", batch_size=3, scorer_path=str(other_scorer), progress=False)
+    assert result.resumed_from == 0 and "scorer_checkpoint" in capsys.readouterr().out
+    expected = _by_hand(manifest, other_scorer)  # every row by the second scorer, none by the first
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row, (chosen, rejected) in zip(rows, expected):
+        assert row["score_chosen"] == pytest.approx(max(chosen, rejected), rel=1e-4)
+    assert not out.with_name(out.name + ".partial.provenance.json").exists()
+
+    # the same with the manifest changed under the partial file (one row dropped)
+    out.unlink()
+    calls.clear()
+    monkeypatch.setattr(relabel_module, "_score_pairs", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        relabel(_config(manifest), "pickscore", batch_size=3, scorer_path=str(scorer_dir), progress=False)
+    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[1:]))
+    monkeypatch.setattr(relabel_module, "_score_pairs", real)
+    result = relabel(_config(manifest), "pickscore", batch_size=3, scorer_path=str(scorer_dir), progress=False)
+    assert result.resumed_from == 0 and result.pairs == PAIRS - 1 and "data:" in capsys.readouterr().out

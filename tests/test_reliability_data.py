@@ -184,7 +184,7 @@ def test_resume_after_replacing_the_base_weights_in_place_stops(tiny_sd15_dir, t
         rundir.choose_resume_checkpoint(run, run_fingerprint(config))
     message = str(info.value)
     _one_sentence(message)
-    assert "model.files" in message and "--resume refused" in message
+    assert "model.files" in message and "resume=True refused" in message  # str(): the Python form
 
 
 def test_building_a_cache_beside_the_data_does_not_change_the_data_fingerprint(tmp_path):

@@ -55,7 +55,7 @@ def test_overwrite_of_a_directory_without_manifest_is_refused(tiny_sd15_dir, man
     (folder / "unet" / "weights.bin").write_bytes(b"the user's")
     (folder / "config.yaml").write_text("mine: true\n")
     before = snapshot(folder)
-    with pytest.raises(SipoError, match=rf"--overwrite refused: .* has no readable {RUN_MANIFEST}"):
+    with pytest.raises(SipoError, match=rf"overwrite=True refused: .* has no readable {RUN_MANIFEST}"):
         train(_config(tiny_sd15_dir, manifest, folder), progress=False, overwrite=True)
     assert snapshot(folder) == before
 
@@ -210,7 +210,7 @@ def test_sigint_in_process_finishes_the_step_and_checkpoints_it(tiny_sd15_dir, m
         train(_config(tiny_sd15_dir, manifest, tmp_path / "run", **{"train.max_steps": 6, "train.checkpoint_every": 0}),
               progress=False, callbacks=[press])
     assert stopped.value.signum == signal.SIGINT and stopped.value.step == 2
-    assert str(stopped.value) == ("stopped by SIGINT after step 2; its checkpoint is saved, continue with --resume "
+    assert str(stopped.value) == ("stopped by SIGINT after step 2; its checkpoint is saved, continue with resume=True "
                                   "(from step-00000002)")
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
 

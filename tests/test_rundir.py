@@ -58,7 +58,7 @@ def test_new_run_into_an_old_runs_directory_stops_and_changes_nothing(tiny_sd15_
     with pytest.raises(SipoError) as info:
         train(_config(tiny_sd15_dir, manifest, run_copy, **{"train.seed": 7}), progress=False)
     message = str(info.value)
-    assert "already holds another run" in message and "--resume" in message and "--overwrite" in message
+    assert "already holds another run" in message and "resume=True" in message and "overwrite=True" in message
     assert "step-00000003" in message and "\n" not in message
     assert snapshot(run_copy) == before
 
@@ -115,7 +115,7 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_says_so(tiny_sd15_dir, m
 def test_resume_with_every_checkpoint_damaged_is_one_sentence(tiny_sd15_dir, manifest, run_copy):
     for path in list_checkpoints(run_copy):
         (path / "state.json").write_text("{")
-    with pytest.raises(SipoError, match="no intact checkpoint .* start again with --overwrite"):
+    with pytest.raises(SipoError, match="no intact checkpoint .* start again with overwrite=True"):
         train(_config(tiny_sd15_dir, manifest, run_copy), resume=True, progress=False)
 
 
@@ -129,7 +129,7 @@ def test_mismatched_resume_names_each_key_and_writes_nothing(tiny_sd15_dir, mani
     message = str(info.value)
     for key in ("train.lora_rank: 4 -> 8", "train.seed: 0 -> 3", "train.batch_size: 2 -> 1", "data.files: '1 files, sha256"):
         assert key in message, key
-    assert "--overwrite" in message and "\n" not in message
+    assert "overwrite=True" in message and "\n" not in message
     assert snapshot(run_copy) == before  # config.yaml included: `sipo analyze` still reads the old run
 
 
@@ -174,14 +174,14 @@ def test_divergence_before_any_checkpoint_does_not_promise_one(tiny_sd15_dir, ma
     with pytest.raises(SipoError) as info:
         train(config, step_callback=_poison_from(1), progress=False)
     message = str(info.value)
-    assert "no checkpoint was written" in message and "--overwrite" in message
-    assert "--resume" not in message and "intact" not in message
+    assert "no checkpoint was written" in message and "overwrite=True" in message
+    assert "resume=True" not in message and "intact" not in message
 
 
 def test_divergence_after_a_checkpoint_names_it(tiny_sd15_dir, manifest, tmp_path):
     config = _config(tiny_sd15_dir, manifest, tmp_path / "run",
                      **{"train.max_steps": 6, "train.checkpoint_every": 2, "train.max_bad_steps": 2})
-    with pytest.raises(SipoError, match="--resume from step-00000002, the last good checkpoint"):
+    with pytest.raises(SipoError, match="resume=True from step-00000002, the last good checkpoint"):
         train(config, step_callback=_poison_from(3), progress=False)
 
 
@@ -225,7 +225,7 @@ def test_disk_full_while_checkpointing_removes_the_partial_directory(tmp_path, m
         save_checkpoint(tmp_path, {"w": param}, optimizer, scheduler, TrainState(step=3), torch.Generator(), 2)
     message = str(info.value)
     assert message.startswith("the disk filled up while writing checkpoint") and "free space" in message
-    assert "--overwrite" in message  # nothing to resume from yet
+    assert "overwrite=True" in message  # nothing to resume from yet
     assert list((tmp_path / "checkpoints").iterdir()) == []  # no .tmp-step-00000003 holding the space
 
 

@@ -279,3 +279,21 @@ def test_sipo_analyze_reads_the_runs_validation_log(tiny_sd15_dir, pairs, tmp_pa
     assert [r["step"] for r in document["validation"]] == [r["step"] for r in _log(run)] == [0, 2, 4]
     assert document["validation"][-1]["held_out/accuracy"] == _log(run)[-1]["held_out/accuracy"]
     assert "Held-out implicit accuracy (the run's validation.jsonl, 3 validations): 0.000 at step 0" in result.findings
+
+
+def test_a_resume_with_another_keep_best_metric_keeps_best_afresh(tiny_sd15_dir, pairs, tmp_path, capsys):
+    """Issue 30 item 3: best.json's value was compared across metrics (a pickscore of ~11.7 stayed
+    unbeaten by accuracies <= 1). best/ kept by another metric is replaced, and the log says so."""
+    run = tmp_path / "run"
+    settings = {"train.keep_best": "held_out_accuracy", "train.validate_every": 1, "train.max_steps": 1,
+                "train.checkpoint_every": 1, "data.validation_fraction": 0.125}
+    train(_config(tiny_sd15_dir, pairs, run, **settings), progress=False)
+    # best/ as a run kept by a sample scorer would have left it (metric and value of another scale)
+    (run / "best" / "best.json").write_text(json.dumps({"step": 1, "metric": "pickscore", "value": 11.7}))
+    capsys.readouterr()
+    train(_config(tiny_sd15_dir, pairs, run, **{**settings, "train.max_steps": 2}), resume=True, progress=False)
+    assert ("best/ holds step 1 kept by pickscore = 11.7, and train.keep_best is now held_out_accuracy: the two are "
+            "not comparable, so best/ is kept afresh by held_out_accuracy") in capsys.readouterr().out
+    saved = json.loads((run / "best" / "best.json").read_text())
+    step2 = [r for r in _log(run) if r["step"] == 2][0]
+    assert saved == {"step": 2, "metric": "held_out_accuracy", "value": step2["held_out/accuracy"]}

@@ -195,7 +195,9 @@ def select_gradient_parameters(
 def _peek_run_config(run_dir: str | Path) -> SipoConfig | None:
     import yaml
 
-    saved = Path(run_dir) / "config.yaml"
+    from sipo.checkpoints import run_directory_of
+
+    saved = run_directory_of(run_dir) / "config.yaml"
     if not saved.is_file():
         return None  # load_run_weights stops with the clear error
     return config_from_dict(yaml.safe_load(saved.read_text()))
@@ -252,8 +254,11 @@ def run_validation_curve(checkpoint: str | Path | None) -> list[dict[str, Any]]:
     names, from its validation.jsonl; empty when there is none."""
     from sipo.validation import VALIDATION_LOG, read_validation_log
 
-    if checkpoint is None or not (Path(checkpoint) / VALIDATION_LOG).is_file():
+    from sipo.checkpoints import run_directory_of
+
+    if checkpoint is None or not (run_directory_of(checkpoint) / VALIDATION_LOG).is_file():
         return []
+    checkpoint = run_directory_of(checkpoint)
     keep = ("held_out/accuracy", "held_out/reward_margin", "held_out/loss", "held_out/accuracy_q1",
             "held_out/accuracy_q2", "held_out/accuracy_q3", "held_out/accuracy_q4")
     return [{"step": r["step"], **{k: r[k] for k in keep if k in r}}
@@ -342,6 +347,10 @@ def run_analysis(
 
         check_run_family(checkpoint, config.model.family)
     weights = weights_key(config, checkpoint)
+    if checkpoint is not None:
+        from sipo.evaluate import measuring
+
+        print(f"sipo: {measuring(checkpoint, weights)}")
     if adapter is None:  # the model directory's own numbers, read from its JSON before it loads
         from sipo.config import check_against_model
         from sipo.rundir import model_numbers
@@ -359,7 +368,7 @@ def run_analysis(
     torch.manual_seed(seed)  # LoRA injection draws its initial weights from the global stream
     adapter, reference_predict, grads = prepare_model(
         config, checkpoint, adapter, max_grad_elements,
-        weights_checkpoint=None if checkpoint is None else Path(weights["run"]) / "checkpoints" / weights["checkpoint"])
+        weights_checkpoint=None if checkpoint is None else weights["path"])
     T = adapter.schedule.num_train_timesteps
     if num_buckets > T:
         raise SipoError(f"--buckets ({num_buckets}) cannot exceed the model's {T} training timesteps")

@@ -38,7 +38,10 @@ def analyze(config: SipoConfig, checkpoint: str | Path | None = None, *, num_pai
     from sipo.analysis import run_analysis
 
     if output_dir is None:
-        output_dir = Path(checkpoint if checkpoint is not None else config.train.output_dir) / "analysis"
+        from sipo.evaluate import default_output_dir
+
+        output_dir = (default_output_dir(checkpoint, "analysis") if checkpoint is not None
+                      else Path(config.train.output_dir) / "analysis")
     return run_analysis(config, checkpoint=checkpoint, num_pairs=num_pairs, num_buckets=num_buckets,
                         output_dir=output_dir, progress=progress, **options)
 

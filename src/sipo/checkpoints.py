@@ -270,16 +270,13 @@ def load_run_weights(adapter: DiffusionAdapter, run_dir: str | Path, checkpoint:
     """
     import yaml
 
-    run_dir = Path(run_dir)
+    weights_path = Path(checkpoint) if checkpoint is not None else run_weights(run_dir).checkpoint
+    run_dir = run_directory_of(run_dir)
     saved = run_dir / "config.yaml"
-    checkpoints = list_checkpoints(run_dir)
-    if not saved.is_file() or not checkpoints:
+    if not saved.is_file():
         raise SipoError(f"{run_dir} is not a sipo run directory (needs config.yaml and checkpoints/step-*); pass the train.output_dir of a run")
     run_config = config_from_dict(yaml.safe_load(saved.read_text()))
-    newest = Path(checkpoint) if checkpoint is not None else newest_intact_checkpoint(run_dir)[0]
-    if newest is None:
-        raise SipoError(f"every checkpoint under {run_dir}/checkpoints fails its manifest check; pass another run directory")
-    checkpoints = [newest]
+    checkpoints = [weights_path]
     if run_config.model.family != adapter.family:
         raise SipoError(f"{run_dir} was trained on a {run_config.model.family} model, not {adapter.family}; pass a matching config")
     if run_config.train.finetune == "lora" and not any("lora_" in n for n, _ in adapter.denoiser.named_parameters()):
@@ -333,10 +330,37 @@ class RunWeights:
         return f"{self.checkpoint.name}-{self.sha256[:12]}"
 
 
+#: the folder ``train.keep_best`` keeps inside a run (sipo.validation.BEST_DIR)
+BEST_DIR = "best"
+
+
+def is_best_dir(path: str | Path) -> bool:
+    """``RUN/best``: the weights keep_best chose (best.json beside trainable.safetensors), inside a run."""
+    path = Path(path)
+    return (path / "best.json").is_file() and (path.parent / "config.yaml").is_file()
+
+
+def run_directory_of(path: str | Path) -> Path:
+    """The run a ``--checkpoint`` names: ``RUN`` itself, or ``RUN`` for ``RUN/best``."""
+    path = Path(path)
+    return path.parent if is_best_dir(path) else path
+
+
 def run_weights(run_dir: str | Path) -> RunWeights:
     """The weights :func:`load_run_weights` would load from ``run_dir``, with their digest; stops with one
-    sentence when the directory holds no checkpoint (before anything is sampled or analysed)."""
+    sentence when the directory holds no checkpoint (before anything is sampled or analysed).
+
+    The rule every command follows (``sipo eval/analyze --checkpoint``, docs/evaluation.md): ``RUN``
+    means the run's newest intact checkpoint (for a finished run, the final weights: the final
+    checkpoint is written with them); ``RUN/best`` means the weights ``train.keep_best`` kept there."""
     run_dir = Path(run_dir)
+    if is_best_dir(run_dir):
+        trainable = run_dir / "trainable.safetensors"
+        if not trainable.is_file():
+            raise SipoError(f"{run_dir} was kept by an older sipo without trainable.safetensors, so its weights cannot "
+                            f"be loaded as a checkpoint; load its {run_dir.name}/ LoRA with pipe.load_lora_weights, or "
+                            "pass the run directory (its newest checkpoint)")
+        return RunWeights(run_dir, _sha256(trainable))
     if not list_checkpoints(run_dir):
         raise SipoError(f"{run_dir} holds no checkpoint (checkpoints/step-*), so there are no trained weights to "
                         "use; pass the train.output_dir of a run that has written a checkpoint")

@@ -242,7 +242,7 @@ def _pairs_options(args):
 
 def _one_sentence(error: SipoError) -> str:
     """The user's sentence, also when a DataLoader worker re-raised it wrapped in its traceback text."""
-    text = str(error).strip()
+    text = (error.cli_message if isinstance(error, SipoError) else str(error)).strip()
     marker = "SipoError: "
     if "Original Traceback" in text and marker in text:
         text = text.rsplit(marker, 1)[1].strip()

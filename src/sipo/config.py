@@ -85,6 +85,21 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     "sipo-elementwise": {**PAPER_READING, "beta": 0.02},  # sd-scripts PR #1427's beta: its logit has no 0.5 (SPEC 9)
 }
 
+# Presets whose authors ship one launcher per variant: the variant's own defaults, applied to the keys
+# left unset like the preset's (so a preset's beta follows its variant; docs/method.md).
+PRESET_VARIANT_SETTINGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "dspo": ("dspo_variant", {"sdxl": {"beta": 5000.0}}),  # DSPO's SDXL launcher (its SD1.5 one: 0.001)
+}
+
+
+def preset_settings(name: str, variant_of: typing.Callable[[str], Any]) -> dict[str, Any]:
+    """The defaults of preset ``name``, with those of its variant (``variant_of(key)`` reads the variant key)."""
+    settings = dict(PRESET_SETTINGS[name])
+    if name in PRESET_VARIANT_SETTINGS:
+        key, variants = PRESET_VARIANT_SETTINGS[name]
+        settings.update(variants.get(variant_of(key), {}))
+    return settings
+
 
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
@@ -102,7 +117,8 @@ NOISE_PREDICTION_FAMILIES = ("sd15", "sdxl", "cogvideox", "digits")
 
 @dataclass
 class ModelConfig:
-    family: str = _help("model family: sd15, sdxl, digits, cogvideox, wan, flux or sd3 (see sipo.models.FAMILIES)", default="sd15")
+    family: str = _help("model family: sd15, sdxl, flux, sd3, qwenimage (images), cogvideox, wan (videos: Wan2.1 and Wan2.2, "
+                       "TI2V-5B and the two-expert T2V-A14B) or digits (the demo's); see sipo.models.FAMILIES", default="sd15")
     pretrained_path: str = _help(
         "local diffusers pipeline directory (or hub id where online)", default=""
     )
@@ -151,9 +167,10 @@ class ModelConfig:
         "again: Qwen-Image on 48 GB, Wan2.2-A14B at 480p on 80 GB; docs/models.md)", default="bf16"
     )
     offload_frozen: str = _help(
-        "none, or group: keep the denoiser's frozen base in host memory and move one block at a time to the device "
-        "for its forward (diffusers' enable_group_offload): less device memory, more step time; on the CPU it moves "
-        "nothing (docs/performance.md)", default="none"
+        "none, or group (diffusers' enable_group_offload of the frozen base): it saves no memory yet. On a GPU a LoRA "
+        "run stops at start (the offload would move the LoRA weights with their blocks and lose their updates), a "
+        "full fine-tune is refused, a two-expert denoiser (Wan2.2-A14B) is refused, and on the CPU nothing moves; "
+        "model.frozen_dtype=fp8 is the lever that halves the base's memory (docs/performance.md)", default="none"
     )
 
     def __post_init__(self) -> None:
@@ -347,7 +364,7 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         _choice("objective.name", self.name, OBJECTIVE_PRESETS)
         # Unset values come from the preset, so a saved config records the values a run used.
-        for key, value in {"safeguard": False, **PRESET_SETTINGS[self.name]}.items():
+        for key, value in {"safeguard": False, **preset_settings(self.name, lambda key: getattr(self, key))}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         self._check_field_objectives()
@@ -545,7 +562,13 @@ class TrainConfig:
             raise SipoError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if self.validate_every < 0:
             raise SipoError(f"train.validate_every must be 0 or more, got {self.validate_every}")
-        _choice("train.keep_best", self.keep_best, ("none", "held_out_accuracy", *self.validation_scorers))
+        if self.keep_best not in ("none", "held_out_accuracy", *self.validation_scorers):
+            scorers = (f"train.validation_scorers (now {list(self.validation_scorers)})" if self.validation_scorers
+                       else "train.validation_scorers (none set)")
+            raise SipoError(
+                f"train.keep_best={self.keep_best!r} is neither none, held_out_accuracy nor a scorer of {scorers}; to "
+                f"keep the best samples by a scorer, add it to train.validation_scorers and set "
+                "train.validation_prompts, or choose none or held_out_accuracy")
         for name in ("sample_every", "sample_steps"):
             if getattr(self, name) < 0 or (name == "sample_steps" and self.sample_steps < 1):
                 raise SipoError(f"train.{name} must be {'at least 1' if name == 'sample_steps' else '0 or more'}, "
@@ -721,7 +744,12 @@ def find_duplicate_key(text: str) -> tuple[str, int, int] | None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> SipoConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides
+    (a list of ``key=value``; one string is one override, never its characters)."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    elif overrides is not None and not all(isinstance(item, str) for item in overrides):
+        raise SipoError(f"overrides must be key=value strings, got {overrides!r}; pass e.g. [\"train.max_steps=3\"]")
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)

@@ -339,6 +339,20 @@ class EvalOptions:
     #: video benchmarks (sipo.rewards.vbench.VideoBenchmark) run on the saved videos of each model
     video_benchmarks: list = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """The command line's spellings are taken from Python too, never iterated character by character:
+        ``scorers="pickscore,hpsv2"``, ``seeds="0-3"`` or ``seeds=0``, ``scorer_paths=["pickscore=DIR"]``."""
+        if isinstance(self.scorers, str):
+            self.scorers = [name.strip() for name in self.scorers.split(",") if name.strip()]
+        if isinstance(self.seeds, str):
+            self.seeds = parse_seeds(self.seeds)
+        elif isinstance(self.seeds, int):
+            self.seeds = [self.seeds]
+        if isinstance(self.scorer_paths, str):
+            self.scorer_paths = [self.scorer_paths]
+        if not isinstance(self.scorer_paths, dict):
+            self.scorer_paths = parse_scorer_paths(list(self.scorer_paths))
+
 
 def parse_scorer_paths(items: Sequence[str]) -> dict[str, str]:
     """``["pickscore=/m/PickScore_v1", ...]`` -> ``{"pickscore": "/m/PickScore_v1"}``."""
@@ -357,13 +371,28 @@ def check_run_family(run_dir: str | Path, family: str) -> None:
     """Stop before sampling when ``run_dir`` is no run, or a run of another model family."""
     import yaml
 
-    saved = Path(run_dir) / "config.yaml"
+    from sipo.checkpoints import run_directory_of
+
+    saved = run_directory_of(run_dir) / "config.yaml"
     if not saved.is_file():
         raise SipoError(f"{run_dir} is not a sipo run directory (no config.yaml); pass the train.output_dir of a run to --checkpoint")
     run_family = (yaml.safe_load(saved.read_text()) or {}).get("model", {}).get("family", "sd15")
     if run_family != family:
         raise SipoError(f"{run_dir} was trained on a {run_family} model but --config loads a {family} model; "
                         "pass the config the run was trained with")
+
+
+def generation_settings(config, options: "EvalOptions", sizes: dict) -> dict:
+    """What makes the images of an eval folder, recorded in its generation.json: the model (its path and
+    the digest of its files, so base weights replaced in place are not mixed with the old images), the
+    run, the sampler settings and the picture size (``model.resolution`` for images, ``sizes`` for clips)."""
+    from sipo.data.cache import model_files_digest
+
+    return {"model": str(config.model.pretrained_path), "model_files": model_files_digest(config.model),
+            "family": config.model.family,
+            "checkpoint": None if options.base_only else str(Path(options.checkpoint).resolve()),
+            "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale,
+            "dtype": options.dtype, "resolution": config.model.resolution, **sizes}
 
 
 def check_generation_settings(output_dir: Path, settings: dict, prompts: list[str]) -> None:
@@ -416,7 +445,23 @@ def weights_key(config, checkpoint: str | Path | None) -> dict:
 
     weights = run_weights(checkpoint)
     return {"weights": weights.sha256, "checkpoint": weights.checkpoint.name, "label": weights.label,
-            "run": str(Path(checkpoint).resolve())}
+            "run": str(Path(checkpoint).resolve()), "path": str(weights.checkpoint.resolve())}
+
+
+def measuring(checkpoint: str | Path, key: dict) -> str:
+    """Which weights ``--checkpoint`` measures, in words (the rule of :func:`sipo.checkpoints.run_weights`)."""
+    if key.get("checkpoint") == "best":
+        return f"measuring {checkpoint}: {describe_weights(key)}, the weights train.keep_best kept"
+    return (f"measuring {checkpoint}: {describe_weights(key)}, its newest checkpoint (pass {Path(checkpoint) / 'best'} "
+            "for the weights train.keep_best kept, where it kept any)")
+
+
+def default_output_dir(checkpoint: str | Path, name: str) -> Path:
+    """``RUN/<name>`` for a run, ``RUN/<name>-best`` for ``RUN/best`` (best/ is replaced whole when a
+    better step comes, so nothing of another command lives inside it)."""
+    from sipo.checkpoints import is_best_dir, run_directory_of
+
+    return run_directory_of(checkpoint) / (f"{name}-best" if is_best_dir(checkpoint) else name)
 
 
 def _same_weights(previous: dict, key: dict) -> bool:
@@ -559,7 +604,8 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         aligned_key = weights_key(config, options.checkpoint)  # no checkpoint in it: stop before the base half
     prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
     samples = [Sample(i, seed, prompt) for i, prompt in enumerate(prompts) for seed in options.seeds]
-    output_dir = Path(options.output_dir or Path(options.checkpoint or config.train.output_dir) / "eval")
+    output_dir = Path(options.output_dir or (default_output_dir(options.checkpoint, "eval") if options.checkpoint
+                                             else Path(config.train.output_dir) / "eval"))
     from sipo.rundir import check_output_dir
 
     check_output_dir(output_dir, name="--output-dir")  # a file there: one sentence, not FileExistsError
@@ -573,13 +619,9 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     check_scorers_loadable(options.scorers, options.scorer_paths)
     models = ("base",) if options.base_only else MODELS
     sizes = video_sample_sizes(config)
-    check_generation_settings(output_dir, {
-        "model": str(config.model.pretrained_path), "family": config.model.family,
-        "checkpoint": None if options.base_only else str(Path(options.checkpoint).resolve()),
-        "num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale,
-        "dtype": options.dtype, **sizes,
-    }, prompts)
+    check_generation_settings(output_dir, generation_settings(config, options, sizes), prompts)
     if aligned_key is not None:
+        print(f"sipo: {measuring(options.checkpoint, aligned_key)}")
         moved = claim_output_folder(output_dir / "images" / "aligned", aligned_key)
         if moved:
             print(f"sipo: {moved}")
@@ -599,7 +641,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         if todo:
             from sipo.checkpoints import load_run_weights
 
-            load_run_weights(adapter, options.checkpoint, Path(aligned_key["run"]) / "checkpoints" / aligned_key["checkpoint"])
+            load_run_weights(adapter, options.checkpoint, aligned_key["path"])
             cast(adapter)
             generate(adapter.sample, samples, output_dir, "aligned", options.batch_size, options.progress, **sample_options)
     del adapter

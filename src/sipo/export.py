@@ -41,12 +41,12 @@ _DOWN = (".lora.down.weight", ".lora_A.weight", ".lora_A.default.weight")
 _UP = (".lora.up.weight", ".lora_B.weight", ".lora_B.default.weight")
 
 
-def check_comfyui_family(family: str) -> None:
-    """``train.lora_format=comfyui`` / ``sipo export --format comfyui`` stop here for a family without a layout."""
+def check_comfyui_family(family: str, fix: str = "set train.lora_format=diffusers") -> None:
+    """``train.lora_format=comfyui`` / ``sipo export --format comfyui`` stop here for a family without a
+    layout; ``fix`` is the way out where the call comes from (a training key, or the run's own file)."""
     if family not in COMFYUI_PREFIX:
         raise SipoError(f"a ComfyUI LoRA layout is written for {sorted(COMFYUI_PREFIX)} only, not {family} (ComfyUI reads "
-                        f"{family} LoRA in the original model's module names, which sipo does not map); set "
-                        "train.lora_format=diffusers")
+                        f"{family} LoRA in the original model's module names, which sipo does not map); {fix}")
 
 
 def comfyui_state_dict(lora: Mapping[str, Tensor], family: str, lora_alpha: float) -> dict[str, Tensor]:
@@ -165,21 +165,36 @@ def export_run(run_dir: str | Path, lora_format: str = "comfyui") -> list[Path]:
     and of each of its checkpoints (from their trainable tensors and the run's config)."""
     from safetensors.torch import load_file
 
-    from sipo.checkpoints import list_checkpoints
+    from sipo.checkpoints import checkpoint_step, list_checkpoints
     from sipo.config import load_config
+
+    from sipo.checkpoints import is_best_dir
 
     run_dir = Path(run_dir).expanduser()
     if lora_format not in LORA_FORMATS:
         raise SipoError(f"--format {lora_format} is not known; choose one of {list(LORA_FORMATS)}")
+    if is_best_dir(run_dir):  # RUN/best: its own files only, with the run's config
+        return _export_best(run_dir, lora_format)
     if not (run_dir / "config.yaml").is_file():
         raise SipoError(f"{run_dir} holds no config.yaml, so it is no sipo run; pass the run's train.output_dir")
     config = load_config(str(run_dir / "config.yaml"))
     if config.train.finetune != "lora":
         raise SipoError(f"{run_dir} is a full fine-tune (train.finetune=full), which has no LoRA file to export")
-    if lora_format == "diffusers":
-        return [run_dir / DIFFUSERS_FILE]  # what sipo writes anyway
+    if lora_format == "diffusers":  # what sipo writes anyway: name the files that exist, never one that does not
+        present = [folder / DIFFUSERS_FILE for folder in (run_dir, run_dir / "best") if (folder / DIFFUSERS_FILE).is_file()]
+        if not present:
+            newest = list_checkpoints(run_dir)
+            where = (f"it stopped before its end, and its newest checkpoint {newest[-1].name} holds the weights in "
+                     "sipo's resume layout" if newest else "it has written no weights yet")
+            hold = (f"; or add train.max_steps={checkpoint_step(newest[-1])} to write it from {newest[-1].name} without "
+                    "training further") if newest else ""
+            raise SipoError(f"{run_dir} holds no {DIFFUSERS_FILE} ({where}); finish the run with `sipo train --config "
+                            f"{run_dir / 'config.yaml'} --resume`{hold}")
+        return present
     family, alpha = config.model.family, config.train.lora_alpha
-    check_comfyui_family(family)
+    check_comfyui_family(family, f"use the run's diffusers file {run_dir / DIFFUSERS_FILE} (`sipo export --run "
+                                 f"{run_dir} --format diffusers` names it), which diffusers' {family} "
+                                 "pipeline loads with pipe.load_lora_weights")
     written = [write_comfyui(folder / DIFFUSERS_FILE, family, lora_alpha=alpha)
                for folder in (run_dir, run_dir / "best") if (folder / DIFFUSERS_FILE).is_file()]
     for checkpoint in list_checkpoints(run_dir):
@@ -189,3 +204,18 @@ def export_run(run_dir: str | Path, lora_format: str = "comfyui") -> list[Path]:
         raise SipoError(f"{run_dir} holds no LoRA weights yet ({DIFFUSERS_FILE} or a checkpoint); export it after "
                         "training")
     return written
+
+
+def _export_best(best: Path, lora_format: str) -> list[Path]:
+    """``sipo export --run RUN/best``: the ``lora_format`` file of the weights train.keep_best kept."""
+    from sipo.config import load_config
+
+    config = load_config(str(best.parent / "config.yaml"))
+    if config.train.finetune != "lora":
+        raise SipoError(f"{best} holds a full fine-tune (train.finetune=full), which has no LoRA file to export")
+    if not (best / DIFFUSERS_FILE).is_file():
+        raise SipoError(f"{best} holds no {DIFFUSERS_FILE}; pass the run directory {best.parent} instead")
+    if lora_format == "diffusers":
+        return [best / DIFFUSERS_FILE]
+    check_comfyui_family(config.model.family, f"use {best / DIFFUSERS_FILE} (diffusers' layout)")
+    return [write_comfyui(best / DIFFUSERS_FILE, config.model.family, lora_alpha=config.train.lora_alpha)]

@@ -10,7 +10,10 @@ old label), ``original_label_0``, ``score_0``, ``score_1`` and ``score_margin``.
 ``data.min_score_margin`` then trains on the pairs the scorer separates clearly.
 
 Resumable: scores go to ``<out>.partial`` as they are computed, one fsync'd write per batch; a rerun
-continues after the last complete line, and the finished file replaces ``<out>`` in one rename.
+continues after the last complete line, and the finished file replaces ``<out>`` in one rename. The
+partial file's provenance record (:mod:`sipo.provenance`: scorer, its checkpoint's digest, the data's
+digest, split, resolution) must match the rerun's, else the partial scores are discarded and every
+pair is scored afresh: one output never mixes two reward models or two manifests.
 Rows the dataset skips (unreadable pictures) are counted and left out of the output.
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from sipo import provenance
 from sipo.errors import SipoError
 
 
@@ -68,6 +72,10 @@ def relabel(config, scorer_name: str, out: str | Path | None = None, batch_size:
     out = _out_path(data, dataset, scorer_name, out)
 
     partial = out.with_name(out.name + ".partial")
+    discarded = provenance.claim(partial, relabel_provenance(config, scorer_name, scorer_path),
+                                 what="the scores in", on_change="fresh")
+    if discarded:
+        print(f"sipo: {discarded}")
     done = _complete_lines(partial)
     resolved_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     scorer = load_scorer(scorer_name, scorer_path, resolved_device) if done < len(dataset) else None
@@ -106,7 +114,22 @@ def relabel(config, scorer_name: str, out: str | Path | None = None, batch_size:
         "agreeing": result.agreeing, "agreement": result.agreement, "ties": result.ties,
         "unreadable_rows": result.skipped}, indent=2) + "\n")
     partial.unlink()
+    provenance.forget(partial)
     return result
+
+
+def relabel_provenance(config, scorer_name: str, scorer_path: str | None) -> dict:
+    """What makes the scores of a relabel: the scorer and its checkpoint's contents, the data files and
+    which of their rows are read, and the resolution the pictures are scored at."""
+    from sipo.checkpoints import data_signature
+    from sipo.rewards import scorer_class
+
+    data = config.data
+    return {"scorer": scorer_name,
+            "scorer_checkpoint": provenance.source_digest(scorer_path, getattr(scorer_class(scorer_name),
+                                                                               "default_source", None)),
+            "data": data_signature(str(data.path)), "data_format": data.format, "data_split": data.split,
+            "data_max_pairs": data.max_pairs, "resolution": config.model.resolution}
 
 
 def _out_path(data, dataset, scorer_name: str, out: str | Path | None) -> Path:

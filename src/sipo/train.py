@@ -107,6 +107,8 @@ class Run:
     first_micro_batch: int  # data consumed before this call (a resume's position)
     first_step: int  # the step this call started from
     masked_in_a_row: int = 0  # pairs masked since the start while none was kept (-1: one was kept)
+    stop: Any = None  # the run's _StopSignals: validation reads it to cut itself short
+    final_checkpoint: Path | None = None  # written before the end-of-run validation (write_final_checkpoint)
 
     @property
     def output_dir(self) -> Path:
@@ -166,41 +168,55 @@ def train(
     holding a run stops the call. ``adapter`` replaces the model ``config`` names (an in-memory
     model: the demo, notebooks); ``callbacks`` (and ``step_callback``) run after every optimizer
     step. SIGTERM or SIGINT finish the current step, write a checkpoint and raise
-    :class:`sipo.errors.TrainingInterrupted`.
+    :class:`sipo.errors.TrainingInterrupted`; before the first step they stop there (nothing trained),
+    in the end-of-run validation they cut it short (the final checkpoint is already written) and the
+    call returns with the final weights.
     """
     from tqdm.auto import tqdm
 
     plan = check_run(config, resume, overwrite, check_model=adapter is None)
     callbacks = [*callbacks, *([step_callback] if step_callback is not None else [])]
     tc = config.train
-    with rundir.claim(plan.output_dir, resume, overwrite, plan.damaged, plan.created_dir) as claim:
+    # The stop signals are honoured from the set-up to the last file: a signal during the set-up or the
+    # step-0 validation stops before the first step, one during a step after that step (with a
+    # checkpoint), one during the end-of-run validation cuts it short (the final checkpoint is written
+    # before it), one during the final save lets it finish.
+    with rundir.claim(plan.output_dir, resume, overwrite, plan.damaged, plan.created_dir) as claim, \
+            stop_signals() as stop:
         plan.notes += claim.notes
         run = set_up(config, plan, adapter)
+        run.stop = stop
         claim.watch(run)
         start_writing(run)
         bar = tqdm(total=tc.max_steps, initial=run.state.step, desc=f"{config.objective.name} train", unit="step",
                    disable=not (progress and run.accelerator.is_main_process), dynamic_ncols=True)
         run.validation.at_start(run)
+        if stop.agreed(run.accelerator):
+            raise interrupted(run, stop.signum)
         step = None
-        with stop_signals() as stop:
-            while run.state.step < tc.max_steps:
-                step = training_step(run)
-                optimizer_step(run, step)
-                bar.update(1)
-                guard_divergence(run, step)
-                run.metrics.add(run, step)
-                for callback in callbacks:
-                    callback(run.state.step, run.adapter)
-                if run.state.step % tc.log_every == 0 or run.state.step == tc.max_steps:
-                    log_metrics(run, bar)
-                guard_all_masked(run, step)  # after logging: the masked steps stay in metrics.jsonl
-                run.validation.after_step(run, step)  # held-out pairs, samples, best/ (sipo.validation)
-                checkpoint_if_due(run)
-                if stop.agreed(run.accelerator) and run.state.step < tc.max_steps:
-                    raise interrupted(run, stop.signum)
+        while run.state.step < tc.max_steps:
+            step = training_step(run)
+            optimizer_step(run, step)
+            bar.update(1)
+            guard_divergence(run, step)
+            run.metrics.add(run, step)
+            for callback in callbacks:
+                callback(run.state.step, run.adapter)
+            if run.state.step % tc.log_every == 0 or run.state.step == tc.max_steps:
+                log_metrics(run, bar)
+            guard_all_masked(run, step)  # after logging: the masked steps stay in metrics.jsonl
+            run.validation.after_step(run, step)  # held-out pairs, samples, best/ (sipo.validation)
+            checkpoint_if_due(run)
+            if stop.agreed(run.accelerator) and run.state.step < tc.max_steps:
+                raise interrupted(run, stop.signum)
         bar.close()
+        write_final_checkpoint(run)
         run.validation.at_end(run, step)
+        cut_short = stop.agreed(run.accelerator)
         finish(run)
+        if cut_short and run.accelerator.is_main_process:
+            print(f"sipo: {signal_name(stop.signum)} arrived at the end of the run; the end-of-run validation was cut "
+                  f"short, and the final checkpoint and weights of step {run.state.step} are saved", flush=True)
     return TrainResult(output_dir=run.output_dir, steps=run.state.step, history=run.history, adapter=run.adapter)
 
 
@@ -259,7 +275,10 @@ def step_micro_batches(run: Run, step: StepOutput) -> Iterator[tuple[int, Any, P
         noise = draw_step_noise(encoded.x0_winner.shape, run.num_train_timesteps, tc.seed, run.state.step,
                                 [first + row for row in rows], **oc.timestep_settings())
         noise = batch_pair_noise(noise, batch, oc.noise, oc.reward_beta)  # stored noise, reward-scaled beta (docs/pairs.md)
-        yield micro, encoded, _to_device(noise, accelerator.device)
+        noise = _to_device(noise, accelerator.device)
+        if tc.compile and run.state.step == run.first_step and micro == 0 and accelerator.num_processes == 1:
+            check_compiled_gradients(run, encoded, noise, step.beta)
+        yield micro, encoded, noise
 
 
 def step_statistics(run: Run, micro_batches: list, beta: float) -> StepStatistics:
@@ -320,6 +339,53 @@ def scale_gradients(trainable: dict[str, nn.Parameter], factor: Tensor) -> None:
     grads = [p.grad for p in trainable.values() if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+
+
+#: per trainable tensor, |compiled grad - eager grad| above this fraction of |eager grad| is a miscompile
+#: (the two differ by rounding only, a few percent at most in bf16; a dropped path differs by 100%)
+COMPILED_GRADIENT_TOLERANCE = 0.25
+
+
+def check_compiled_gradients(run: Run, encoded, noise, beta: float) -> None:
+    """``train.compile``: the compiled denoiser's gradients equal the eager ones, checked once, on the first
+    micro-batch, before any weight moves (issue 30 item 2).
+
+    torch.compile of a whole SD1.5 UNet (``compile_scope=model``, inductor on the CPU, torch 2.13)
+    returned zero gradients for the mid block's LoRA and wrong ones below it, while the forward
+    values and ``compile_scope=blocks`` were right; a compiler fault of that kind would train the
+    wrong model without a sign. The check differentiates the policy's errors on the pairs (the
+    denoiser's output, whatever the objective) with the compiled graphs and again with
+    ``torch.compiler.set_stance("force_eager")``, and stops with one sentence where any trainable
+    tensor's gradient differs by more than ``COMPILED_GRADIENT_TOLERANCE`` of its eager norm.
+    One process only (under DDP a second backward would meet the reducer)."""
+    oc, tc = run.config.objective, run.config.train
+    names, params = list(run.trainable), list(run.trainable.values())
+
+    def gradients(stance: str) -> list[Tensor]:
+        with torch.compiler.set_stance(stance), torch.random.fork_rng(), run.accelerator.autocast():
+            terms = compute_pair_terms(
+                run.adapter, encoded, noise, beta=beta, reference_predict=run.reference_predict,
+                denoiser=run.forward_model, weight_norm=oc.weight_norm, pair_weight=oc.pair_weight,
+                weight_model=oc.weight_model, weight_step=oc.weight_step, objective=oc.pair_settings())
+            errors = (terms.err_winner.float() + terms.err_loser.float()).sum()
+        if not errors.requires_grad:  # the compiled graph lost every path to the weights
+            return [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        grads = torch.autograd.grad(errors, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(params, grads)]
+
+    compiled, eager = gradients("default"), gradients("force_eager")
+    eager_norms = [float(e.norm()) for e in eager]
+    scale = max(eager_norms, default=0.0)
+    wrong = [(name, e_norm, float(c.norm())) for name, c, e, e_norm in zip(names, compiled, eager, eager_norms)
+             if float((c - e).norm()) > COMPILED_GRADIENT_TOLERANCE * e_norm + 1e-6 * scale]
+    if wrong:
+        name, e_norm, c_norm = wrong[0]
+        raise SipoError(
+            f"train.compile_scope={tc.compile_scope}: torch.compile computed other gradients than the eager model for "
+            f"{len(wrong)} of {len(names)} trainable tensors on the first batch (e.g. {name}: norm {c_norm:.3g} "
+            f"compiled, {e_norm:.3g} eager), a fault of torch {torch.__version__}'s compiler on "
+            f"{run.accelerator.device.type}, and would train another model than the one set; set "
+            "train.compile_scope=blocks (its regional graphs compute the eager gradients) or train.compile=false")
 
 
 def optimizer_step(run: Run, step: StepOutput) -> None:
@@ -430,17 +496,45 @@ def interrupted(run: Run, signum: int) -> TrainingInterrupted:
     """SIGTERM/SIGINT arrived: the step in flight has finished; checkpoint it and say how to continue."""
     import signal
 
-    path = write_checkpoint(run) if run.state.consecutive_bad_steps == 0 else None
+    took_a_step = run.state.step > run.first_step  # else the newest checkpoint (if any) holds this step already
+    path = write_checkpoint(run) if run.state.consecutive_bad_steps == 0 and took_a_step else None
     newest = list_checkpoints(run.output_dir)
     name = signal.Signals(signum).name
-    if newest:
-        where = "its checkpoint" if path is not None else f"the last good checkpoint {newest[-1].name}"
+    if not took_a_step and not newest:
+        message = (f"stopped by {name} before the first step, so nothing was trained; start again (add --overwrite "
+                   "if the directory is kept)")
+    elif newest:
+        where = ("its checkpoint" if path is not None or checkpoint_step(newest[-1]) == run.state.step
+                 else f"the last good checkpoint {newest[-1].name}")
         message = (f"stopped by {name} after step {run.state.step}; {where} is saved, continue with "
                    f"--resume (from {newest[-1].name})")
     else:
         message = f"stopped by {name} after step {run.state.step} before any checkpoint; start again with --overwrite"
     run.accelerator.end_training()
     return TrainingInterrupted(message, signum=signum, step=run.state.step)
+
+
+def write_final_checkpoint(run: Run) -> Path | None:
+    """The checkpoint of the last step, written before the end-of-run validation so that a signal or a
+    crash during that validation loses no step; none when every row read was skipped (finish says so)."""
+    accelerator, state = run.accelerator, run.state
+    if run.dataset.report.used == 0 and state.micro_batches > run.first_micro_batch:
+        return None
+    if accelerator.is_main_process:
+        run.final_checkpoint = save_checkpoint(
+            run.output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, None,
+            run.config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
+        write_checkpoint_formats(run.final_checkpoint, run.trainable, run.config)
+    else:
+        run.final_checkpoint = run.output_dir / "checkpoints"  # the main process writes; the others only note it
+    accelerator.wait_for_everyone()
+    return run.final_checkpoint
+
+
+def signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum else "a signal"
 
 
 def finish(run: Run) -> None:
@@ -459,15 +553,12 @@ def finish(run: Run) -> None:
         if run.masked_in_a_row > 0:
             accelerator.print(f"sipo: warning: the mask dropped all {run.masked_in_a_row} pairs of this run, so the "
                               "weights did not learn from them; lower objective.tau or set objective.mask=false")
-        if dataset.report.used == 0 and state.micro_batches > run.first_micro_batch:
+        if run.final_checkpoint is None:  # no usable pair (write_final_checkpoint wrote none): no weights either
             accelerator.end_training()
             raise SipoError(
                 f"no usable pair in {config.data.path}: every row read was skipped ({dataset.report.skip_summary()}), "
                 f"so no weights were written; fix the rows listed in {output_dir / 'data_report.json'}"
             )
-        final = save_checkpoint(output_dir, run.trainable, run.optimizer, run.lr_scheduler, state, None,
-                                config.train.keep_last, run.plan.fingerprint, device=accelerator.device)
-        write_checkpoint_formats(final, run.trainable, config)
         unwrapped = accelerator.unwrap_model(run.model)
         try:
             if config.train.finetune == "lora":

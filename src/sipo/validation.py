@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import math
 import os
 import shutil
@@ -29,6 +30,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sipo.errors import SipoError
+
+
+def stop_requested(run) -> bool:
+    """Whether a stop signal has arrived (``run.stop``, sipo.train's handlers), for the long loops outside
+    the steps (validation) to cut themselves short. One process only: across processes the trainer's
+    agreement decides (a rank that stopped alone would leave the others waiting in a collective)."""
+    stop = getattr(run, "stop", None)
+    return stop is not None and stop.signum is not None and run.accelerator.num_processes == 1
 
 VALIDATION_LOG = "validation.jsonl"
 VALIDATION_PLOT = "validation.png"
@@ -148,8 +157,9 @@ class Validation:
 
     # ------------------------------------------------------------------ what
     @torch.no_grad()
-    def held_out_terms(self, run) -> tuple[Tensor, Tensor]:
-        """``(z, t)`` of every held-out pair at its fixed noise, with the current weights."""
+    def held_out_terms(self, run) -> tuple[Tensor, Tensor] | None:
+        """``(z, t)`` of every held-out pair at its fixed noise, with the current weights (None: cut short
+        by a stop signal)."""
         adapter, device = run.adapter, run.accelerator.device
         was_training = adapter.denoiser.training
         adapter.denoiser.eval()  # no dropout: the curve is a function of the weights alone
@@ -157,8 +167,11 @@ class Validation:
         try:
             # whatever a module might draw, the training stream stays untouched
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                terms = [self._batch_terms(run, range(start, min(start + batch_size, len(self.held_out))))
-                         for start in range(0, len(self.held_out), batch_size)]
+                terms = []
+                for start in range(0, len(self.held_out), batch_size):
+                    if stop_requested(run):  # a stop signal: no partial record, the run stops now
+                        return None
+                    terms.append(self._batch_terms(run, range(start, min(start + batch_size, len(self.held_out)))))
         finally:
             adapter.denoiser.train(was_training)
         terms = [t for t in terms if t is not None]
@@ -192,7 +205,10 @@ class Validation:
 
     def validate(self, run, step) -> dict[str, Any]:
         """One validation: the record (held-out, and the step's training pairs), logged and plotted; best/ kept."""
-        z, timesteps = self.held_out_terms(run)
+        held_out = self.held_out_terms(run)
+        if held_out is None:
+            return {}
+        z, timesteps = held_out
         record: dict[str, Any] = {"step": run.state.step}
         record.update({f"held_out/{k}": v for k, v in preference_metrics(z, timesteps, run.num_train_timesteps).items()})
         train_z, train_t = _step_pairs(run.accelerator, step)
@@ -226,11 +242,19 @@ def _step_pairs(accelerator, step) -> tuple[Tensor, Tensor]:
 class BestKeeper:
     """``best/``: the weights of the step with the highest ``train.keep_best`` value so far (ties keep
     the earlier step), with ``best.json`` naming step, metric and value. Outside checkpoints/, so
-    ``train.keep_last`` never prunes it; a resume reads the value to beat back from best.json."""
+    ``train.keep_last`` never prunes it; a resume reads the value to beat back from best.json, if
+    best.json's metric is the one kept now: values of two metrics are never compared (a resume with
+    another ``train.keep_best`` keeps best/ afresh, and ``note`` says so)."""
 
     def __init__(self, output_dir: Path, metric: str, resumed: bool) -> None:
         self.output_dir, self.metric = Path(output_dir), metric
         self.current = self._read() if resumed else None
+        self.note = None
+        if self.current is not None and self.current.get("metric") != metric and metric != "none":
+            self.note = (f"best/ holds step {self.current.get('step')} kept by {self.current.get('metric')} = "
+                         f"{self.current.get('value')}, and train.keep_best is now {metric}: the two are not "
+                         f"comparable, so best/ is kept afresh by {metric} (its first finite value replaces it)")
+            self.current = None
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -256,6 +280,12 @@ class BestKeeper:
             write_lora_formats(tmp, run.config)
         else:
             run.adapter.save_full(tmp)
+        # the trainable tensors under their parameter names, as a checkpoint holds them: `sipo eval/analyze
+        # --checkpoint RUN/best` load best/ through the checkpoints' own path (sipo.checkpoints.run_weights)
+        from safetensors.torch import save_file
+
+        save_file({name: p.detach().cpu().contiguous() for name, p in run.trainable.items()},
+                  str(tmp / "trainable.safetensors"))
         self.current = {"step": run.state.step, "metric": metric, "value": value}
         (tmp / "best.json").write_text(json.dumps(self.current, indent=2))
         shutil.rmtree(best, ignore_errors=True)
@@ -311,8 +341,9 @@ class SampleValidation:
             self.sample(run)
 
     @torch.no_grad()
-    def pictures(self, run) -> list[tuple[int, int, Tensor]]:
-        """``(prompt index, seed, picture)`` for every prompt and seed, from the current weights."""
+    def pictures(self, run) -> list[tuple[int, int, Tensor]] | None:
+        """``(prompt index, seed, picture)`` for every prompt and seed, from the current weights (None: cut
+        short by a stop signal)."""
         adapter = run.adapter
         was_training = adapter.denoiser.training
         adapter.denoiser.eval()
@@ -321,6 +352,8 @@ class SampleValidation:
         try:
             with torch.random.fork_rng(devices=devices):  # no draw of the training stream is consumed
                 for index, prompt in enumerate(self.prompts):
+                    if stop_requested(run):  # a stop signal: the samples of this step are left unwritten
+                        return None
                     generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
                     batch = adapter.sample([prompt] * len(self.seeds), generator=generators,
                                            **self.sampler)
@@ -337,6 +370,9 @@ class SampleValidation:
         if accelerator.is_main_process:
             folder = self.output_dir / "samples" / f"step-{run.state.step:08d}"
             samples = self.pictures(run)
+            if samples is None:
+                accelerator.wait_for_everyone()
+                return
             for index, seed, picture in samples:
                 save_picture(folder / f"p{index:03d}_s{seed}.png", picture)
             grid = sample_grid([p for _, _, p in samples], rows=len(self.prompts), columns=len(self.seeds))
@@ -428,6 +464,8 @@ def validation_hook(config, plan, dataset, device) -> Hooks:
     """The run's validation hooks. ``dataset`` is what training reads (pictures or the cache, same
     indices); the held-out pairs are its ``plan.held_out_indices``, or the separate set."""
     best = BestKeeper(plan.output_dir, config.train.keep_best, resumed=plan.start_step > 0)
+    if best.note:
+        plan.notes.append(best.note)
     parts: list[Any] = []
     if plan.held_out is not None and plan.held_out_indices is None:  # data.validation_path
         parts.append(Validation(plan.held_out, plan.held_out, config, plan.output_dir, best))
@@ -448,9 +486,12 @@ def open_held_out(config, dataset) -> tuple[Any, list[int] | None, list[int] | N
     data = config.data
     if data.validation_path:
         # a hub layout's validation-*.parquet beside train-* is what a user who names the folder means
-        separate = open_preference_dataset(
-            dataclasses.replace(data, path=data.validation_path, max_pairs=None, split="validation", streaming=False),
-            config.model.resolution, seed=config.train.seed, family=config.model.family)
+        try:
+            separate = open_preference_dataset(
+                dataclasses.replace(data, path=data.validation_path, max_pairs=None, split="validation", streaming=False),
+                config.model.resolution, seed=config.train.seed, family=config.model.family)
+        except SipoError as error:  # the readers speak of the key they read, data.path: name the one the user set
+            raise SipoError(re.sub(r"\bdata\.path\b", "data.validation_path", error.cli_message)) from None
         if len(separate) == 0:
             raise SipoError(f"data.validation_path {data.validation_path} holds no pairs; point it at held-out "
                             "preference pairs or unset it")

@@ -76,6 +76,15 @@ class StreamReport(DataReport):
             self._grow(index)
         super().record(items)
 
+    def __str__(self) -> str:
+        """A stream has no length: its counts are of what was read so far."""
+        text = (f"{self.format} {self.source} (streamed from {self.shards} file{'s' * (self.shards != 1)}): "
+                f"{self.rows_seen} rows read so far, {self.ties_dropped} ties dropped, {self.pairs} pairs, "
+                f"{self.used} loaded")
+        if self.skipped:
+            text += f", {self.skipped_total} skipped ({self.skip_summary()})"
+        return text
+
     def counts(self) -> dict[str, Any]:
         return {"rows_seen": self.rows_seen, "ties_dropped": self.ties_dropped, "pairs": self.pairs,
                 "index_skips": dict(self.index_skips), "examples": {k: list(v) for k, v in self.examples.items()}}
@@ -114,6 +123,7 @@ class HfStreamingPairs(PreferenceDataset):
         check_columns(path, features, self.columns)
         self._stream = undecoded(stream, self.columns).select_columns(
             [name for name in self.columns.values() if name is not None])
+        self.report.shards = self._stream.num_shards  # the files the stream reads
         self._reader = MediaReader(dataset_root(path), resolution, video or VideoSpec(), media_of_family(family))
         self._first_epoch_done = False
 
@@ -155,10 +165,10 @@ class HfStreamingPairs(PreferenceDataset):
                         self.report.ties_dropped += 1
                     continue
                 first_won = value > 0.5
-            yield position, record, first_won
             position += 1
-            if counting:
+            if counting:  # before the pair is handed out: the report never counts fewer pairs than were loaded
                 self.report.pairs = max(self.report.pairs, position)
+            yield position - 1, record, first_won
         if position == 0:
             report = self.report
             if report.rows_seen and report.ties_dropped == report.rows_seen:

@@ -10,6 +10,7 @@ Adding a family is one file in this folder, one entry in ``FAMILIES`` and one YA
 from __future__ import annotations
 
 import contextlib
+import typing
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -37,6 +38,24 @@ class EncodedPairs:
 def concat_conditioning(first: Conditioning, second: Conditioning) -> Conditioning:
     """Stack two conditioning dicts along the batch so winner and loser share one forward pass."""
     return {key: torch.cat([first[key], second[key]], dim=0) for key in first}
+
+
+def check_listed_components(path: Path, names: typing.Iterable[str]) -> None:
+    """Each of ``names`` that ``model_index.json`` lists (``"name": [library, class]``, not ``[null, null]``)
+    has its folder, as diffusers' ``from_pretrained`` requires: the components a family loads only where
+    the index lists them (``DiffusionAdapter.listed_components``: Wan2.2-A14B's ``transformer_2``), whose
+    folder lost to an interrupted download would otherwise load as a different model. Components sipo
+    never loads (a safety checker left out of a download) are not asked for."""
+    index = read_model_index(path)
+    for name in names:
+        entry = index.get(name)
+        listed = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
+        if listed and not (path / name).is_dir():
+            raise SipoError(
+                f"{path}/model_index.json lists {name} ({entry[1]}), but {path} has no {name}/ folder (an interrupted "
+                f"download?), and diffusers refuses such a directory too; download {name}/ again or point "
+                "model.pretrained_path at a complete pipeline directory"
+            )
 
 
 def read_model_index(path: str | Path) -> dict[str, Any]:
@@ -153,6 +172,9 @@ class DiffusionAdapter(ABC):
     #: eval, compare, pairs and validation samples use unless the user names a value (:meth:`sampler_defaults`)
     default_num_inference_steps: ClassVar[int] = 50
     default_guidance_scale: ClassVar[float] = 7.5
+    #: components loaded only where model_index.json lists them (beyond ``components``): each listed one
+    #: must have its folder (``check_listed_components``)
+    listed_components: ClassVar[tuple[str, ...]] = ()
 
     #: subfolder -> {config.json key: the value every model of this family has}: what tells this
     #: family's component from another family's of the same class (an SDXL UNet is a
@@ -191,6 +213,7 @@ class DiffusionAdapter(ABC):
                 f"({' or '.join(cls.pipeline_class_names)}); set model.family to the matching "
                 "family or model.pretrained_path to a matching model"
             )
+        check_listed_components(Path(path), cls.listed_components)
         cls.check_component_configs(Path(path))
 
     @classmethod

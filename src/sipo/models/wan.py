@@ -177,6 +177,7 @@ class WanAdapter(VideoAdapter):
     pipeline_class_name = "WanPipeline"
     #: WanPipeline draws its starting noise in float32 whatever the weights (sipo pairs records it per row)
     starting_noise_dtype = torch.float32
+    listed_components = ("transformer_2",)  # Wan2.2-A14B's low-noise expert
     components = {
         "transformer": "WanTransformer3DModel",
         "vae": "AutoencoderKLWan",

@@ -137,3 +137,51 @@ def test_onpolicy_arms_stay_out_of_the_default_demo_and_skip_stored_noise_withou
     assert all("objective.noise=stored" in job.overrides for job in jobs if job.source == "onpolicy-stored")
     assert (notes == []) == stored_noise_available() and all(n.startswith(STORED_NOISE_SKIP) for n in notes)
     assert onpolicy_jobs(DEFAULT, "demo.yaml", [], tmp_path / "base", {}, tmp_path, 100, 3000.0) == ([], [])
+
+
+def test_iterative_round_two_samples_its_pairs_from_round_one_policy_and_resumes_the_run(monkeypatch, tmp_path):
+    """Two rounds of 2 steps: one run of 4 steps (resumed, not restarted); round 2's pictures are
+    round 1's policy's samples from their seeds (checkpoint step 2 loaded independently), not the base's."""
+    from dataclasses import asdict
+
+    from sipo.checkpoints import load_run_weights
+    from sipo.demo.iterative import round_pair_seed
+    from sipo.demo.onpolicy import SEED_STRIDE, OnPolicySettings, make_onpolicy_pairs
+    from sipo.demo.pretrain import PretrainSettings, pretrain
+    from sipo.demo.reward import DigitReward
+    from sipo.demo.run import RunJob, run_one
+    from sipo.demo.settings import demo_config_path
+
+    monkeypatch.setenv("SIPO_CACHE_DIR", str(tmp_path / "cache"))
+    pretrained = pretrain(PretrainSettings(block_out_channels=(8, 16), steps=3, batch_size=8, early_step=1,
+                                           warmup_steps=1), progress=False)
+    base = DigitsAdapter.from_pretrained(pretrained.base_dir)
+    settings = OnPolicySettings(num_pairs=8, samples_per_prompt=2, min_gap=0.0, sampling_steps=2)
+    round1 = make_onpolicy_pairs(base, DigitReward(seed=0), tmp_path / "pairs", settings, progress=False)
+    run_dir = tmp_path / "run"
+    result = run_one(RunJob(
+        method="dpo", beta=3000.0, seed=1, config_path=str(demo_config_path()),
+        overrides=[f"model.pretrained_path={pretrained.base_dir}", f"data.path={round1.manifest}", "objective.name=dpo",
+                   "train.seed=1", "train.max_steps=4", "train.batch_size=4", "train.log_every=1",
+                   "train.learning_rate=0.05", "train.checkpoint_every=2", "train.keep_last=2", f"train.output_dir={run_dir}"],
+        base_dir=str(pretrained.base_dir), run_dir=str(run_dir), eval_every=4, eval_per_class=1, eval_seed=0,
+        sampling_steps=2, reward_seed=0, source="iterative", rounds=2, onpolicy=asdict(settings)))
+    assert result["steps"] == 4 and result["round_ends"] == [2, 4]
+    assert [p["step"] for p in result["curve"]] == [2, 4]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one run, resumed at step 2
+    rows = [json.loads(line) for line in (run_dir / "round2_pairs" / "manifest.jsonl").read_text().splitlines()]
+    first_seed = round_pair_seed(1, 1) * SEED_STRIDE
+    assert all(first_seed <= row["chosen_seed"] < first_seed + 2 * 8 * 10 for row in rows)
+    policy = DigitsAdapter.from_pretrained(pretrained.base_dir)
+    load_run_weights(policy, run_dir, run_dir / "checkpoints" / "step-00000002")
+    differs_from_base = False
+    for row in rows[:4]:
+        x_t = torch.randn((1, 1, 8, 8), generator=torch.Generator("cpu").manual_seed(row["chosen_seed"]))
+        label = [parse_digit_prompt(row["prompt"])]
+        levels = png_levels(run_dir / "round2_pairs" / row["chosen"])
+        as_policy, as_base = (np.round((m.sample(label, noise=x_t, num_inference_steps=2)[0, 0].numpy() + 1) / 2 * 255)
+                              for m in (policy, base))
+        assert np.abs(levels - as_policy).max() <= 1
+        differs_from_base |= bool(np.abs(levels - as_base).max() > 1)
+    assert differs_from_base

@@ -172,7 +172,7 @@ def test_iterative_round_two_samples_its_pairs_from_round_one_policy_and_resumes
     assert steps == [1, 2, 3, 4]  # one run, resumed at step 2
     rows = [json.loads(line) for line in (run_dir / "round2_pairs" / "manifest.jsonl").read_text().splitlines()]
     first_seed = round_pair_seed(1, 1) * SEED_STRIDE
-    assert all(first_seed <= row["chosen_seed"] < first_seed + 2 * 8 * 10 for row in rows)
+    assert len(rows) == 2 * 4 and all(first_seed <= row["chosen_seed"] < first_seed + 2 * 8 * 10 for row in rows)
     policy = DigitsAdapter.from_pretrained(pretrained.base_dir)
     load_run_weights(policy, run_dir, run_dir / "checkpoints" / "step-00000002")
     differs_from_base = False

@@ -1,8 +1,10 @@
 """Iterative DPO on the demo: rounds of "sample pairs from the current policy, rank, train N more steps".
 
 Round 1 trains on the base model's on-policy pairs (the ``onpolicy`` source, ``data.path`` of the
-job); round ``r > 1`` samples its pairs from the policy round ``r - 1`` ended with
-(:func:`sipo.demo.onpolicy.make_onpolicy_pairs`, seed ``round_pair_seed``) and *resumes* the same
+job: with the same training seed, round 1 is exactly the first N steps of the single-round on-policy
+run, so iterative vs single-round isolates what round 2 changes); round ``r > 1`` samples its pairs from the policy round ``r - 1`` ended with
+(:func:`sipo.demo.onpolicy.make_onpolicy_pairs`, seed ``round_pair_seed``, as many pairs as its
+steps train on: ``round_pairs``) and *resumes* the same
 run for N more steps: one LoRA, one optimizer state, the reference is the base throughout
 (``--reference base``), and the total is the single-round arms' ``train.max_steps``. Nothing here
 trains but :func:`sipo.train.train`; when ``sipo iterate`` (``sipo.iterate``) lands, :func:`run_rounds`
@@ -37,6 +39,12 @@ def round_steps(total_steps: int, rounds: int) -> list[int]:
     return [total_steps * (r + 1) // rounds for r in range(rounds)]
 
 
+def round_pairs(steps: int, batch_size: int) -> int:
+    """Pairs a later round samples: the ones its steps train on, each once (sampling K pictures per
+    prompt costs more than the training steps; the base's set of round 1 is the shared on-policy one)."""
+    return steps * batch_size
+
+
 @contextlib.contextmanager
 def data_may_change():
     """Let a resumed run train on other data files (the next round's pairs); every other check stays."""
@@ -69,7 +77,8 @@ def run_rounds(job, tick=None) -> dict[str, Any]:
         if round_index > 0:  # this round's pairs, sampled from the policy the last round ended with
             pairs = make_onpolicy_pairs(
                 evaluation.policy, reward, Path(job.run_dir) / f"round{round_index + 1}_pairs",
-                replace(pair_settings, seed=round_pair_seed(round_index, job.seed)), progress=False)
+                replace(pair_settings, seed=round_pair_seed(round_index, job.seed),
+                        num_pairs=round_pairs(end - ends[round_index - 1], config.train.batch_size)), progress=False)
             data_path = str(pairs.manifest.resolve())
             rounds_info.append({"round": round_index + 1, "pairs": pairs.summary()})
         config = load_config(job.config_path, [*job.overrides, f"data.path={data_path}", f"train.max_steps={end}"])

@@ -694,9 +694,15 @@ if __name__ == "__main__":
     parser.add_argument("--output-dir", default=None, help="default: runs/claim3 or runs/onpolicy")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="fine-tuning steps of every run (default: configs/demo.yaml's train.max_steps)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="pairs of every training pair source (mixed, off-policy, on-policy; default 2000 each)")
     args = parser.parse_args()
     chosen = ONPOLICY if args.onpolicy else CLAIM3 if args.claim3 else DEFAULT
     if args.max_steps is not None:
         chosen = replace(chosen, max_steps=args.max_steps)
+    if args.pairs is not None:
+        chosen = replace(chosen, pairs=replace(chosen.pairs, num_pairs=args.pairs),
+                         offpolicy_pairs=replace(chosen.offpolicy_pairs, num_pairs=args.pairs),
+                         onpolicy_pairs=replace(chosen.onpolicy_pairs, num_pairs=args.pairs))
     default_dir = "runs/onpolicy" if args.onpolicy else "runs/claim3"
     run_demo(Path(args.output_dir or default_dir), settings=chosen)

@@ -558,11 +558,8 @@ def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed
     for result in results:
         counts[result["beta"]] = counts.get(result["beta"], 0) + 1
     default_beta = max(counts, key=counts.get)
-    if max_steps is None:  # the short runs' length: configs/demo.yaml's train.max_steps
-        from sipo.config import load_config
-        from sipo.demo.settings import demo_config_path
-
-        max_steps = load_config(demo_config_path()).train.max_steps
+    if max_steps is None:  # the short runs' length (configs/demo.yaml's train.max_steps, or a run's --max-steps)
+        max_steps = min(r["steps"] for r in results)
     long_steps = max(r["steps"] for r in results)
     sources = [s for s in ("mixed", "offpolicy") if any(r["source"] == s for r in results)]
     methods = [m for m in LABELS if any(r["method"] == m for r in results)]

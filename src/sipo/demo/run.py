@@ -9,6 +9,9 @@ The steps, in order (each a function you can call on its own):
 4. measure the base model's w(t) profile on those pairs and on its own samples (:mod:`sipo.demo.profile`);
 5. fine-tune every (method, beta, seed) with :func:`sipo.train.train` from the same base on the
    same pairs, evaluating reward and win rate vs the base along the way (:mod:`sipo.demo.evaluate`);
+5b. with ``--full`` or ``--onpolicy``, the on-policy question (issue 27): the same methods on pairs
+   sampled from the base itself (:mod:`sipo.demo.onpolicy`), with stored noise, and as 2 rounds of
+   iterative DPO (:mod:`sipo.demo.iterative`);
 6. write ``report.md`` + plots (:mod:`sipo.demo.report`), print the table and the final line
    ``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN`` (means over seeds at the default beta).
 

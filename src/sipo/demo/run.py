@@ -487,8 +487,9 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
     arm_jobs, onpolicy_notes = onpolicy_jobs(settings, config_path, config_overrides, base_dir, pair_sets, output_dir,
                                              max_steps, default_beta)
     jobs += arm_jobs
-    # the default-beta runs first (claims 1 and 3, longest first), then the beta sweep
-    jobs.sort(key=lambda job: (job.beta != default_beta, -load_steps(job)))
+    # the default-beta runs first (claims 1 and 3), seed by seed so that an interrupted sweep leaves
+    # every arm of its first seeds (paired comparisons need the same seeds), longest first; then the beta sweep
+    jobs.sort(key=lambda job: (job.beta != default_beta, job.seed, -load_steps(job)))
     results = run_sweep(jobs, settings.workers, progress=progress)
     timings["fine-tune + evaluate"] = time.perf_counter() - phase
 

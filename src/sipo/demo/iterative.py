@@ -72,7 +72,7 @@ def run_rounds(job, tick=None) -> dict[str, Any]:
     pair_settings = OnPolicySettings(**(job.onpolicy or {}))
     data_path, history, rounds_info = config.data.path, [], []
     log = io.StringIO()
-    evaluation = None
+    evaluation = Evaluation(job, reward, eval_set, ends[0], tick)  # one curve over every round
     for round_index, end in enumerate(ends):
         if round_index > 0:  # this round's pairs, sampled from the policy the last round ended with
             pairs = make_onpolicy_pairs(
@@ -82,9 +82,7 @@ def run_rounds(job, tick=None) -> dict[str, Any]:
             data_path = str(pairs.manifest.resolve())
             rounds_info.append({"round": round_index + 1, "pairs": pairs.summary()})
         config = load_config(job.config_path, [*job.overrides, f"data.path={data_path}", f"train.max_steps={end}"])
-        curve = evaluation.curve if evaluation is not None else []
-        evaluation = Evaluation(job, reward, eval_set, end, tick)
-        evaluation.curve = curve
+        evaluation.last_step = end  # each round ends evaluated
         with data_may_change() if round_index > 0 else contextlib.nullcontext():
             result = train_quietly(config, evaluation, base, log, resume=round_index > 0)
         history += result.history

@@ -162,7 +162,8 @@ CLAIM3 = replace(FULL, sources=("mixed",), methods=HEADLINE_METHODS, sensitivity
 
 
 #: "does SIPO beat on-policy pairs?" alone: the headline methods on the mixed, off-policy and
-#: on-policy pairs, stored vs shared noise, iterative DPO; 5 seeds, 100 steps (60 runs):
+#: on-policy pairs, stored vs shared noise, iterative DPO; 5 seeds, 100 steps (50 runs; 60 once
+#: objective.noise exists):
 #: ``python -m sipo.demo.run --onpolicy --output-dir runs/onpolicy``
 ONPOLICY = DemoSettings(methods=HEADLINE_METHODS, sensitivity_methods=(), stability_methods=(), **ONPOLICY_ARMS)
 

@@ -2,9 +2,9 @@
 
 Round 1 trains on the base model's on-policy pairs (the ``onpolicy`` source, ``data.path`` of the
 job: with the same training seed, round 1 is exactly the first N steps of the single-round on-policy
-run, so iterative vs single-round isolates what round 2 changes); round ``r > 1`` samples its pairs from the policy round ``r - 1`` ended with
-(:func:`sipo.demo.onpolicy.make_onpolicy_pairs`, seed ``round_pair_seed``, as many pairs as its
-steps train on: ``round_pairs``) and *resumes* the same
+run, so iterative vs single-round isolates what round 2 changes); round ``r > 1`` samples its pairs
+from the policy round ``r - 1`` ended with (:func:`sipo.demo.onpolicy.make_onpolicy_pairs`, seed
+``round_pair_seed``, as many pairs as its steps train on: ``round_pairs``) and *resumes* the same
 run for N more steps: one LoRA, one optimizer state, the reference is the base throughout
 (``--reference base``), and the total is the single-round arms' ``train.max_steps``. Nothing here
 trains but :func:`sipo.train.train`; when ``sipo iterate`` (``sipo.iterate``) lands, :func:`run_rounds`

@@ -278,6 +278,105 @@ def field_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- on-policy pairs (issue 27)
+#: the arms of the on-policy question, in table order: pairs -> how the report names them
+ONPOLICY_ARM_LABELS = {
+    "mixed": "mixed (real vs early samples)", "offpolicy": "off-policy (early samples only)",
+    "onpolicy": "on-policy (base's own samples, best vs worst of K)",
+    "onpolicy-stored": "on-policy, stored noise (each side from its own x_T)",
+    "iterative": "on-policy, 2 rounds (iterative DPO; round 2 from round 1's policy)",
+}
+#: (question, arm A, arm B), each arm (pairs, method): the answer is A - B, paired per seed
+ONPOLICY_QUESTIONS = (
+    ("SIPO beats DPO on on-policy pairs", ("onpolicy", "sipo"), ("onpolicy", "dpo")),
+    ("C&M beats DPO on on-policy pairs", ("onpolicy", "dpo-cm"), ("onpolicy", "dpo")),
+    ("DPO on on-policy pairs beats SIPO on off-policy pairs", ("onpolicy", "dpo"), ("offpolicy", "sipo")),
+    ("DPO on on-policy pairs beats SIPO on mixed pairs", ("onpolicy", "dpo"), ("mixed", "sipo")),
+    ("on-policy pairs beat off-policy pairs (DPO on both)", ("onpolicy", "dpo"), ("offpolicy", "dpo")),
+    ("on-policy pairs beat mixed pairs (DPO on both)", ("onpolicy", "dpo"), ("mixed", "dpo")),
+    ("stored noise helps DPO (on-policy pairs)", ("onpolicy-stored", "dpo"), ("onpolicy", "dpo")),
+    ("stored noise helps SIPO (on-policy pairs)", ("onpolicy-stored", "sipo"), ("onpolicy", "sipo")),
+    ("iterative DPO beats one round of on-policy DPO", ("iterative", "dpo"), ("onpolicy", "dpo")),
+    ("iterative DPO beats SIPO on off-policy pairs", ("iterative", "dpo"), ("offpolicy", "sipo")),
+)
+
+
+def _arm_per_seed(results, base_rewards, source: str, method: str, beta: float, step: int) -> dict[int, tuple[float, float]]:
+    """``seed -> (win rate vs base, mean reward)`` of one arm at evaluation ``step``."""
+    out = {}
+    for seed, run in _runs(results, source, method, beta).items():
+        rewards = rewards_at(run, step)
+        out[seed] = (win_rate(rewards, base_rewards), float(rewards.mean()))
+    return out
+
+
+def _answer(lo: float, hi: float) -> str:
+    """"yes: A beat B" / "no: B beat A" only where the 95% CI excludes zero; else not resolved."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "not resolved (one seed)"
+    return "yes: A beat B" if lo > 0 else "no: B beat A" if hi < 0 else "not resolved (CI contains 0)"
+
+
+def claim_onpolicy(results, base_rewards, beta: float, step: int, notes=()) -> dict[str, Any]:
+    """The on-policy question (issue 27): every arm's win rate vs base and mean reward (95% CI over
+    seeds), and each of ``ONPOLICY_QUESTIONS`` as the paired per-seed difference A - B of both.
+    ``notes`` (e.g. the stored-noise arm's skip line) are kept for the report."""
+    arms: dict[str, dict[str, Any]] = {}
+    per_seed: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    for source in ONPOLICY_ARM_LABELS:
+        rows = {}
+        for method in LABELS:
+            values = _arm_per_seed(results, base_rewards, source, method, beta, step)
+            if not values:
+                continue
+            per_seed[source, method] = values
+            rows[method] = {"seeds": sorted(values), "win_rate": t_interval([values[s][0] for s in sorted(values)]),
+                            "mean_reward": t_interval([values[s][1] for s in sorted(values)]),
+                            "win_rate_per_seed": [values[s][0] for s in sorted(values)],
+                            "mean_reward_per_seed": [values[s][1] for s in sorted(values)]}
+        if rows:
+            arms[source] = rows
+    questions = []
+    for question, a, b in ONPOLICY_QUESTIONS:
+        entry: dict[str, Any] = {"question": question, "a": list(a), "b": list(b)}
+        if a in per_seed and b in per_seed:
+            seeds = sorted(set(per_seed[a]) & set(per_seed[b]))
+            win = [per_seed[a][s][0] - per_seed[b][s][0] for s in seeds]
+            reward = [per_seed[a][s][1] - per_seed[b][s][1] for s in seeds]
+            entry.update(seeds=seeds, win_rate_diff=t_interval(win), mean_reward_diff=t_interval(reward),
+                         win_rate_diff_per_seed=win, mean_reward_diff_per_seed=reward,
+                         answer_win_rate=_answer(*t_interval(win)[1:]), answer_mean_reward=_answer(*t_interval(reward)[1:]))
+        questions.append(entry)
+    return {"beta": beta, "step": step, "arms": arms, "questions": questions, "notes": list(notes)}
+
+
+def onpolicy_markdown(claim: dict[str, Any]) -> str:
+    """The on-policy question's two tables: the arms, then the questions with their paired answers."""
+    notes = claim.get("notes") or []
+    lines = [f"### Does SIPO beat on-policy pairs? (beta {claim['beta']:g}, {claim['step']} steps, 95% CI over seeds)", "",
+             "| pairs | method | seeds | win rate vs base | mean reward |", "|---|---|---|---|---|"]
+    for source, rows in claim["arms"].items():
+        for method, row in rows.items():
+            lines.append(f"| {ONPOLICY_ARM_LABELS[source]} | {LABELS.get(method, method)} | {len(row['seeds'])} | "
+                         f"{_fmt_ci(*row['win_rate'])} | {_fmt_ci(*row['mean_reward'])} |")
+    lines += ["", "Each question as A - B, paired per seed (same seed = same LoRA initialisation, data order, timesteps "
+              "and noise); *A beat B* only where the 95% CI excludes 0:", "",
+              "| question | A | B | A - B: win rate vs base | answer (win rate) | A - B: mean reward | answer (reward) |",
+              "|---|---|---|---|---|---|---|"]
+    for entry in claim["questions"]:
+        a, b = (f"{LABELS.get(m, m)} on {s}" for s, m in (entry["a"], entry["b"]))
+        if "win_rate_diff" not in entry:
+            why = next((n.split(" (")[0] for n in notes if "stored" in n), "not run") \
+                if "onpolicy-stored" in (entry["a"][0], entry["b"][0]) else "not run"
+            lines.append(f"| {entry['question']} | {a} | {b} | {why} | - | - | - |")
+            continue
+        lines.append(f"| {entry['question']} | {a} | {b} | {_fmt_ci(*entry['win_rate_diff'], signed=True)} | "
+                     f"{entry['answer_win_rate']} | {_fmt_ci(*entry['mean_reward_diff'], signed=True)} | "
+                     f"{entry['answer_mean_reward']} |")
+    lines += [""] + [f"Note: {note}." for note in notes] + ([""] if notes else [])
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- text
 def claims_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
     """The three claims' tables and verdicts (report.md section and docs/demo.md source)."""
@@ -330,7 +429,8 @@ def claims_markdown(claims: dict[str, Any], context: dict[str, Any]) -> str:
     lines += ["", "Verdicts: *supported* = the 95% CI of the paired difference excludes 0 in the paper's "
               "direction; *contradicted* = it excludes 0 the other way; *not resolved* = it contains 0. "
               "Peak-minus-final is biased upward by noise (a maximum of noisy values), for every method alike.", ""]
-    return "\n".join(lines) + field_markdown(claims, context)
+    text = "\n".join(lines) + field_markdown(claims, context)
+    return text + ("\n" + onpolicy_markdown(claims["onpolicy"]) if claims.get("onpolicy") else "")
 
 
 def penultimate_line(claims: dict[str, Any], source: str = "mixed") -> str:
@@ -444,11 +544,8 @@ def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed
     for result in results:
         counts[result["beta"]] = counts.get(result["beta"], 0) + 1
     default_beta = max(counts, key=counts.get)
-    if max_steps is None:  # the short runs' length: configs/demo.yaml's train.max_steps
-        from sipo.config import load_config
-        from sipo.demo.settings import demo_config_path
-
-        max_steps = load_config(demo_config_path()).train.max_steps
+    if max_steps is None:  # the short runs' length (configs/demo.yaml's train.max_steps, or a run's --max-steps)
+        max_steps = min(r["steps"] for r in results)
     long_steps = max(r["steps"] for r in results)
     sources = [s for s in ("mixed", "offpolicy") if any(r["source"] == s for r in results)]
     methods = [m for m in LABELS if any(r["method"] == m for r in results)]
@@ -465,6 +562,12 @@ def claims_from_runs(output_dir: str | Path, eval_per_class: int = 20, eval_seed
     field = [m for m in FIELD_METHODS if any(r["method"] == m for r in results)]
     if field:
         claims["which_objective"] = claim_which_objective(results, base_rewards, sources, field, default_beta, max_steps)
+    from sipo.demo.settings import ONPOLICY_SOURCES, STORED_NOISE_SKIP, stored_noise_available
+
+    if any(r["source"] in ONPOLICY_SOURCES for r in results):
+        stored_ran = any(r["source"] == "onpolicy-stored" for r in results)
+        notes = [STORED_NOISE_SKIP] if not stored_ran and not stored_noise_available() else []
+        claims["onpolicy"] = claim_onpolicy(results, base_rewards, default_beta, max_steps, notes)
     context = {"default_beta": default_beta, "max_steps": max_steps, "long_steps": long_steps, "betas": betas,
                "runs": len(results), "base_mean_reward": float(base_rewards.mean())}
     return claims, context

@@ -9,6 +9,9 @@ The steps, in order (each a function you can call on its own):
 4. measure the base model's w(t) profile on those pairs and on its own samples (:mod:`sipo.demo.profile`);
 5. fine-tune every (method, beta, seed) with :func:`sipo.train.train` from the same base on the
    same pairs, evaluating reward and win rate vs the base along the way (:mod:`sipo.demo.evaluate`);
+5b. with ``--full`` or ``--onpolicy``, the on-policy question (issue 27): the same methods on pairs
+   sampled from the base itself (:mod:`sipo.demo.onpolicy`), with stored noise, and as 2 rounds of
+   iterative DPO (:mod:`sipo.demo.iterative`);
 6. write ``report.md`` + plots (:mod:`sipo.demo.report`), print the table and the final line
    ``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN`` (means over seeds at the default beta).
 
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sipo.demo.onpolicy import OnPolicySettings
 from sipo.demo.pairs import PairSettings
 from sipo.demo.pretrain import PretrainSettings
 from sipo.demo.settings import AUTO_SUFFIX, FIELD_METHODS, demo_config_path, setup_torch
@@ -74,6 +78,18 @@ class DemoSettings:
     #: auto beta vs claim 2: these methods with objective.beta_mode=auto, started from each of `betas`,
     #: on `sensitivity_sources` (labelled e.g. "dpo-auto")
     auto_beta_methods: tuple[str, ...] = ()
+    #: on-policy pairs (issue 27): K samples per prompt from the pretrained digits model, best vs worst
+    #: by the reward (sipo.demo.onpolicy); drawn only when one of the three arms below runs
+    onpolicy_pairs: OnPolicySettings = field(default_factory=OnPolicySettings)
+    #: these methods on the on-policy pairs, at the default beta and train.max_steps
+    onpolicy_methods: tuple[str, ...] = ()
+    #: these methods on the on-policy pairs with objective.noise=stored (each side from its own x_T);
+    #: skipped, with a line in the report, while the library has no objective.noise
+    stored_noise_methods: tuple[str, ...] = ()
+    #: these methods as iterative DPO: iterative_rounds rounds, each sampling its pairs from the
+    #: current policy, totalling train.max_steps (sipo.demo.iterative)
+    iterative_methods: tuple[str, ...] = ()
+    iterative_rounds: int = 2
     #: evaluation interval of the long runs (the short runs are evaluated once, at their end)
     eval_every: int = 100
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -123,11 +139,17 @@ DEFAULT = DemoSettings(
 )
 
 
-#: `sipo demo --full`: every claim for every method on both pair sources, long runs evaluated every 50 steps
+#: the on-policy question's arms (issue 27): the headline methods on on-policy pairs, DPO and SIPO with
+#: stored noise, iterative DPO (2 rounds)
+ONPOLICY_ARMS = dict(onpolicy_methods=HEADLINE_METHODS, stored_noise_methods=("dpo", "sipo"), iterative_methods=("dpo",))
+
+
+#: `sipo demo --full`: every claim for every method on both pair sources, long runs evaluated every
+#: 50 steps, and the on-policy arms
 FULL = DemoSettings(
     sensitivity_methods=METHODS, sensitivity_sources=SOURCES,
     stability_methods=METHODS, stability_sources=SOURCES, eval_every=50,
-    objective_methods=FIELD_METHODS, auto_beta_methods=("dpo",),
+    objective_methods=FIELD_METHODS, auto_beta_methods=("dpo",), **ONPOLICY_ARMS,
 )
 
 
@@ -137,6 +159,13 @@ FULL = DemoSettings(
 CLAIM3 = replace(FULL, sources=("mixed",), methods=HEADLINE_METHODS, sensitivity_methods=(),
                  stability_methods=HEADLINE_METHODS, stability_sources=("mixed",), objective_methods=(),
                  auto_beta_methods=())
+
+
+#: "does SIPO beat on-policy pairs?" alone: the headline methods on the mixed, off-policy and
+#: on-policy pairs, stored vs shared noise, iterative DPO; 5 seeds, 100 steps (50 runs; 60 once
+#: objective.noise exists):
+#: ``python -m sipo.demo.run --onpolicy --output-dir runs/onpolicy``
+ONPOLICY = DemoSettings(methods=HEADLINE_METHODS, sensitivity_methods=(), stability_methods=(), **ONPOLICY_ARMS)
 
 
 # ----------------------------------------------------------------------------- one fine-tune
@@ -156,8 +185,12 @@ class RunJob:
     reward_seed: int
     #: extra label of a variant (the defaults sweep, the pair source), part of the name
     variant: str = ""
-    #: which pairs (claims): "mixed" or "offpolicy"
+    #: which pairs (claims): "mixed", "offpolicy", "onpolicy", "onpolicy-stored" or "iterative"
     source: str = "mixed"
+    #: rounds of iterative DPO (1: one fine-tune on fixed pairs); rounds after the first sample their
+    #: pairs from the policy with ``onpolicy`` (OnPolicySettings as a dict; sipo.demo.iterative)
+    rounds: int = 1
+    onpolicy: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -184,46 +217,73 @@ def _context(job: RunJob):
     return _WORKER["base"], _WORKER["reward"], _WORKER["eval_set"]
 
 
-def run_one(job: RunJob, tick=None) -> dict[str, Any]:
-    """Fine-tune one (method, beta, seed) from the base and evaluate it; ``tick()`` after each step."""
-    from sipo.config import load_config
-    from sipo.demo.evaluate import sample_and_score
+class Evaluation:
+    """The ``step_callback`` of a demo fine-tune: samples and scores the eval set every ``eval_every``
+    steps and at ``last_step``; ``curve`` holds every evaluation, ``policy`` the adapter it last saw."""
+
+    def __init__(self, job: RunJob, reward, eval_set, last_step: int, tick=None):
+        self.job, self.reward, self.eval_set, self.last_step, self.tick = job, reward, eval_set, last_step, tick
+        self.curve: list[dict[str, Any]] = []
+        self.images = self.rewards = self.policy = None
+
+    def __call__(self, step: int, adapter) -> None:
+        from sipo.demo.evaluate import sample_and_score
+
+        if self.tick is not None:
+            self.tick()
+        self.policy = adapter
+        if step % self.job.eval_every == 0 or step == self.last_step:
+            self.images, self.rewards = sample_and_score(adapter, self.reward, self.eval_set, self.job.sampling_steps)
+            self.curve.append({"step": step, "mean_reward": float(self.rewards.mean()), "rewards": self.rewards.tolist()})
+
+
+def train_quietly(config, evaluation: Evaluation, base, log: io.StringIO, resume: bool = False):
+    """:func:`sipo.train.train` from a copy of ``base`` (or resumed), its "data: ..." lines into ``log``."""
     from sipo.train import train
 
+    with contextlib.redirect_stdout(log):  # the trainer's per-run "data: ..." lines go to train.log
+        return train(config, step_callback=evaluation, progress=False, adapter=copy.deepcopy(base),
+                     overwrite=not resume, resume=resume)
+
+
+def run_one(job: RunJob, tick=None) -> dict[str, Any]:
+    """Fine-tune one (method, beta, seed) from the base and evaluate it; ``tick()`` after each step.
+    A job of several rounds is iterative DPO (:func:`sipo.demo.iterative.run_rounds`)."""
+    from sipo.config import load_config
+
+    if job.rounds > 1:
+        from sipo.demo.iterative import run_rounds
+
+        return run_rounds(job, tick)
     started = time.perf_counter()
     base, reward, eval_set = _context(job)
     config = load_config(job.config_path, job.overrides)
-    curve: list[dict[str, float]] = []
-    final: dict[str, Any] = {}
-
-    def on_step(step: int, adapter) -> None:
-        if tick is not None:
-            tick()
-        if step % job.eval_every == 0 or step == config.train.max_steps:
-            images, rewards = sample_and_score(adapter, reward, eval_set, job.sampling_steps)
-            curve.append({"step": step, "mean_reward": float(rewards.mean()), "rewards": rewards.tolist()})
-            final.update(images=images, rewards=rewards)
-
+    evaluation = Evaluation(job, reward, eval_set, config.train.max_steps, tick)
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # the trainer's per-run "data: ..." lines go to train.log
-        result = train(config, step_callback=on_step, progress=False, adapter=copy.deepcopy(base), overwrite=True)
-    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(job.run_dir) / "train.log").write_text(log.getvalue())
+    result = train_quietly(config, evaluation, base, log)
+    return finish_run(job, config, evaluation, result.history, result.steps, log.getvalue(), started)
+
+
+def finish_run(job: RunJob, config, evaluation: Evaluation, history, steps: int, log: str, started: float,
+               **extra: Any) -> dict[str, Any]:
+    """The run's record (its numbers, ``extra`` beside them) into ``run_dir/result.json``, and returned with its images."""
     from sipo.validation import VALIDATION_LOG
 
+    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(job.run_dir) / "train.log").write_text(log)
     validation_log = Path(config.train.output_dir) / VALIDATION_LOG  # the held-out curve, when it validated
     validation = [json.loads(line) for line in validation_log.read_text().splitlines() if line.strip()] \
         if validation_log.is_file() else []
     record = {
         "method": job.method, "beta": job.beta, "seed": job.seed, "name": job.name, "variant": job.variant,
         "source": job.source,
-        "curve": curve, "rewards": final["rewards"].tolist(),
-        "history": result.history, "steps": result.steps, "wall_seconds": time.perf_counter() - started,
-        "validation": validation,
+        "curve": evaluation.curve, "rewards": evaluation.rewards.tolist(),
+        "history": history, "steps": steps, "wall_seconds": time.perf_counter() - started,
+        "validation": validation, **extra,
     }
     # each run's numbers on disk as soon as it ends, so an interrupted sweep keeps what it finished
     (Path(job.run_dir) / "result.json").write_text(json.dumps(record, default=float))
-    return {**record, "images": final["images"]}
+    return {**record, "images": evaluation.images}
 
 
 def _worker_main(job: RunJob, progress_queue) -> dict[str, Any]:
@@ -343,6 +403,12 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         shutil.rmtree(pairs_dir, ignore_errors=True)
         pair_settings = settings.pairs if source == "mixed" else settings.offpolicy_pairs
         pair_sets[source] = make_pairs(early, reward, real_images, real_labels, pairs_dir, pair_settings, progress=progress)
+    if settings.onpolicy_methods or settings.stored_noise_methods or settings.iterative_methods:
+        from sipo.demo.onpolicy import make_onpolicy_pairs
+
+        onpolicy_dir = output_dir / "pairs_onpolicy"
+        shutil.rmtree(onpolicy_dir, ignore_errors=True)
+        pair_sets["onpolicy"] = make_onpolicy_pairs(base, reward, onpolicy_dir, settings.onpolicy_pairs, progress=progress)
     pairs = pair_sets.get("mixed") or next(iter(pair_sets.values()))
     held_out_sets = held_out_pairs(settings, early, reward, real_images, real_labels, pair_sets, output_dir, progress)
     timings["pairs"] = time.perf_counter() - phase
@@ -419,8 +485,12 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                         variant="" if source == "mixed" else source, source=source,
                     ))
     jobs += field_jobs(settings, config_path, config_overrides, base_dir, pair_sets, output_dir, max_steps)
-    # the default-beta runs first (claims 1 and 3, longest first), then the beta sweep
-    jobs.sort(key=lambda job: (job.beta != default_beta, -load_steps(job)))
+    arm_jobs, onpolicy_notes = onpolicy_jobs(settings, config_path, config_overrides, base_dir, pair_sets, output_dir,
+                                             max_steps, default_beta)
+    jobs += arm_jobs
+    # the default-beta runs first (claims 1 and 3), seed by seed so that an interrupted sweep leaves
+    # every arm of its first seeds (paired comparisons need the same seeds), longest first; then the beta sweep
+    jobs.sort(key=lambda job: (job.beta != default_beta, job.seed, -load_steps(job)))
     results = run_sweep(jobs, settings.workers, progress=progress)
     timings["fine-tune + evaluate"] = time.perf_counter() - phase
 
@@ -452,6 +522,8 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
                                                    default_beta, long_steps, max_steps),
     }
     claims.update(claims_module.claim_field(results, base_rewards, settings, default_beta, max_steps))
+    if "onpolicy" in pair_sets:
+        claims["onpolicy"] = claims_module.claim_onpolicy(results, base_rewards, default_beta, max_steps, onpolicy_notes)
     timings["report"] = time.perf_counter() - phase
     wall = time.perf_counter() - started
     context = {
@@ -542,6 +614,43 @@ def field_jobs(settings: DemoSettings, config_path, config_overrides, base_dir: 
     return jobs
 
 
+def onpolicy_jobs(settings: DemoSettings, config_path, config_overrides, base_dir: Path, pair_sets, output_dir: Path,
+                  max_steps: int, beta: float) -> tuple[list[RunJob], list[str]]:
+    """The on-policy question's runs (issue 27), all on the base's on-policy pairs at ``beta`` and
+    ``max_steps``: ``onpolicy_methods`` as they are, ``stored_noise_methods`` with
+    ``objective.noise=stored`` (source "onpolicy-stored"; when this sipo has no such key, none, and a
+    note for the report), ``iterative_methods`` as ``iterative_rounds`` rounds (source "iterative")."""
+    from sipo.demo.settings import STORED_NOISE_SKIP, stored_noise_available
+
+    if "onpolicy" not in pair_sets:
+        return [], []
+    notes = []
+    stored = settings.stored_noise_methods
+    if stored and not stored_noise_available():
+        notes.append(f"{STORED_NOISE_SKIP} (this sipo has no objective.noise; the arm would run "
+                     f"{', '.join(stored)} with `objective.noise=stored` on pairs_onpolicy, whose rows carry both seeds)")
+        stored = ()
+    arms = [(m, "onpolicy", [], 1) for m in settings.onpolicy_methods]
+    arms += [(m, "onpolicy-stored", ["objective.noise=stored"], 1) for m in stored]
+    arms += [(m, "iterative", [], settings.iterative_rounds) for m in settings.iterative_methods]
+    jobs = []
+    for seed in settings.seeds:
+        for method, source, extra, rounds in arms:
+            run_dir = output_dir / "runs" / source / f"{method}-beta{beta:g}-seed{seed}"
+            jobs.append(RunJob(
+                method=method, beta=beta, seed=seed, config_path=str(config_path),
+                overrides=[*config_overrides, f"model.pretrained_path={base_dir.resolve()}",
+                           f"data.path={pair_sets['onpolicy'].manifest.resolve()}", f"objective.name={method}",
+                           f"objective.beta={beta}", f"train.seed={seed}", f"train.max_steps={max_steps}",
+                           f"train.output_dir={run_dir.resolve()}", *extra],
+                base_dir=str(base_dir.resolve()), run_dir=str(run_dir), eval_every=max_steps,
+                eval_per_class=settings.eval_per_class, eval_seed=settings.eval_seed,
+                sampling_steps=settings.sampling_steps, reward_seed=settings.reward_seed, variant=source, source=source,
+                rounds=rounds, onpolicy=asdict(settings.onpolicy_pairs) if rounds > 1 else None,
+            ))
+    return jobs, notes
+
+
 def held_out_pairs(settings: DemoSettings, early, reward, real_images, real_labels, pair_sets, output_dir: Path,
                    progress: bool = True) -> dict[str, Any]:
     """Claim 3's held-out pairs for each source its long runs train on (none when there are none):
@@ -582,7 +691,23 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m sipo.demo.run", description="the demo, or a part of it")
-    parser.add_argument("--claim3", action="store_true", help="claim 3 alone (CLAIM3: --full's claim-3 runs, mixed pairs)")
-    parser.add_argument("--output-dir", default="runs/claim3")
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--claim3", action="store_true", help="claim 3 alone (CLAIM3: --full's claim-3 runs, mixed pairs)")
+    part.add_argument("--onpolicy", action="store_true",
+                      help="the on-policy question alone (ONPOLICY: dpo/dpo-cm/sipo on mixed, off-policy and on-policy "
+                           "pairs, stored vs shared noise, iterative DPO)")
+    parser.add_argument("--output-dir", default=None, help="default: runs/claim3 or runs/onpolicy")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="fine-tuning steps of every run (default: configs/demo.yaml's train.max_steps)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="pairs of every training pair source (mixed, off-policy, on-policy; default 2000 each)")
     args = parser.parse_args()
-    run_demo(Path(args.output_dir), settings=CLAIM3 if args.claim3 else None)
+    chosen = ONPOLICY if args.onpolicy else CLAIM3 if args.claim3 else DEFAULT
+    if args.max_steps is not None:
+        chosen = replace(chosen, max_steps=args.max_steps)
+    if args.pairs is not None:
+        chosen = replace(chosen, pairs=replace(chosen.pairs, num_pairs=args.pairs),
+                         offpolicy_pairs=replace(chosen.offpolicy_pairs, num_pairs=args.pairs),
+                         onpolicy_pairs=replace(chosen.onpolicy_pairs, num_pairs=args.pairs))
+    default_dir = "runs/onpolicy" if args.onpolicy else "runs/claim3"
+    run_demo(Path(args.output_dir or default_dir), settings=chosen)

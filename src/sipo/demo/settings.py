@@ -30,3 +30,18 @@ def setup_torch(threads: int = 1) -> None:
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+
+
+#: the pair sources of the on-policy question (issue 27), beside "mixed" and "offpolicy"
+ONPOLICY_SOURCES = ("onpolicy", "onpolicy-stored", "iterative")
+#: the report's line where the stored-noise arm could not run
+STORED_NOISE_SKIP = "stored noise: needs objective.noise"
+
+
+def stored_noise_available() -> bool:
+    """Whether this sipo has ``objective.noise`` (``stored``: each side trains from its own x_T)."""
+    from dataclasses import fields
+
+    from sipo.config import ObjectiveConfig
+
+    return any(item.name == "noise" for item in fields(ObjectiveConfig))

@@ -11,13 +11,12 @@ trains but :func:`sipo.train.train`; when ``sipo iterate`` (``sipo.iterate``) la
 is the place to route through it.
 
 A resumed run refuses new data (``data.files`` is part of its fingerprint, sipo.checkpoints) because
-for a single run that would be a mistake; here a new round's data is the point, so
-:func:`data_may_change` allows exactly that key for the duration of the resumed call.
+for a single run that would be a mistake; here a new round's data is the point, so each round after
+the first resumes with ``train.resume_new_data=true``, as ``sipo iterate`` does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import time
 from dataclasses import replace
@@ -45,19 +44,6 @@ def round_pairs(steps: int, batch_size: int) -> int:
     return steps * batch_size
 
 
-@contextlib.contextmanager
-def data_may_change():
-    """Let a resumed run train on other data files (the next round's pairs); every other check stays."""
-    from sipo import checkpoints
-
-    saved = checkpoints.RESUME_MAY_CHANGE
-    checkpoints.RESUME_MAY_CHANGE = saved | {"data.files"}
-    try:
-        yield
-    finally:
-        checkpoints.RESUME_MAY_CHANGE = saved
-
-
 def run_rounds(job, tick=None) -> dict[str, Any]:
     """``job.rounds`` rounds of DPO (the job's objective) totalling ``train.max_steps`` steps; the
     record is a single run's (its curve over every step), plus each round's pairs summary."""
@@ -81,10 +67,10 @@ def run_rounds(job, tick=None) -> dict[str, Any]:
                         num_pairs=round_pairs(end - ends[round_index - 1], config.train.batch_size)), progress=False)
             data_path = str(pairs.manifest.resolve())
             rounds_info.append({"round": round_index + 1, "pairs": pairs.summary()})
-        config = load_config(job.config_path, [*job.overrides, f"data.path={data_path}", f"train.max_steps={end}"])
+        config = load_config(job.config_path, [*job.overrides, f"data.path={data_path}", f"train.max_steps={end}",
+                                               "train.resume_new_data=true"])
         evaluation.last_step = end  # each round ends evaluated
-        with data_may_change() if round_index > 0 else contextlib.nullcontext():
-            result = train_quietly(config, evaluation, base, log, resume=round_index > 0)
+        result = train_quietly(config, evaluation, base, log, resume=round_index > 0)
         history += result.history
     return finish_run(job, config, evaluation, history, result.steps, log.getvalue(), started,
                       rounds=[{"round": 1, "data": job_data_path(job)}, *rounds_info], round_ends=ends)

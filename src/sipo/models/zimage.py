@@ -23,14 +23,15 @@ examples/dreambooth/train_dreambooth_lora_z_image.py (latents, noise levels, tar
   ``shift`` (3.0 in Z-Image-Turbo's published scheduler_config.json) and no dynamic shifting: the
   script draws the shifted training sigmas ``shift(u)``, ``u = (t + 1) / 1000``, and the pipeline
   samples on ``shift(linspace(1, 1/n, n))`` (its ``mu`` is ignored without ``use_dynamic_shifting``),
-  one inference step being ``1/n`` in ``u``: ``s`` of the SIPO weight (SPEC 10) is ``t - 1000/n``,
-  exactly the next smaller sigma of that grid. Where a config turns on dynamic shifting, the grid is
-  FLUX's (``calculate_shift`` on ``(H/16)(W/16)`` tokens) and handled as the flux family does.
+  one inference step being ``1/n`` in ``u``: ``s`` of the SIPO weight (SPEC 10) is ``shift(u_t - 1/n)``,
+  exactly the next smaller sigma of that grid (`constant_shift_grid_schedule`). Where a config turns
+  on dynamic shifting, the grid is FLUX's (``calculate_shift`` on ``(H/16)(W/16)`` tokens) and handled as the flux family does.
 - LoRA: the script's default targets ``to_k, to_q, to_v, to_out.0``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,13 @@ from torch import Tensor, nn
 from sipo.errors import SipoError
 from sipo.models.base import Conditioning
 from sipo.models.flow_image import FlowImageAdapter
-from sipo.schedules import dynamic_shift_flow_schedule, flow_schedule, resolution_shift_mu
+from sipo.schedules import (
+    GaussianSchedule,
+    dynamic_shift_flow_schedule,
+    exponential_time_shift,
+    flow_schedule,
+    resolution_shift_mu,
+)
 
 #: transformer/config.json of Tongyi-MAI/Z-Image (and -Turbo: the same architecture)
 FULL_TRANSFORMER_CONFIG: dict[str, Any] = dict(
@@ -79,6 +86,18 @@ TINY_VAE_CONFIG: dict[str, Any] = dict(
 TINY_MAX_SEQUENCE_LENGTH = 64
 #: ZImagePipeline's default classifier-free guidance
 DEFAULT_GUIDANCE_SCALE = 5.0
+
+
+def constant_shift_grid_schedule(num_train_timesteps: int, shift: float, num_inference_steps: int) -> GaussianSchedule:
+    """Training sigmas ``shift(u_t)``, ``u_t = (t + 1) / T`` (`flow_schedule`), and ``s`` one step of
+    ZImagePipeline's grid ``shift(linspace(1, 1/n, n))`` below: ``sigma_s = shift(u_t - 1/n)`` (0 past the
+    grid's end), exact for any n (an index stride ``T // n`` is not where 1000 / n is fractional). The
+    constant shift ``k u / (1 + (k - 1) u)`` is the exponential time shift with ``mu = ln k``."""
+    schedule = flow_schedule(num_train_timesteps, shift, num_inference_steps)
+    u = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    sigma_s = exponential_time_shift(math.log(shift), u - 1.0 / num_inference_steps).to(schedule.b.dtype)
+    return GaussianSchedule(a=schedule.a, b=schedule.b, prediction_type="flow", num_inference_steps=num_inference_steps,
+                            inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s)
 
 
 class ZImageAdapter(FlowImageAdapter):
@@ -122,7 +141,8 @@ class ZImageAdapter(FlowImageAdapter):
                                           float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15)))
             self.schedule = dynamic_shift_flow_schedule(num_train_timesteps, self.mu, num_inference_steps)
         else:
-            self.schedule = flow_schedule(num_train_timesteps, float(config.get("shift", 1.0)), num_inference_steps)
+            self.schedule = constant_shift_grid_schedule(num_train_timesteps, float(config.get("shift", 1.0)),
+                                                         num_inference_steps)
 
     def default_resolution(self) -> int:
         """1024 px: 128 latent pixels times the VAE factor, as the other 16-channel flow families."""

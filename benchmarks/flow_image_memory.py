@@ -128,8 +128,13 @@ def build_adapter(name: str, units: int | None, device: torch.device, dtype: tor
             from sipo.models.zimage import FULL_VAE_CONFIG, SCHEDULER_CONFIG, ZImageAdapter as cls
 
             vae_cls, vae_config = AutoencoderKL, FULL_VAE_CONFIG
-        with torch.device(device):
-            transformer = transformer_class(name)(**transformer_config(name, units, single)).to(dtype)
+        default = torch.get_default_dtype()
+        try:  # built in the step's dtype: [dev] in fp32 would be 128 GB
+            torch.set_default_dtype(dtype)
+            with torch.device(device):
+                transformer = transformer_class(name)(**transformer_config(name, units, single)).to(dtype)
+        finally:
+            torch.set_default_dtype(default)
         with torch.device("meta"):
             vae = vae_cls(**vae_config)
         parts = {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),

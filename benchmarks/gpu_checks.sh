@@ -14,6 +14,9 @@
 #   PARTS="suite video" bash benchmarks/gpu_checks.sh   # some parts: throughput suite video sdxl precision flux wan22
 #   PARTS=flux bash benchmarks/gpu_checks.sh      # FLUX.1-dev LoRA DPO step at 1024 px, full size, random weights:
 #                                                 # s/step and peak memory (benchmarks/flow_image_memory.py step --full)
+#   flow2 (issue 28, not in the default set): full-size random FLUX.2 [klein] 4B, 9B (bf16 base), [dev] (fp8 base)
+#   and Z-Image (bf16) LoRA DPO steps at 1024 px from the cache: s/step and peak memory, one after another:
+#   PARTS=flow2 bash benchmarks/gpu_checks.sh
 #   wan22 (issue 19, not in the default set): a full-size random Wan2.2-TI2V-5B LoRA step at 704x1280x121
 #   (s/step, peak memory), then Wan2.2-A14B at 480p x 81 with its base in fp8: PARTS=wan22 bash benchmarks/gpu_checks.sh
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
@@ -64,6 +67,10 @@ want flux && ( echo "== flux-dev 1024 px"; timeout "${FLUX_S:-240}" $PY benchmar
     --device cuda --full 2>&1 | tail -n 3 ) > "$OUT/flux_memory.log" 2>&1 &
 want precision && ( digits=""; [ -d .gpu/digits_base ] && digits="--digits-path .gpu/digits_base"
   timeout 150 $PY benchmarks/z_precision.py $digits 2>&1 | tail -n 40 ) > "$OUT/z_precision.log" 2>&1 &
+want flow2 && ( for spec in "flux2-klein-4b bf16" "flux2-klein-9b bf16" "flux2-dev fp8" "zimage bf16"; do
+    set -- $spec; echo "== $1 1024 px, $2 base"
+    timeout "${FLOW2_S:-150}" $PY benchmarks/flow_image_memory.py step --family "$1" --device cuda --full --frozen-dtype "$2" 2>&1 | tail -n 3
+  done ) > "$OUT/flow2_memory.log" 2>&1 &
 want wan22 && ( echo "== wan22-ti2v-5b bf16 704x1280x121"
   timeout "${WAN22_S:-240}" $PY benchmarks/video_memory.py step --family wan22-ti2v-5b --device cuda --full 2>&1 | tail -n 3
   echo "== wan22-a14b-480p fp8 81x480x832"

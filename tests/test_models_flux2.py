@@ -123,6 +123,7 @@ class TestFlux2Klein(AdapterContract, FamilyContract):
         """Flux2KleinPipeline (no CFG: guidance_scale 1) one step from x_t: packing, ids, timestep/1000."""
         assert not adapter.has_guidance_embedding and adapter.pipeline_class_name == "Flux2KleinPipeline"
         errors = check_predict_equals_pipeline(adapter, guidance_scale=1.0)
+        print(f"flux2 [klein] predict vs Flux2KleinPipeline, max relative error: {errors}")  # docs/models.md (pytest -s)
         assert errors["policy"] <= 1e-5 and errors["reference"] <= 1e-5, errors
 
     def test_latents_are_the_pipelines_patchified_normalised_ones(self, adapter, pairs):
@@ -175,6 +176,7 @@ def test_dev_predict_equals_flux2pipeline_with_guidance(tiny_dev_dir):
     assert cond["encoder_hidden_states"].shape == (2, 64, 48)  # 3 layers (10, 20, 30) x 16
     torch.testing.assert_close(cond["encoder_hidden_states"], states)
     errors = check_predict_equals_pipeline(adapter, guidance_scale=2.5)
+    print(f"flux2 [dev] predict vs Flux2Pipeline, max relative error: {errors}")  # docs/models.md (pytest -s)
     assert errors["policy"] <= 1e-5 and errors["reference"] <= 1e-5, errors
     # guidance reaches the transformer: another value, another prediction
     x_t = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -98,14 +98,16 @@ class TestZImage(AdapterContract, FamilyContract):
                     expected = one_step_velocity(adapter, x_t, t, encoded.conditioning)
                     ours = adapter.predict(x_t, torch.full((x_t.shape[0],), t), encoded.conditioning)
                 errors[role] = max(errors.get(role, 0.0), ((ours - expected).abs().max() / expected.abs().max()).item())
+        print(f"zimage predict vs ZImagePipeline, max relative error: {errors}")  # docs/models.md (pytest -s)
         assert errors["policy"] <= 1e-5 and errors["reference"] <= 1e-5, errors
-        # the sign matters: the raw transformer output is the negated velocity
+        # the sign matters: the raw transformer output, given 1 - sigma, is the negated velocity
         x_t, t = encoded.x0_winner, torch.tensor([500, 500])
         masks = encoded.conditioning["encoder_hidden_states_mask"].bool()
         captions = [row[keep] for row, keep in zip(encoded.conditioning["encoder_hidden_states"], masks)]
         with torch.no_grad():
-            raw = adapter.denoiser(list(x_t.unsqueeze(2).unbind(0)), 1 - adapter.sigmas(t), captions, return_dict=False)[0]
+            raw = adapter.denoiser(list(x_t.unsqueeze(2).unbind(0)), adapter.model_timesteps(t), captions, return_dict=False)[0]
             torch.testing.assert_close(adapter.predict(x_t, t, encoded.conditioning), -torch.stack(raw).squeeze(2))
+        torch.testing.assert_close(adapter.model_timesteps(t), 1 - adapter.sigmas(t), rtol=0, atol=1e-6)
 
     def test_conditioning_is_the_pipelines_captions_padded(self, adapter, pairs):
         prompts = pairs[0]

@@ -168,8 +168,10 @@ class ZImageAdapter(FlowImageAdapter):
 
     # ------------------------------------------------------------------ denoiser
     def model_timesteps(self, timesteps: Tensor) -> Tensor:
-        """Training index ``t`` -> what the transformer is given: ``(1000 - 1000 sigma) / 1000 = 1 - sigma``."""
-        return 1.0 - self.sigmas(timesteps)
+        """Training index ``t`` -> what the transformer is given: ``(1000 - 1000 sigma) / 1000 = 1 - sigma``,
+        computed in float32 as the script and the pipeline do from the scheduler's timestep ``1000 sigma``."""
+        scheduler_timesteps = self.sigmas(timesteps) * 1000
+        return (1000 - scheduler_timesteps) / 1000
 
     def predict(
         self, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning, denoiser: nn.Module | None = None

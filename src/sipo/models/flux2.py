@@ -48,9 +48,9 @@ from sipo.models.base import Conditioning
 from sipo.models.flow_image import FlowImageAdapter
 from sipo.schedules import dynamic_shift_flow_schedule, flow_schedule
 
-#: transformer/config.json of black-forest-labs/FLUX.2-klein-base-4B (as mirrored on the hub), of the
-#: 9B base (8 double, 24 single blocks, 4096 wide, Qwen3-8B states 3 x 4096) and of FLUX.2-dev
-#: (diffusers' Flux2Transformer2DModel defaults).
+#: transformer/config.json of black-forest-labs/FLUX.2-klein-base-4B (as mirrored on the hub); the 9B base
+#: from its described architecture (8 double, 24 single blocks, 4096 wide, Qwen3-8B states 3 x 4096; its
+#: file was not available to read: the count lands at 9.08B); FLUX.2-dev: diffusers' Flux2Transformer2DModel defaults.
 _FULL_COMMON: dict[str, Any] = dict(
     patch_size=1, in_channels=128, out_channels=None, attention_head_dim=128, timestep_guidance_channels=256,
     mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6,

@@ -65,10 +65,12 @@ TARGETS = {
 FLUX2_SINGLE_PER_DOUBLE = {"flux2-klein-4b": 4, "flux2-klein-9b": 3, "flux2-dev": 6}
 #: FLUX.2 scan points (double, single blocks): the fit separates the two kinds, whose ratio differs per model
 FLUX2_SCAN_BLOCKS = [(1, 1), (1, 2), (2, 1)]
-#: [dev]'s 6144-wide blocks hold 4-16 GB each in fp32, past this machine's memory: its activation
-#: coefficients are [klein] 9B's measured ones times the width ratio 6144 / 4096 (every saved tensor of a
-#: block is [tokens, k x width]); its weights, LoRA and fp8 bytes are counted exactly
-FLUX2_WIDTH_SCALED = {"flux2-dev": ("flux2-klein-9b", 6144 / 4096)}
+#: [klein] 9B's and [dev]'s scan blocks (4096 and 6144 wide: 3.5 to 16 GB per scan point in fp32) are past
+#: the memory of the 23 GB CPU machine these estimates come from: their activation coefficients are
+#: [klein] 4B's measured ones (3072 wide) times the width ratio (every tensor a block saves is
+#: [tokens, k x width]); weights, LoRA and fp8 bytes are counted exactly on the full models.
+#: `step --family flux2-klein-9b --units 1 --single-layers 1` measures one 9B point to check the scaling.
+FLUX2_WIDTH_SCALED = {"flux2-klein-9b": ("flux2-klein-4b", 4096 / 3072), "flux2-dev": ("flux2-klein-4b", 6144 / 3072)}
 #: latent side and text tokens of the CPU scan points
 SCAN_POINTS = [(16, 64), (24, 96)]
 SCAN_UNITS = [1, 2]
@@ -316,6 +318,7 @@ def main() -> None:
     scan = commands.add_parser("scan", help="CPU: measure small points in subprocesses, fit, extrapolate")
     scan.add_argument("--families", nargs="+", default=sorted(TARGETS), choices=sorted(TARGETS))
     scan.add_argument("--json", type=Path, default=None, help="also write the points and estimates here")
+    scan.add_argument("--points", type=Path, default=None, help="a --json file of an earlier scan: reuse its points")
     one = commands.add_parser("step", help="measure one configuration in this process (prints JSON)")
     one.add_argument("--family", choices=sorted(TARGETS), required=True)
     one.add_argument("--units", type=int, default=None, help="block units (default: the full model's)")
@@ -338,8 +341,12 @@ def main() -> None:
         return
 
     report = {}
+    earlier = json.loads(args.points.read_text()) if args.points else {}
     for name in args.families:
         if name in FLUX2_WIDTH_SCALED:  # measured at another width (after it, below)
+            continue
+        if name in earlier:
+            report[name] = {"points": earlier[name]["points"]}
             continue
         points = []
         blocks = FLUX2_SCAN_BLOCKS if TARGETS[name].family == "flux2" else [(units, None) for units in SCAN_UNITS]
@@ -355,6 +362,8 @@ def main() -> None:
                 print(f"{name:12s} L={units} S={single} tokens={point['tokens']:5d} step peak "
                       f"{point['step_bytes'] / GIB:6.3f} GiB", flush=True)
         report[name] = {"points": points}
+        if args.json:  # each family's points as soon as they exist
+            args.json.write_text(json.dumps(report, indent=2))
     for name in args.families:
         width_scale = 1.0
         if name in FLUX2_WIDTH_SCALED:

@@ -214,5 +214,6 @@ class FlowImageAdapter(DiffusionAdapter):
             for name, part in parts.items():
                 if isinstance(part, nn.Module) and name != "vae":
                     part.to(torch_dtype)
-        getattr(diffusers, pipeline_class_name or cls.pipeline_class_name)(**parts).save_pretrained(str(directory), safe_serialization=True)
+        pipeline = getattr(diffusers, pipeline_class_name or cls.pipeline_class_name)(**parts)
+        pipeline.save_pretrained(str(directory), safe_serialization=True)
         return Path(directory)

@@ -25,7 +25,8 @@ examples/dreambooth/train_dreambooth_lora_z_image.py (latents, noise levels, tar
   samples on ``shift(linspace(1, 1/n, n))`` (its ``mu`` is ignored without ``use_dynamic_shifting``),
   one inference step being ``1/n`` in ``u``: ``s`` of the SIPO weight (SPEC 10) is ``shift(u_t - 1/n)``,
   exactly the next smaller sigma of that grid (`constant_shift_grid_schedule`). Where a config turns
-  on dynamic shifting, the grid is FLUX's (``calculate_shift`` on ``(H/16)(W/16)`` tokens) and handled as the flux family does.
+  on dynamic shifting, the grid is FLUX's (``calculate_shift`` on ``(H/16)(W/16)`` tokens) and
+  handled as the flux family does.
 - LoRA: the script's default targets ``to_k, to_q, to_v, to_out.0``.
 """
 

@@ -14,6 +14,9 @@
 #   PARTS="suite video" bash benchmarks/gpu_checks.sh   # some parts: throughput suite video sdxl precision flux wan22 compile_check
 #   PARTS=flux bash benchmarks/gpu_checks.sh      # FLUX.1-dev LoRA DPO step at 1024 px, full size, random weights:
 #                                                 # s/step and peak memory (benchmarks/flow_image_memory.py step --full)
+#   flow2 (issue 28, not in the default set): full-size random FLUX.2 [klein] 4B, 9B (bf16 base), [dev] (fp8 base)
+#   and Z-Image (bf16) LoRA DPO steps at 1024 px from the cache: s/step and peak memory, one after another:
+#   PARTS=flow2 bash benchmarks/gpu_checks.sh
 #   wan22 (issue 19, not in the default set): a full-size random Wan2.2-TI2V-5B LoRA step at 704x1280x121
 #   (s/step, peak memory), then Wan2.2-A14B at 480p x 81 with its base in fp8: PARTS=wan22 bash benchmarks/gpu_checks.sh
 #   pairs (issue 27, not in the default set, unrun): `sipo pairs --dtype fp16` on a full-size random SD1.5 at
@@ -69,6 +72,10 @@ want precision && ( digits=""; [ -d .gpu/digits_base ] && digits="--digits-path 
 want pairs && ( echo "== sipo pairs --dtype fp16, full-size random SD1.5 512 px: stored noise == the pipeline's draw?"
   PYTHONPATH=$PYTHONPATH:$PWD/tests timeout "${PAIRS_S:-240}" $PY benchmarks/pairs_noise.py --scale full 2>&1 | tail -n 3
   ) > "$OUT/pairs_noise.log" 2>&1 &
+want flow2 && ( for spec in "flux2-klein-4b bf16" "flux2-klein-9b bf16" "flux2-dev fp8" "zimage bf16"; do
+    set -- $spec; echo "== $1 1024 px, $2 base"
+    timeout "${FLOW2_S:-150}" $PY benchmarks/flow_image_memory.py step --family "$1" --device cuda --full --frozen-dtype "$2" 2>&1 | tail -n 3
+  done ) > "$OUT/flow2_memory.log" 2>&1 &
 want wan22 && ( echo "== wan22-ti2v-5b bf16 704x1280x121"
   timeout "${WAN22_S:-240}" $PY benchmarks/video_memory.py step --family wan22-ti2v-5b --device cuda --full 2>&1 | tail -n 3
   echo "== wan22-a14b-480p fp8 81x480x832"
@@ -87,6 +94,6 @@ try: train(c, progress=False, overwrite=(d / 'run').exists()); print('trained')
 except SipoError as e: print(e)" 2>&1 | tail -n 3 ) > "$OUT/compile_check.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory flux_memory z_precision wan22 pairs_noise compile_check; do
+for part in pytest video_memory sdxl_memory flux_memory flow2_memory z_precision wan22 pairs_noise compile_check; do
   [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
 done

@@ -313,7 +313,8 @@ class FamilyContract:
         pipe.set_progress_bar_config(disable=True)
 
         def generate() -> torch.Tensor:
-            output = pipe(["a photo of a cat"], generator=torch.Generator().manual_seed(0), output_type="pt",
+            # prompt by name: Flux2KleinPipeline takes a conditioning image first
+            output = pipe(prompt=["a photo of a cat"], generator=torch.Generator().manual_seed(0), output_type="pt",
                           **self.sample_kwargs())
             return torch.as_tensor(getattr(output, "images", None) if hasattr(output, "images") else output.frames)
 

@@ -1,4 +1,4 @@
-"""The shipped FLUX.1-dev and SD3.5 configs: each model's own format and recipe values, and the FLUX
+"""The shipped FLUX.1-dev, SD3.5, FLUX.2 and Z-Image configs: each model's own format and recipe values, and the FLUX
 config training through the CLI on the tiny model with only paths and sizes overridden."""
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
     ("flux1_dev_lora.yaml", "flux", "uniform"),         # train_dreambooth_lora_flux.py: --weighting_scheme none
     ("sd35_medium_lora.yaml", "sd3", "logit_normal"),   # train_dreambooth_lora_sd3.py: --weighting_scheme logit_normal
     ("sd35_large_lora.yaml", "sd3", "logit_normal"),
+    ("flux2_klein_4b_lora.yaml", "flux2", "uniform"),  # train_dreambooth_lora_flux2_klein.py: --weighting_scheme none
+    ("flux2_klein_9b_lora.yaml", "flux2", "uniform"),
+    ("flux2_dev_lora.yaml", "flux2", "uniform"),       # train_dreambooth_lora_flux2.py: --weighting_scheme none
+    ("zimage_lora.yaml", "zimage", "uniform"),         # train_dreambooth_lora_z_image.py: --weighting_scheme none
 ])
 def test_flow_image_configs_use_each_models_format(name, family, sampling):
     config = load_config(CONFIG_DIR / name)
@@ -29,8 +33,8 @@ def test_flow_image_configs_use_each_models_format(name, family, sampling):
     assert config.objective.name == "sipo" and config.objective.beta == 1000.0
     assert config.train.finetune == "lora" and config.train.lora_target_modules == []  # the scripts' defaults
     assert config.train.mixed_precision == "bf16" and config.train.gradient_checkpointing
-    if family == "flux":
-        assert config.model.guidance == 3.5
+    if family in ("flux", "flux2"):
+        assert config.model.guidance == 3.5  # the flux, flux2 scripts' --guidance_scale (only [dev]s embed it)
 
 
 def test_shipped_flux_config_trains_through_the_cli(tmp_path):

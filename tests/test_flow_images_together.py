@@ -1,4 +1,5 @@
-"""`sipo cache`, training from it, `sipo eval` and per-prompt generators on the flow image families (FLUX, SD3.5).
+"""`sipo cache`, training from it, `sipo eval` and per-prompt generators on the flow image families (FLUX, SD3.5,
+FLUX.2 [klein], Z-Image).
 
 The guarantees test_families_together.py gives the other families: training from the cache equals
 training from the pictures (to test_cache.py's tolerance) with every text encoder replaced by a module
@@ -24,16 +25,20 @@ from sipo.models import load_adapter
 from sipo.train import train
 
 SIZE = 32
-FAMILIES = ("flux", "sd3")
+FAMILIES = ("flux", "sd3", "flux2", "zimage")  # flux2: FLUX.2 [klein] (issue 28)
 
 
 @pytest.fixture(scope="module")
 def flow_dirs(tmp_path_factory) -> dict[str, Path]:
     from sipo.models.flux import FluxAdapter
+    from sipo.models.flux2 import Flux2Adapter
     from sipo.models.sd3 import SD3Adapter
+    from sipo.models.zimage import ZImageAdapter
 
     return {"flux": FluxAdapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_flux")),
-            "sd3": SD3Adapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_sd3"))}
+            "sd3": SD3Adapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_sd3")),
+            "flux2": Flux2Adapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_flux2_klein")),
+            "zimage": ZImageAdapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_zimage"))}
 
 
 def _config(family: str, model_dir: Path, manifest: Path, output_dir: Path, **extra):

@@ -17,6 +17,8 @@ FAMILIES: dict[str, str] = {
     "flux": "sipo.models.flux:FluxAdapter",
     "sd3": "sipo.models.sd3:SD3Adapter",
     "qwenimage": "sipo.models.qwenimage:QwenImageAdapter",
+    "flux2": "sipo.models.flux2:Flux2Adapter",
+    "zimage": "sipo.models.zimage:ZImageAdapter",
 }
 
 

@@ -156,14 +156,18 @@ class FlowImageAdapter(DiffusionAdapter):
                 f"set model.resolution to a multiple of {self.spatial_multiple} (e.g. 1024)"
             )
         param = next(self.vae.parameters())
-        shift = float(self.vae.config.get("shift_factor") or 0.0)
-        scale = float(self.vae.config.scaling_factor)
 
         def encode_chunk(part: Tensor) -> Tensor:
             latents = self.vae.encode(part.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
-            return (latents - shift) * scale
+            return self.normalize_latents(latents)
 
         return encode_in_chunks(encode_chunk, pictures, self.encode_chunk_size)
+
+    def normalize_latents(self, latents: Tensor) -> Tensor:
+        """The VAE's posterior mean -> the model's ``x0``: ``(latent - shift_factor) * scaling_factor``
+        (FLUX.2 overrides it with its patchify and batch-norm statistics)."""
+        shift = float(self.vae.config.get("shift_factor") or 0.0)
+        return (latents - shift) * float(self.vae.config.scaling_factor)
 
     def text_device(self) -> torch.device:
         return next(self.text_encoders()[0].parameters()).device
@@ -200,13 +204,16 @@ class FlowImageAdapter(DiffusionAdapter):
 
     # ------------------------------------------------------------------ random-weight builders
     @classmethod
-    def save_random_pipeline(cls, directory: str | Path, parts: dict[str, Any], torch_dtype: torch.dtype) -> Path:
-        """Save ``parts`` as the family's pipeline (``torch_dtype`` for every module but the VAE)."""
+    def save_random_pipeline(cls, directory: str | Path, parts: dict[str, Any], torch_dtype: torch.dtype,
+                             pipeline_class_name: str | None = None) -> Path:
+        """Save ``parts`` as the family's pipeline (``torch_dtype`` for every module but the VAE);
+        ``pipeline_class_name`` where the family has several (FLUX.2 [klein] and [dev])."""
         import diffusers
 
         if torch_dtype != torch.float32:
             for name, part in parts.items():
                 if isinstance(part, nn.Module) and name != "vae":
                     part.to(torch_dtype)
-        getattr(diffusers, cls.pipeline_class_name)(**parts).save_pretrained(str(directory), safe_serialization=True)
+        pipeline = getattr(diffusers, pipeline_class_name or cls.pipeline_class_name)(**parts)
+        pipeline.save_pretrained(str(directory), safe_serialization=True)
         return Path(directory)

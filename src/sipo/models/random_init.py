@@ -129,3 +129,52 @@ def tiny_qwen2_tokenizer(directory: str | Path | None = None, model_max_length: 
     if directory is not None:
         tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+#: Qwen3's chat template reduced to what the FLUX.2 [klein] and Z-Image pipelines render: one user
+#: message, the assistant turn opened, and the empty think block when ``enable_thinking`` is false
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def tiny_qwen3_chat_tokenizer(directory: str | Path | None = None, model_max_length: int = 64):
+    """`tiny_qwen2_tokenizer` with Qwen3's chat template (`QWEN3_CHAT_TEMPLATE`); the template's words
+    are single tokens, so a short prompt fits a short ``model_max_length``. No download."""
+    tokenizer = tiny_qwen2_tokenizer(None, model_max_length=model_max_length)
+    tokenizer.add_tokens(["user", "<think>", "</think>", "\n\n"])
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    if directory is not None:
+        tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+#: Mistral Small 3.1's chat template reduced to what Flux2Pipeline renders: a system and a user message
+#: whose content is a list of text parts
+MISTRAL_CHAT_TEMPLATE = (
+    "<s>{% for message in messages %}{% for part in message['content'] %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ part['text'] }}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{{ part['text'] }}[/INST]{% endif %}{% endfor %}{% endfor %}"
+)
+
+
+def tiny_mistral_chat_tokenizer(model_max_length: int = 64):
+    """A byte-level ``PreTrainedTokenizerFast`` with `MISTRAL_CHAT_TEMPLATE`: what Flux2Pipeline's
+    ``_get_mistral_3_small_prompt_embeds`` calls (``apply_chat_template`` on a batch of conversations,
+    padded to ``max_length``). Mistral Small 3.1's own is a ``PixtralProcessor``, which needs torchvision
+    for its image half; the text half is this. No download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(_bytes_to_unicode().values())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", model_max_length=model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "[IMG]", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer

@@ -157,8 +157,9 @@ class ModelConfig:
     training_sigmas: str = _help(
         "rectified-flow families: the noise levels t indexes while training. scheduler (default): the scheduler's own "
         "training sigmas, what each family's diffusers LoRA script draws from (unshifted (t+1)/T where the scheduler "
-        "shifts only at inference: flux, qwenimage; the fixed shift of sd3 and wan). shifted: the resolution-shifted "
-        "sigmas the pipeline samples at (flux, qwenimage; the same table as scheduler for sd3 and wan)", default="scheduler"
+        "shifts only at inference: flux, flux2, qwenimage; the fixed shift of sd3, zimage and wan). shifted: the "
+        "resolution-shifted sigmas the pipeline samples at (flux, flux2, qwenimage; the same table as scheduler for "
+        "sd3, zimage and wan)", default="scheduler"
     )
     frozen_dtype: str = _help(
         "storage of the frozen base weights of a LoRA run: bf16 (the run's compute dtype, bf16 under "

@@ -127,7 +127,8 @@ class Flux2Adapter(FlowImageAdapter):
     t5_tokenizer_name = "tokenizer"
 
     def __init__(self, parts: dict[str, Any], *, num_inference_steps: int = 50, resolution: int | None = None,
-                 text_encoder_device: str = "auto", guidance: float = DEFAULT_GUIDANCE) -> None:
+                 text_encoder_device: str = "auto", guidance: float = DEFAULT_GUIDANCE,
+                 training_sigmas: str = "scheduler") -> None:
         super().__init__(parts, num_inference_steps=num_inference_steps, resolution=resolution,
                          text_encoder_device=text_encoder_device)
         from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
@@ -153,14 +154,19 @@ class Flux2Adapter(FlowImageAdapter):
                 raise SipoError("the flux2 scheduler config has a linear time shift; FLUX.2's is exponential: "
                                 "use the model's own scheduler config")
             self.mu = compute_empirical_mu(self.image_seq_len(self.resolution, self.resolution), num_inference_steps)
-            self.schedule = dynamic_shift_flow_schedule(num_train_timesteps, self.mu, num_inference_steps)
+            # model.training_sigmas=shifted: train on the grid's shifted sigmas instead (docs/models.md)
+            self.schedule = dynamic_shift_flow_schedule(num_train_timesteps, self.mu, num_inference_steps,
+                                                        shifted_training=training_sigmas == "shifted")
         else:
             self.mu = None
             self.schedule = flow_schedule(num_train_timesteps, float(config.get("shift", 1.0)), num_inference_steps)
 
     @classmethod
     def family_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        return {"guidance": float(options["guidance"])} if options.get("guidance") is not None else {}
+        chosen = {"training_sigmas": options.get("training_sigmas") or "scheduler"}
+        if options.get("guidance") is not None:
+            chosen["guidance"] = float(options["guidance"])
+        return chosen
 
     @property
     def is_dev(self) -> bool:

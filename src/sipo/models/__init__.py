@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "flux": "sipo.models.flux:FluxAdapter",
     "sd3": "sipo.models.sd3:SD3Adapter",
     "qwenimage": "sipo.models.qwenimage:QwenImageAdapter",
+    "qwenimage_edit": "sipo.models.qwenimage_edit:QwenImageEditPlusAdapter",
 }
 
 

@@ -14,6 +14,7 @@ FAMILIES: dict[str, str] = {
     "sdxl": "sipo.models.sdxl:SDXLAdapter",
     "cogvideox": "sipo.models.cogvideox:CogVideoXAdapter",
     "wan": "sipo.models.wan:WanAdapter",
+    "wan_i2v": "sipo.models.wan_i2v:WanI2VAdapter",
     "flux": "sipo.models.flux:FluxAdapter",
     "sd3": "sipo.models.sd3:SD3Adapter",
     "qwenimage": "sipo.models.qwenimage:QwenImageAdapter",

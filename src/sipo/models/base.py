@@ -293,9 +293,10 @@ class DiffusionAdapter(ABC):
         """Prompts -> conditioning (a dict of ``[N, ...]`` tensors), no grad."""
         raise NotImplementedError(f"the {self.family} adapter has no encode_prompts")
 
-    def encode_inputs(self, prompts: list[str], input_images: Tensor) -> Conditioning:
+    def encode_inputs(self, prompts: list[str], input_images: Tensor, num_frames: int | None = None) -> Conditioning:
         """Prompts and their pairs' input images (``[N, 3, H, W]`` in ``[-1, 1]``) -> conditioning, no grad:
-        what a conditioned family (``needs_input_image``) encodes in place of ``encode_prompts``."""
+        what a conditioned family (``needs_input_image``) encodes in place of ``encode_prompts``. ``num_frames``:
+        the pairs' clip length (video families; ``None`` for pictures)."""
         raise NotImplementedError(f"the {self.family} adapter takes no input image")
 
     def check_input_images(self, input_images: Tensor | None) -> None:
@@ -331,7 +332,8 @@ class DiffusionAdapter(ABC):
             if input_images is None:
                 conditioning = self.encode_prompts(list(prompts))
             else:
-                conditioning = self.encode_inputs(list(prompts), input_images)
+                frames = int(winners.shape[1]) if winners.ndim == 5 else None
+                conditioning = self.encode_inputs(list(prompts), input_images, num_frames=frames)
         x0_winner, x0_loser = latents.chunk(2, dim=0)
         height, width = winners.shape[-2:]
         conditioning = self.pair_conditioning(conditioning, size_info, int(height), int(width))

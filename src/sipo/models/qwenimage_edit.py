@@ -206,7 +206,7 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
         return states[0], mask[0]
 
     @torch.no_grad()
-    def encode_inputs(self, prompts: list[str], input_images: Tensor) -> Conditioning:
+    def encode_inputs(self, prompts: list[str], input_images: Tensor, num_frames: int | None = None) -> Conditioning:
         """Instructions + input images -> ``encoder_hidden_states`` ``[N, prompt_length, dim]`` (zero-padded),
         ``encoder_hidden_states_mask`` ``[N, prompt_length]`` and ``image_latents`` ``[N, 16, H/8, W/8]``
         (the input's normalised VAE latents), on the denoiser's device."""

@@ -9,6 +9,7 @@ text states depend on the input image, and the full-size parameter count.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -68,6 +69,42 @@ class TestQwenImageEditPlus(AdapterContract, FamilyContract):
     def sample_kwargs(self) -> dict:
         return {"num_inference_steps": 2, "height": TINY_SIZE, "width": TINY_SIZE,
                 "image": to_pil(input_pictures(1, TINY_SIZE)[0])}
+
+    def test_trained_lora_loads_into_the_pipeline_and_generates(self, trained, model_dir, monkeypatch):
+        """The contract's check, with the pipeline encoding its input at the tiny resolution (not its 1024^2 area)."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+
+        monkeypatch.setattr(module, "VAE_IMAGE_SIZE", TINY_SIZE * TINY_SIZE)
+        super().test_trained_lora_loads_into_the_pipeline_and_generates(trained, model_dir)
+
+    def test_sipo_eval_edits_each_input_image(self, trained, model_dir, manifest, family_overrides, tmp_path,
+                                              monkeypatch, capsys):
+        """``sipo eval --inputs`` samples base and aligned edits of the listed input images through the pipeline's
+        image argument and scores them; ``--prompts`` alone stops in one sentence for this family."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+        from tiny_scorers import make_tiny_clip
+        from train_fixtures import write_tiny_config
+
+        from sipo.cli import main as cli_main
+        from sipo.evaluate import load_picture
+
+        monkeypatch.setattr(module, "VAE_IMAGE_SIZE", TINY_SIZE * TINY_SIZE)
+        config = write_tiny_config(tmp_path / "config.yaml", model_dir, manifest, tmp_path / "unused", **family_overrides)
+        inputs = tmp_path / "inputs.jsonl"
+        inputs.write_text("".join(json.dumps({"prompt": f"make picture {i} red", "input_image": str(manifest.parent / f"00{i}_input.png")}) + "\n"
+                                  for i in range(2)))
+        scorer = make_tiny_clip(tmp_path / "pickscore")
+        common = ["--config", str(config), "--checkpoint", str(trained["dpo"]), "--scorers", "pickscore",
+                  "--scorer-path", f"pickscore={scorer}", "--num-inference-steps", "2", "--output-dir", str(tmp_path / "eval"),
+                  "--no-progress"]
+        assert cli_main(["eval", *common, "--inputs", str(inputs)]) == 0
+        assert "| pickscore |" in capsys.readouterr().out
+        base, aligned = (load_picture(tmp_path / "eval" / "images" / m / "p00001_s0.png") for m in ("base", "aligned"))
+        assert base.shape == aligned.shape == (3, TINY_SIZE, TINY_SIZE) and not torch.equal(base, aligned)
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a cat\n")
+        assert cli_main(["eval", *common, "--prompts", str(prompts)]) != 0
+        assert "edits or animates an input image; pass --inputs FILE" in capsys.readouterr().err
 
     @pytest.mark.parametrize("t", [0, 999])
     def test_scheduler_forward_process_is_the_schedule(self, model_dir, pairs, t):

@@ -16,6 +16,9 @@
 #                                                 # s/step and peak memory (benchmarks/flow_image_memory.py step --full)
 #   wan22 (issue 19, not in the default set): a full-size random Wan2.2-TI2V-5B LoRA step at 704x1280x121
 #   (s/step, peak memory), then Wan2.2-A14B at 480p x 81 with its base in fp8: PARTS=wan22 bash benchmarks/gpu_checks.sh
+#   conditioned (issue 28, not in the default set): full-size random LoRA steps of the families that take an
+#   input image, each at its usual size (s/step, peak memory): Qwen-Image-Edit-Plus 1024 px (bf16 base),
+#   Wan2.2-TI2V-5B image-to-video 704x1280x121 (bf16), Wan2.2-I2V-A14B 480p x 81 (fp8 base): PARTS=conditioned
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
 # .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
 set -u
@@ -69,8 +72,12 @@ want wan22 && ( echo "== wan22-ti2v-5b bf16 704x1280x121"
   echo "== wan22-a14b-480p fp8 81x480x832"
   timeout "${WAN22_S:-240}" $PY benchmarks/video_memory.py step --family wan22-a14b-480p --device cuda --full --frozen-dtype fp8 2>&1 | tail -n 3
   ) > "$OUT/wan22.log" 2>&1 &
+want conditioned && ( for run in "qwenimage-edit-1024 bf16" "wan22-ti2v-5b-i2v bf16" "wan22-i2v-a14b-480p fp8"; do
+    set -- $run; echo "== $1 ($2 base)"
+    timeout "${CONDITIONED_S:-240}" $PY benchmarks/video_memory.py step --family "$1" --device cuda --full --frozen-dtype "$2" 2>&1 | tail -n 3
+  done ) > "$OUT/conditioned.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory flux_memory z_precision wan22; do
+for part in pytest video_memory sdxl_memory flux_memory z_precision wan22 conditioned; do
   [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
 done

@@ -278,3 +278,22 @@ def test_full_configs_have_the_published_parameter_counts():
         ti2v = WanTransformer3DModel(**FULL_TI2V_5B_TRANSFORMER_CONFIG)
     assert sum(p.numel() for p in expert.parameters()) / 1e9 == pytest.approx(14.29, abs=0.01)
     assert sum(p.numel() for p in ti2v.parameters()) / 1e9 == pytest.approx(5.00, abs=0.01)
+
+
+@pytest.mark.parametrize("name, family, frames, fps, size, steps", [
+    ("wan22_i2v_a14b_lora.yaml", "wan_i2v", 81, 16, (480, 832), 40),
+    ("wan22_ti2v_5b_i2v_lora.yaml", "wan_i2v", 121, 24, (704, 1280), 50),
+    ("qwenimage_edit_plus_lora.yaml", "qwenimage_edit", None, None, (None, None), 50),
+])
+def test_the_packaged_conditioned_configs_load_with_their_models_formats(name, family, frames, fps, size, steps):
+    """Each shipped config validates and names its family, clip format, sampler grid and a CPU text encoder."""
+    from pathlib import Path
+
+    import sipo
+    from sipo.config import load_config
+
+    config = load_config(Path(sipo.__file__).parent / "configs" / name)
+    assert config.model.family == family and config.model.num_inference_steps == steps
+    assert (config.data.num_frames, config.data.fps, (config.data.height, config.data.width)) == (frames, fps, size)
+    assert config.model.text_encoder_device == "cpu" and config.data.format == "jsonl"
+    assert config.objective.name == "sipo" and config.objective.beta == 20.0

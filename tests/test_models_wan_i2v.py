@@ -110,50 +110,6 @@ class WanI2VContract(AdapterContract, FamilyContract):
         assert tuned.shape == base.shape == (1, FRAMES, 3, SIZE, SIZE) and torch.isfinite(tuned).all()
         assert not torch.allclose(tuned, base, atol=1e-6)
 
-    def test_training_from_the_cache_equals_training_from_pictures(self, model_dir, manifest, tmp_path):
-        """``sipo cache`` stores the input's latents (TI2V's first frame, A14B's condition clip) with the UMT5
-        states; two steps from the cache equal two steps from the clips."""
-        from safetensors.torch import load_file
-        from train_fixtures import tiny_overrides
-
-        from sipo.checkpoints import list_checkpoints
-        from sipo.config import load_config
-        from sipo.data.cache import build_cache
-        from sipo.train import train
-
-        def config(output, **extra):
-            values = {**VIDEO_OVERRIDES, "data.cache_dir": str(tmp_path / "cache"), "train.deterministic": True,
-                      "train.checkpoint_every": 2, **extra}
-            return load_config(None, tiny_overrides(model_dir, manifest, output, **values))
-
-        build_cache(config(tmp_path / "unused"), progress=False)
-        pictures = train(config(tmp_path / "pictures", **{"data.use_cache": "never"}), progress=False)
-        cached = train(config(tmp_path / "cached", **{"data.use_cache": "always"}), progress=False)
-        first, second = (load_file(list_checkpoints(tmp_path / n)[-1] / "trainable.safetensors") for n in ("pictures", "cached"))
-        for key in first:
-            torch.testing.assert_close(second[key], first[key], rtol=0, atol=1e-5)
-        assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in pictures.history], abs=1e-5)
-
-    def test_sipo_eval_animates_each_input_image(self, trained, model_dir, manifest, family_overrides, tmp_path, capsys):
-        """``sipo eval --inputs``: base and aligned clips from each listed first frame, scored frame by frame."""
-        import json
-
-        from tiny_scorers import make_tiny_clip
-        from train_fixtures import write_tiny_config
-
-        from sipo.cli import main as cli_main
-        from sipo.evaluate import load_picture
-
-        config = write_tiny_config(tmp_path / "config.yaml", model_dir, manifest, tmp_path / "unused", **family_overrides)
-        inputs = tmp_path / "inputs.jsonl"
-        inputs.write_text(json.dumps({"prompt": "the clip pans", "input_image": str(manifest.parent / "000_first.png")}) + "\n")
-        assert cli_main(["eval", "--config", str(config), "--checkpoint", str(trained["dpo"]), "--inputs", str(inputs),
-                         "--scorers", "pickscore", "--scorer-path", f"pickscore={make_tiny_clip(tmp_path / 'pickscore')}",
-                         "--num-inference-steps", "2", "--output-dir", str(tmp_path / "eval"), "--no-progress"]) == 0
-        assert "| pickscore |" in capsys.readouterr().out
-        base, aligned = (load_picture(tmp_path / "eval" / "images" / m / "p00000_s0") for m in ("base", "aligned"))
-        assert base.shape == aligned.shape == (FRAMES, 3, SIZE, SIZE) and not torch.equal(base, aligned)
-
     def check_one_step(self, model_dir, timesteps: list[int]) -> None:
         """``predict`` == the pipeline's one-step transformer call, for the LoRA policy and the reference."""
         adapter = load_adapter(self.family, str(model_dir))
@@ -185,6 +141,26 @@ class WanI2VContract(AdapterContract, FamilyContract):
 class TestWan22TI2VImageToVideo(WanI2VContract):
     shift = 5.0
 
+    def test_sipo_eval_animates_each_input_image(self, trained, model_dir, manifest, family_overrides, tmp_path, capsys):
+        """``sipo eval --inputs``: base and aligned clips from each listed first frame, scored frame by frame."""
+        import json
+
+        from tiny_scorers import make_tiny_clip
+        from train_fixtures import write_tiny_config
+
+        from sipo.cli import main as cli_main
+        from sipo.evaluate import load_picture
+
+        config = write_tiny_config(tmp_path / "config.yaml", model_dir, manifest, tmp_path / "unused", **family_overrides)
+        inputs = tmp_path / "inputs.jsonl"
+        inputs.write_text(json.dumps({"prompt": "the clip pans", "input_image": str(manifest.parent / "000_first.png")}) + "\n")
+        assert cli_main(["eval", "--config", str(config), "--checkpoint", str(trained["dpo"]), "--inputs", str(inputs),
+                         "--scorers", "pickscore", "--scorer-path", f"pickscore={make_tiny_clip(tmp_path / 'pickscore')}",
+                         "--num-inference-steps", "2", "--output-dir", str(tmp_path / "eval"), "--no-progress"]) == 0
+        assert "| pickscore |" in capsys.readouterr().out
+        base, aligned = (load_picture(tmp_path / "eval" / "images" / m / "p00000_s0") for m in ("base", "aligned"))
+        assert base.shape == aligned.shape == (FRAMES, 3, SIZE, SIZE) and not torch.equal(base, aligned)
+
     @pytest.fixture(scope="class")
     @classmethod
     def model_dir(cls, tmp_path_factory):
@@ -211,6 +187,30 @@ class TestWan22TI2VImageToVideo(WanI2VContract):
 
 class TestWan22I2VA14B(WanI2VContract):
     shift = 5.0
+
+    def test_training_from_the_cache_equals_training_from_pictures(self, model_dir, manifest, tmp_path):
+        """``sipo cache`` stores the input's latents (TI2V's first frame, A14B's condition clip) with the UMT5
+        states; two steps from the cache equal two steps from the clips."""
+        from safetensors.torch import load_file
+        from train_fixtures import tiny_overrides
+
+        from sipo.checkpoints import list_checkpoints
+        from sipo.config import load_config
+        from sipo.data.cache import build_cache
+        from sipo.train import train
+
+        def config(output, **extra):
+            values = {**VIDEO_OVERRIDES, "data.cache_dir": str(tmp_path / "cache"), "train.deterministic": True,
+                      "train.checkpoint_every": 2, **extra}
+            return load_config(None, tiny_overrides(model_dir, manifest, output, **values))
+
+        build_cache(config(tmp_path / "unused"), progress=False)
+        pictures = train(config(tmp_path / "pictures", **{"data.use_cache": "never"}), progress=False)
+        cached = train(config(tmp_path / "cached", **{"data.use_cache": "always"}), progress=False)
+        first, second = (load_file(list_checkpoints(tmp_path / n)[-1] / "trainable.safetensors") for n in ("pictures", "cached"))
+        for key in first:
+            torch.testing.assert_close(second[key], first[key], rtol=0, atol=1e-5)
+        assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in pictures.history], abs=1e-5)
 
     @pytest.fixture(scope="class")
     @classmethod

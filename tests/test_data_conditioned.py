@@ -139,3 +139,12 @@ def test_webdataset_key_input_member(tmp_path):
     assert data[1].reason == MISSING_FIELD
     with pytest.raises(SipoError, match="generates from text alone"):
         WebDataset(str(shard), SIDE, family="sd15")
+
+
+def test_validation_prompts_alone_stop_for_a_family_that_needs_an_input_image(tmp_path):
+    from sipo.config import load_config
+    from sipo.validation import SampleValidation
+
+    config = load_config(None, ["model.family=qwenimage_edit", "train.validation_prompts=[a cat]"])
+    with pytest.raises(SipoError, match="train.validation_prompts samples from prompts alone"):
+        SampleValidation(config, tmp_path, best=None, device="cpu")

@@ -289,6 +289,12 @@ class SampleValidation:
 
         tc = config.train
         self.prompts = validation_prompts(tc.validation_prompts)
+        from sipo.data.pairs import family_needs_input_image
+
+        if self.prompts and family_needs_input_image(config.model.family):
+            raise SipoError(f"train.validation_prompts samples from prompts alone, and model.family={config.model.family} "
+                            "edits or animates an input image; unset train.validation_prompts and score held-out inputs "
+                            "with `sipo eval --inputs FILE` after training")
         self.seeds, self.every, self.tc = list(tc.validation_seeds), tc.sample_every, tc
         self.output_dir, self.best = Path(output_dir), best
         paths = parse_scorer_paths(tc.validation_scorer_paths)

@@ -85,8 +85,7 @@ class VisionLanguageProcessor:
         import transformers
         from transformers import Qwen2Tokenizer
 
-        image_class = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-        return cls(image_class.from_pretrained(source, subfolder=subfolder),
+        return cls(transformers.Qwen2VLImageProcessorPil.from_pretrained(source, subfolder=subfolder),
                    Qwen2Tokenizer.from_pretrained(source, subfolder=subfolder))
 
     def __call__(self, text: list[str], images=None, padding: bool = True, return_tensors: str = "pt", **options: Any):
@@ -354,13 +353,12 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
 
 
 def _image_processor(config: dict[str, Any]):
-    """Qwen2.5-VL's image processor (the PIL one where torchvision is absent: the same resize and patches)."""
+    """Qwen2.5-VL's image processor: transformers' torchvision one where torchvision is installed, else its PIL
+    twin (the same resize, normalisation and patches)."""
     import transformers
 
-    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None)
     try:
         import torchvision  # noqa: F401
-        cls = transformers.Qwen2VLImageProcessor
     except ImportError:
-        cls = cls or transformers.Qwen2VLImageProcessor
-    return cls(**config)
+        return transformers.Qwen2VLImageProcessorPil(**config)
+    return transformers.Qwen2VLImageProcessor(**config)

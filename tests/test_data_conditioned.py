@@ -148,3 +148,11 @@ def test_validation_prompts_alone_stop_for_a_family_that_needs_an_input_image(tm
     config = load_config(None, ["model.family=qwenimage_edit", "train.validation_prompts=[a cat]"])
     with pytest.raises(SipoError, match="train.validation_prompts samples from prompts alone"):
         SampleValidation(config, tmp_path, best=None, device="cpu")
+
+
+def test_pickapic_shards_stop_for_a_family_that_needs_an_input_image():
+    from sipo.config import DataConfig
+    from sipo.data import open_preference_dataset
+
+    with pytest.raises(SipoError, match="data.format=pickapic holds text-to-image pairs"):
+        open_preference_dataset(DataConfig(format="pickapic", path="unused"), SIDE, family="qwenimage_edit")

@@ -21,6 +21,9 @@
 #   (s/step, peak memory), then Wan2.2-A14B at 480p x 81 with its base in fp8: PARTS=wan22 bash benchmarks/gpu_checks.sh
 #   pairs (issue 27, not in the default set, unrun): `sipo pairs --dtype fp16` on a full-size random SD1.5 at
 #   512 px, and whether objective.noise=stored redraws the pipeline's own x_T there: PARTS=pairs bash benchmarks/gpu_checks.sh
+#   conditioned (issue 28, not in the default set): full-size random LoRA steps of the families that take an
+#   input image, each at its usual size (s/step, peak memory): Qwen-Image-Edit-Plus 1024 px (bf16 base),
+#   Wan2.2-TI2V-5B image-to-video 704x1280x121 (bf16), Wan2.2-I2V-A14B 480p x 81 (fp8 base): PARTS=conditioned
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
 # .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
 set -u
@@ -92,8 +95,12 @@ c = load_config(None, tiny_overrides(m, p, d / 'run', **{'train.compile': True, 
     'objective.name': 'dpo'}))
 try: train(c, progress=False, overwrite=(d / 'run').exists()); print('trained')
 except SipoError as e: print(e)" 2>&1 | tail -n 3 ) > "$OUT/compile_check.log" 2>&1 &
+want conditioned && ( for run in "qwenimage-edit-1024 bf16" "wan22-ti2v-5b-i2v bf16" "wan22-i2v-a14b-480p fp8"; do
+    set -- $run; echo "== $1 ($2 base)"
+    timeout "${CONDITIONED_S:-240}" $PY benchmarks/video_memory.py step --family "$1" --device cuda --full --frozen-dtype "$2" 2>&1 | tail -n 3
+  done ) > "$OUT/conditioned.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory flux_memory flow2_memory z_precision wan22 pairs_noise compile_check; do
+for part in pytest video_memory sdxl_memory flux_memory flow2_memory z_precision wan22 pairs_noise compile_check conditioned; do
   [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
 done

@@ -5,6 +5,7 @@
     # GPU: the real thing, full configs at the paper's clip sizes (random weights, no download)
     python benchmarks/video_memory.py step --family cogvideox-2b --device cuda --full
     # Wan2.2 and Qwen-Image (issue 19): --families wan22-ti2v-5b wan22-a14b-480p wan22-a14b-720p qwenimage-1328
+    # conditioned (issue 28): --families qwenimage-edit-1024 wan22-i2v-a14b-480p wan22-i2v-a14b-720p wan22-ti2v-5b-i2v
 
 One step is what the trainer does for one pair: the policy (LoRA on) on winner and loser with
 gradients, the reference (LoRA off) on both under no_grad, the SIPO weights, backward through
@@ -66,6 +67,14 @@ TARGETS = {
     # Qwen-Image at 1328 x 1328 -> one latent frame of 166 x 166 (8x VAE); 256 text tokens (the adapter's
     # prompt_length) share the joint attention sequence
     "qwenimage-1328": Target("qwenimage", "20b", 1, 166, 166, 256),
+    # issue 28, pairs sharing an input image. Qwen-Image-Edit-Plus at 1024 x 1024: the output's 64 x 64 tokens, the
+    # input image's 64 x 64 more and 512 text + vision tokens (the adapter's prompt_length) in one sequence
+    "qwenimage-edit-1024": Target("qwenimage_edit", "20b", 1, 128, 128, 512),
+    # Wan2.2-I2V-A14B: T2V-A14B's grid and experts, the mask and condition clip on channels (36 in, 16 out)
+    "wan22-i2v-a14b-480p": Target("wan_i2v", "2.2-i2v-a14b", 21, 60, 104, 512),
+    "wan22-i2v-a14b-720p": Target("wan_i2v", "2.2-i2v-a14b", 21, 90, 160, 512),
+    # Wan2.2-TI2V-5B image-to-video at 704 x 1280 x 121: 31 latent frames in the sequence, the first one clean
+    "wan22-ti2v-5b-i2v": Target("wan_i2v", "2.2-ti2v-5b", 31, 44, 80, 512),
 }
 #: latent (frames, height, width) of the CPU scan points: 2 token counts
 SCAN_GRIDS = [(3, 16, 24), (5, 24, 32)]
@@ -74,7 +83,7 @@ IMAGE_SCAN_GRIDS = [(1, 24, 24), (1, 48, 48)]
 
 
 def scan_grids(target: Target) -> list[tuple[int, int, int]]:
-    return IMAGE_SCAN_GRIDS if target.family == "qwenimage" else SCAN_GRIDS
+    return IMAGE_SCAN_GRIDS if target.family in ("qwenimage", "qwenimage_edit") else SCAN_GRIDS
 SCAN_LAYERS = [1, 2]
 
 
@@ -87,6 +96,14 @@ def transformer_config(target: Target, layers: int | None) -> dict:
         from sipo.models.qwenimage import FULL_TRANSFORMER_CONFIG
 
         config = dict(FULL_TRANSFORMER_CONFIG)
+    elif target.family == "qwenimage_edit":
+        from sipo.models.qwenimage_edit import FULL_EDIT_TRANSFORMER_CONFIG
+
+        config = dict(FULL_EDIT_TRANSFORMER_CONFIG)
+    elif target.variant == "2.2-i2v-a14b":
+        from sipo.models.wan_i2v import FULL_I2V_A14B_TRANSFORMER_CONFIG
+
+        config = dict(FULL_I2V_A14B_TRANSFORMER_CONFIG)
     else:
         from sipo.models.wan import WanAdapter
 
@@ -102,14 +119,16 @@ def _wan_variant(target: Target) -> str:
 
 def experts(target: Target) -> int:
     """Transformers resident in the step: Wan2.2-A14B holds both experts (a pair uses one)."""
-    return 2 if target.variant == "2.2-t2v-a14b" else 1
+    return 2 if target.variant in ("2.2-t2v-a14b", "2.2-i2v-a14b") else 1
 
 
 def tokens_per_sequence(target: Target, grid: tuple[int, int, int]) -> int:
     frames, height, width = grid
     patches = frames * (height // 2) * (width // 2)
+    if target.family == "qwenimage_edit":  # the input image's tokens (as large as the output's) join the sequence
+        patches *= 2
     # CogVideoX and Qwen-Image put the text into the same sequence; Wan attends to it by cross-attention.
-    return patches + (target.text_tokens if target.family in ("cogvideox", "qwenimage") else 0)
+    return patches + (target.text_tokens if target.family in ("cogvideox", "qwenimage", "qwenimage_edit") else 0)
 
 
 def denoiser_config(adapter):
@@ -147,6 +166,30 @@ def build_adapter(target: Target, layers: int | None, device: torch.device, dtyp
             vae = AutoencoderKLQwenImage(**TINY_VAE_CONFIG)
             adapter = QwenImageAdapter(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
                                        resolution=8 * target.latent_height)  # 1328: mu of the dynamic shift
+        elif target.family == "qwenimage_edit":
+            from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+            from sipo.models.qwenimage import SCHEDULER_CONFIG, TINY_VAE_CONFIG
+            from sipo.models.qwenimage_edit import QwenImageEditPlusAdapter
+
+            transformer = QwenImageTransformer2DModel(**config).to(dtype)
+            vae = AutoencoderKLQwenImage(**TINY_VAE_CONFIG)
+            adapter = QwenImageEditPlusAdapter(transformer, vae, None, None, None, FlowMatchEulerDiscreteScheduler(
+                **SCHEDULER_CONFIG), resolution=8 * target.latent_height)
+        elif target.family == "wan_i2v":
+            from sipo.models.wan import FULL_SCHEDULER_CONFIG, TINY_VAE_CONFIG, WanAdapter
+            from sipo.models.wan_i2v import I2V_A14B_BOUNDARY_RATIO, I2V_A14B_FLOW_SHIFT, WanI2VAdapter
+
+            if target.variant == "2.2-i2v-a14b":
+                vae_config, extras = TINY_VAE_CONFIG, dict(flow_shift=I2V_A14B_FLOW_SHIFT, boundary_ratio=I2V_A14B_BOUNDARY_RATIO)
+            else:
+                _, vae_config, extras = WanAdapter.variant_configs(target.variant, "tiny")
+            transformer = WanTransformer3DModel(**config).to(dtype)
+            second = WanTransformer3DModel(**config).to(dtype) if experts(target) == 2 else None
+            vae = AutoencoderKLWan(**vae_config)  # only its config is read (scale factors, z_dim)
+            scheduler = UniPCMultistepScheduler(**dict(FULL_SCHEDULER_CONFIG, flow_shift=extras["flow_shift"]))
+            adapter = WanI2VAdapter(transformer, vae, None, None, scheduler, transformer_2=second,
+                                    boundary_ratio=extras.get("boundary_ratio"), expand_timesteps=extras.get("expand_timesteps", False))
         else:
             from sipo.models.wan import FULL_SCHEDULER_CONFIG, WanAdapter
 
@@ -204,8 +247,11 @@ def measure_step(
         store_frozen_base_in(adapter, "fp8", dtype)
     frames, height, width = grid
     model_config = denoiser_config(adapter)
-    if target.family == "qwenimage":
+    if target.family in ("qwenimage", "qwenimage_edit"):
         shape, text_dim = (1, model_config.out_channels, height, width), model_config.joint_attention_dim
+    elif target.family == "wan_i2v":  # x0: the noisy latents only (TI2V: the frames after the clean first one)
+        shape = (1, model_config.out_channels, frames - 1 if adapter.expand_timesteps else frames, height, width)
+        text_dim = model_config.text_dim
     else:
         channels = model_config.in_channels
         shape = (1, frames, channels, height, width) if target.family == "cogvideox" else (1, channels, frames, height, width)
@@ -214,6 +260,13 @@ def measure_step(
     conditioning = {"encoder_hidden_states": torch.randn(1, target.text_tokens, text_dim, generator=generator).to(device, dtype)}
     if target.family == "qwenimage":  # a 40-token prompt padded to the adapter's 256
         conditioning["encoder_hidden_states_mask"] = (torch.arange(target.text_tokens) < 40).long()[None].to(device)
+    if target.family == "qwenimage_edit":  # the input's 196 vision tokens (384 px) + a 40-token instruction, of 512
+        conditioning["encoder_hidden_states_mask"] = (torch.arange(target.text_tokens) < 236).long()[None].to(device)
+        conditioning["image_latents"] = torch.randn(shape, generator=generator).to(device)
+    if target.family == "wan_i2v":  # the input image's latents: TI2V's clean first frame, I2V-A14B's condition clip
+        condition = (1, shape[1], 1, height, width) if adapter.expand_timesteps else shape
+        conditioning["first_frame" if adapter.expand_timesteps else "image_condition"] = torch.randn(
+            condition, generator=generator).to(device)
     encoded = EncodedPairs(
         torch.randn(shape, generator=generator).to(device),
         torch.randn(shape, generator=generator).to(device),
@@ -301,8 +354,8 @@ def fit_and_extrapolate(points: list[dict], target: Target) -> dict:
 def _transformer_class(target: Target):
     from diffusers import CogVideoXTransformer3DModel, QwenImageTransformer2DModel, WanTransformer3DModel
 
-    return {"cogvideox": CogVideoXTransformer3DModel, "qwenimage": QwenImageTransformer2DModel}.get(
-        target.family, WanTransformer3DModel)
+    return {"cogvideox": CogVideoXTransformer3DModel, "qwenimage": QwenImageTransformer2DModel,
+            "qwenimage_edit": QwenImageTransformer2DModel}.get(target.family, WanTransformer3DModel)
 
 
 def _full_parameter_count(target: Target) -> int:

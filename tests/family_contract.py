@@ -13,7 +13,8 @@ Two mixins:
 A family's test class provides the fixtures:
 
 - ``family`` (class attribute), ``model_dir`` (a saved tiny pipeline), ``pairs``
-  (``(prompts, winners, losers)`` at the tiny resolution),
+  (``(prompts, winners, losers)`` at the tiny resolution, or what else ``adapter.encode`` takes: a
+  conditioned family adds ``size_info`` and ``input_images``),
 - ``manifest`` (a JSONL preference dataset at that resolution) and ``family_overrides`` (a dict of
   ``key=value`` settings that point ``train_fixtures.tiny_overrides`` at this family),
 
@@ -82,6 +83,12 @@ class AdapterContract:
 
     family: str
 
+    def family_pipeline(self, model_dir):
+        """The family's diffusers pipeline loaded from ``model_dir`` (a family may build it otherwise)."""
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(str(model_dir))
+
     @pytest.fixture
     def adapter(self, model_dir):
         return load_adapter(self.family, str(model_dir))
@@ -95,9 +102,9 @@ class AdapterContract:
         assert coarser.schedule.step_stride == 40
 
     def test_encode_is_deterministic_and_shared_conditioning(self, adapter, pairs):
-        prompts, winners, losers = pairs
-        first = adapter.encode(prompts, winners, losers)
-        second = adapter.encode(prompts, winners, losers)
+        prompts = pairs[0]  # (prompts, winners, losers[, size_info, input_images]): what adapter.encode takes
+        first = adapter.encode(*pairs)
+        second = adapter.encode(*pairs)
         assert torch.equal(first.x0_winner, second.x0_winner)
         assert first.x0_winner.shape == first.x0_loser.shape
         assert not torch.equal(first.x0_winner, first.x0_loser)
@@ -106,8 +113,7 @@ class AdapterContract:
             assert not value.requires_grad
 
     def test_predict_shape_matches_input(self, adapter, pairs):
-        prompts, winners, losers = pairs
-        encoded = adapter.encode(prompts, winners, losers)
+        encoded = adapter.encode(*pairs)
         x_t, timesteps = noisy_input(adapter, encoded)
         prediction = adapter.predict(x_t, timesteps, encoded.conditioning)
         assert prediction.shape == x_t.shape
@@ -122,8 +128,7 @@ class AdapterContract:
 
     def test_exact_target_round_trips_to_x0_and_eps(self, adapter, pairs):
         """``x_t = a x0 + b eps`` and prediction = the exact target: SPEC 1's conversion gives (x0, eps)."""
-        prompts, winners, losers = pairs
-        x0 = adapter.encode(prompts, winners, losers).x0_winner
+        x0 = adapter.encode(*pairs).x0_winner
         kind = adapter.schedule.prediction_type
         for t in TIMESTEPS:
             timesteps = torch.full((x0.shape[0],), t)
@@ -138,11 +143,9 @@ class AdapterContract:
     def test_saved_lora_loads_with_the_pipeline(self, adapter, pairs, model_dir, tmp_path):
         """The issue's demand: ``DiffusionPipeline.from_pretrained(base).load_lora_weights(out)``
         reproduces the trained LoRA model's output, which differs from the base model's."""
-        from diffusers import DiffusionPipeline
         from peft.utils import get_peft_model_state_dict
 
-        prompts, winners, losers = pairs
-        encoded = adapter.encode(prompts, winners, losers)
+        encoded = adapter.encode(*pairs)
         x_t, timesteps = noisy_input(adapter, encoded)
         with torch.no_grad():
             base = adapter.predict(x_t, timesteps, encoded.conditioning)
@@ -150,7 +153,7 @@ class AdapterContract:
             with_lora = adapter.predict(x_t, timesteps, encoded.conditioning)
         adapter.save_lora(tmp_path / "lora", get_peft_model_state_dict(adapter.denoiser))
 
-        pipe = DiffusionPipeline.from_pretrained(str(model_dir))
+        pipe = self.family_pipeline(model_dir)
         assert type(pipe).__name__ in adapter.pipeline_class_names
         pipe.load_lora_weights(str(tmp_path / "lora"))
         loaded_denoiser = getattr(pipe, "unet", None) or pipe.transformer
@@ -160,8 +163,7 @@ class AdapterContract:
         assert (with_lora - base).abs().max() > 1e-2
 
     def test_lora_disabled_is_the_base_model(self, adapter, pairs, model_dir):
-        prompts, winners, losers = pairs
-        encoded = adapter.encode(prompts, winners, losers)
+        encoded = adapter.encode(*pairs)
         x_t, timesteps = noisy_input(adapter, encoded)
         fresh = load_adapter(self.family, str(model_dir))
         with torch.no_grad():
@@ -229,6 +231,12 @@ class FamilyContract:
     """Training, resume, analysis, LoRA loading and the importance weight, for one family."""
 
     family: str
+
+    def family_pipeline(self, model_dir):
+        """The family's diffusers pipeline loaded from ``model_dir`` (a family may build it otherwise)."""
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(str(model_dir))
 
     def scheduler_forward(self, adapter, x0: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``x_t`` from the family's own scheduler (DDPM-style ``add_noise`` by default)."""
@@ -304,11 +312,9 @@ class FamilyContract:
         assert list(out.glob("*.csv")), sorted(p.name for p in out.iterdir())
 
     def test_trained_lora_loads_into_the_pipeline_and_generates(self, trained, model_dir):
-        from diffusers import DiffusionPipeline
-
         from sipo.models import adapter_class
 
-        pipe = DiffusionPipeline.from_pretrained(str(model_dir))
+        pipe = self.family_pipeline(model_dir)
         assert type(pipe).__name__ in adapter_class(self.family).pipeline_class_names
         pipe.set_progress_bar_config(disable=True)
 

@@ -387,8 +387,10 @@ def run_analysis(
     for _, item in iter_pairs(dataset, num_pairs, seed):
         with torch.no_grad():
             sizes = item["size_info"][None] if "size_info" in item else None
+            inputs = item["input_image"][None].to(device) if "input_image" in item else None
             encoded = adapter.encode(
-                [item["prompt"]], item["chosen"][None].to(device), item["rejected"][None].to(device), size_info=sizes
+                [item["prompt"]], item["chosen"][None].to(device), item["rejected"][None].to(device), size_info=sizes,
+                input_images=inputs,
             )
         for bucket in range(num_buckets):
             noise = draw_bucket_noise(encoded.x0_winner.shape, T, bucket, num_buckets, generator)

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(evaluate)
     evaluate.add_argument("--checkpoint", default=None, type=_user_path, help="the trained run directory (train.output_dir) to compare with its base")
     evaluate.add_argument("--base", action="store_true", help="score the base model only (no --checkpoint needed)")
-    evaluate.add_argument("--prompts", required=True, help="text file, one prompt per line, or pickapic-test")
+    evaluate.add_argument("--prompts", default=None, help="text file, one prompt per line, or pickapic-test")
+    evaluate.add_argument("--inputs", default=None, type=_user_path,
+                          help="families that edit or animate an input image: JSONL of {prompt, input_image} (instead of --prompts)")
     evaluate.add_argument("--pickapic-path", default=None, type=_user_path, help="Pick-a-Pic v2 test parquet (file, folder or glob) for --prompts pickapic-test")
     evaluate.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     evaluate.add_argument("--seeds", default="0", help="comma-separated seeds (or a range 0-3); one image per prompt and seed")
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=Path(args.output_dir) if args.output_dir else None, batch_size=args.batch_size,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 pickapic_path=args.pickapic_path, max_prompts=args.max_prompts, progress=not args.no_progress,
-                video_benchmarks=video_benchmarks, dtype=args.dtype,
+                video_benchmarks=video_benchmarks, dtype=args.dtype, inputs=args.inputs,
             ))
         elif args.command == "compare":
             from sipo.compare import CompareOptions, run_compare

@@ -238,9 +238,10 @@ class DataConfig:
     )
     # data.format=hf (sipo.data.hf; docs/data.md)
     columns: dict[str, str | None] = _help(
-        "hf: dataset column of each of prompt, chosen, rejected, label (e.g. {prompt: text}); unset keys: Pick-a-Pic "
+        "hf: dataset column of each of prompt, chosen, rejected, label, input_image (e.g. {prompt: text}); unset keys: Pick-a-Pic "
         "v2's caption/jpg_0/jpg_1/label_0 when jpg_0 and jpg_1 exist, else prompt/chosen/rejected with no label; with a "
-        "label, chosen/rejected are the first/second picture and label 1 means the first won", default_factory=dict)
+        "label, chosen/rejected are the first/second picture and label 1 means the first won; input_image (the picture both "
+        "sides edit or animate): the column input_image where there is one", default_factory=dict)
     streaming: bool = _help(
         "hf: read the split as a stream (datasets IterableDataset) instead of indexing it; pairs come in the stream's "
         "order through a shuffle buffer of data.shuffle_buffer rows, and a resume skips the consumed pairs", default=False)
@@ -302,7 +303,7 @@ class DataConfig:
                             "data.streaming=false or data.use_cache=auto")
 
     def _check_columns(self) -> None:
-        keys = ("prompt", "chosen", "rejected", "label")
+        keys = ("prompt", "chosen", "rejected", "label", "input_image")
         if not isinstance(self.columns, dict):
             raise SipoError(f"data.columns={self.columns!r} must be a mapping such as {{prompt: caption, chosen: jpg_0}}")
         for key, name in self.columns.items():

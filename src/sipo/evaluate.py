@@ -124,6 +124,41 @@ def read_prompts(source: str | Path, pickapic_path: str | None = None, limit: in
     return prompts[:limit] if limit is not None else prompts
 
 
+def read_inputs(source: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(prompt, input image path)`` pairs for a family that edits or animates an input image (``--inputs``).
+
+    A JSONL file, one ``{"prompt": ..., "input_image": ...}`` object per line (the conditioned training rows'
+    own two fields; paths relative to the file's folder, returned absolute). Every line is checked now, before
+    anything loads: a line that is not such an object, or an input image that does not exist, stops in one sentence.
+    """
+    path = Path(source).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SipoError(f"--inputs {path} cannot be read ({error.__class__.__name__}); pass a JSONL file of "
+                        '{"prompt": ..., "input_image": ...} lines') from None
+    inputs: list[tuple[str, str]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                and isinstance(record.get("input_image"), str) and record["input_image"]):
+            raise SipoError(f'line {number} of --inputs {path} is not a {{"prompt": ..., "input_image": ...}} object; '
+                            "write one per line (input_image: a picture path relative to the file)")
+        image = (path.parent / record["input_image"]).resolve()
+        if not image.is_file():
+            raise SipoError(f"line {number} of --inputs {path} names {record['input_image']}, which does not exist; "
+                            "fix the path (relative to the file's folder)")
+        inputs.append((record["prompt"], str(image)))
+    if not inputs:
+        raise SipoError(f"--inputs {path} holds no prompt and input image; write one JSON object per line")
+    return inputs[:limit] if limit is not None else inputs
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-3"`` -> ``[0, 1, 2, 3]``."""
     seeds: list[int] = []
@@ -150,6 +185,8 @@ class Sample:
     prompt_index: int
     seed: int
     prompt: str
+    #: the input image a conditioned family edits or animates (``--inputs``), else None
+    input_image: str | None = None
 
 
 def image_path(output_dir: Path, model: str, sample: Sample) -> Path:
@@ -199,11 +236,12 @@ def load_picture(path: Path) -> Tensor:
 
 def generate(
     sample_fn: Callable[..., Tensor], samples: list[Sample], output_dir: Path, model: str, batch_size: int,
-    progress: bool = True, **sample_options,
+    progress: bool = True, input_loader: Callable[[str], Tensor] | None = None, **sample_options,
 ) -> int:
     """Sample every image of ``samples`` not yet on disk; returns how many were generated.
 
     ``sample_fn`` is ``adapter.sample``; each image gets its own ``torch.Generator().manual_seed(seed)``.
+    Samples with an ``input_image`` pass it as ``input_images`` (``input_loader(path)``, ``[3, H, W]`` in [-1, 1]).
     """
     from tqdm.auto import tqdm
 
@@ -211,7 +249,10 @@ def generate(
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"sampling {model}", unit="batch", disable=not progress or not batches):
         generators = [torch.Generator().manual_seed(s.seed) for s in batch]
-        pictures = sample_fn([s.prompt for s in batch], generator=generators, **sample_options)
+        inputs = {}
+        if batch[0].input_image is not None:
+            inputs["input_images"] = torch.stack([input_loader(s.input_image) for s in batch])
+        pictures = sample_fn([s.prompt for s in batch], generator=generators, **inputs, **sample_options)
         for sample, picture in zip(batch, pictures):
             save_picture(image_path(output_dir, model, sample), picture)
     return len(todo)
@@ -320,7 +361,7 @@ def write_grid(path: Path, samples: list[Sample], models: Sequence[str], output_
 # ----------------------------------------------------------------------------- the command
 @dataclass
 class EvalOptions:
-    prompts: str
+    prompts: str | None
     checkpoint: str | None = None
     base_only: bool = False
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -338,6 +379,8 @@ class EvalOptions:
     dtype: str = "fp32"
     #: video benchmarks (sipo.rewards.vbench.VideoBenchmark) run on the saved videos of each model
     video_benchmarks: list = field(default_factory=list)
+    #: JSONL of prompt + input_image for the families that edit or animate one (read_inputs); replaces prompts
+    inputs: str | None = None
 
     def __post_init__(self) -> None:
         """The command line's spellings are taken from Python too, never iterated character by character:
@@ -583,6 +626,46 @@ def check_scorers_loadable(scorers: Sequence[str], scorer_paths: dict[str, str])
             cls.load(None, "cpu")  # scorers with no published default stop here, in a second, naming their files
 
 
+def eval_inputs(config, options: EvalOptions) -> list[tuple[str, str]] | None:
+    """``--inputs`` read and checked against the family (one sentence when a family that edits or animates an
+    input image gets none, or a text-only family gets some); ``None`` for plain ``--prompts``."""
+    from sipo.data.pairs import family_needs_input_image
+
+    needs = family_needs_input_image(config.model.family)
+    if options.inputs is None:
+        if needs:
+            raise SipoError(f"model.family={config.model.family} edits or animates an input image; pass --inputs FILE "
+                            '(one {"prompt": ..., "input_image": ...} per line) instead of --prompts')
+        if options.prompts is None:
+            raise SipoError("sipo eval needs prompts: pass --prompts FILE (one prompt per line) or pickapic-test")
+        return None
+    if not needs:
+        raise SipoError(f"--inputs gives input images, and model.family={config.model.family} generates from text alone; "
+                        "pass --prompts FILE, or use a family that takes one (qwenimage_edit, wan_i2v)")
+    if options.prompts is not None:
+        raise SipoError("--inputs carries the prompts with their input images; leave out --prompts")
+    return read_inputs(options.inputs, options.max_prompts)
+
+
+def input_image_loader(config) -> Callable[[str], Tensor]:
+    """Path -> ``[3, H, W]`` in [-1, 1] at the size the run trains on (a clip frame's for a video family), through
+    the data's own decoder; an unreadable picture stops in one sentence."""
+    from sipo.data import video_spec
+    from sipo.data.decode import MalformedRow, decode_input_image
+    from sipo.data.pairs import media_of_family
+
+    media = media_of_family(config.model.family)
+
+    def load(path: str) -> Tensor:
+        try:
+            return decode_input_image(path, config.model.resolution, video_spec(config.data), media)
+        except MalformedRow as problem:
+            raise SipoError(f"--inputs names {path}, which cannot be used ({problem.reason}); replace it with a "
+                            "readable picture") from None
+
+    return load
+
+
 def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     """Generate, score and report (see the module docstring); returns one summary per scorer."""
     from sipo.models import DiffusionAdapter, adapter_from_config
@@ -602,8 +685,11 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     if options.checkpoint is not None and not options.base_only:
         check_run_family(options.checkpoint, config.model.family)
         aligned_key = weights_key(config, options.checkpoint)  # no checkpoint in it: stop before the base half
-    prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
-    samples = [Sample(i, seed, prompt) for i, prompt in enumerate(prompts) for seed in options.seeds]
+    inputs = eval_inputs(config, options)
+    prompts = [prompt for prompt, _ in inputs] if inputs else read_prompts(options.prompts, options.pickapic_path,
+                                                                            options.max_prompts)
+    samples = [Sample(i, seed, prompt, inputs[i][1] if inputs else None) for i, prompt in enumerate(prompts)
+               for seed in options.seeds]
     output_dir = Path(options.output_dir or (default_output_dir(options.checkpoint, "eval") if options.checkpoint
                                              else Path(config.train.output_dir) / "eval"))
     from sipo.rundir import check_output_dir
@@ -619,7 +705,8 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     check_scorers_loadable(options.scorers, options.scorer_paths)
     models = ("base",) if options.base_only else MODELS
     sizes = video_sample_sizes(config)
-    check_generation_settings(output_dir, generation_settings(config, options, sizes), prompts)
+    check_generation_settings(output_dir, {**generation_settings(config, options, sizes),
+                                           **({"inputs": [image for _, image in inputs]} if inputs else {})}, prompts)
     if aligned_key is not None:
         print(f"sipo: {measuring(options.checkpoint, aligned_key)}")
         moved = claim_output_folder(output_dir / "images" / "aligned", aligned_key)
@@ -633,7 +720,8 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
         prepare_for_sampling(model, options.dtype)
 
     cast(adapter)
-    sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale, **sizes}
+    sample_options = {"num_inference_steps": options.num_inference_steps, "guidance_scale": options.guidance_scale, **sizes,
+                      **({"input_loader": input_image_loader(config)} if inputs else {})}
     # Base first, then the run's weights go in: the same code path for LoRA and full fine-tunes.
     generate(adapter.sample, samples, output_dir, "base", options.batch_size, options.progress, **sample_options)
     if not options.base_only:

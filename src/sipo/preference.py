@@ -161,7 +161,9 @@ def encoded_batch(adapter: DiffusionAdapter, batch: dict[str, Any], device: torc
         move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
         return EncodedPairs(move(batch["x0_chosen"]), move(batch["x0_rejected"]),
                             {k: move(v) for k, v in batch["conditioning"].items()})
-    extra = {"size_info": batch["size_info"]} if batch.get("size_info") is not None else {}
+    from sipo.data.pairs import encode_extras
+
+    extra = encode_extras(batch, device)
     with torch.no_grad():
         return adapter.encode(batch["prompts"], batch["chosen"].to(device, non_blocking=True),
                               batch["rejected"].to(device, non_blocking=True), **extra)

@@ -319,6 +319,13 @@ class SampleValidation:
 
         tc = config.train
         self.prompts = validation_prompts(tc.validation_prompts)
+        from sipo.data.pairs import family_needs_input_image
+
+        if self.prompts and family_needs_input_image(config.model.family):
+            raise SipoError(f"train.validation_prompts samples from prompts alone, and model.family={config.model.family} "
+                            "edits or animates an input image; unset train.validation_prompts and score held-out inputs "
+                            "with `sipo eval --inputs FILE` after training")
+
         from sipo.models import sampler_settings
 
         # the family's guidance unless train.sample_guidance_scale names one; the steps are train.sample_steps

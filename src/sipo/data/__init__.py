@@ -18,7 +18,7 @@ from sipo.config import DataConfig
 from sipo.data.decode import MalformedRow, decode_file, decode_image, decode_video
 from sipo.data.hf import HfDataset
 from sipo.data.jsonl import JsonlDataset
-from sipo.data.pairs import PreferenceDataset, collate_pairs, flip_decision, media_of_family
+from sipo.data.pairs import PreferenceDataset, collate_pairs, family_needs_input_image, flip_decision, media_of_family
 from sipo.data.pickapic import PickapicDataset
 from sipo.data.report import DataReport, SkippedRow
 from sipo.data.video import VideoSpec
@@ -53,6 +53,10 @@ def open_preference_dataset(cfg: DataConfig, resolution: int, *, seed: int = 0,
                             "set data.format=jsonl with a manifest of video clips (docs/data.md) or set "
                             "model.family to an image family")
         options = {"split": cfg.split, "min_score_margin": cfg.min_score_margin}
+        if family_needs_input_image(family):
+            raise SipoError(f"data.format=pickapic holds text-to-image pairs, and model.family={family} edits or animates "
+                            "an input image; set data.format to jsonl, hf or webdataset with an input_image per pair "
+                            "(docs/data.md)")
     elif cfg.format == "hf":
         options = {"split": cfg.split, "columns": cfg.columns, "video": video_spec(cfg), "family": family}
         if cfg.streaming:

@@ -11,7 +11,9 @@
   changes: SDXL's ``time_ids`` carry the crop, which a flip mirrors), and ``stored_noise`` ``[m, 3]``
   (the seeds each side was sampled from and the draw's dtype code, ``-1`` seeds where the row has
   none: ``objective.noise=stored`` reads them) and ``score_margin`` ``[m]`` (NaN where the row has
-  none: ``objective.reward_beta`` reads it).
+  none: ``objective.reward_beta`` reads it). A conditioned family's input image is in ``cond.*`` (its
+  latents, and the vision-language states of Qwen-Image-Edit), never in ``x0``; its file is in the key (a
+  JSONL manifest's ``input_image`` paths are stamped with the pictures).
   The skipped rows and the prompts are in the file's metadata. Each shard is written under a
   temporary name and renamed, so an interrupted ``sipo cache`` continues from the missing shards.
 - ``manifest.json`` (written last): the key and what it hashes, the counts, the index-time data
@@ -48,7 +50,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sipo.config import SipoConfig
-from sipo.data.pairs import flip_decision
+from sipo.data.pairs import encode_extras, flip_decision
 from sipo.data.report import DataReport, SkippedRow
 from sipo.data.sizes import resize_crop_box
 from sipo.errors import SipoError
@@ -357,13 +359,13 @@ def _encode_shard(adapter, loader, random_flip: bool, device,
             continue
         prompts.extend(batch["prompts"])
         add("index", torch.tensor(batch["indices"], dtype=torch.long))
-        extra = {"size_info": batch["size_info"]} if batch.get("size_info") is not None else {}
+        extra = encode_extras(batch, device)
         encoded = adapter.encode(batch["prompts"], batch["chosen"].to(device), batch["rejected"].to(device), **extra)
         add("x0_chosen", encoded.x0_winner)
         add("x0_rejected", encoded.x0_loser)
         for name, value in encoded.conditioning.items():
             add(f"cond.{name}", value)
-        if extra:
+        if "size_info" in extra:
             add("size_info", batch["size_info"])
         add("stored_noise", _seed_columns(batch))
         add("score_margin", batch["score_margin"] if batch.get("score_margin") is not None
@@ -372,11 +374,16 @@ def _encode_shard(adapter, loader, random_flip: bool, device,
             # the pictures the dataset would hand out mirrored (PreferenceDataset flips the last axis)
             mirrored = [batch["chosen"].flip(-1).to(device), batch["rejected"].flip(-1).to(device)]
             if extra:
-                # a mirror moves the crop, and the conditioning may depend on it (SDXL's time_ids)
-                sizes = mirrored_size_info(batch["size_info"], resolution)
-                flipped = adapter.encode(batch["prompts"], *mirrored, size_info=sizes)
+                # a mirror moves the crop, and the conditioning may depend on it (SDXL's time_ids), and it
+                # mirrors the input image too (its latents, and what a vision-language encoder reads from it)
+                mirrored_extra = {}
+                if "size_info" in extra:
+                    mirrored_extra["size_info"] = mirrored_size_info(batch["size_info"], resolution)
+                    add("size_info_flipped", mirrored_extra["size_info"])
+                if "input_images" in extra:
+                    mirrored_extra["input_images"] = extra["input_images"].flip(-1)
+                flipped = adapter.encode(batch["prompts"], *mirrored, **mirrored_extra)
                 chosen, rejected = flipped.x0_winner, flipped.x0_loser
-                add("size_info_flipped", sizes)
                 for name, value in flipped.conditioning.items():
                     add(f"cond_flipped.{name}", value, flipped_conditioning)
                     if not torch.equal(value.cpu(), encoded.conditioning[name].cpu()):

@@ -65,6 +65,36 @@ def decode_image(source: bytes | str | os.PathLike[str], resolution: int) -> tor
             raise MalformedRow(CORRUPT_IMAGE, f"{type(error).__name__}: {error}") from None
 
 
+def decode_input_image(source: bytes | str | os.PathLike[str], resolution: int, video: VideoSpec | None = None,
+                       media: str | None = None) -> torch.Tensor:
+    """A pair's input image (what an edit starts from, or an image-to-video clip's first frame) -> ``[3, H, W]``
+    in [-1, 1], the size of one frame of the pair's pictures: ``r x r`` for an image model, a clip frame's
+    ``data.height x data.width`` for a video model (``media == "video"``), through the same geometry.
+
+    A still picture only: a video suffix raises `MalformedRow` ("a video clip where the model needs a
+    picture"); a GIF gives its first frame. Other problems as `decode_image`.
+    """
+    if not isinstance(source, (bytes, bytearray, memoryview)) and media_of_path(os.fspath(source)) == "video":
+        raise MalformedRow(NOT_A_PICTURE, f"input_image {os.fspath(source)} is a clip")
+    spec = video or VideoSpec()
+    if media != "video" or (spec.height is None and spec.width is None):
+        return decode_image(source, resolution)
+    data = _read_bytes(source)
+    with warnings.catch_warnings():
+        _quiet_pil_warnings()
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                _check_size(image.size)
+                image.load()
+                return _frame_tensor(ImageOps.exif_transpose(image), resolution, spec)
+        except (MalformedRow, MemoryError):
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise MalformedRow(IMAGE_TOO_LARGE, str(error)) from None
+        except Exception as error:  # noqa: BLE001 - untrusted bytes, see decode_image
+            raise MalformedRow(CORRUPT_IMAGE, f"{type(error).__name__}: {error}") from None
+
+
 def decode_video(
     path: str | os.PathLike[str], resolution: int, spec: VideoSpec | None = None
 ) -> torch.Tensor:

@@ -8,8 +8,9 @@
 - anything else is a hub id (``yuvalkirstain/pickapic_v2``): ``datasets.load_dataset(id, split=...)``,
   which needs the network (or the hub cache with ``HF_HUB_OFFLINE=1``).
 
-Columns: ``data.columns`` maps ``prompt``, ``chosen``, ``rejected`` and ``label`` to the dataset's
-column names. Unset keys follow the layout the columns show: Pick-a-Pic v2's (``caption``, ``jpg_0``,
+Columns: ``data.columns`` maps ``prompt``, ``chosen``, ``rejected``, ``label`` and ``input_image`` to the
+dataset's column names (``input_image``: the picture both sides edit or animate, for the conditioned
+families; by default the column named ``input_image`` where there is one). Unset keys follow the layout the columns show: Pick-a-Pic v2's (``caption``, ``jpg_0``,
 ``jpg_1``, ``label_0``) when ``jpg_0`` and ``jpg_1`` exist, else the chosen/rejected layout
 (``prompt``, ``chosen``, ``rejected``, no label). With a label column, ``chosen`` and ``rejected`` name
 the first and the second picture and the label is the first one's preference: 1 the first won, 0 the
@@ -31,14 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from sipo.data.decode import MalformedRow, decode_file, decode_image, media_of_path
-from sipo.data.pairs import PreferenceDataset, media_of_family
+from sipo.data.decode import MalformedRow, decode_file, decode_image, decode_input_image, media_of_path
+from sipo.data.pairs import PreferenceDataset, check_input_images, family_needs_input_image, media_of_family
 from sipo.data.report import INVALID_LABEL, INVALID_PATH, MISSING_FIELD, NOT_A_PICTURE, NOT_A_VIDEO, PATH_ESCAPES_ROOT, WRONG_FIELD_TYPE
 from sipo.data.sizes import original_size
 from sipo.data.video import VideoSpec
 from sipo.errors import SipoError
 
-COLUMN_KEYS = ("prompt", "chosen", "rejected", "label")
+COLUMN_KEYS = ("prompt", "chosen", "rejected", "label", "input_image")
+#: the column read as the pairs' input image when data.columns.input_image is unset
+INPUT_IMAGE_COLUMN = "input_image"
 #: Pick-a-Pic v2 on the hub: caption, the two pictures, label_0 = preference for jpg_0
 PICKAPIC_COLUMNS = {"prompt": "caption", "chosen": "jpg_0", "rejected": "jpg_1", "label": "label_0"}
 #: the chosen/rejected layout (diffusers' DPO example datasets, TRL-style pairs): chosen is the winner
@@ -71,7 +74,8 @@ def is_local(path: str) -> bool:
 def resolve_columns(available: list[str], configured: dict[str, str | None]) -> dict[str, str | None]:
     """The column of each of prompt/chosen/rejected/label: ``data.columns`` over the detected layout."""
     layout = PICKAPIC_COLUMNS if {"jpg_0", "jpg_1"} <= set(available) else PAIR_COLUMNS
-    return {**layout, **configured}
+    found = {"input_image": INPUT_IMAGE_COLUMN if INPUT_IMAGE_COLUMN in available else None}
+    return {**layout, **found, **configured}
 
 
 def open_hf(path: str, split: str, streaming: bool = False):
@@ -145,9 +149,11 @@ def column_kinds(features) -> dict[str, str]:
 
 
 _ACCEPTED = {"prompt": ("text",), "chosen": ("bytes", "image", "video", "media", "text"),
-             "rejected": ("bytes", "image", "video", "media", "text"), "label": ("number",)}
+             "rejected": ("bytes", "image", "video", "media", "text"), "label": ("number",),
+             "input_image": ("bytes", "image", "media", "text")}
 _EXPECTED = {"prompt": "text", "chosen": "image bytes, an Image feature or file paths",
-             "rejected": "image bytes, an Image feature or file paths", "label": "a number"}
+             "rejected": "image bytes, an Image feature or file paths", "label": "a number",
+             "input_image": "image bytes, an Image feature or file paths"}
 
 
 def check_columns(path: str, features, columns: dict[str, str | None]) -> None:
@@ -156,7 +162,7 @@ def check_columns(path: str, features, columns: dict[str, str | None]) -> None:
     for key in COLUMN_KEYS:
         name = columns.get(key)
         if name is None:
-            if key == "label":
+            if key in ("label", "input_image"):
                 continue
             raise SipoError(f"data.columns.{key} is null, but pairs need a {key} column; set it to one of {list(kinds)}")
         if name not in kinds:
@@ -170,7 +176,9 @@ def check_columns(path: str, features, columns: dict[str, str | None]) -> None:
 def undecoded(dataset, columns: dict[str, str | None]):
     """``dataset`` with its Image/Video columns read as ``{bytes, path}``: sipo decodes every picture itself."""
     datasets = need_datasets()
-    for key in ("chosen", "rejected"):
+    for key in ("chosen", "rejected", "input_image"):
+        if columns.get(key) is None:
+            continue
         feature = dataset.features[columns[key]]
         if isinstance(feature, datasets.Image) and feature.decode:
             dataset = dataset.cast_column(columns[key], datasets.Image(decode=False))
@@ -207,6 +215,28 @@ class MediaReader:
     def __init__(self, root: str | None, resolution: int, video: VideoSpec, media: str | None) -> None:
         self.root = os.path.realpath(root) if root else None
         self.resolution, self.video, self.media = resolution, video, media
+
+    def read_input(self, cell: Any) -> torch.Tensor:
+        """An input image cell (bytes, ``{bytes, path}``, a path inside ``root``) -> ``[3, H, W]`` (`decode_input_image`)."""
+        if isinstance(cell, dict):
+            cell = cell.get("bytes") if cell.get("bytes") is not None else cell.get("path")
+        if cell is None:
+            raise MalformedRow(MISSING_FIELD, "input_image is null")
+        if hasattr(cell, "getexif") and hasattr(cell, "save"):
+            cell = _png_bytes(cell)
+        if isinstance(cell, (bytes, bytearray, memoryview)):
+            return decode_input_image(bytes(cell), self.resolution, self.video, self.media)
+        if not isinstance(cell, str) or not cell or "\x00" in cell:
+            raise MalformedRow(WRONG_FIELD_TYPE if not isinstance(cell, str) else INVALID_PATH, "input_image")
+        if self.root is None:
+            raise MalformedRow(INVALID_PATH, f"input_image {cell!r} is a path, but the dataset has no local folder")
+        real = os.path.realpath(os.path.join(self.root, cell))
+        if os.path.commonpath([self.root, real]) != self.root:
+            raise MalformedRow(PATH_ESCAPES_ROOT, f"input_image {cell!r} resolves to {real}")
+        try:
+            return decode_input_image(real, self.resolution, self.video, self.media)
+        except MalformedRow as problem:
+            raise MalformedRow(problem.reason, f"input_image {cell!r}: {problem.detail}") from None
 
     def read(self, cell: Any, which: str) -> tuple[torch.Tensor, Any]:
         """(tensor, what `original_size` reads: the bytes or the file)."""
@@ -296,6 +326,10 @@ class HfDataset(PreferenceDataset):
             rows, first_won = rows[:max_pairs], first_won[:max_pairs]
         self._row, self._first_won = rows, first_won
         self._table = table.select_columns([self.columns[key] for key in ("prompt", "chosen", "rejected")])
+        self.needs_input = family_needs_input_image(family)
+        input_column = self.columns.get("input_image")
+        self._inputs = table.select_columns([input_column]) if input_column is not None else None
+        check_input_images(family, path, len(rows) if input_column is not None else 0, len(rows))
         self.report.shards = len(table.cache_files) or 1
         self.report.set_pairs(len(rows))
         if len(rows) == 0:
@@ -321,6 +355,20 @@ class HfDataset(PreferenceDataset):
     def _load(self, index: int):
         record = self._table[int(self._row[index])]
         return load_pair(record, self.columns, bool(self._first_won[index]), self._reader)
+
+    def _load_input(self, index: int) -> torch.Tensor | None:
+        if self._inputs is None:
+            return None
+        return load_input(self._inputs[int(self._row[index])], self.columns, self._reader)
+
+
+def load_input(record: dict[str, Any], columns: dict[str, str | None], reader: MediaReader) -> torch.Tensor | None:
+    """The input image of one row (``None`` without an input_image column); raises `MalformedRow`
+    (a null cell: "missing field"), as a bad picture of the pair does."""
+    column = columns.get("input_image")
+    if column is None:
+        return None
+    return reader.read_input(record.get(column))
 
 
 def load_pair(record: dict[str, Any], columns: dict[str, str | None], first_won: bool, reader: MediaReader):

@@ -35,6 +35,7 @@ from sipo.data.hf import (
     MediaReader,
     check_columns,
     dataset_root,
+    load_input,
     load_pair,
     open_hf,
     resolve_columns,
@@ -209,6 +210,9 @@ class HfStreamingPairs(PreferenceDataset):
     def _load(self, index: int):
         record, first_won = self._current
         return load_pair(record, self.columns, first_won, self._reader)
+
+    def _load_input(self, index: int):
+        return load_input(self._current[0], self.columns, self._reader)
 
     def micro_batches(self, batch_size: int, start: int, rank: int = 0, world: int = 1,
                       every: int = 1, offset: int = 0) -> Iterator[dict[str, Any]]:

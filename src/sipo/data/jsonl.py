@@ -1,5 +1,9 @@
 """JSONL manifests: one ``{"prompt": str, "chosen": path, "rejected": path}`` object per line.
 
+A row may name an ``"input_image"`` (a picture path, shared by chosen and rejected): what an edit starts
+from (Qwen-Image-Edit) or an image-to-video clip's first frame (Wan i2v). The conditioned families need
+it on every row (a row without one is skipped, "missing field"); the others refuse a manifest with any.
+
 Paths are relative to the manifest's directory, the dataset root, and may never leave it: a path
 that is absolute outside the root, climbs out with ``..`` or goes through a symlink that points
 outside is skipped ("path escapes dataset root"), so a manifest from elsewhere cannot make
@@ -20,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sipo.data.decode import MalformedRow, decode_file, media_of_path
-from sipo.data.pairs import PreferenceDataset, media_of_family
+from sipo.data.decode import MalformedRow, decode_file, decode_input_image, media_of_path
+from sipo.data.pairs import PreferenceDataset, check_input_images, family_needs_input_image, media_of_family
 from sipo.data.sizes import original_size
 from sipo.data.video import VideoSpec
 from sipo.data.report import (
@@ -105,6 +109,9 @@ class JsonlDataset(PreferenceDataset):
         self._manifest = os.fspath(manifest)
         self._root = os.path.realpath(manifest.parent)
         self._prompts, self._chosen, self._rejected = _PackedStrings(), _PackedStrings(), _PackedStrings()
+        self._inputs = _PackedStrings()  # each row's input_image path, "" where it has none
+        self.needs_input = family_needs_input_image(family)
+        with_input = 0
         lines: list[int] = []
         seeds: list[tuple[int, ...]] = []  # (chosen seed, rejected seed, noise dtype code, height, width) or -1s
         margins: list[float] = []  # each row's score margin, NaN where it has none
@@ -129,8 +136,11 @@ class JsonlDataset(PreferenceDataset):
                     margins.append(float("nan") if row[3] is None else row[3])
                     for column, text in zip((self._prompts, self._chosen, self._rejected), row[:3]):
                         column.append(text)
-        for column in (self._prompts, self._chosen, self._rejected):
+                    self._inputs.append(row[5] or "")
+                    with_input += bool(row[5])
+        for column in (self._prompts, self._chosen, self._rejected, self._inputs):
             column.freeze()
+        check_input_images(family, path, with_input, len(lines))
         self._lines = np.asarray(lines, dtype=np.int64)
         self._seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 5)
         self._margins = np.asarray(margins, dtype=np.float64)
@@ -157,8 +167,9 @@ class JsonlDataset(PreferenceDataset):
                 "object per line with paths relative to the manifest"
             )
 
-    def _parse(self, raw: bytes, where: str) -> tuple[str, str, str, float | None, tuple[int, int, int]] | None:
-        """The row's (prompt, chosen, rejected, score margin or None, stored-noise seeds), or None after counting why it is unusable."""
+    def _parse(self, raw: bytes, where: str) -> tuple[str, str, str, float | None, tuple[int, ...], str | None] | None:
+        """The row's (prompt, chosen, rejected, score margin or None, stored-noise seeds, input_image or None),
+        or None after counting why it is unusable."""
         try:
             record = json.loads(raw)
         except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
@@ -180,7 +191,17 @@ class JsonlDataset(PreferenceDataset):
             if problem is not None:
                 self._raise_or_count(problem, f"{where} ({name}: {record[name]!r})")
                 return None
-        return record["prompt"], record["chosen"], record["rejected"], _score_margin(record), _stored_noise(record)
+        input_image = record.get("input_image")
+        if input_image is not None:
+            if not isinstance(input_image, str):
+                self._raise_or_count(WRONG_FIELD_TYPE, f"{where} (input_image must be a string)")
+                return None
+            problem = self._path_problem(input_image) or (NOT_A_PICTURE if media_of_path(input_image) == "video" else None)
+            if problem is not None:
+                self._raise_or_count(problem, f"{where} (input_image: {input_image!r})")
+                return None
+        return (record["prompt"], record["chosen"], record["rejected"], _score_margin(record), _stored_noise(record),
+                input_image)
 
     def _kind_problem(self, relative: str) -> str | None:
         """A picture for a video model or a clip for an image model, told by the suffix (a GIF may be either)."""
@@ -237,6 +258,20 @@ class JsonlDataset(PreferenceDataset):
         where = os.path.realpath(os.path.join(self._root, self._chosen[index]))
         return self._prompts[index], chosen, rejected, original_size(where)
 
+    def _load_input(self, index: int) -> torch.Tensor | None:
+        relative = self._inputs[index]
+        if not relative:
+            if self.needs_input:
+                raise MalformedRow(MISSING_FIELD, "no input_image")
+            return None
+        real = os.path.realpath(os.path.join(self._root, relative))
+        if not _inside(real, self._root):
+            raise MalformedRow(PATH_ESCAPES_ROOT, f"input_image {relative!r} resolves to {real}")
+        try:
+            return decode_input_image(real, self.resolution, self.video, self.media)
+        except MalformedRow as problem:
+            raise MalformedRow(problem.reason, f"input_image {relative!r}: {problem.detail}") from None
+
     def _read(self, relative: str, which: str) -> torch.Tensor:
         real = os.path.realpath(os.path.join(self._root, relative))
         if not _inside(real, self._root):
@@ -279,8 +314,8 @@ def _stored_noise(record: dict) -> tuple[int, int, int, int, int]:
 
 
 def listed_pictures(manifest: str | os.PathLike[str]) -> list[Path]:
-    """The files a manifest's rows name (``chosen`` and ``rejected``, resolved against its folder, each
-    once, in order), for the latent cache's key; rows that are not usable objects are passed over."""
+    """The files a manifest's rows name (``chosen``, ``rejected`` and ``input_image``, resolved against its
+    folder, each once, in order), for the latent cache's key; rows that are not usable objects are passed over."""
     root = Path(manifest).parent
     found: dict[Path, None] = {}
     with open(manifest, "rb") as handle:
@@ -291,7 +326,7 @@ def listed_pictures(manifest: str | os.PathLike[str]) -> list[Path]:
                 continue
             if not isinstance(record, dict):
                 continue
-            for name in ("chosen", "rejected"):
+            for name in ("chosen", "rejected", "input_image"):
                 value = record.get(name)
                 if isinstance(value, str) and value and "\x00" not in value:
                     found[root / value] = None

@@ -48,6 +48,35 @@ def media_of_family(family: str | None) -> str | None:
     return "video" if issubclass(adapter_class(family), VideoAdapter) else "image"
 
 
+def family_needs_input_image(family: str | None) -> bool | None:
+    """Whether ``family`` edits or animates an input image (its adapter's ``needs_input_image``: every pair
+    then carries one, shared by both sides); ``None`` when no family is given (the data decides)."""
+    if family is None:
+        return None
+    from sipo.models import adapter_class
+
+    return bool(getattr(adapter_class(family), "needs_input_image", False))
+
+
+def check_input_images(family: str | None, path: str, with_input: int, rows: int) -> None:
+    """Stop with one sentence when the data's input images do not fit the family: a conditioned family
+    (Qwen-Image-Edit, Wan image-to-video) given pairs without any, or another family given pairs with them.
+
+    ``with_input`` of the ``rows`` usable rows name an input image.
+    """
+    needs = family_needs_input_image(family)
+    if needs is None or not rows:
+        return
+    if needs and not with_input:
+        raise SipoError(f"model.family={family} edits or animates an input image, and the pairs of {path} have none; "
+                        "add an input_image to every pair (docs/data.md: the input_image column) or set model.family "
+                        "to a text-to-image or text-to-video family")
+    if not needs and with_input:
+        raise SipoError(f"the pairs of {path} carry input images ({with_input} of {rows}), and model.family={family} "
+                        "generates from text alone; set model.family to a family that takes one (qwenimage_edit, "
+                        "wan_i2v) or drop the input_image column")
+
+
 class PreferenceDataset(Dataset):
     """Pairs ``dict(prompt, chosen, rejected, index)`` with pictures in [-1, 1], or `SkippedRow`s.
 
@@ -81,6 +110,11 @@ class PreferenceDataset(Dataset):
         moved, copied to a temporary directory or mounted elsewhere on another node keeps its held-out
         split and its fixed validation noise (sipo.validation hashes this)."""
         raise NotImplementedError
+
+    def _load_input(self, index: int) -> torch.Tensor | None:
+        """The input image of pair ``index`` (``[3, H, W]`` in [-1, 1], the size of one frame of its pictures),
+        ``None`` when the pairs have none; raises `MalformedRow`. Formats with an input_image column override it."""
+        return None
 
     def _load(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         """(prompt, chosen, rejected) of pair ``index``; raises `MalformedRow`.
@@ -116,6 +150,10 @@ class PreferenceDataset(Dataset):
             prompt, chosen, rejected, *original = self._load(index)
             if chosen.shape != rejected.shape:
                 raise MalformedRow(PAIR_KIND_MISMATCH, f"{tuple(chosen.shape)} vs {tuple(rejected.shape)}")
+            input_image = self._load_input(index)
+            if input_image is not None and input_image.shape != chosen.shape[-3:]:
+                raise MalformedRow(PAIR_KIND_MISMATCH, f"input_image {tuple(input_image.shape)} vs a frame "
+                                                       f"{tuple(chosen.shape[-3:])}")
             if torch.equal(chosen, rejected):
                 # one file twice, or two copies: both sides get the same noise, so z is 0 whatever the
                 # weights are and the pair only dilutes the batch
@@ -136,7 +174,11 @@ class PreferenceDataset(Dataset):
         if flipped:
             # Both pictures together: a flip must not become a difference between them.
             chosen, rejected = chosen.flip(-1), rejected.flip(-1)
+            # the input image too: an edit or a first frame stays aligned with what it conditions
+            input_image = input_image.flip(-1) if input_image is not None else None
         item = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": index}
+        if input_image is not None:
+            item["input_image"] = input_image
         if original and original[0] is not None:
             item["size_info"] = size_info(original[0], self.resolution, flipped)
         extras = self.row_extras(index)
@@ -160,7 +202,9 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
 
     Returns ``dict(prompts=list[str], chosen=Tensor[B, ...], rejected=Tensor[B, ...],
     skipped=list[SkippedRow], indices=list[int], rows=list[int])``, plus ``size_info`` (``[B, 4]`` long: original
-    height/width, crop top/left) when every pair recorded one (images). When every item was skipped (B == 0),
+    height/width, crop top/left) when every pair recorded one (images), ``input_image`` (``[B, 3, H, W]``)
+    when every pair has one (the conditioned families), and the stored-noise seeds (``collate_seeds``).
+    When every item was skipped (B == 0),
     ``chosen`` and ``rejected`` are None: the caller skips the step rather than running the
     model on an empty batch.
     """
@@ -187,6 +231,8 @@ def collate_pairs(items: Sequence[Item]) -> dict[str, Any]:
     }
     if pairs and all("size_info" in pair for pair in pairs):
         batch["size_info"] = torch.stack([pair["size_info"] for pair in pairs])
+    if pairs and all("input_image" in pair for pair in pairs):
+        batch["input_image"] = torch.stack([pair["input_image"] for pair in pairs])
     batch.update(collate_seeds(pairs))
     return batch
 
@@ -207,3 +253,14 @@ def collate_seeds(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {**extras, "chosen_seed": torch.tensor([int(pair["chosen_seed"]) for pair in pairs], dtype=torch.long),
             "rejected_seed": torch.tensor([int(pair["rejected_seed"]) for pair in pairs], dtype=torch.long),
             "noise_dtype": [str(pair.get("noise_dtype", "float32")) for pair in pairs]}
+
+
+def encode_extras(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """What ``adapter.encode`` takes besides prompts and pictures, from a ``collate_pairs`` batch:
+    ``size_info`` (SDXL) and ``input_images`` (the conditioned families), where the batch has them."""
+    extra: dict[str, Any] = {}
+    if batch.get("size_info") is not None:
+        extra["size_info"] = batch["size_info"]
+    if batch.get("input_image") is not None:
+        extra["input_images"] = batch["input_image"] if device is None else batch["input_image"].to(device)
+    return extra

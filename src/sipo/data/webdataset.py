@@ -7,6 +7,7 @@ base name, as the ``webdataset`` package groups them):
     000042.json           {"prompt": "..."} (or "caption")
     000042.chosen.jpg     the preferred picture (.jpg .jpeg .png .webp .gif) or clip (.mp4 .webm .mov .gif)
     000042.rejected.jpg   the other one
+    000042.input.jpg      (conditioned families) the picture both sides edit, or the clips' first frame
 
 ``data.path`` is one shard, a folder of ``*.tar``, a glob, or a brace list such as
 ``shards/pairs-{0000..0099}.tar`` (several comma-separated alternatives: ``{a,b}``). Opening reads
@@ -32,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sipo.data.decode import MalformedRow, decode_file, decode_image, media_of_path
-from sipo.data.pairs import PreferenceDataset, media_of_family
+from sipo.data.decode import MalformedRow, decode_file, decode_image, decode_input_image, media_of_path
+from sipo.data.pairs import PreferenceDataset, check_input_images, family_needs_input_image, media_of_family
 from sipo.data.report import (
     MALFORMED_JSON,
     MISSING_FIELD,
@@ -47,6 +48,8 @@ from sipo.data.video import VideoSpec
 from sipo.errors import SipoError
 
 MEDIA_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".mp4", ".webm", ".mov")
+#: what ``KEY.input.<ext>`` (a pair's input image) may be: a still picture
+INPUT_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 
 
@@ -145,6 +148,10 @@ class WebDataset(PreferenceDataset):
         # per pair: shard, then (offset, size) of prompt, chosen, rejected, and which files those were
         places: list[list[int]] = []
         self._names: list[tuple[str, str, str]] = []
+        self.needs_input = family_needs_input_image(family)
+        # per pair: (offset, size) of KEY.input.<ext> and its field name; (-1, 0) and "" where there is none
+        inputs: list[tuple[int, int]] = []
+        self._input_names: list[str] = []
         for number, shard in enumerate(shards):
             if max_pairs is not None and len(places) >= max_pairs:
                 break
@@ -157,7 +164,12 @@ class WebDataset(PreferenceDataset):
                     places.append([number, *prompt, *chosen, *rejected])
                     self._keys.append(key)
                     self._names.append(names)
+                    input_name = next((f"input{suffix}" for suffix in INPUT_SUFFIXES if f"input{suffix}" in fields), "")
+                    inputs.append(fields[input_name] if input_name else (-1, 0))
+                    self._input_names.append(input_name)
         self._places = np.asarray(places, dtype=np.int64).reshape(-1, 7)
+        self._inputs = np.asarray(inputs, dtype=np.int64).reshape(-1, 2)
+        check_input_images(family, path, sum(bool(name) for name in self._input_names), len(self._places))
         self.report.shards = len(shards)
         self.report.set_pairs(len(self._places))
         if not len(self._places):
@@ -230,6 +242,26 @@ class WebDataset(PreferenceDataset):
         if chosen.ndim != 3:
             return prompt, chosen, rejected
         return prompt, chosen, rejected, original_size(parts[1])
+
+    def _load_input(self, index: int) -> torch.Tensor | None:
+        name = self._input_names[index]
+        if not name:
+            if self.needs_input:
+                raise MalformedRow(MISSING_FIELD, "no KEY.input.<ext>")
+            return None
+        offset, size = (int(v) for v in self._inputs[index])
+        try:
+            with open(self._shards[int(self._places[index, 0])], "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size)
+        except OSError as error:
+            raise MalformedRow(UNREADABLE_TAR, f"{type(error).__name__}: {error}") from None
+        if len(data) != size:
+            raise MalformedRow(UNREADABLE_TAR, "the shard is shorter than its headers say (truncated)")
+        try:
+            return decode_input_image(data, self.resolution, self.video, self.media)
+        except MalformedRow as problem:
+            raise MalformedRow(problem.reason, f"{name}: {problem.detail}") from None
 
     def _decode(self, data: bytes, name: str) -> torch.Tensor:
         suffix = os.path.splitext(name)[1]

@@ -14,11 +14,13 @@ FAMILIES: dict[str, str] = {
     "sdxl": "sipo.models.sdxl:SDXLAdapter",
     "cogvideox": "sipo.models.cogvideox:CogVideoXAdapter",
     "wan": "sipo.models.wan:WanAdapter",
+    "wan_i2v": "sipo.models.wan_i2v:WanI2VAdapter",
     "flux": "sipo.models.flux:FluxAdapter",
     "sd3": "sipo.models.sd3:SD3Adapter",
     "qwenimage": "sipo.models.qwenimage:QwenImageAdapter",
     "flux2": "sipo.models.flux2:Flux2Adapter",
     "zimage": "sipo.models.zimage:ZImageAdapter",
+    "qwenimage_edit": "sipo.models.qwenimage_edit:QwenImageEditPlusAdapter",
 }
 
 

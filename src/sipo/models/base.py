@@ -183,6 +183,9 @@ class DiffusionAdapter(ABC):
     #: (denoiser subfolder, its key, [text encoder subfolders]): the denoiser attends to text states
     #: as wide as the encoders' ``hidden_size`` summed (SDXL concatenates its two encoders').
     text_width_check: ClassVar[tuple[str, str, tuple[str, ...]] | None] = None
+    #: the family edits or animates an input image (Qwen-Image-Edit, Wan image-to-video): every pair carries
+    #: one, shared by both sides, and it is conditioning (``encode_inputs``), never part of the loss
+    needs_input_image: ClassVar[bool] = False
 
     schedule: GaussianSchedule
     denoiser: nn.Module
@@ -332,8 +335,24 @@ class DiffusionAdapter(ABC):
         """Prompts -> conditioning (a dict of ``[N, ...]`` tensors), no grad."""
         raise NotImplementedError(f"the {self.family} adapter has no encode_prompts")
 
+    def encode_inputs(self, prompts: list[str], input_images: Tensor, num_frames: int | None = None) -> Conditioning:
+        """Prompts and their pairs' input images (``[N, 3, H, W]`` in ``[-1, 1]``) -> conditioning, no grad:
+        what a conditioned family (``needs_input_image``) encodes in place of ``encode_prompts``. ``num_frames``:
+        the pairs' clip length (video families; ``None`` for pictures)."""
+        raise NotImplementedError(f"the {self.family} adapter takes no input image")
+
+    def check_input_images(self, input_images: Tensor | None) -> None:
+        """One sentence when pairs with (or without) input images meet a family that does not (or does) take them."""
+        if self.needs_input_image and input_images is None:
+            raise SipoError(f"the {self.family} family edits or animates an input image, and these pairs have none; add "
+                            "an input_image to every pair (docs/data.md) or use a text-to-image or text-to-video family")
+        if not self.needs_input_image and input_images is not None:
+            raise SipoError(f"these pairs carry input images, and the {self.family} family generates from text alone; "
+                            "use a family that takes one (qwenimage_edit, wan_i2v) or drop the input_image column")
+
     def encode(
-        self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None
+        self, prompts: list[str], winners: Tensor, losers: Tensor, size_info: Tensor | None = None,
+        input_images: Tensor | None = None,
     ) -> EncodedPairs:
         """Images/videos in ``[-1, 1]`` (``[B, C, H, W]`` or ``[B, F, C, H, W]``) -> ``x0`` + conditioning.
 
@@ -341,8 +360,10 @@ class DiffusionAdapter(ABC):
         ``encode_images`` call, prompts through ``encode_prompts``, then ``pair_conditioning``
         adds what depends on each pair's pictures. ``size_info`` (``[B, 4]``: original
         height/width, crop top/left) is for families whose conditioning needs it (SDXL); others
-        ignore it.
+        ignore it. ``input_images`` (``[B, 3, H, W]``) are the pairs' shared input images, for the families
+        that need one (``encode_inputs`` then encodes them with the prompts).
         """
+        self.check_input_images(input_images)
         if len(prompts) != winners.shape[0] or winners.shape != losers.shape:
             raise ValueError(
                 f"{len(prompts)} prompts, winners {tuple(winners.shape)}, losers {tuple(losers.shape)}: "
@@ -350,7 +371,11 @@ class DiffusionAdapter(ABC):
             )
         with torch.no_grad():
             latents = self.encode_images(torch.cat([winners, losers], dim=0))
-            conditioning = self.encode_prompts(list(prompts))
+            if input_images is None:
+                conditioning = self.encode_prompts(list(prompts))
+            else:
+                frames = int(winners.shape[1]) if winners.ndim == 5 else None
+                conditioning = self.encode_inputs(list(prompts), input_images, num_frames=frames)
         x0_winner, x0_loser = latents.chunk(2, dim=0)
         height, width = winners.shape[-2:]
         conditioning = self.pair_conditioning(conditioning, size_info, int(height), int(width))

@@ -540,10 +540,8 @@ def objective_sums(
     if terms.beta_scale is not None:  # objective.reward_beta: scaling the four errors scales z by the pair's factor
         scale = terms.beta_scale.to(terms.err_winner.device).float()
         errors = tuple(error.float() * scale for error in errors)
-    loss, keep, _, effective_weight = objectives.inside_preference_loss(
-        *errors,
     sums, keep, _, effective_weight = objectives.inside_preference_loss_sums(
-        terms.err_winner, terms.err_loser, terms.ref_err_winner, terms.ref_err_loser,
+        *errors,
         weight_w, weight_l, pair_weight, terms.timesteps, beta=beta, mask=mask, clip=clip,
         reweight=reweight, tau=tau, t_min=t_min, t_max=t_max, clip_eps=clip_eps, pair_loss=pair_loss,
     )

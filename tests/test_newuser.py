@@ -32,3 +32,31 @@ def test_a_sweep_whose_config_file_changed_stops_instead_of_pooling_two_configur
     config.write_text(yaml.safe_dump(values))
     result = run_sweep(config, grid, [0, 1], tmp_path / "sweep", progress=False)
     assert result.status == {"objective.name=dpo,seed=0": "finished before", "objective.name=dpo,seed=1": "trained"}
+
+
+def test_sipo_pairs_that_keep_no_pair_stop_with_the_reason_and_rerun_with_a_lower_margin(tiny_sd15_dir, tmp_path):
+    """--min-margin above every margin: the command used to exit 0 with an empty pairs.jsonl, and sipo train
+    (or sipo iterate's training phase) then called the manifest malformed. Now it says why; the rerun with
+    a lower margin re-pairs the kept samples and scores without sampling again."""
+    from tiny_scorers import make_tiny_clip
+    from train_fixtures import tiny_overrides
+
+    from sipo.config import load_config
+    from sipo.pairs import PairsOptions, make_pairs
+
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, tmp_path / "none.jsonl", tmp_path / "run"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    scorer = str(make_tiny_clip(tmp_path / "clip", positive=True))
+
+    def options(min_margin: float) -> PairsOptions:
+        return PairsOptions(prompts=str(prompts), out=tmp_path / "out", samples_per_prompt=2, scorers=["pickscore"],
+                            scorer_paths={"pickscore": scorer}, min_margin=min_margin, num_inference_steps=1,
+                            batch_size=2, progress=False)
+
+    with pytest.raises(SipoError, match=r"no two pictures of a prompt differ by more than --min-margin 100 .*lower"):
+        make_pairs(config, options(100.0))
+    result = make_pairs(config, options(0.0))
+    # two pictures standardised over themselves are -1 and +1: one pair of margin 2
+    assert (result.pairs, result.sampled, result.scored) == (1, 0, 0)
+    assert result.report["margin"]["max"] == pytest.approx(2.0)

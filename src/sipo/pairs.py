@@ -357,11 +357,23 @@ def make_pairs(config, options: PairsOptions) -> PairsResult:
     report = write_pairs(out, samples, scores, options, weights, identity, getattr(config.data, "fps", None))
     print(f"sipo pairs: {report['pairs']} pairs ({options.pairing}) from {len(samples)} samples of {len(prompts)} prompts "
           f"in {out / MANIFEST}")
+    if report["pairs"] == 0:  # an empty manifest trains nothing: say why here, not as a malformed file later
+        raise SipoError(no_pairs_reason(report, options))
     fps = getattr(config.data, "fps", None)
     if sizes and fps and (1000.0 / fps) % 10:
         print(f"sipo pairs: note: a GIF stores frame times in 10 ms steps, so {1000.0 / fps:g} ms (data.fps={fps:g}) is "
               "not exact; train on these clips with data.fps=null (every sampled frame, in order)")
     return PairsResult(out, out / MANIFEST, report["pairs"], len(samples), sampled, scored, report)
+
+
+def no_pairs_reason(report: dict[str, Any], options: PairsOptions) -> str:
+    """The sentence for a run whose pairing kept no pair: every scorer constant, or no margin above --min-margin."""
+    if all(stats["std"] == 0 or stats["weight"] == 0 for stats in report["scorers"].values()):
+        return (f"sipo pairs made no pair: every picture of {options.out} scored the same with {options.scorers} (or with "
+                "weight 0), so nothing is preferred; check the scorers (--scorer-path) or add another scorer")
+    return (f"sipo pairs made no pair: no two pictures of a prompt differ by more than --min-margin "
+            f"{options.min_margin:g} (standardised units); rerun with a lower --min-margin (the samples and scores "
+            "are kept: only the pairing runs again)")
 
 
 def sample_pictures(config, options: PairsOptions, key: dict, chunks, out: Path, sizes: dict) -> int:

@@ -60,3 +60,38 @@ def test_sipo_pairs_that_keep_no_pair_stop_with_the_reason_and_rerun_with_a_lowe
     # two pictures standardised over themselves are -1 and +1: one pair of margin 2
     assert (result.pairs, result.sampled, result.scored) == (1, 0, 0)
     assert result.report["margin"]["max"] == pytest.approx(2.0)
+
+
+def test_a_run_of_another_base_model_is_refused_by_compare_and_pairs(tiny_sd15_dir, tiny_sd15_v_dir, tmp_path):
+    """A run trained on the v-prediction tiny SD1.5, compared with (or sampled for pairs from) the
+    epsilon one's config: its LoRA was sampled on a base it never trained with, and scored as the run."""
+    import shutil
+
+    from train_fixtures import tiny_overrides
+
+    from sipo.compare import CompareOptions, run_compare
+    from sipo.config import load_config
+    from sipo.pairs import PairsOptions, make_pairs
+    from sipo.train import train
+
+    manifest = write_jsonl_pairs(tmp_path / "data")
+    run = tmp_path / "v-run"
+    train(load_config(None, tiny_overrides(tiny_sd15_v_dir, manifest, run, **{"train.max_steps": 1})), progress=False)
+    eps = load_config(None, tiny_overrides(tiny_sd15_dir, manifest, tmp_path / "unused"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    from tiny_scorers import make_tiny_clip
+
+    scorer = {"pickscore": str(make_tiny_clip(tmp_path / "clip"))}
+    with pytest.raises(SipoError, match=r"was trained on the base model .*tiny_sd15_v.*another model"):
+        run_compare(eps, CompareOptions(runs=[str(run)], prompts=str(prompts), base=True, output_dir=tmp_path / "cmp",
+                                        scorer_paths=scorer, num_inference_steps=1, progress=False))
+    with pytest.raises(SipoError, match=r"pass the config the run was trained with"):
+        make_pairs(eps, PairsOptions(prompts=str(prompts), out=tmp_path / "pairs", checkpoint=str(run), scorer_paths=scorer,
+                                     num_inference_steps=1, progress=False))
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "pairs").exists()
+    # the same base copied elsewhere (new path, new file times) is the same model: accepted
+    from sipo.evaluate import check_run_base
+
+    copy = shutil.copytree(tiny_sd15_v_dir, tmp_path / "moved-v")
+    check_run_base(run, load_config(None, tiny_overrides(copy, manifest, tmp_path / "unused")).model)

@@ -366,6 +366,39 @@ def check_run_family(run_dir: str | Path, family: str) -> None:
                         "pass the config the run was trained with")
 
 
+def check_run_base(run_dir: str | Path, model_config) -> None:
+    """Stop before sampling when ``run_dir`` was trained on another base model than ``model_config`` loads:
+    its LoRA (or fine-tuned denoiser) would be sampled on components it never trained with, and scored as
+    if it were the run. The same model moved or copied passes: two local folders are compared by their
+    configs' contents and weight files' sizes (not paths or times); two hub ids by name. A recorded
+    folder that is not on this machine cannot be compared and passes."""
+    import yaml
+
+    from sipo.data.cache import model_fingerprint
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    theirs = str(((yaml.safe_load(saved.read_text()) or {}).get("model") or {}).get("pretrained_path") or "")
+    mine = str(model_config.pretrained_path)
+    if not theirs or theirs == mine:
+        return
+    theirs_dir, mine_dir = Path(theirs).expanduser(), Path(mine).expanduser()
+
+    def contents(folder: Path) -> dict:
+        return {name: (value[0] if isinstance(value, list) else value) for name, value in model_fingerprint(str(folder)).items()}
+
+    if theirs_dir.is_dir() and mine_dir.is_dir():
+        differs = theirs_dir.resolve() != mine_dir.resolve() and contents(theirs_dir) != contents(mine_dir)
+    else:  # a hub id against a hub id; a folder not here, or a folder against a hub id, cannot be told apart
+        differs = not theirs_dir.exists() and not mine_dir.exists() and all(
+            name.count("/") == 1 and not name.startswith((".", "/", "~")) for name in (theirs, mine))
+    if differs:
+        raise SipoError(f"{run_dir} was trained on the base model {theirs}, but the config loads {mine}, another model: "
+                        f"the run's weights would be sampled on a base they were not trained with; pass the config the "
+                        f"run was trained with (or model.pretrained_path={theirs})")
+
+
 def check_generation_settings(output_dir: Path, settings: dict, prompts: list[str]) -> None:
     """Images on disk are reused only if made with the same model, run, sampler settings and prompts.
 
@@ -556,6 +589,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     aligned_key = None
     if options.checkpoint is not None and not options.base_only:
         check_run_family(options.checkpoint, config.model.family)
+        check_run_base(options.checkpoint, config.model)
         aligned_key = weights_key(config, options.checkpoint)  # no checkpoint in it: stop before the base half
     prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
     samples = [Sample(i, seed, prompt) for i, prompt in enumerate(prompts) for seed in options.seeds]

@@ -294,7 +294,7 @@ def check_pairs_options(options: PairsOptions) -> list[float]:
 def make_pairs(config, options: PairsOptions) -> PairsResult:
     """Sample, score, pair and report (see the module docstring)."""
     from sipo.evaluate import (
-        SAMPLING_DTYPES, EvalOptions, Sample, check_eval_options, check_run_family, check_scorers_loadable,
+        SAMPLING_DTYPES, EvalOptions, Sample, check_eval_options, check_run_base, check_run_family, check_scorers_loadable,
         read_prompts, video_sample_sizes, weights_key, with_sampler_defaults,
     )
     from sipo.rundir import check_output_dir
@@ -314,6 +314,7 @@ def make_pairs(config, options: PairsOptions) -> PairsResult:
         raise SipoError(f"--scorer-path names {unknown[0]}, which is not in --scorers {options.scorers}; add it to --scorers")
     if options.checkpoint is not None:
         check_run_family(options.checkpoint, config.model.family)
+        check_run_base(options.checkpoint, config.model)
     key = weights_key(config, options.checkpoint)
     prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
     K = options.samples_per_prompt

@@ -95,3 +95,28 @@ def test_a_run_of_another_base_model_is_refused_by_compare_and_pairs(tiny_sd15_d
 
     copy = shutil.copytree(tiny_sd15_v_dir, tmp_path / "moved-v")
     check_run_base(run, load_config(None, tiny_overrides(copy, manifest, tmp_path / "unused")).model)
+
+
+def test_iterate_reads_its_eval_prompts_before_round_0_samples_and_trains(tiny_sd15_dir, tmp_path):
+    """--eval-prompts with a typo: round 0's pairs and training ran, then the eval phase stopped, and the
+    corrected command was refused in that folder (other settings): the round's work was lost."""
+    from train_fixtures import tiny_overrides
+
+    from sipo.config import load_config
+    from tiny_scorers import make_tiny_clip
+
+    from sipo.iterate import IterateOptions, iterate
+    from sipo.pairs import PairsOptions
+
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, tmp_path / "none.jsonl", tmp_path / "unused"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    pairs = PairsOptions(prompts=str(prompts), out=tmp_path / "unused", samples_per_prompt=2,
+                         scorer_paths={"pickscore": str(make_tiny_clip(tmp_path / "clip", positive=True))},
+                         num_inference_steps=1, progress=False)
+    for eval_prompts, eval_seeds, message in ((str(tmp_path / "typo.txt"), [0], "typo.txt does not exist"),
+                                              (None, [], "--eval-seeds is empty")):
+        with pytest.raises(SipoError, match=message):
+            iterate(config, IterateOptions(pairs=pairs, out=tmp_path / "rounds", rounds=1, steps_per_round=1,
+                                           eval_prompts=eval_prompts, eval_seeds=eval_seeds))
+        assert not (tmp_path / "rounds").exists()

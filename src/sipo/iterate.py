@@ -113,12 +113,23 @@ def check_iterate_options(options: IterateOptions) -> None:
         raise SipoError(f"--reference {options.reference!r} is not valid; choose base or previous")
 
 
+def check_eval_inputs(options: IterateOptions) -> None:
+    """The eval phase's prompts and seeds, read before round 0 samples or trains: a typo found at the end of
+    round 0 would cost its pairs and training, and the corrected command is another folder's settings."""
+    from sipo.evaluate import read_prompts
+
+    if not options.eval_seeds:
+        raise SipoError("--eval-seeds is empty; pass the held-out seeds, e.g. --eval-seeds 0-3")
+    read_prompts(options.eval_prompts or options.pairs.prompts, options.pairs.pickapic_path)
+
+
 def iterate(config, options: IterateOptions) -> list[dict[str, Any]]:
     """Run (or continue) every round; returns one summary per round (see the module docstring)."""
     from sipo.pairs import check_pairs_options
 
     check_iterate_options(options)
     check_pairs_options(options.pairs)
+    check_eval_inputs(options)
     out = Path(options.out).expanduser()
     state = _load_state(out, _settings(config, options))
     summaries = []

@@ -120,3 +120,37 @@ def test_iterate_reads_its_eval_prompts_before_round_0_samples_and_trains(tiny_s
             iterate(config, IterateOptions(pairs=pairs, out=tmp_path / "rounds", rounds=1, steps_per_round=1,
                                            eval_prompts=eval_prompts, eval_seeds=eval_seeds))
         assert not (tmp_path / "rounds").exists()
+
+
+def test_ctrl_c_in_iterates_training_says_to_rerun_sipo_iterate(tiny_sd15_dir, tmp_path, monkeypatch):
+    """A real SIGINT during round 0's first step: training checkpoints and stops, and the sentence used to be
+    sipo train's ("continue with --resume"), a flag sipo iterate does not have."""
+    import importlib
+    import os
+    import signal
+
+    from tiny_scorers import make_tiny_clip
+    from train_fixtures import tiny_overrides
+
+    from sipo.config import load_config
+    from sipo.errors import TrainingInterrupted
+    from sipo.iterate import IterateOptions, iterate
+    from sipo.pairs import PairsOptions
+
+    config = load_config(None, tiny_overrides(tiny_sd15_dir, tmp_path / "none.jsonl", tmp_path / "unused"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    pairs = PairsOptions(prompts=str(prompts), out=tmp_path / "unused", samples_per_prompt=2,
+                         scorer_paths={"pickscore": str(make_tiny_clip(tmp_path / "clip", positive=True))},
+                         num_inference_steps=1, progress=False)
+    train_module = importlib.import_module("sipo.train")
+    real_step = train_module.optimizer_step
+
+    def signalled_step(run, step):  # the user's Ctrl-C arrives while step 1 runs
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_step(run, step)
+
+    monkeypatch.setattr(train_module, "optimizer_step", signalled_step)
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT in round 0's training after step 1; rerun the same sipo iterate"):
+        iterate(config, IterateOptions(pairs=pairs, out=tmp_path / "rounds", rounds=1, steps_per_round=2))
+    assert (tmp_path / "rounds" / "run" / "checkpoints" / "step-00000001").is_dir()

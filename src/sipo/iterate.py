@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sipo.errors import SipoError
+from sipo.errors import SipoError, TrainingInterrupted
 from sipo.pairs import PairsOptions
 
 STATE = "iterate.json"
@@ -179,10 +179,18 @@ def _train_phase(config, out: Path, index: int, options: IterateOptions) -> None
             shutil.copy2(newest / "trainable.safetensors", tmp / "trainable.safetensors")
             os.replace(tmp, reference)
     round_config_ = round_config(config, out, index, options)
-    if newest is not None:
-        train(round_config_, resume=True, progress=options.pairs.progress)
-    else:  # round 0 killed before its first checkpoint: start it again
-        train(round_config_, overwrite=run.is_dir() and any(run.iterdir()), progress=options.pairs.progress)
+    try:
+        if newest is not None:
+            train(round_config_, resume=True, progress=options.pairs.progress)
+        else:  # round 0 killed before its first checkpoint: start it again
+            train(round_config_, overwrite=run.is_dir() and any(run.iterdir()), progress=options.pairs.progress)
+    except TrainingInterrupted as stopped:  # train's advice (--resume, --overwrite) is not this command's
+        import signal
+
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(stopped.signum).name} in round {index}'s training after step {stopped.step}; "
+            f"rerun the same sipo iterate command to continue (it resumes {run} from its newest checkpoint)",
+            signum=stopped.signum, step=stopped.step) from stopped
 
 
 def _eval_phase(config, out: Path, index: int, options: IterateOptions) -> None:

@@ -154,3 +154,19 @@ def test_ctrl_c_in_iterates_training_says_to_rerun_sipo_iterate(tiny_sd15_dir, t
     with pytest.raises(TrainingInterrupted, match=r"SIGINT in round 0's training after step 1; rerun the same sipo iterate"):
         iterate(config, IterateOptions(pairs=pairs, out=tmp_path / "rounds", rounds=1, steps_per_round=2))
     assert (tmp_path / "rounds" / "run" / "checkpoints" / "step-00000001").is_dir()
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["iterate", "--prompts", "p.txt", "--rounds", "1", "--steps-per-round", "1", "--out", "o", "--eval-seeds"], "--eval-seeds"),
+    (["sweep", "--grid", "objective.name=dpo", "--output-dir", "o", "--compare-prompts", "p.txt", "--compare-seeds"],
+     "--compare-seeds"),
+])
+def test_a_bad_seed_list_names_the_option_it_came_from(command, flag, tmp_path, capsys):
+    """``--eval-seeds 3-1`` (a range written downwards) was answered "--seeds is empty", an option iterate has not."""
+    from sipo.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {family: sd15, pretrained_path: nowhere}\n")
+    assert main([command[0], "--config", str(config), *command[1:], "3-1"]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {flag} '3-1' names no seed; write e.g. {flag} 0,1" in error

@@ -124,8 +124,8 @@ def read_prompts(source: str | Path, pickapic_path: str | None = None, limit: in
     return prompts[:limit] if limit is not None else prompts
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-3"`` -> ``[0, 1, 2, 3]``."""
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-3"`` -> ``[0, 1, 2, 3]``; ``flag``: the option its messages name."""
     seeds: list[int] = []
     try:
         for part in (p.strip() for p in str(text).split(",") if p.strip()):
@@ -135,12 +135,12 @@ def parse_seeds(text: str) -> list[int]:
             else:
                 seeds.append(int(part))
     except ValueError:
-        raise SipoError(f"--seeds {text!r} is not a list of integers; write e.g. --seeds 0,1 or --seeds 0-3") from None
+        raise SipoError(f"{flag} {text!r} is not a list of integers; write e.g. {flag} 0,1 or {flag} 0-3") from None
     if not seeds:
-        raise SipoError("--seeds is empty; write e.g. --seeds 0,1")
+        raise SipoError(f"{flag} {text!r} names no seed; write e.g. {flag} 0,1 or {flag} 0-3 (a range goes upwards)")
     outside = [seed for seed in seeds if not 0 <= seed < 2**63]
     if outside:  # torch.Generator takes 64 bits, and a negative seed aliases a large one (-1 is 2**64 - 1)
-        raise SipoError(f"--seeds {outside[0]} is outside [0, 2**63); pass seeds from 0 up, e.g. --seeds 0-3")
+        raise SipoError(f"{flag} {outside[0]} is outside [0, 2**63); pass seeds from 0 up, e.g. {flag} 0-3")
     return list(dict.fromkeys(seeds))
 
 

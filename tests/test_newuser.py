@@ -170,3 +170,13 @@ def test_a_bad_seed_list_names_the_option_it_came_from(command, flag, tmp_path, 
     assert main([command[0], "--config", str(config), *command[1:], "3-1"]) == 2
     error = capsys.readouterr().err
     assert f"error: {flag} '3-1' names no seed; write e.g. {flag} 0,1" in error
+
+
+def test_iterates_refusal_names_the_option_that_changed_inside_the_sampling_and_config_settings():
+    """A rerun with another --batch-size was refused as "other settings (pairs)": which of twenty options?"""
+    from sipo.iterate import changed_keys
+
+    old = {"pairs": {"batch_size": 4, "scorers": ["pickscore"]}, "config": {"objective": {"beta": 5000.0}}, "rounds": 2}
+    new = {"pairs": {"batch_size": 2, "scorers": ["pickscore"]}, "config": {"objective": {"beta": 1.0}}, "rounds": 2}
+    assert changed_keys(old, new) == ["config.objective.beta", "pairs.batch_size"]
+    assert changed_keys(old, {**old, "extra": 1}) == ["extra"]

@@ -74,8 +74,7 @@ def _load_state(out: Path, settings: dict) -> dict:
     if path.is_file():
         state = json.loads(path.read_text())
         if state.get("settings") != settings:
-            changed = sorted(k for k in set(settings) | set(state.get("settings", {}))
-                             if settings.get(k) != state.get("settings", {}).get(k))
+            changed = changed_keys(state.get("settings", {}), settings)
             raise SipoError(f"{out} holds rounds made with other settings ({', '.join(changed)}); rerun with the same "
                             "command (only --rounds may grow), or pass another --out")
         return state
@@ -85,6 +84,18 @@ def _load_state(out: Path, settings: dict) -> dict:
     state = {"settings": settings, "done": {}}
     _save_state(out, state)
     return state
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ (``pairs.batch_size``, ``config.objective.beta``), nested dicts opened."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def _save_state(out: Path, state: dict) -> None:

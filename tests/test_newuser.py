@@ -122,7 +122,7 @@ def test_iterate_reads_its_eval_prompts_before_round_0_samples_and_trains(tiny_s
         assert not (tmp_path / "rounds").exists()
 
 
-def test_ctrl_c_in_iterates_training_says_to_rerun_sipo_iterate(tiny_sd15_dir, tmp_path, monkeypatch):
+def test_ctrl_c_in_iterates_or_sweeps_training_says_to_rerun_that_command(tiny_sd15_dir, tmp_path, monkeypatch):
     """A real SIGINT during round 0's first step: training checkpoints and stops, and the sentence used to be
     sipo train's ("continue with --resume"), a flag sipo iterate does not have."""
     import importlib
@@ -154,6 +154,13 @@ def test_ctrl_c_in_iterates_training_says_to_rerun_sipo_iterate(tiny_sd15_dir, t
     with pytest.raises(TrainingInterrupted, match=r"SIGINT in round 0's training after step 1; rerun the same sipo iterate"):
         iterate(config, IterateOptions(pairs=pairs, out=tmp_path / "rounds", rounds=1, steps_per_round=2))
     assert (tmp_path / "rounds" / "run" / "checkpoints" / "step-00000001").is_dir()
+    # sipo sweep trains inside itself too: the same sentence, with its own command
+    from sipo.sweep import run_sweep
+
+    manifest = write_jsonl_pairs(tmp_path / "data")
+    swept = write_tiny_config(tmp_path / "tiny.yaml", tiny_sd15_dir, manifest, tmp_path / "unused", **{"train.max_steps": 2})
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT in cell objective.name=dpo,seed=0 after step 1; rerun the same sipo sweep"):
+        run_sweep(swept, {"objective.name": ["dpo"]}, [0], tmp_path / "sweep", progress=False)
 
 
 @pytest.mark.parametrize("command, flag", [

@@ -196,12 +196,7 @@ def _train_phase(config, out: Path, index: int, options: IterateOptions) -> None
         else:  # round 0 killed before its first checkpoint: start it again
             train(round_config_, overwrite=run.is_dir() and any(run.iterdir()), progress=options.pairs.progress)
     except TrainingInterrupted as stopped:  # train's advice (--resume, --overwrite) is not this command's
-        import signal
-
-        raise TrainingInterrupted(
-            f"stopped by {signal.Signals(stopped.signum).name} in round {index}'s training after step {stopped.step}; "
-            f"rerun the same sipo iterate command to continue (it resumes {run} from its newest checkpoint)",
-            signum=stopped.signum, step=stopped.step) from stopped
+        raise stopped.rerun(f"round {index}'s training", "sipo iterate") from stopped
 
 
 def _eval_phase(config, out: Path, index: int, options: IterateOptions) -> None:

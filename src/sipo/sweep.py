@@ -30,7 +30,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from sipo.errors import SipoError
+from sipo.errors import SipoError, TrainingInterrupted
 
 RECORD = "sweep.json"
 
@@ -214,7 +214,10 @@ def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list
             print(f"sweep: cell {number}/{len(cells)} {cell.name}: finished before, skipped")
             continue
         print(f"sweep: cell {number}/{len(cells)} {cell.name}: {'resuming' if state == 'started' else 'training'}")
-        train(configs[cell.name], resume=state == "started", overwrite=state == "unstarted", progress=progress)
+        try:
+            train(configs[cell.name], resume=state == "started", overwrite=state == "unstarted", progress=progress)
+        except TrainingInterrupted as stopped:  # train's advice (--resume, --overwrite) is not this command's
+            raise stopped.rerun(f"cell {cell.name}", "sipo sweep") from stopped
         result.status[cell.name] = "resumed" if state == "started" else "trained"
 
     if compare_options and compare_options.get("prompts"):

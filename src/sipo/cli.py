@@ -187,7 +187,8 @@ def _sampling_options(args) -> dict:
     """The fields of sipo.compare.CompareOptions that _add_sampling_arguments parsed."""
     from sipo.evaluate import parse_scorer_paths, parse_seeds
 
-    return dict(prompts=args.prompts, seeds=parse_seeds(args.sample_seeds), pickapic_path=args.pickapic_path, max_prompts=args.max_prompts,
+    seeds_flag = "--compare-seeds" if args.command == "sweep" else "--seeds"
+    return dict(prompts=args.prompts, seeds=parse_seeds(args.sample_seeds, seeds_flag), pickapic_path=args.pickapic_path, max_prompts=args.max_prompts,
                 scorers=[s.strip() for s in args.scorers.split(",") if s.strip()],
                 scorer_paths=parse_scorer_paths(args.scorer_path),
                 batch_size=args.batch_size, num_inference_steps=args.num_inference_steps,
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
             iterate(config, IterateOptions(
                 pairs=_pairs_options(args), out=args.out, rounds=args.rounds, steps_per_round=args.steps_per_round,
-                reference=args.reference, eval_prompts=args.eval_prompts, eval_seeds=parse_seeds(args.eval_seeds)))
+                reference=args.reference, eval_prompts=args.eval_prompts, eval_seeds=parse_seeds(args.eval_seeds, "--eval-seeds")))
         elif args.command == "cache":
             from sipo.config import load_config
             from sipo.data.cache import build_cache, read_manifest

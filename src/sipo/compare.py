@@ -121,13 +121,14 @@ def _labels(runs: list[str], labels: list[str] | None, base: bool) -> list[str]:
 
 
 def _models(config, options: CompareOptions, sampler: str) -> list[Model]:
-    from sipo.evaluate import check_run_family, weights_key
+    from sipo.evaluate import check_run_base, check_run_family, weights_key
 
     models = []
     if options.base:
         models.append(Model(BASE, None, weights_key(config, None), f"base-{sampler}"))
     for label, run in zip(_labels(options.runs, options.labels, options.base), options.runs):
         check_run_family(run, config.model.family)
+        check_run_base(run, config.model)
         key = weights_key(config, run)  # no checkpoint: one sentence, before anything is sampled
         models.append(Model(label, str(run), key, f"{key['weights'][:16]}-{sampler}"))
     return models

@@ -41,3 +41,12 @@ class TrainingInterrupted(SipoError):
         super().__init__(message)
         self.signum = signum
         self.step = step
+
+    def rerun(self, where: str, command: str) -> "TrainingInterrupted":
+        """The same stop as a command that trains inside itself (``sipo iterate``, ``sipo sweep``) words it:
+        ``--resume`` and ``--overwrite`` are ``sipo train``'s flags, and that command continues by itself."""
+        import signal
+
+        return TrainingInterrupted(f"stopped by {signal.Signals(self.signum).name} in {where} after step {self.step}; "
+                                   f"rerun the same {command} command to continue (it resumes from the newest "
+                                   "checkpoint)", signum=self.signum, step=self.step)

@@ -159,8 +159,8 @@ def read_inputs(source: str | Path, limit: int | None = None) -> list[tuple[str,
     return inputs[:limit] if limit is not None else inputs
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-3"`` -> ``[0, 1, 2, 3]``."""
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-3"`` -> ``[0, 1, 2, 3]``; ``flag``: the option its messages name."""
     seeds: list[int] = []
     try:
         for part in (p.strip() for p in str(text).split(",") if p.strip()):
@@ -170,12 +170,12 @@ def parse_seeds(text: str) -> list[int]:
             else:
                 seeds.append(int(part))
     except ValueError:
-        raise SipoError(f"--seeds {text!r} is not a list of integers; write e.g. --seeds 0,1 or --seeds 0-3") from None
+        raise SipoError(f"{flag} {text!r} is not a list of integers; write e.g. {flag} 0,1 or {flag} 0-3") from None
     if not seeds:
-        raise SipoError("--seeds is empty; write e.g. --seeds 0,1")
+        raise SipoError(f"{flag} {text!r} names no seed; write e.g. {flag} 0,1 or {flag} 0-3 (a range goes upwards)")
     outside = [seed for seed in seeds if not 0 <= seed < 2**63]
     if outside:  # torch.Generator takes 64 bits, and a negative seed aliases a large one (-1 is 2**64 - 1)
-        raise SipoError(f"--seeds {outside[0]} is outside [0, 2**63); pass seeds from 0 up, e.g. --seeds 0-3")
+        raise SipoError(f"{flag} {outside[0]} is outside [0, 2**63); pass seeds from 0 up, e.g. {flag} 0-3")
     return list(dict.fromkeys(seeds))
 
 
@@ -438,6 +438,39 @@ def generation_settings(config, options: "EvalOptions", sizes: dict) -> dict:
             "dtype": options.dtype, "resolution": config.model.resolution, **sizes}
 
 
+def check_run_base(run_dir: str | Path, model_config) -> None:
+    """Stop before sampling when ``run_dir`` was trained on another base model than ``model_config`` loads:
+    its LoRA (or fine-tuned denoiser) would be sampled on components it never trained with, and scored as
+    if it were the run. The same model moved or copied passes: two local folders are compared by their
+    configs' contents and weight files' sizes (not paths or times); two hub ids by name. A recorded
+    folder that is not on this machine cannot be compared and passes."""
+    import yaml
+
+    from sipo.data.cache import model_fingerprint
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    theirs = str(((yaml.safe_load(saved.read_text()) or {}).get("model") or {}).get("pretrained_path") or "")
+    mine = str(model_config.pretrained_path)
+    if not theirs or theirs == mine:
+        return
+    theirs_dir, mine_dir = Path(theirs).expanduser(), Path(mine).expanduser()
+
+    def contents(folder: Path) -> dict:
+        return {name: (value[0] if isinstance(value, list) else value) for name, value in model_fingerprint(str(folder)).items()}
+
+    if theirs_dir.is_dir() and mine_dir.is_dir():
+        differs = theirs_dir.resolve() != mine_dir.resolve() and contents(theirs_dir) != contents(mine_dir)
+    else:  # a hub id against a hub id; a folder not here, or a folder against a hub id, cannot be told apart
+        differs = not theirs_dir.exists() and not mine_dir.exists() and all(
+            name.count("/") == 1 and not name.startswith((".", "/", "~")) for name in (theirs, mine))
+    if differs:
+        raise SipoError(f"{run_dir} was trained on the base model {theirs}, but the config loads {mine}, another model: "
+                        f"the run's weights would be sampled on a base they were not trained with; pass the config the "
+                        f"run was trained with (or model.pretrained_path={theirs})")
+
+
 def check_generation_settings(output_dir: Path, settings: dict, prompts: list[str]) -> None:
     """Images on disk are reused only if made with the same model, run, sampler settings and prompts.
 
@@ -684,6 +717,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
     aligned_key = None
     if options.checkpoint is not None and not options.base_only:
         check_run_family(options.checkpoint, config.model.family)
+        check_run_base(options.checkpoint, config.model)
         aligned_key = weights_key(config, options.checkpoint)  # no checkpoint in it: stop before the base half
     inputs = eval_inputs(config, options)
     prompts = [prompt for prompt, _ in inputs] if inputs else read_prompts(options.prompts, options.pickapic_path,

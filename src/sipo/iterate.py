@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sipo.errors import SipoError
+from sipo.errors import SipoError, TrainingInterrupted
 from sipo.pairs import PairsOptions
 
 STATE = "iterate.json"
@@ -74,8 +74,7 @@ def _load_state(out: Path, settings: dict) -> dict:
     if path.is_file():
         state = json.loads(path.read_text())
         if state.get("settings") != settings:
-            changed = sorted(k for k in set(settings) | set(state.get("settings", {}))
-                             if settings.get(k) != state.get("settings", {}).get(k))
+            changed = changed_keys(state.get("settings", {}), settings)
             raise SipoError(f"{out} holds rounds made with other settings ({', '.join(changed)}); rerun with the same "
                             "command (only --rounds may grow), or pass another --out")
         return state
@@ -85,6 +84,18 @@ def _load_state(out: Path, settings: dict) -> dict:
     state = {"settings": settings, "done": {}}
     _save_state(out, state)
     return state
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ (``pairs.batch_size``, ``config.objective.beta``), nested dicts opened."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def _save_state(out: Path, state: dict) -> None:
@@ -113,12 +124,23 @@ def check_iterate_options(options: IterateOptions) -> None:
         raise SipoError(f"--reference {options.reference!r} is not valid; choose base or previous")
 
 
+def check_eval_inputs(options: IterateOptions) -> None:
+    """The eval phase's prompts and seeds, read before round 0 samples or trains: a typo found at the end of
+    round 0 would cost its pairs and training, and the corrected command is another folder's settings."""
+    from sipo.evaluate import read_prompts
+
+    if not options.eval_seeds:
+        raise SipoError("--eval-seeds is empty; pass the held-out seeds, e.g. --eval-seeds 0-3")
+    read_prompts(options.eval_prompts or options.pairs.prompts, options.pairs.pickapic_path)
+
+
 def iterate(config, options: IterateOptions) -> list[dict[str, Any]]:
     """Run (or continue) every round; returns one summary per round (see the module docstring)."""
     from sipo.pairs import check_pairs_options
 
     check_iterate_options(options)
     check_pairs_options(options.pairs)
+    check_eval_inputs(options)
     out = Path(options.out).expanduser()
     state = _load_state(out, _settings(config, options))
     summaries = []
@@ -168,10 +190,13 @@ def _train_phase(config, out: Path, index: int, options: IterateOptions) -> None
             shutil.copy2(newest / "trainable.safetensors", tmp / "trainable.safetensors")
             os.replace(tmp, reference)
     round_config_ = round_config(config, out, index, options)
-    if newest is not None:
-        train(round_config_, resume=True, progress=options.pairs.progress)
-    else:  # round 0 killed before its first checkpoint: start it again
-        train(round_config_, overwrite=run.is_dir() and any(run.iterdir()), progress=options.pairs.progress)
+    try:
+        if newest is not None:
+            train(round_config_, resume=True, progress=options.pairs.progress)
+        else:  # round 0 killed before its first checkpoint: start it again
+            train(round_config_, overwrite=run.is_dir() and any(run.iterdir()), progress=options.pairs.progress)
+    except TrainingInterrupted as stopped:  # train's advice (--resume, --overwrite) is not this command's
+        raise stopped.rerun(f"round {index}'s training", "sipo iterate") from stopped
 
 
 def _eval_phase(config, out: Path, index: int, options: IterateOptions) -> None:

@@ -294,7 +294,7 @@ def check_pairs_options(options: PairsOptions) -> list[float]:
 def make_pairs(config, options: PairsOptions) -> PairsResult:
     """Sample, score, pair and report (see the module docstring)."""
     from sipo.evaluate import (
-        SAMPLING_DTYPES, EvalOptions, Sample, check_eval_options, check_run_family, check_scorers_loadable,
+        SAMPLING_DTYPES, EvalOptions, Sample, check_eval_options, check_run_base, check_run_family, check_scorers_loadable,
         read_prompts, video_sample_sizes, weights_key, with_sampler_defaults,
     )
     from sipo.rundir import check_output_dir
@@ -314,6 +314,7 @@ def make_pairs(config, options: PairsOptions) -> PairsResult:
         raise SipoError(f"--scorer-path names {unknown[0]}, which is not in --scorers {options.scorers}; add it to --scorers")
     if options.checkpoint is not None:
         check_run_family(options.checkpoint, config.model.family)
+        check_run_base(options.checkpoint, config.model)
     key = weights_key(config, options.checkpoint)
     prompts = read_prompts(options.prompts, options.pickapic_path, options.max_prompts)
     K = options.samples_per_prompt
@@ -357,11 +358,23 @@ def make_pairs(config, options: PairsOptions) -> PairsResult:
     report = write_pairs(out, samples, scores, options, weights, identity, getattr(config.data, "fps", None))
     print(f"sipo pairs: {report['pairs']} pairs ({options.pairing}) from {len(samples)} samples of {len(prompts)} prompts "
           f"in {out / MANIFEST}")
+    if report["pairs"] == 0:  # an empty manifest trains nothing: say why here, not as a malformed file later
+        raise SipoError(no_pairs_reason(report, options))
     fps = getattr(config.data, "fps", None)
     if sizes and fps and (1000.0 / fps) % 10:
         print(f"sipo pairs: note: a GIF stores frame times in 10 ms steps, so {1000.0 / fps:g} ms (data.fps={fps:g}) is "
               "not exact; train on these clips with data.fps=null (every sampled frame, in order)")
     return PairsResult(out, out / MANIFEST, report["pairs"], len(samples), sampled, scored, report)
+
+
+def no_pairs_reason(report: dict[str, Any], options: PairsOptions) -> str:
+    """The sentence for a run whose pairing kept no pair: every scorer constant, or no margin above --min-margin."""
+    if all(stats["std"] == 0 or stats["weight"] == 0 for stats in report["scorers"].values()):
+        return (f"sipo pairs made no pair: every picture of {options.out} scored the same with {options.scorers} (or with "
+                "weight 0), so nothing is preferred; check the scorers (--scorer-path) or add another scorer")
+    return (f"sipo pairs made no pair: no two pictures of a prompt differ by more than --min-margin "
+            f"{options.min_margin:g} (standardised units); rerun with a lower --min-margin (the samples and scores "
+            "are kept: only the pairing runs again)")
 
 
 def sample_pictures(config, options: PairsOptions, key: dict, chunks, out: Path, sizes: dict) -> int:

@@ -30,7 +30,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from sipo.errors import SipoError
+from sipo.errors import SipoError, TrainingInterrupted
 
 RECORD = "sweep.json"
 
@@ -104,6 +104,44 @@ def cell_state(run_dir: Path, max_steps: int) -> str:
     return "started"
 
 
+#: keys a cell's run may differ in from the cell's config and still be that cell: where it writes, how it
+#: reports, how it runs. Everything else (objective.beta included, which a plain --resume may change)
+#: makes other weights, so a finished cell trained with it is another configuration's run.
+CELL_MAY_DIFFER = frozenset({
+    "train.output_dir", "data.path", "data.num_workers", "data.prefetch_factor", "train.log_every", "train.report_to",
+    "train.checkpoint_every", "train.keep_last", "train.lora_format", "train.max_bad_steps", "train.validate_every",
+    "train.sample_every", "train.sample_steps", "train.sample_guidance_scale", "train.validation_prompts",
+    "train.validation_seeds", "train.validation_scorers", "train.validation_scorer_paths", "train.keep_best",
+    "train.num_processes", "train.batch_size", "train.gradient_accumulation_steps",  # the layout: --resume checks the product
+    "train.max_steps",  # checked by the step count below
+})
+
+
+def check_cell_settings(run_dir: Path, config, cell: Cell) -> None:
+    """Stop when the run in ``run_dir`` was trained with other settings than ``cell``'s config gives now
+    (the config file was edited since, or the data or base model changed): skipping or resuming it would
+    pool two configurations' runs under one name. Compares the newest checkpoint's fingerprint."""
+    from sipo.checkpoints import checkpoint_step, list_checkpoints, read_fingerprint, run_fingerprint
+
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return
+    saved = read_fingerprint(checkpoints[-1])
+    if not saved:
+        return  # written before sipo recorded fingerprints: nothing to compare
+    current = run_fingerprint(config, int(saved.get("train.num_processes", 1) or 1))
+    changed = [f"{key}: {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
+               for key in sorted(set(saved) | set(current))
+               if key not in CELL_MAY_DIFFER and key in saved and saved.get(key) != current.get(key)]
+    if checkpoint_step(checkpoints[-1]) > config.train.max_steps:
+        changed.append(f"train.max_steps: the run holds step {checkpoint_step(checkpoints[-1])}, the config says "
+                       f"{config.train.max_steps}")
+    if changed:
+        raise SipoError(f"cell {cell.name} in {run_dir.parent} was trained with other settings than the sweep's config "
+                        f"gives now ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): the config or its "
+                        "data changed since; restore them to continue this sweep, or pass another --output-dir")
+
+
 #: a cell's state -> the flag its `sipo train` takes
 FLAGS = {"new": "", "started": " --resume", "unstarted": " --overwrite"}
 
@@ -154,6 +192,9 @@ def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list
     configs = {cell.name: load_config(config_arg, overrides + cell_overrides(cell, output_dir)) for cell in cells}
     check_record(output_dir, config_arg, overrides)
     states = {cell.name: cell_state(output_dir / cell.name, configs[cell.name].train.max_steps) for cell in cells}
+    for cell in cells:  # before anything trains: a cell of other settings is never skipped, resumed or pooled
+        if states[cell.name] in ("finished", "started"):
+            check_cell_settings(output_dir / cell.name, configs[cell.name], cell)
     result = SweepResult(output_dir, cells)
     if print_commands:
         for cell in cells:
@@ -173,7 +214,10 @@ def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list
             print(f"sweep: cell {number}/{len(cells)} {cell.name}: finished before, skipped")
             continue
         print(f"sweep: cell {number}/{len(cells)} {cell.name}: {'resuming' if state == 'started' else 'training'}")
-        train(configs[cell.name], resume=state == "started", overwrite=state == "unstarted", progress=progress)
+        try:
+            train(configs[cell.name], resume=state == "started", overwrite=state == "unstarted", progress=progress)
+        except TrainingInterrupted as stopped:  # train's advice (--resume, --overwrite) is not this command's
+            raise stopped.rerun(f"cell {cell.name}", "sipo sweep") from stopped
         result.status[cell.name] = "resumed" if state == "started" else "trained"
 
     if compare_options and compare_options.get("prompts"):

@@ -264,7 +264,7 @@ def test_resume_with_another_global_batch_stops_in_one_sentence_naming_the_fix(l
     source = layout_runs["root"] / "resume-source"
     before = sorted(p.name for p in source.rglob("*"))
     config = load_config(None, layout_runs["overrides"]("dpo", (2, 1, 1), **{"train.output_dir": str(source)}))
-    with pytest.raises(SipoError, match=r"--resume refused: .*train.num_processes: 2 -> 1; the global batch changed from "
+    with pytest.raises(SipoError, match=r"resume=True refused: .*train.num_processes: 2 -> 1; the global batch changed from "
                                         r"4 pairs per step \(batch_size x gradient_accumulation_steps x processes = 2 x 1 x "
                                         r"2 processes\) to 2 \(2 x 1 x 1 process\), .*: keep 4 with "
                                         r"train.gradient_accumulation_steps=2 with this batch_size and these processes\)"):

@@ -326,3 +326,19 @@ def test_base_only_reports_means_without_win_rate(trained_run, scorer_paths, tmp
     assert status == 0
     assert "base mean" in out and "win rate" not in out and "aligned" not in out
     assert not (tmp_path / "out" / "images" / "aligned").exists()
+
+
+def test_prompts_from_a_dataset_column(tmp_path):
+    """``--prompts hf:DATASET[:SPLIT[:COLUMN]]`` (issue 27's `sipo pairs --prompts hf:...`): the unique non-empty
+    strings of the column, in order; the first of prompt/caption/text by default; a missing column is one sentence."""
+    import datasets
+
+    from sipo.evaluate import read_prompts
+
+    folder = tmp_path / "prompts"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(
+        {"caption": ["a cat", " a dog ", "a cat", ""], "other": ["x", "y", "z", "w"]})}).save_to_disk(str(folder))
+    assert read_prompts(f"hf:{folder}") == ["a cat", "a dog"]
+    assert read_prompts(f"hf:{folder}:test:other", limit=2) == ["x", "y"]
+    with pytest.raises(SipoError, match=r"has no nope column \(it has caption, other\); name one: hf:.*:test:COLUMN"):
+        read_prompts(f"hf:{folder}:test:nope")

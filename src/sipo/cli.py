@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(evaluate)
     evaluate.add_argument("--checkpoint", default=None, type=_user_path, help="the trained run directory (train.output_dir) to compare with its base")
     evaluate.add_argument("--base", action="store_true", help="score the base model only (no --checkpoint needed)")
-    evaluate.add_argument("--prompts", default=None, help="text file, one prompt per line, or pickapic-test")
+    evaluate.add_argument("--prompts", default=None, help="text file, one prompt per line, pickapic-test, or hf:DATASET[:SPLIT[:COLUMN]]")
     evaluate.add_argument("--inputs", default=None, type=_user_path,
                           help="families that edit or animate an input image: JSONL of {prompt, input_image} (instead of --prompts)")
     evaluate.add_argument("--pickapic-path", default=None, type=_user_path, help="Pick-a-Pic v2 test parquet (file, folder or glob) for --prompts pickapic-test")
@@ -150,7 +150,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str
     """What `sipo compare`, sweep's compare, `sipo pairs` and `sipo iterate` take as `sipo eval` does: prompts,
     seeds (``seeds_flag=None``: the command numbers its own), scorers, sampler."""
     parser.add_argument(prompts_flag, dest="prompts", required=required,
-                        help="text file, one prompt per line, or pickapic-test")
+                        help="text file, one prompt per line, pickapic-test, or hf:DATASET[:SPLIT[:COLUMN]]")
     if seeds_flag is not None:
         parser.add_argument(seeds_flag, dest="sample_seeds", default="0", metavar="SEEDS",
                             help="comma-separated seeds (or a range 0-3) of the pictures; one per prompt and seed")

@@ -78,12 +78,17 @@ PICKAPIC_TEST = "pickapic-test"
 
 
 def read_prompts(source: str | Path, pickapic_path: str | None = None, limit: int | None = None) -> list[str]:
-    """Prompts from a text file (one per line, blank lines skipped) or ``pickapic-test``.
+    """Prompts from a text file (one per line, blank lines skipped), ``pickapic-test`` or ``hf:...``.
 
     ``pickapic-test``: the unique captions, in order of first appearance, of the Pick-a-Pic v2 test
     split read from local parquet (``pickapic_path``: a file, a directory of shards or a glob).
+    ``hf:DATASET[:SPLIT[:COLUMN]]``: a column of a dataset `datasets` reads (a hub id, a hub-layout
+    folder or a ``save_to_disk`` folder, as ``data.format=hf``); split ``test`` and the first of the
+    columns ``prompt``, ``caption``, ``text`` by default; the unique strings, in order.
     """
-    if str(source) == PICKAPIC_TEST:
+    if str(source).startswith(HF_PROMPTS):
+        prompts = read_hf_prompts(str(source)[len(HF_PROMPTS):])
+    elif str(source) == PICKAPIC_TEST:
         if not pickapic_path:
             raise SipoError(
                 "--prompts pickapic-test reads the Pick-a-Pic v2 test split from local parquet; download "
@@ -122,6 +127,31 @@ def read_prompts(source: str | Path, pickapic_path: str | None = None, limit: in
     if not prompts:
         raise SipoError(f"{source} holds no prompts; write one prompt per line")
     return prompts[:limit] if limit is not None else prompts
+
+
+#: ``--prompts hf:DATASET[:SPLIT[:COLUMN]]``
+HF_PROMPTS = "hf:"
+#: the prompt columns ``hf:`` looks for when none is named, in order
+PROMPT_COLUMNS = ("prompt", "caption", "text")
+
+
+def read_hf_prompts(spec: str) -> list[str]:
+    """The unique non-empty strings of one column of a dataset (``DATASET[:SPLIT[:COLUMN]]``, see read_prompts)."""
+    from sipo.data.hf import open_hf
+
+    dataset, _, rest = spec.partition(":")
+    split, _, column = rest.partition(":")
+    if not dataset:
+        raise SipoError("--prompts hf: names no dataset; write --prompts hf:DATASET[:SPLIT[:COLUMN]], "
+                        "e.g. hf:my/prompts:test:prompt")
+    table = open_hf(dataset, split or "test")
+    names = list(table.column_names)
+    column = column or next((name for name in PROMPT_COLUMNS if name in names), "")
+    if column not in names:
+        raise SipoError(f"--prompts hf:{spec}: the dataset has no {column or ' or '.join(PROMPT_COLUMNS)} column "
+                        f"(it has {', '.join(names)}); name one: hf:{dataset}:{split or 'test'}:COLUMN")
+    values = table[column]
+    return list(dict.fromkeys(v.strip() for v in values if isinstance(v, str) and v.strip()))
 
 
 def read_inputs(source: str | Path, limit: int | None = None) -> list[tuple[str, str]]:

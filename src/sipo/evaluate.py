@@ -562,7 +562,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
 
     dtypes = SAMPLING_DTYPES
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    adapter = adapter_from_config(config.model).to(device)
+    adapter = adapter_from_config(config.model, config.data).to(device)
 
     def cast(model: DiffusionAdapter) -> None:
         keep = {id(m) for m in model.keep_fp32_modules()}

@@ -305,3 +305,44 @@ def shifted_grid_flow_schedule(
         a=schedule.a, b=schedule.b, prediction_type="flow", num_inference_steps=num_inference_steps,
         inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
     )
+
+
+def terminal_stretch(sigma: Tensor, last: float, shift_terminal: float | None) -> Tensor:
+    """FlowMatchEulerDiscreteScheduler's ``stretch_shift_to_terminal``: ``1 - (1 - sigma) / c`` with
+    ``c = (1 - last) / (1 - shift_terminal)``, so the grid's last sigma ``last`` lands on ``shift_terminal``.
+    ``shift_terminal`` None or 0: unchanged."""
+    if not shift_terminal:
+        return sigma
+    return 1.0 - (1.0 - sigma) * (1.0 - shift_terminal) / (1.0 - last)
+
+
+def ltx2_flow_schedule(
+    num_train_timesteps: int = 1000, mu: float = 2.05, shift_terminal: float | None = 0.1, num_inference_steps: int = 30
+) -> GaussianSchedule:
+    """Rectified flow trained on unshifted sigmas, sampled on LTX2Pipeline's shifted, stretched grid (LTX-2).
+
+    Training: ``sigma_t = (t + 1) / T`` (Lightricks' trainer draws sigma itself, unshifted), ``a = 1 - sigma``,
+    ``b = sigma``. Inference (LTX2Pipeline with its scheduler config): ``tau_k = linspace(1, 1/n, n)``,
+    ``sigma_k = stretch(exponential_time_shift(mu, tau_k))`` with `terminal_stretch` taking the last
+    point ``exponential_time_shift(mu, 1/n)`` to ``shift_terminal`` (0.1), then 0. The previous step ``s``
+    of SPEC 3 is one step lower in ``tau``: ``tau_t`` solves ``stretch(shift(mu, tau_t)) = sigma_t`` and
+    ``sigma_s = stretch(shift(mu, tau_t - 1/n))``, clamped at 0 (and 0 where ``tau_t - 1/n <= 0``). On the
+    grid's points this is exactly the next inference sigma; the step from the last point (0.1) goes to 0.
+    """
+    sigma = flow_sigmas(num_train_timesteps, 1.0)
+    n = num_inference_steps
+    last = float(exponential_time_shift(mu, torch.tensor([1.0 / n]))[0])
+    if shift_terminal:
+        # invert the stretch: shifted = 1 - (1 - sigma) (1 - last) / (1 - shift_terminal)
+        shifted = 1.0 - (1.0 - sigma) * (1.0 - last) / (1.0 - shift_terminal)
+    else:
+        shifted = sigma
+    positive = shifted > 0
+    safe = torch.where(positive, shifted, torch.ones_like(shifted))
+    tau = torch.where(positive, 1.0 / (1.0 + math.exp(mu) * (1.0 / safe - 1.0)), torch.zeros_like(shifted))
+    sigma_s = terminal_stretch(exponential_time_shift(mu, tau - 1.0 / n), last, shift_terminal)
+    sigma_s = torch.where(tau - 1.0 / n > 0, sigma_s.clamp(min=0.0), torch.zeros_like(sigma_s))
+    return GaussianSchedule(
+        a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
+        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    )

@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "flux": "sipo.models.flux:FluxAdapter",
     "sd3": "sipo.models.sd3:SD3Adapter",
     "qwenimage": "sipo.models.qwenimage:QwenImageAdapter",
+    "ltx2": "sipo.models.ltx2:LTX2Adapter",
 }
 
 
@@ -36,8 +37,16 @@ def load_adapter(family: str, path: str, **options) -> DiffusionAdapter:
     return cls.from_pretrained(path, **options)
 
 
-def adapter_from_config(model_config) -> DiffusionAdapter:
-    """Load the adapter a ``ModelConfig`` names, its encoders frozen: what train and analyze start from."""
+def adapter_from_config(model_config, data_config=None) -> DiffusionAdapter:
+    """Load the adapter a ``ModelConfig`` names, its encoders frozen: what train and analyze start from.
+
+    ``data_config`` (the run's ``DataConfig``): the clip size a video family trains and samples at, for a
+    family whose inference grid depends on it (ltx2: the shift grows with the token count); others ignore it.
+    """
+    clip = {}
+    if data_config is not None:
+        clip = dict(num_frames=data_config.num_frames, height=data_config.height or model_config.resolution,
+                    width=data_config.width or model_config.resolution)
     adapter = load_adapter(
         model_config.family,
         model_config.pretrained_path,
@@ -50,6 +59,7 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
         # flux, qwenimage: the inference grid of s depends on the run's resolution; flux: the distilled guidance value
         resolution=model_config.resolution,
         guidance=model_config.guidance,
+        **clip,
     )
     adapter.freeze_encoders()
     return adapter

@@ -5,6 +5,7 @@
     # GPU: the real thing, full configs at the paper's clip sizes (random weights, no download)
     python benchmarks/video_memory.py step --family cogvideox-2b --device cuda --full
     # Wan2.2 and Qwen-Image (issue 19): --families wan22-ti2v-5b wan22-a14b-480p wan22-a14b-720p qwenimage-1328
+    # LTX-2 and HunyuanVideo 1.5 (issue 28): --families ltx2 hunyuanvideo15
 
 One step is what the trainer does for one pair: the policy (LoRA on) on winner and loser with
 gradients, the reference (LoRA off) on both under no_grad, the SIPO weights, backward through
@@ -66,7 +67,12 @@ TARGETS = {
     # Qwen-Image at 1328 x 1328 -> one latent frame of 166 x 166 (8x VAE); 256 text tokens (the adapter's
     # prompt_length) share the joint attention sequence
     "qwenimage-1328": Target("qwenimage", "20b", 1, 166, 166, 256),
+    # LTX-2 at LTX2Pipeline's 121 x 512 x 768 -> 16 x 16 x 24 latents (its VAE: 8x time, 32x space; patch 1:
+    # 6144 tokens); 1024 connector tokens by cross-attention; video only (one zero audio token, as the adapter)
+    "ltx2": Target("ltx2", "2.0", 16, 16, 24, 1024),
 }
+#: LoRA rank of the packaged config where it is not 64 (configs/ltx2_lora.yaml: 32, as Lightricks' t2v_lora.yaml)
+LORA_RANKS = {"ltx2": 32}
 #: latent (frames, height, width) of the CPU scan points: 2 token counts
 SCAN_GRIDS = [(3, 16, 24), (5, 24, 32)]
 #: Qwen-Image's scan points: one frame, 144 and 576 image tokens
@@ -87,6 +93,10 @@ def transformer_config(target: Target, layers: int | None) -> dict:
         from sipo.models.qwenimage import FULL_TRANSFORMER_CONFIG
 
         config = dict(FULL_TRANSFORMER_CONFIG)
+    elif target.family == "ltx2":
+        from sipo.models.ltx2 import FULL_TRANSFORMER_CONFIG as LTX2_CONFIG
+
+        config = dict(LTX2_CONFIG)
     else:
         from sipo.models.wan import WanAdapter
 
@@ -107,6 +117,8 @@ def experts(target: Target) -> int:
 
 def tokens_per_sequence(target: Target, grid: tuple[int, int, int]) -> int:
     frames, height, width = grid
+    if target.family == "ltx2":  # patch size 1: a token per latent voxel; text by cross-attention
+        return frames * height * width
     patches = frames * (height // 2) * (width // 2)
     # CogVideoX and Qwen-Image put the text into the same sequence; Wan attends to it by cross-attention.
     return patches + (target.text_tokens if target.family in ("cogvideox", "qwenimage") else 0)
@@ -147,6 +159,15 @@ def build_adapter(target: Target, layers: int | None, device: torch.device, dtyp
             vae = AutoencoderKLQwenImage(**TINY_VAE_CONFIG)
             adapter = QwenImageAdapter(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
                                        resolution=8 * target.latent_height)  # 1328: mu of the dynamic shift
+        elif target.family == "ltx2":
+            from diffusers import AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
+
+            from sipo.models.ltx2 import FULL_SCHEDULER_CONFIG, TINY_VAE_CONFIG, LTX2Adapter
+
+            transformer = LTX2VideoTransformer3DModel(**config).to(dtype)
+            vae = AutoencoderKLLTX2Video(**TINY_VAE_CONFIG)  # only its compression ratios are read
+            adapter = LTX2Adapter(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(**FULL_SCHEDULER_CONFIG),
+                                  connectors=None, audio_vae=None, vocoder=None)
         else:
             from sipo.models.wan import FULL_SCHEDULER_CONFIG, WanAdapter
 
@@ -191,6 +212,7 @@ def measure_step(
     from sipo.preference import compute_pair_terms, draw_pair_noise
 
     adapter = build_adapter(target, layers, device, dtype)
+    rank = LORA_RANKS.get(target.family, rank)
     config = load_config(None, [f"train.lora_rank={rank}", f"train.lora_alpha={rank}"])
     add_lora(adapter, config)
     for name, param in adapter.denoiser.named_parameters():
@@ -206,6 +228,8 @@ def measure_step(
     model_config = denoiser_config(adapter)
     if target.family == "qwenimage":
         shape, text_dim = (1, model_config.out_channels, height, width), model_config.joint_attention_dim
+    elif target.family == "ltx2":  # the connectors' output, caption_channels wide, before the caption projection
+        shape, text_dim = (1, model_config.in_channels, frames, height, width), model_config.caption_channels
     else:
         channels = model_config.in_channels
         shape = (1, frames, channels, height, width) if target.family == "cogvideox" else (1, channels, frames, height, width)
@@ -214,6 +238,8 @@ def measure_step(
     conditioning = {"encoder_hidden_states": torch.randn(1, target.text_tokens, text_dim, generator=generator).to(device, dtype)}
     if target.family == "qwenimage":  # a 40-token prompt padded to the adapter's 256
         conditioning["encoder_hidden_states_mask"] = (torch.arange(target.text_tokens) < 40).long()[None].to(device)
+    if target.family == "ltx2":  # LTX-2's connectors replace padding with registers: every token attends
+        conditioning["encoder_attention_mask"] = torch.ones(1, target.text_tokens, device=device)
     encoded = EncodedPairs(
         torch.randn(shape, generator=generator).to(device),
         torch.randn(shape, generator=generator).to(device),
@@ -299,10 +325,12 @@ def fit_and_extrapolate(points: list[dict], target: Target) -> dict:
 
 
 def _transformer_class(target: Target):
-    from diffusers import CogVideoXTransformer3DModel, QwenImageTransformer2DModel, WanTransformer3DModel
+    from diffusers import (
+        CogVideoXTransformer3DModel, LTX2VideoTransformer3DModel, QwenImageTransformer2DModel, WanTransformer3DModel,
+    )
 
-    return {"cogvideox": CogVideoXTransformer3DModel, "qwenimage": QwenImageTransformer2DModel}.get(
-        target.family, WanTransformer3DModel)
+    return {"cogvideox": CogVideoXTransformer3DModel, "qwenimage": QwenImageTransformer2DModel,
+            "ltx2": LTX2VideoTransformer3DModel}.get(target.family, WanTransformer3DModel)
 
 
 def _full_parameter_count(target: Target) -> int:

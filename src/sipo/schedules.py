@@ -323,25 +323,32 @@ def ltx2_flow_schedule(
 
     Training: ``sigma_t = (t + 1) / T`` (Lightricks' trainer draws sigma itself, unshifted), ``a = 1 - sigma``,
     ``b = sigma``. Inference (LTX2Pipeline with its scheduler config): ``tau_k = linspace(1, 1/n, n)``,
-    ``sigma_k = stretch(exponential_time_shift(mu, tau_k))`` with `terminal_stretch` taking the last
-    point ``exponential_time_shift(mu, 1/n)`` to ``shift_terminal`` (0.1), then 0. The previous step ``s``
-    of SPEC 3 is one step lower in ``tau``: ``tau_t`` solves ``stretch(shift(mu, tau_t)) = sigma_t`` and
-    ``sigma_s = stretch(shift(mu, tau_t - 1/n))``, clamped at 0 (and 0 where ``tau_t - 1/n <= 0``). On the
-    grid's points this is exactly the next inference sigma; the step from the last point (0.1) goes to 0.
+    ``sigma_k = g(tau_k)``, ``g(tau) = stretch(exponential_time_shift(mu, tau))`` where `terminal_stretch` takes
+    the last point ``exponential_time_shift(mu, 1/n)`` to ``shift_terminal`` (0.1); then 0. Below the last
+    point ``g`` is the straight line ``g(tau) = shift_terminal * n * tau`` to ``g(0) = 0`` (the stretched curve
+    itself goes negative there). The previous step ``s`` of SPEC 3 is one step lower in ``tau``:
+    ``sigma_s = g(g^-1(sigma_t) - 1/n)``, 0 where that is ``<= 0`` (past the last step, where the weight is
+    undefined). On the grid's points this is exactly the next inference sigma.
     """
     sigma = flow_sigmas(num_train_timesteps, 1.0)
     n = num_inference_steps
     last = float(exponential_time_shift(mu, torch.tensor([1.0 / n]))[0])
+
+    def inverse_shift(value: Tensor) -> Tensor:  # tau with exponential_time_shift(mu, tau) = value in (0, 1]
+        return 1.0 / (1.0 + math.exp(mu) * (1.0 / value - 1.0))
+
     if shift_terminal:
-        # invert the stretch: shifted = 1 - (1 - sigma) (1 - last) / (1 - shift_terminal)
-        shifted = 1.0 - (1.0 - sigma) * (1.0 - last) / (1.0 - shift_terminal)
+        shifted = 1.0 - (1.0 - sigma) * (1.0 - last) / (1.0 - shift_terminal)  # the stretch inverted
+        on_curve = sigma >= shift_terminal
+        tau = torch.where(on_curve, inverse_shift(torch.where(on_curve, shifted, torch.ones_like(shifted))),
+                          sigma / (shift_terminal * n))
     else:
-        shifted = sigma
-    positive = shifted > 0
-    safe = torch.where(positive, shifted, torch.ones_like(shifted))
-    tau = torch.where(positive, 1.0 / (1.0 + math.exp(mu) * (1.0 / safe - 1.0)), torch.zeros_like(shifted))
-    sigma_s = terminal_stretch(exponential_time_shift(mu, tau - 1.0 / n), last, shift_terminal)
-    sigma_s = torch.where(tau - 1.0 / n > 0, sigma_s.clamp(min=0.0), torch.zeros_like(sigma_s))
+        tau = inverse_shift(sigma)
+    tau_s = tau - 1.0 / n
+    curve = terminal_stretch(exponential_time_shift(mu, tau_s), last, shift_terminal)
+    line = (shift_terminal or 0.0) * n * tau_s
+    sigma_s = torch.where(tau_s >= 1.0 / n, curve, line) if shift_terminal else curve
+    sigma_s = torch.where(tau_s > 0, sigma_s, torch.zeros_like(sigma_s))
     return GaussianSchedule(
         a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
         inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,

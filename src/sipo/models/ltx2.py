@@ -188,8 +188,12 @@ class LTX2Adapter(VideoAdapter):
         self.spatial_multiple = self.vae_scale_spatial
         self._prompt_masks: OrderedDict[str, Tensor] = OrderedDict()
         # the inference grid of s (SPEC 10): the pipeline shifts it by the sampled clip's token count
-        frames, rows, columns = num_frames or USUAL_FRAMES, height or USUAL_HEIGHT, width or USUAL_WIDTH
-        self.tokens = video_tokens(frames, rows, columns, self.temporal_compression, self.vae_scale_spatial)
+        # (no clip size given: the usual clip's 6144 tokens, whatever the VAE's factors)
+        if num_frames is None and height is None and width is None:
+            self.tokens = video_tokens(USUAL_FRAMES, USUAL_HEIGHT, USUAL_WIDTH)
+        else:
+            frames, rows, columns = num_frames or USUAL_FRAMES, height or USUAL_HEIGHT, width or USUAL_WIDTH
+            self.tokens = video_tokens(frames, rows, columns, self.temporal_compression, self.vae_scale_spatial)
         config = scheduler.config
         num_train_timesteps = int(config.num_train_timesteps)
         if config.get("use_dynamic_shifting"):

@@ -353,3 +353,25 @@ def ltx2_flow_schedule(
         a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
         inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
     )
+
+
+def two_shift_flow_schedule(
+    num_train_timesteps: int = 1000, train_shift: float = 3.0, inference_shift: float = 5.0, num_inference_steps: int = 50
+) -> GaussianSchedule:
+    """Rectified flow trained on one constant shift and sampled on another (HunyuanVideo 1.5).
+
+    Training: ``sigma_t = shift_train(u_t)``, ``u_t = (t + 1) / T``, ``shift_c(u) = c u / (1 + (c - 1) u)``
+    (`flow_sigmas`; Tencent's train.py shifts its noise levels by ``train_timestep_shift`` 3.0). Inference
+    (HunyuanVideo15Pipeline): ``tau_k = linspace(1, 0, n + 1)[:-1] = 1 - k / n``, ``sigma_k =
+    shift_inference(tau_k)`` (its FlowMatchEulerDiscreteScheduler's ``shift``, 5.0 at 480p), then 0. The
+    previous step ``s`` of SPEC 3 is one step lower in ``tau``: ``tau_t = shift_inference^-1(sigma_t)``,
+    ``1 / tau_t = 1 + c (1 / sigma_t - 1)``, ``sigma_s = shift_inference(tau_t - 1/n)`` (0 past the last
+    step). On the grid's own points this is exactly the next smaller inference sigma.
+    """
+    sigma = flow_sigmas(num_train_timesteps, train_shift)
+    tau = 1.0 / (1.0 + inference_shift * (1.0 / sigma - 1.0))
+    sigma_s = exponential_time_shift(math.log(inference_shift), tau - 1.0 / num_inference_steps)
+    return GaussianSchedule(
+        a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
+        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    )

@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "sd3": "sipo.models.sd3:SD3Adapter",
     "qwenimage": "sipo.models.qwenimage:QwenImageAdapter",
     "ltx2": "sipo.models.ltx2:LTX2Adapter",
+    "hunyuanvideo15": "sipo.models.hunyuanvideo15:HunyuanVideo15Adapter",
 }
 
 

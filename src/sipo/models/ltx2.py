@@ -30,8 +30,9 @@ noise-level density; configs/t2v_lora.yaml: LoRA targets).
 - conditioning: ``LTX2Pipeline.encode_prompt`` (Gemma 3 12B, ``Gemma3ForConditionalGeneration``:
   every layer's hidden states stacked, left-padded to 1024 tokens) then the pipeline's
   ``connectors`` (``LTX2TextConnectors``), whose video output and attention mask are what the
-  transformer receives (``encoder_hidden_states``, ``encoder_attention_mask``). Both are frozen and
-  follow ``model.text_encoder_device`` (Gemma 3 12B is 24 GB in bf16); ``model.prompt_cache_size``
+  transformer receives (``encoder_hidden_states``, ``encoder_attention_mask``). Both are frozen;
+  Gemma follows ``model.text_encoder_device`` (Gemma 3 12B is 24 GB in bf16), the connectors (1.4B)
+  follow the transformer, where the pipeline runs them; ``model.prompt_cache_size``
   and ``sipo cache`` keep the (connector) embeddings so Gemma need not run during training.
 - schedule: rectified flow, ``x_t = (1 - sigma) x0 + sigma eps``, target ``u = eps - x0``
   (text_to_video.py: ``video_targets = video_noise - video_latents``); the trainer draws sigma
@@ -47,7 +48,6 @@ noise-level density; configs/t2v_lora.yaml: LoRA targets).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,6 @@ class LTX2Adapter(VideoAdapter):
         self.temporal_compression = int(vae.temporal_compression_ratio)
         self.vae_scale_spatial = int(vae.spatial_compression_ratio)
         self.spatial_multiple = self.vae_scale_spatial
-        self._prompt_masks: OrderedDict[str, Tensor] = OrderedDict()
         # the inference grid of s (SPEC 10): the pipeline shifts it by the sampled clip's token count
         # (no clip size given: the usual clip's 6144 tokens, whatever the VAE's factors)
         if num_frames is None and height is None and width is None:
@@ -256,11 +255,11 @@ class LTX2Adapter(VideoAdapter):
         return [self.vae, self.text_encoder, self.connectors, self.audio_vae, self.vocoder]
 
     def to(self, device: torch.device | str) -> "LTX2Adapter":
+        """Gemma follows ``text_encoder_device``; the connectors (1.4B) follow the transformer, as the pipeline
+        runs them on its execution device."""
         super().to(device)
-        self.audio_vae.to(device)
-        self.vocoder.to(device)
-        if self.text_encoder_device == "auto":
-            self.connectors.to(device)
+        for module in (self.audio_vae, self.vocoder, self.connectors):
+            module.to(device)
         return self
 
     # ------------------------------------------------------------------ encoding
@@ -271,9 +270,10 @@ class LTX2Adapter(VideoAdapter):
         std = self.vae.latents_std.float().view(1, -1, 1, 1, 1).to(latents.device)
         return (latents - mean) * float(self.vae.config.scaling_factor) / std
 
-    def _encode_prompts_uncached(self, prompts: list[str]) -> Tensor:
-        """``[N, L, dim + 1]``: the connectors' video embeddings with their attention mask as a last column
-        (one tensor, so the prompt memo of `VideoAdapter` keeps both together)."""
+    def _encode_prompts_uncached(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``LTX2Pipeline.encode_prompt`` (Gemma, every layer's states) through the pipeline's ``connectors``:
+        ``{"encoder_hidden_states": [N, L, dim], "encoder_attention_mask": [N, L]}``, what the transformer's
+        video stream receives."""
         if self._prompt_pipeline is None:
             self._prompt_pipeline = self.pipeline()
         pipe = self._prompt_pipeline
@@ -283,14 +283,7 @@ class LTX2Adapter(VideoAdapter):
         connectors_device = next(self.connectors.parameters()).device
         video, _, video_mask = self.connectors(embeds.to(connectors_device), mask.to(connectors_device),
                                                padding_side=getattr(self.tokenizer, "padding_side", "left"))
-        return torch.cat([video.float(), video_mask.float().unsqueeze(-1)], dim=-1)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Prompts -> ``{"encoder_hidden_states": [N, L, dim], "encoder_attention_mask": [N, L]}``: what the
-        pipeline's connectors give the transformer for the video stream."""
-        stacked = super().encode_prompts(prompts)["encoder_hidden_states"]
-        return {"encoder_hidden_states": stacked[..., :-1], "encoder_attention_mask": stacked[..., -1]}
+        return {"encoder_hidden_states": video.float(), "encoder_attention_mask": video_mask.float()}
 
     # ------------------------------------------------------------------ denoiser
     def model_timesteps(self, timesteps: Tensor) -> Tensor:
@@ -329,10 +322,17 @@ class LTX2Adapter(VideoAdapter):
                guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                num_frames: int | None = None, negative_prompt: str = "", **pipeline_options: Any) -> Tensor:
         """Videos ``[B, F, 3, H, W]`` in ``[0, 1]`` through ``LTX2Pipeline`` (video and audio together, the
-        audio discarded), prompts encoded by the pipeline itself (Gemma where ``text_encoder_device`` puts it)."""
+        audio discarded). Gemma runs where ``text_encoder_device`` puts it; its states go to the pipeline,
+        which runs the connectors and the rest on the transformer's device."""
         pipe = self.pipeline()
+        text_device = next(self.text_encoder.parameters()).device
+        device, dtype = self.device, next(self.denoiser.parameters()).dtype
+        embeds, mask, negative, negative_mask = pipe.encode_prompt(
+            list(prompts), negative_prompt=[negative_prompt] * len(prompts), do_classifier_free_guidance=True,
+            max_sequence_length=self.max_sequence_length, device=text_device)
         frames = pipe(
-            prompt=list(prompts), negative_prompt=[negative_prompt] * len(prompts),
+            prompt_embeds=embeds.to(device, dtype), prompt_attention_mask=mask.to(device),
+            negative_prompt_embeds=negative.to(device, dtype), negative_prompt_attention_mask=negative_mask.to(device),
             num_frames=num_frames or self.default_num_frames, height=height or self.default_height,
             width=width or self.default_width, num_inference_steps=num_inference_steps, frame_rate=FRAME_RATE,
             guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,

@@ -10,8 +10,10 @@ github.com/Tencent-Hunyuan/HunyuanVideo-1.5 (latents, noise levels, target, the 
   is one fixed tensor the latent cache can hold).
 - the transformer's input: ``[x_t, zeros (32 channels), zeros (1 channel)]`` on the channels (65), the
   pipeline's ``prepare_cond_latents_and_mask`` and the trainer's ``get_condition`` for t2v (no first
-  frame), and ``image_embeds`` all zero ``[B, 729, 1152]`` (no image: the transformer masks them out);
-  patch size 1, positions from the latent grid inside the transformer (its ``rope``).
+  frame), and all-zero ``image_embeds`` (no image: the transformer masks them out; the pipeline passes
+  729, `predict` one, and drops the text padding every sample shares: masked tokens take no part, so the
+  prediction is the same with ~100 instead of 1985 text tokens in the joint attention); patch size 1,
+  positions from the latent grid inside the transformer (its ``rope``).
 - conditioning: ``HunyuanVideo15Pipeline.encode_prompt``: Qwen2.5-VL-7B's text model (the third-last
   layer, the chat template's first 108 tokens cropped, 1000 tokens) -> ``encoder_hidden_states`` and
   ``encoder_attention_mask``; ByT5 (Glyph-SDXL-v2) on the quoted text of a prompt, 256 tokens (zeros and
@@ -115,13 +117,21 @@ def load_lora_weights(pipe: Any, path: str | Path, adapter_name: str = "default"
     with safe_open(str(file), framework="pt") as handle:
         state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
         raw = (handle.metadata() or {}).get("lora_adapter_metadata")
-    metadata = None
-    if raw:
-        packed = json.loads(raw)
-        metadata = {key[len("transformer."):]: value for key, value in packed.items() if key.startswith("transformer.")}
+    # diffusers' packed metadata ("transformer.r", ...): load_lora_adapter strips the prefix itself
+    metadata = json.loads(raw) if raw else None
     if not any(key.startswith("transformer.") for key in state_dict):
         raise SipoError(f"{file} holds no transformer LoRA weights (no 'transformer.' keys); pass a file sipo wrote")
     pipe.transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name, metadata=metadata)
+
+
+def drop_shared_padding(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(states, mask)`` ``[B, L, d]``, ``[B, L]`` without the positions masked in every sample (one kept where
+    all are masked); the kept positions stay in order."""
+    keep = mask.bool().any(dim=0)
+    if not keep.any():
+        keep = torch.zeros_like(keep)
+        keep[0] = True
+    return states[:, keep], mask[:, keep]
 
 
 def tiny_qwen25_tokenizer(directory: str | Path | None = None):
@@ -244,16 +254,23 @@ class HunyuanVideo15Adapter(VideoAdapter):
         config = model.config
         batch, channels, frames, height, width = x_t.shape
         condition = x_t.new_zeros(batch, channels + 1, frames, height, width)
-        image_embeds = x_t.new_zeros(batch, IMAGE_TOKENS, config.image_embed_dim)
+        # Masked tokens take no part: the transformer masks a padded text token as query and as key (and its
+        # token refiner pools over the mask), and t2v's all-zero image tokens are all masked. So the padding
+        # every sample of the batch shares is dropped and one zero image token stands for the pipeline's 729:
+        # the same prediction (the one-step test against the pipeline checks it) with ~100 text tokens in the
+        # joint attention instead of 1985.
+        states, mask = drop_shared_padding(conditioning["encoder_hidden_states"], conditioning["encoder_attention_mask"])
+        states_2, mask_2 = drop_shared_padding(conditioning["encoder_hidden_states_2"], conditioning["encoder_attention_mask_2"])
+        image_embeds = x_t.new_zeros(batch, 1, config.image_embed_dim)
         dtype = x_t.dtype
         return model(
             hidden_states=torch.cat([x_t, condition], dim=1),
             image_embeds=image_embeds,
             timestep=self.model_timesteps(timesteps.to(x_t.device)).to(dtype),
-            encoder_hidden_states=conditioning["encoder_hidden_states"].to(dtype),
-            encoder_attention_mask=conditioning["encoder_attention_mask"].to(dtype),
-            encoder_hidden_states_2=conditioning["encoder_hidden_states_2"].to(dtype),
-            encoder_attention_mask_2=conditioning["encoder_attention_mask_2"].to(dtype),
+            encoder_hidden_states=states.to(dtype),
+            encoder_attention_mask=mask.to(dtype),
+            encoder_hidden_states_2=states_2.to(dtype),
+            encoder_attention_mask_2=mask_2.to(dtype),
             return_dict=False,
         )[0]
 

@@ -70,6 +70,10 @@ TARGETS = {
     # LTX-2 at LTX2Pipeline's 121 x 512 x 768 -> 16 x 16 x 24 latents (its VAE: 8x time, 32x space; patch 1:
     # 6144 tokens); 1024 connector tokens by cross-attention; video only (one zero audio token, as the adapter)
     "ltx2": Target("ltx2", "2.0", 16, 16, 24, 1024),
+    # HunyuanVideo 1.5 480p t2v at its pipeline's 121 x 480 x 848 -> 31 x 30 x 53 latents (VAE: 4x time, 16x
+    # space; patch 1: 49290 tokens) in one joint sequence with the prompt: the adapter drops the padding, so a
+    # 128-token Qwen prompt, one (masked) ByT5 and one (masked) image token
+    "hunyuanvideo15": Target("hunyuanvideo15", "480p-t2v", 31, 30, 53, 128),
 }
 #: LoRA rank of the packaged config where it is not 64 (configs/ltx2_lora.yaml: 32, as Lightricks' t2v_lora.yaml)
 LORA_RANKS = {"ltx2": 32}
@@ -97,6 +101,10 @@ def transformer_config(target: Target, layers: int | None) -> dict:
         from sipo.models.ltx2 import FULL_TRANSFORMER_CONFIG as LTX2_CONFIG
 
         config = dict(LTX2_CONFIG)
+    elif target.family == "hunyuanvideo15":
+        from sipo.models.hunyuanvideo15 import FULL_TRANSFORMER_CONFIG as HUNYUAN_CONFIG
+
+        config = dict(HUNYUAN_CONFIG)
     else:
         from sipo.models.wan import WanAdapter
 
@@ -119,6 +127,8 @@ def tokens_per_sequence(target: Target, grid: tuple[int, int, int]) -> int:
     frames, height, width = grid
     if target.family == "ltx2":  # patch size 1: a token per latent voxel; text by cross-attention
         return frames * height * width
+    if target.family == "hunyuanvideo15":  # patch size 1; the prompt, one ByT5 and one image token join the sequence
+        return frames * height * width + target.text_tokens + 2
     patches = frames * (height // 2) * (width // 2)
     # CogVideoX and Qwen-Image put the text into the same sequence; Wan attends to it by cross-attention.
     return patches + (target.text_tokens if target.family in ("cogvideox", "qwenimage") else 0)
@@ -168,6 +178,15 @@ def build_adapter(target: Target, layers: int | None, device: torch.device, dtyp
             vae = AutoencoderKLLTX2Video(**TINY_VAE_CONFIG)  # only its compression ratios are read
             adapter = LTX2Adapter(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(**FULL_SCHEDULER_CONFIG),
                                   connectors=None, audio_vae=None, vocoder=None)
+        elif target.family == "hunyuanvideo15":
+            from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
+
+            from sipo.models.hunyuanvideo15 import FULL_SCHEDULER_CONFIG, TINY_VAE_CONFIG, HunyuanVideo15Adapter
+
+            transformer = HunyuanVideo15Transformer3DModel(**config).to(dtype)
+            vae = AutoencoderKLHunyuanVideo15(**TINY_VAE_CONFIG)  # only its compression ratios are read
+            adapter = HunyuanVideo15Adapter(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(**FULL_SCHEDULER_CONFIG),
+                                            text_encoder_2=None, tokenizer_2=None)
         else:
             from sipo.models.wan import FULL_SCHEDULER_CONFIG, WanAdapter
 
@@ -230,6 +249,8 @@ def measure_step(
         shape, text_dim = (1, model_config.out_channels, height, width), model_config.joint_attention_dim
     elif target.family == "ltx2":  # the connectors' output, caption_channels wide, before the caption projection
         shape, text_dim = (1, model_config.in_channels, frames, height, width), model_config.caption_channels
+    elif target.family == "hunyuanvideo15":  # x0 has the 32 latent channels; the condition channels are added
+        shape, text_dim = (1, model_config.out_channels, frames, height, width), model_config.text_embed_dim
     else:
         channels = model_config.in_channels
         shape = (1, frames, channels, height, width) if target.family == "cogvideox" else (1, channels, frames, height, width)
@@ -240,6 +261,10 @@ def measure_step(
         conditioning["encoder_hidden_states_mask"] = (torch.arange(target.text_tokens) < 40).long()[None].to(device)
     if target.family == "ltx2":  # LTX-2's connectors replace padding with registers: every token attends
         conditioning["encoder_attention_mask"] = torch.ones(1, target.text_tokens, device=device)
+    if target.family == "hunyuanvideo15":  # the prompt's valid tokens; no quoted text: one masked ByT5 token
+        conditioning["encoder_attention_mask"] = torch.ones(1, target.text_tokens, device=device)
+        conditioning["encoder_hidden_states_2"] = torch.zeros(1, 1, model_config.text_embed_2_dim, device=device, dtype=dtype)
+        conditioning["encoder_attention_mask_2"] = torch.zeros(1, 1, device=device)
     encoded = EncodedPairs(
         torch.randn(shape, generator=generator).to(device),
         torch.randn(shape, generator=generator).to(device),
@@ -329,8 +354,11 @@ def _transformer_class(target: Target):
         CogVideoXTransformer3DModel, LTX2VideoTransformer3DModel, QwenImageTransformer2DModel, WanTransformer3DModel,
     )
 
+    from diffusers import HunyuanVideo15Transformer3DModel
+
     return {"cogvideox": CogVideoXTransformer3DModel, "qwenimage": QwenImageTransformer2DModel,
-            "ltx2": LTX2VideoTransformer3DModel}.get(target.family, WanTransformer3DModel)
+            "ltx2": LTX2VideoTransformer3DModel, "hunyuanvideo15": HunyuanVideo15Transformer3DModel}.get(
+        target.family, WanTransformer3DModel)
 
 
 def _full_parameter_count(target: Target) -> int:

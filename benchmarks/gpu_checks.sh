@@ -16,6 +16,8 @@
 #                                                 # s/step and peak memory (benchmarks/flow_image_memory.py step --full)
 #   wan22 (issue 19, not in the default set): a full-size random Wan2.2-TI2V-5B LoRA step at 704x1280x121
 #   (s/step, peak memory), then Wan2.2-A14B at 480p x 81 with its base in fp8: PARTS=wan22 bash benchmarks/gpu_checks.sh
+#   ltx2, hunyuanvideo15 (issue 28, not in the default set): a full-size random LoRA step of each at its usual clip,
+#   bf16 and fp8 base (s/step, peak memory): PARTS="ltx2 hunyuanvideo15" bash benchmarks/gpu_checks.sh
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
 # .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
 set -u
@@ -69,8 +71,16 @@ want wan22 && ( echo "== wan22-ti2v-5b bf16 704x1280x121"
   echo "== wan22-a14b-480p fp8 81x480x832"
   timeout "${WAN22_S:-240}" $PY benchmarks/video_memory.py step --family wan22-a14b-480p --device cuda --full --frozen-dtype fp8 2>&1 | tail -n 3
   ) > "$OUT/wan22.log" 2>&1 &
+# issue 28, not in the default set (PARTS="ltx2 hunyuanvideo15"): full-size random LTX-2 (19B, video-only step at
+# 121 x 512 x 768, bf16 then fp8 base) and HunyuanVideo 1.5 480p t2v (8.3B, 121 x 480 x 848): s/step and peak memory
+want ltx2 && ( for frozen in bf16 fp8; do echo "== ltx2 $frozen 121x512x768"
+  timeout "${LTX2_S:-300}" $PY benchmarks/video_memory.py step --family ltx2 --device cuda --full --frozen-dtype $frozen 2>&1 | tail -n 3
+  done ) > "$OUT/ltx2.log" 2>&1 &
+want hunyuanvideo15 && ( for frozen in bf16 fp8; do echo "== hunyuanvideo15 $frozen 121x480x848"
+  timeout "${HUNYUAN_S:-300}" $PY benchmarks/video_memory.py step --family hunyuanvideo15 --device cuda --full --frozen-dtype $frozen 2>&1 | tail -n 3
+  done ) > "$OUT/hunyuanvideo15.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory flux_memory z_precision wan22; do
+for part in pytest video_memory sdxl_memory flux_memory z_precision wan22 ltx2 hunyuanvideo15; do
   [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
 done

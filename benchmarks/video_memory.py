@@ -5,7 +5,10 @@
     # GPU: the real thing, full configs at the paper's clip sizes (random weights, no download)
     python benchmarks/video_memory.py step --family cogvideox-2b --device cuda --full
     # Wan2.2 and Qwen-Image (issue 19): --families wan22-ti2v-5b wan22-a14b-480p wan22-a14b-720p qwenimage-1328
-    # LTX-2 and HunyuanVideo 1.5 (issue 28): --families ltx2 hunyuanvideo15
+    # LTX-2 and HunyuanVideo 1.5 (issue 28): --families ltx2 hunyuanvideo15; or each point alone, then fit:
+    #   for L in 1 2; do for g in "3 16 24" "5 24 32"; do python benchmarks/video_memory.py step --family ltx2 \
+    #     --layers $L --grid $g | tail -1 >> ltx2_points.jsonl; done; done   (with MALLOC_MMAP_THRESHOLD_=65536)
+    #   python benchmarks/video_memory.py fit --family ltx2 --points ltx2_points.jsonl
 
 One step is what the trainer does for one pair: the policy (LoRA on) on winner and loser with
 gradients, the reference (LoRA off) on both under no_grad, the SIPO weights, backward through
@@ -379,6 +382,9 @@ def main() -> None:
     scan = commands.add_parser("scan", help="CPU: measure small points in subprocesses, fit, extrapolate")
     scan.add_argument("--families", nargs="+", default=["cogvideox-2b", "wan"], choices=sorted(TARGETS))
     scan.add_argument("--json", type=Path, default=None, help="also write the points and estimates here")
+    fit = commands.add_parser("fit", help="fit and extrapolate from step outputs saved as JSON lines (points run one by one)")
+    fit.add_argument("--family", choices=sorted(TARGETS), required=True)
+    fit.add_argument("--points", type=Path, required=True, help="a file of `step` JSON outputs, one per line")
     one = commands.add_parser("step", help="measure one configuration in this process (prints JSON)")
     one.add_argument("--family", choices=sorted(TARGETS), required=True)
     one.add_argument("--layers", type=int, default=None, help="blocks (default: the full model's)")
@@ -396,6 +402,11 @@ def main() -> None:
         device = torch.device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         print(json.dumps(measure_step(target, layers, grid, device, dtype, frozen_dtype=args.frozen_dtype)))
+        return
+
+    if args.command == "fit":
+        points = [json.loads(line) for line in args.points.read_text().splitlines() if line.strip()]
+        print(json.dumps(fit_and_extrapolate(points, TARGETS[args.family]), indent=2))
         return
 
     report = {}

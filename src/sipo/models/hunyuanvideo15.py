@@ -31,8 +31,9 @@ github.com/Tencent-Hunyuan/HunyuanVideo-1.5 (latents, noise levels, target, the 
 - LoRA: HunyuanVideo15Pipeline has no LoRA loader in diffusers 0.42.1 (diffusers#14420); sipo writes the
   usual diffusers LoRA file (``transformer.``-prefixed peft keys, the LoraConfig in its metadata) and
   `load_lora_weights` loads it into a pipeline's transformer through diffusers' peft integration.
-  Targets: attention q, k, v, out of the joint blocks (``to_q``, ``to_k``, ``to_v``, ``to_out.0``; the
-  trainer's default is every Linear).
+  Targets (`LORA_TARGETS`): the trainer's default is every Linear (``target_modules="all-linear"``);
+  sipo takes every Linear of the double-stream and token-refiner blocks, video and text streams, attention
+  and feed-forward, and leaves out the adaLN modulation and the embedders.
 """
 
 from __future__ import annotations
@@ -67,10 +68,15 @@ USUAL_FRAMES, USUAL_HEIGHT, USUAL_WIDTH = 121, 480, 848
 #: HunyuanVideo15Pipeline.vision_num_semantic_tokens: the zero image tokens of text-to-video
 IMAGE_TOKENS = 729
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: the attention (both streams) and feed-forward Linears of every double-stream and token-refiner block
+LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
 
 # Toy sizes: 9 frames of 32x32 -> 3 latent frames of 4x2x2 (16x spatial, 4x temporal) -> 12 tokens.
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
-    in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_refiner_layers=1,
+    in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
     mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=16, image_embed_dim=12,
     rope_axes_dim=(2, 2, 4), target_size=32, task_type="t2v",
 )
@@ -162,6 +168,7 @@ class HunyuanVideo15Adapter(VideoAdapter):
         "scheduler": "FlowMatchEulerDiscreteScheduler config",
         "guider": "ClassifierFreeGuidance config",
     }
+    lora_target_modules = LORA_TARGETS
     default_num_frames = USUAL_FRAMES
     default_height = USUAL_HEIGHT
     default_width = USUAL_WIDTH
@@ -289,33 +296,42 @@ class HunyuanVideo15Adapter(VideoAdapter):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None = None, num_inference_steps: int = 50,
-               guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-               num_frames: int | None = None, negative_prompt: str = "", **pipeline_options: Any) -> Tensor:
+    def sample(self, prompts: list[str], generator: torch.Generator | list[torch.Generator] | None = None,
+               num_inference_steps: int = 50, guidance_scale: float | None = None, height: int | None = None,
+               width: int | None = None, num_frames: int | None = None, negative_prompt: str = "",
+               **pipeline_options: Any) -> Tensor:
         """Videos ``[B, F, 3, H, W]`` in ``[0, 1]`` through ``HunyuanVideo15Pipeline`` with its CFG guider at
-        ``guidance_scale``; prompts encoded by `encode_prompts` (text encoders where they live)."""
+        ``guidance_scale``; prompts encoded by `encode_prompts` (text encoders where they live).
+
+        One prompt per pipeline call (``generator``: one per prompt, or one for all): the VAE's causal
+        attention in diffusers 0.42.1 builds its mask ``[B, L, L]`` against queries ``[B, 1, L, C]``, which
+        broadcasts to ``[B, B, L, L]`` and fails for a batch of two or more clips.
+        """
         from diffusers.guiders import ClassifierFreeGuidance
 
         prompts = list(prompts)
+        generators = generator if isinstance(generator, list) else [generator] * len(prompts)
         device, dtype = self.device, next(self.denoiser.parameters()).dtype
         positive = self.encode_prompts(prompts)
-        negative = self.encode_prompts([negative_prompt] * len(prompts))
+        negative = self.encode_prompts([negative_prompt])
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         pipe = self.pipeline(guider=ClassifierFreeGuidance(guidance_scale=scale))
-        frames = pipe(
-            prompt_embeds=positive["encoder_hidden_states"].to(device, dtype),
-            prompt_embeds_mask=positive["encoder_attention_mask"].to(device),
-            prompt_embeds_2=positive["encoder_hidden_states_2"].to(device, dtype),
-            prompt_embeds_mask_2=positive["encoder_attention_mask_2"].to(device),
-            negative_prompt_embeds=negative["encoder_hidden_states"].to(device, dtype),
-            negative_prompt_embeds_mask=negative["encoder_attention_mask"].to(device),
-            negative_prompt_embeds_2=negative["encoder_hidden_states_2"].to(device, dtype),
-            negative_prompt_embeds_mask_2=negative["encoder_attention_mask_2"].to(device),
-            num_frames=num_frames or self.default_num_frames, height=height or self.default_height,
-            width=width or self.default_width, num_inference_steps=num_inference_steps, generator=generator,
-            output_type="pt", **pipeline_options,
-        ).frames
-        return frames.float().clamp(0, 1)
+        videos = []
+        for index, prompt_generator in enumerate(generators):
+            videos.append(pipe(
+                prompt_embeds=positive["encoder_hidden_states"][index:index + 1].to(device, dtype),
+                prompt_embeds_mask=positive["encoder_attention_mask"][index:index + 1].to(device),
+                prompt_embeds_2=positive["encoder_hidden_states_2"][index:index + 1].to(device, dtype),
+                prompt_embeds_mask_2=positive["encoder_attention_mask_2"][index:index + 1].to(device),
+                negative_prompt_embeds=negative["encoder_hidden_states"].to(device, dtype),
+                negative_prompt_embeds_mask=negative["encoder_attention_mask"].to(device),
+                negative_prompt_embeds_2=negative["encoder_hidden_states_2"].to(device, dtype),
+                negative_prompt_embeds_mask_2=negative["encoder_attention_mask_2"].to(device),
+                num_frames=num_frames or self.default_num_frames, height=height or self.default_height,
+                width=width or self.default_width, num_inference_steps=num_inference_steps, generator=prompt_generator,
+                output_type="pt", **pipeline_options,
+            ).frames)
+        return torch.cat(videos).float().clamp(0, 1)
 
     # ------------------------------------------------------------------ random-weight builder
     @classmethod

@@ -30,9 +30,9 @@ noise-level density; configs/t2v_lora.yaml: LoRA targets).
 - conditioning: ``LTX2Pipeline.encode_prompt`` (Gemma 3 12B, ``Gemma3ForConditionalGeneration``:
   every layer's hidden states stacked, left-padded to 1024 tokens) then the pipeline's
   ``connectors`` (``LTX2TextConnectors``), whose video output and attention mask are what the
-  transformer receives (``encoder_hidden_states``, ``encoder_attention_mask``). Both are frozen;
-  Gemma follows ``model.text_encoder_device`` (Gemma 3 12B is 24 GB in bf16), the connectors (1.4B)
-  follow the transformer, where the pipeline runs them; ``model.prompt_cache_size``
+  transformer receives (``encoder_hidden_states``, ``encoder_attention_mask``). Both are frozen
+  and follow ``model.text_encoder_device`` (Gemma 3 12B is 24 GB in bf16; `sample` moves the 1.4B
+  connectors to the transformer's device for the pipeline call only); ``model.prompt_cache_size``
   and ``sipo cache`` keep the (connector) embeddings so Gemma need not run during training.
 - schedule: rectified flow, ``x_t = (1 - sigma) x0 + sigma eps``, target ``u = eps - x0``
   (text_to_video.py: ``video_targets = video_noise - video_latents``); the trainer draws sigma
@@ -255,11 +255,13 @@ class LTX2Adapter(VideoAdapter):
         return [self.vae, self.text_encoder, self.connectors, self.audio_vae, self.vocoder]
 
     def to(self, device: torch.device | str) -> "LTX2Adapter":
-        """Gemma follows ``text_encoder_device``; the connectors (1.4B) follow the transformer, as the pipeline
-        runs them on its execution device."""
+        """Gemma and the connectors (1.4B) follow ``text_encoder_device``; `sample` brings the connectors to
+        the transformer's device for its pipeline call only (the pipeline runs them there)."""
         super().to(device)
-        for module in (self.audio_vae, self.vocoder, self.connectors):
+        for module in (self.audio_vae, self.vocoder):
             module.to(device)
+        if self.text_encoder_device == "auto":
+            self.connectors.to(device)
         return self
 
     # ------------------------------------------------------------------ encoding
@@ -330,7 +332,19 @@ class LTX2Adapter(VideoAdapter):
         embeds, mask, negative, negative_mask = pipe.encode_prompt(
             list(prompts), negative_prompt=[negative_prompt] * len(prompts), do_classifier_free_guidance=True,
             max_sequence_length=self.max_sequence_length, device=text_device)
-        frames = pipe(
+        connectors_device = next(self.connectors.parameters()).device
+        self.connectors.to(device)
+        try:
+            frames = self._pipeline_frames(pipe, embeds, mask, negative, negative_mask, device, dtype, num_frames, height,
+                                           width, num_inference_steps, guidance_scale, generator, pipeline_options)
+        finally:
+            self.connectors.to(connectors_device)
+        return frames.float().clamp(0, 1)
+
+    def _pipeline_frames(self, pipe, embeds, mask, negative, negative_mask, device, dtype, num_frames, height, width,
+                         num_inference_steps, guidance_scale, generator, pipeline_options) -> Tensor:
+        """One ``LTX2Pipeline`` call on Gemma states (the connectors on the transformer's device): ``frames``."""
+        return pipe(
             prompt_embeds=embeds.to(device, dtype), prompt_attention_mask=mask.to(device),
             negative_prompt_embeds=negative.to(device, dtype), negative_prompt_attention_mask=negative_mask.to(device),
             num_frames=num_frames or self.default_num_frames, height=height or self.default_height,
@@ -338,7 +352,6 @@ class LTX2Adapter(VideoAdapter):
             guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
             generator=generator, output_type="pt", max_sequence_length=self.max_sequence_length, **pipeline_options,
         ).frames
-        return frames.float().clamp(0, 1)
 
     # ------------------------------------------------------------------ random-weight builder
     @classmethod

@@ -316,17 +316,18 @@ class HunyuanVideo15Adapter(VideoAdapter):
         negative = self.encode_prompts([negative_prompt])
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         pipe = self.pipeline(guider=ClassifierFreeGuidance(guidance_scale=scale))
+        def trimmed(encoded: Conditioning, rows: slice, prefix: str) -> dict[str, Tensor]:
+            # the padding masked in every row takes no part in the transformer's attention (see `predict`)
+            states, mask = drop_shared_padding(encoded["encoder_hidden_states"][rows], encoded["encoder_attention_mask"][rows])
+            states_2, mask_2 = drop_shared_padding(encoded["encoder_hidden_states_2"][rows], encoded["encoder_attention_mask_2"][rows])
+            return {f"{prefix}prompt_embeds": states.to(device, dtype), f"{prefix}prompt_embeds_mask": mask.to(device),
+                    f"{prefix}prompt_embeds_2": states_2.to(device, dtype), f"{prefix}prompt_embeds_mask_2": mask_2.to(device)}
+
+        unconditional = trimmed(negative, slice(0, 1), "negative_")
         videos = []
         for index, prompt_generator in enumerate(generators):
             videos.append(pipe(
-                prompt_embeds=positive["encoder_hidden_states"][index:index + 1].to(device, dtype),
-                prompt_embeds_mask=positive["encoder_attention_mask"][index:index + 1].to(device),
-                prompt_embeds_2=positive["encoder_hidden_states_2"][index:index + 1].to(device, dtype),
-                prompt_embeds_mask_2=positive["encoder_attention_mask_2"][index:index + 1].to(device),
-                negative_prompt_embeds=negative["encoder_hidden_states"].to(device, dtype),
-                negative_prompt_embeds_mask=negative["encoder_attention_mask"].to(device),
-                negative_prompt_embeds_2=negative["encoder_hidden_states_2"].to(device, dtype),
-                negative_prompt_embeds_mask_2=negative["encoder_attention_mask_2"].to(device),
+                **trimmed(positive, slice(index, index + 1), ""), **unconditional,
                 num_frames=num_frames or self.default_num_frames, height=height or self.default_height,
                 width=width or self.default_width, num_inference_steps=num_inference_steps, generator=prompt_generator,
                 output_type="pt", **pipeline_options,

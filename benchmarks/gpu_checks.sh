@@ -24,6 +24,8 @@
 #   conditioned (issue 28, not in the default set): full-size random LoRA steps of the families that take an
 #   input image, each at its usual size (s/step, peak memory): Qwen-Image-Edit-Plus 1024 px (bf16 base),
 #   Wan2.2-TI2V-5B image-to-video 704x1280x121 (bf16), Wan2.2-I2V-A14B 480p x 81 (fp8 base): PARTS=conditioned
+#   ltx2, hunyuanvideo15 (issue 28, not in the default set): a full-size random LoRA step of each at its usual clip,
+#   bf16 and fp8 base (s/step, peak memory): PARTS="ltx2 hunyuanvideo15" bash benchmarks/gpu_checks.sh
 # Offline machines: wheels in .whl/ are installed to /tmp/site first; a digits base in
 # .gpu/digits_base (runs/demo/base after `make demo`) is used by the precision check.
 set -u
@@ -99,8 +101,16 @@ want conditioned && ( for run in "qwenimage-edit-1024 bf16" "wan22-ti2v-5b-i2v b
     set -- $run; echo "== $1 ($2 base)"
     timeout "${CONDITIONED_S:-240}" $PY benchmarks/video_memory.py step --family "$1" --device cuda --full --frozen-dtype "$2" 2>&1 | tail -n 3
   done ) > "$OUT/conditioned.log" 2>&1 &
+# issue 28, not in the default set (PARTS="ltx2 hunyuanvideo15"): full-size random LTX-2 (19B, video-only step at
+# 121 x 512 x 768, bf16 then fp8 base) and HunyuanVideo 1.5 480p t2v (8.3B, 121 x 480 x 848): s/step and peak memory
+want ltx2 && ( for frozen in bf16 fp8; do echo "== ltx2 $frozen 121x512x768"
+  timeout "${LTX2_S:-300}" $PY benchmarks/video_memory.py step --family ltx2 --device cuda --full --frozen-dtype $frozen 2>&1 | tail -n 3
+  done ) > "$OUT/ltx2.log" 2>&1 &
+want hunyuanvideo15 && ( for frozen in bf16 fp8; do echo "== hunyuanvideo15 $frozen 121x480x848"
+  timeout "${HUNYUAN_S:-300}" $PY benchmarks/video_memory.py step --family hunyuanvideo15 --device cuda --full --frozen-dtype $frozen 2>&1 | tail -n 3
+  done ) > "$OUT/hunyuanvideo15.log" 2>&1 &
 wait
 stamp "done"
-for part in pytest video_memory sdxl_memory flux_memory flow2_memory z_precision wan22 pairs_noise compile_check conditioned; do
+for part in pytest video_memory sdxl_memory flux_memory flow2_memory z_precision wan22 pairs_noise compile_check conditioned ltx2 hunyuanvideo15; do
   [ -f "$OUT/$part.log" ] && { echo "===== $part"; tail -n 25 "$OUT/$part.log"; }
 done

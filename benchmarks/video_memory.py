@@ -6,6 +6,10 @@
     python benchmarks/video_memory.py step --family cogvideox-2b --device cuda --full
     # Wan2.2 and Qwen-Image (issue 19): --families wan22-ti2v-5b wan22-a14b-480p wan22-a14b-720p qwenimage-1328
     # conditioned (issue 28): --families qwenimage-edit-1024 wan22-i2v-a14b-480p wan22-i2v-a14b-720p wan22-ti2v-5b-i2v
+    # LTX-2 and HunyuanVideo 1.5 (issue 28): --families ltx2 hunyuanvideo15; or each point alone, then fit:
+    #   for L in 1 2; do for g in "3 16 24" "5 24 32"; do python benchmarks/video_memory.py step --family ltx2 \
+    #     --layers $L --grid $g | tail -1 >> ltx2_points.jsonl; done; done   (with MALLOC_MMAP_THRESHOLD_=65536)
+    #   python benchmarks/video_memory.py fit --family ltx2 --points ltx2_points.jsonl
 
 One step is what the trainer does for one pair: the policy (LoRA on) on winner and loser with
 gradients, the reference (LoRA off) on both under no_grad, the SIPO weights, backward through
@@ -75,7 +79,16 @@ TARGETS = {
     "wan22-i2v-a14b-720p": Target("wan_i2v", "2.2-i2v-a14b", 21, 90, 160, 512),
     # Wan2.2-TI2V-5B image-to-video at 704 x 1280 x 121: 31 latent frames in the sequence, the first one clean
     "wan22-ti2v-5b-i2v": Target("wan_i2v", "2.2-ti2v-5b", 31, 44, 80, 512),
+    # LTX-2 at LTX2Pipeline's 121 x 512 x 768 -> 16 x 16 x 24 latents (its VAE: 8x time, 32x space; patch 1:
+    # 6144 tokens); 1024 connector tokens by cross-attention; video only (one zero audio token, as the adapter)
+    "ltx2": Target("ltx2", "2.0", 16, 16, 24, 1024),
+    # HunyuanVideo 1.5 480p t2v at its pipeline's 121 x 480 x 848 -> 31 x 30 x 53 latents (VAE: 4x time, 16x
+    # space; patch 1: 49290 tokens) in one joint sequence with the prompt: the adapter drops the padding, so a
+    # 128-token Qwen prompt, one (masked) ByT5 and one (masked) image token
+    "hunyuanvideo15": Target("hunyuanvideo15", "480p-t2v", 31, 30, 53, 128),
 }
+#: LoRA rank of the packaged config where it is not 64 (configs/ltx2_lora.yaml: 32, as Lightricks' t2v_lora.yaml)
+LORA_RANKS = {"ltx2": 32}
 #: latent (frames, height, width) of the CPU scan points: 2 token counts
 SCAN_GRIDS = [(3, 16, 24), (5, 24, 32)]
 #: Qwen-Image's scan points: one frame, 144 and 576 image tokens
@@ -104,6 +117,14 @@ def transformer_config(target: Target, layers: int | None) -> dict:
         from sipo.models.wan_i2v import FULL_I2V_A14B_TRANSFORMER_CONFIG
 
         config = dict(FULL_I2V_A14B_TRANSFORMER_CONFIG)
+    elif target.family == "ltx2":
+        from sipo.models.ltx2 import FULL_TRANSFORMER_CONFIG as LTX2_CONFIG
+
+        config = dict(LTX2_CONFIG)
+    elif target.family == "hunyuanvideo15":
+        from sipo.models.hunyuanvideo15 import FULL_TRANSFORMER_CONFIG as HUNYUAN_CONFIG
+
+        config = dict(HUNYUAN_CONFIG)
     else:
         from sipo.models.wan import WanAdapter
 
@@ -124,6 +145,10 @@ def experts(target: Target) -> int:
 
 def tokens_per_sequence(target: Target, grid: tuple[int, int, int]) -> int:
     frames, height, width = grid
+    if target.family == "ltx2":  # patch size 1: a token per latent voxel; text by cross-attention
+        return frames * height * width
+    if target.family == "hunyuanvideo15":  # patch size 1; the prompt, one ByT5 and one image token join the sequence
+        return frames * height * width + target.text_tokens + 2
     patches = frames * (height // 2) * (width // 2)
     if target.family == "qwenimage_edit":  # the input image's tokens (as large as the output's) join the sequence
         patches *= 2
@@ -190,6 +215,24 @@ def build_adapter(target: Target, layers: int | None, device: torch.device, dtyp
             scheduler = UniPCMultistepScheduler(**dict(FULL_SCHEDULER_CONFIG, flow_shift=extras["flow_shift"]))
             adapter = WanI2VAdapter(transformer, vae, None, None, scheduler, transformer_2=second,
                                     boundary_ratio=extras.get("boundary_ratio"), expand_timesteps=extras.get("expand_timesteps", False))
+        elif target.family == "ltx2":
+            from diffusers import AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
+
+            from sipo.models.ltx2 import FULL_SCHEDULER_CONFIG, TINY_VAE_CONFIG, LTX2Adapter
+
+            transformer = LTX2VideoTransformer3DModel(**config).to(dtype)
+            vae = AutoencoderKLLTX2Video(**TINY_VAE_CONFIG)  # only its compression ratios are read
+            adapter = LTX2Adapter(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(**FULL_SCHEDULER_CONFIG),
+                                  connectors=None, audio_vae=None, vocoder=None)
+        elif target.family == "hunyuanvideo15":
+            from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
+
+            from sipo.models.hunyuanvideo15 import FULL_SCHEDULER_CONFIG, TINY_VAE_CONFIG, HunyuanVideo15Adapter
+
+            transformer = HunyuanVideo15Transformer3DModel(**config).to(dtype)
+            vae = AutoencoderKLHunyuanVideo15(**TINY_VAE_CONFIG)  # only its compression ratios are read
+            adapter = HunyuanVideo15Adapter(transformer, vae, None, None, FlowMatchEulerDiscreteScheduler(**FULL_SCHEDULER_CONFIG),
+                                            text_encoder_2=None, tokenizer_2=None)
         else:
             from sipo.models.wan import FULL_SCHEDULER_CONFIG, WanAdapter
 
@@ -234,6 +277,7 @@ def measure_step(
     from sipo.preference import compute_pair_terms, draw_pair_noise
 
     adapter = build_adapter(target, layers, device, dtype)
+    rank = LORA_RANKS.get(target.family, rank)
     config = load_config(None, [f"train.lora_rank={rank}", f"train.lora_alpha={rank}"])
     add_lora(adapter, config)
     for name, param in adapter.denoiser.named_parameters():
@@ -252,6 +296,10 @@ def measure_step(
     elif target.family == "wan_i2v":  # x0: the noisy latents only (TI2V: the frames after the clean first one)
         shape = (1, model_config.out_channels, frames - 1 if adapter.expand_timesteps else frames, height, width)
         text_dim = model_config.text_dim
+    elif target.family == "ltx2":  # the connectors' output, caption_channels wide, before the caption projection
+        shape, text_dim = (1, model_config.in_channels, frames, height, width), model_config.caption_channels
+    elif target.family == "hunyuanvideo15":  # x0 has the 32 latent channels; the condition channels are added
+        shape, text_dim = (1, model_config.out_channels, frames, height, width), model_config.text_embed_dim
     else:
         channels = model_config.in_channels
         shape = (1, frames, channels, height, width) if target.family == "cogvideox" else (1, channels, frames, height, width)
@@ -267,6 +315,12 @@ def measure_step(
         condition = (1, shape[1], 1, height, width) if adapter.expand_timesteps else shape
         conditioning["first_frame" if adapter.expand_timesteps else "image_condition"] = torch.randn(
             condition, generator=generator).to(device)
+    if target.family == "ltx2":  # LTX-2's connectors replace padding with registers: every token attends
+        conditioning["encoder_attention_mask"] = torch.ones(1, target.text_tokens, device=device)
+    if target.family == "hunyuanvideo15":  # the prompt's valid tokens; no quoted text: one masked ByT5 token
+        conditioning["encoder_attention_mask"] = torch.ones(1, target.text_tokens, device=device)
+        conditioning["encoder_hidden_states_2"] = torch.zeros(1, 1, model_config.text_embed_2_dim, device=device, dtype=dtype)
+        conditioning["encoder_attention_mask_2"] = torch.zeros(1, 1, device=device)
     encoded = EncodedPairs(
         torch.randn(shape, generator=generator).to(device),
         torch.randn(shape, generator=generator).to(device),
@@ -352,10 +406,17 @@ def fit_and_extrapolate(points: list[dict], target: Target) -> dict:
 
 
 def _transformer_class(target: Target):
-    from diffusers import CogVideoXTransformer3DModel, QwenImageTransformer2DModel, WanTransformer3DModel
+    from diffusers import (
+        CogVideoXTransformer3DModel, LTX2VideoTransformer3DModel, QwenImageTransformer2DModel, WanTransformer3DModel,
+    )
 
     return {"cogvideox": CogVideoXTransformer3DModel, "qwenimage": QwenImageTransformer2DModel,
             "qwenimage_edit": QwenImageTransformer2DModel}.get(target.family, WanTransformer3DModel)
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return {"cogvideox": CogVideoXTransformer3DModel, "qwenimage": QwenImageTransformer2DModel,
+            "ltx2": LTX2VideoTransformer3DModel, "hunyuanvideo15": HunyuanVideo15Transformer3DModel}.get(
+        target.family, WanTransformer3DModel)
 
 
 def _full_parameter_count(target: Target) -> int:
@@ -376,6 +437,9 @@ def main() -> None:
     scan = commands.add_parser("scan", help="CPU: measure small points in subprocesses, fit, extrapolate")
     scan.add_argument("--families", nargs="+", default=["cogvideox-2b", "wan"], choices=sorted(TARGETS))
     scan.add_argument("--json", type=Path, default=None, help="also write the points and estimates here")
+    fit = commands.add_parser("fit", help="fit and extrapolate from step outputs saved as JSON lines (points run one by one)")
+    fit.add_argument("--family", choices=sorted(TARGETS), required=True)
+    fit.add_argument("--points", type=Path, required=True, help="a file of `step` JSON outputs, one per line")
     one = commands.add_parser("step", help="measure one configuration in this process (prints JSON)")
     one.add_argument("--family", choices=sorted(TARGETS), required=True)
     one.add_argument("--layers", type=int, default=None, help="blocks (default: the full model's)")
@@ -393,6 +457,11 @@ def main() -> None:
         device = torch.device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         print(json.dumps(measure_step(target, layers, grid, device, dtype, frozen_dtype=args.frozen_dtype)))
+        return
+
+    if args.command == "fit":
+        points = [json.loads(line) for line in args.points.read_text().splitlines() if line.strip()]
+        print(json.dumps(fit_and_extrapolate(points, TARGETS[args.family]), indent=2))
         return
 
     report = {}

@@ -28,6 +28,8 @@ def test_accelerate_configs_parse_with_accelerates_own_loader(path):
         ("wan21_1.3b_lora.yaml", "wan", 81, 16, (480, 832)),
         ("wan22_ti2v_5b_lora.yaml", "wan", 121, 24, (704, 1280)),
         ("wan22_t2v_a14b_lora.yaml", "wan", 81, 16, (480, 832)),
+        ("ltx2_lora.yaml", "ltx2", 121, 24, (512, 768)),
+        ("hunyuanvideo15_lora.yaml", "hunyuanvideo15", 121, 24, (480, 848)),
     ],
 )
 def test_video_configs_use_each_models_format_and_keep_the_text_encoder_off_the_gpu(name, family, frames, fps, size):

@@ -142,10 +142,14 @@ def test_sdxl_cache_carries_each_pairs_time_ids_in_both_orientations(sdxl_runs):
 @pytest.fixture(scope="module")
 def video_dirs(tmp_path_factory) -> dict[str, Path]:
     from sipo.models.cogvideox import CogVideoXAdapter
+    from sipo.models.hunyuanvideo15 import HunyuanVideo15Adapter
+    from sipo.models.ltx2 import LTX2Adapter
     from sipo.models.wan import WanAdapter
 
     return {"wan": WanAdapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_wan")),
-            "cogvideox": CogVideoXAdapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_cogvideox"), variant="5b")}
+            "cogvideox": CogVideoXAdapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_cogvideox"), variant="5b"),
+            "ltx2": LTX2Adapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_ltx2")),
+            "hunyuanvideo15": HunyuanVideo15Adapter.build_random_pipeline(tmp_path_factory.mktemp("tiny_hunyuanvideo15"))}
 
 
 def _video_config(family: str, model_dir: Path, manifest: Path, output_dir: Path, **extra):
@@ -154,7 +158,7 @@ def _video_config(family: str, model_dir: Path, manifest: Path, output_dir: Path
     return load_config(None, video_overrides(family, model_dir, manifest, output_dir, **values))
 
 
-@pytest.fixture(scope="module", params=["wan", "cogvideox"])
+@pytest.fixture(scope="module", params=["wan", "cogvideox", "ltx2", "hunyuanvideo15"])
 def video_runs(request, video_dirs, tmp_path_factory):
     """`sipo cache` on mp4 pairs, then 3 steps from the clips and 3 from the cache with T5/UMT5 replaced by
     a module that raises."""
@@ -260,7 +264,7 @@ def _sample_each_family(family: str, model_dir: Path, prompts: list[str], seeds:
     return adapter.sample(prompts, generator=generators, num_inference_steps=2, guidance_scale=5.0, **sizes)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "wan", "cogvideox"])
+@pytest.mark.parametrize("family", ["sdxl", "wan", "cogvideox", "ltx2", "hunyuanvideo15"])
 def test_sample_takes_one_generator_per_prompt(family, sdxl_dir, video_dirs):
     """What `sipo eval` relies on: picture (prompt, seed) is the same alone or in a batch, whatever its neighbours."""
     model_dir = sdxl_dir if family == "sdxl" else video_dirs[family]

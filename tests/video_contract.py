@@ -73,6 +73,8 @@ class VideoFamilyContract:
     #: what the family's transformer predicts ("v_prediction" or "flow"), stated by its test module
     #: rather than read from the adapter, so a wrong schedule fails the log w check
     prediction_kind: str = ""
+    #: low, middle and high noise for the log w check; each must have a previous inference step (b_s > 0)
+    log_w_timesteps: tuple[int, int, int] = (25, 500, 999)
     #: the test module's fixture `model_dir` gives the saved tiny pipeline
 
     @pytest.fixture(scope="class")
@@ -207,7 +209,7 @@ class VideoFamilyContract:
         """At low, middle and high noise the trainer's log w equals an independent float64 reference."""
         generator = torch.Generator().manual_seed(0)
         shape = adapter.encode_images(torch.zeros(1, TINY_FRAMES, 3, TINY_SIZE, TINY_SIZE)).shape[1:]
-        timesteps = torch.tensor([25, 500, 999])
+        timesteps = torch.tensor(self.log_w_timesteps)
         x0_w, x0_l = (torch.randn(3, *shape, generator=generator) for _ in range(2))
         noise = PairNoise(timesteps, torch.randn(3, *shape, generator=generator), torch.randn(3, *shape, generator=generator))
         cond = adapter.encode_prompts(["a cat", "a dog", "a red cat"])

@@ -218,7 +218,7 @@ def prepare_model(
     ``checkpoint`` to load (default its newest intact one), the one the outputs are keyed by.
     """
     if adapter is None:
-        adapter = adapter_from_config(config.model)
+        adapter = adapter_from_config(config.model, config.data)
     adapter.freeze_encoders()
     finetune = config.train.finetune
     if checkpoint is not None:

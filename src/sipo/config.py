@@ -117,8 +117,10 @@ NOISE_PREDICTION_FAMILIES = ("sd15", "sdxl", "cogvideox", "digits")
 
 @dataclass
 class ModelConfig:
-    family: str = _help("model family: sd15, sdxl, flux, sd3, qwenimage (images), cogvideox, wan (videos: Wan2.1 and Wan2.2, "
-                       "TI2V-5B and the two-expert T2V-A14B) or digits (the demo's); see sipo.models.FAMILIES", default="sd15")
+    family: str = _help("model family: sd15, sdxl, flux, flux2, sd3, qwenimage, zimage (images), qwenimage_edit (editing: "
+                       "pairs share an input image), cogvideox, wan (videos: Wan2.1 and Wan2.2, TI2V-5B and the two-expert "
+                       "T2V-A14B), wan_i2v (Wan2.2 image-to-video), ltx2, hunyuanvideo15, or digits (the demo's); see "
+                       "sipo.models.FAMILIES", default="sd15")
     pretrained_path: str = _help(
         "local diffusers pipeline directory (or hub id where online)", default=""
     )
@@ -337,7 +339,7 @@ class ObjectiveConfig:
     weight_model: str = _help("model whose prediction defines p_theta in w: policy or reference", default="policy")
     weight_step: str = _help("s of docs/spec.md section 3: inference = previous step of the model.num_inference_steps grid; adjacent = t - 1", default="inference")
     # training noise levels (docs/spec.md section 10; the SD3 paper's densities, diffusers' flow LoRA scripts)
-    timestep_sampling: str = _help("how t is drawn: uniform over [0, T) (every family's default), logit_normal or mode (SD3 paper section 3.1, on the family's own sigma grid)", default="uniform")
+    timestep_sampling: str = _help("how t is drawn: uniform over [0, T) (every family's default), logit_normal or mode (SD3 paper section 3.1, on the family's own sigma grid); ltx2: the LTX-2 trainer's shifted logit-normal + 10% uniform (model.family=ltx2 only)", default="uniform")
     logit_mean: float = _help("timestep_sampling=logit_normal: mean of the normal whose sigmoid is the noise-level fraction", default=0.0)
     logit_std: float = _help("timestep_sampling=logit_normal: its standard deviation", default=1.0)
     mode_scale: float = _help("timestep_sampling=mode: the SD3 paper's scale s (1.29 as diffusers' scripts; 0 is uniform)", default=1.29)
@@ -377,7 +379,7 @@ class ObjectiveConfig:
         _choice("objective.pair_weight", self.pair_weight, ("product", "min", "mean"))
         _choice("objective.weight_model", self.weight_model, ("policy", "reference"))
         _choice("objective.weight_step", self.weight_step, ("inference", "adjacent"))
-        _choice("objective.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal", "mode"))
+        _choice("objective.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal", "mode", "ltx2"))
         _choice("objective.noise", self.noise, ("shared", "stored"))
         if self.logit_std <= 0:
             raise SipoError(f"objective.logit_std must be positive, got {self.logit_std}")
@@ -884,6 +886,9 @@ def check_values(config: SipoConfig) -> None:
     if not tc.output_dir:  # Path("") is the working directory: a run would write among the user's files
         raise SipoError("train.output_dir is empty, which would write the run into the working directory; "
                         "set it to a directory of its own, e.g. train.output_dir=runs/my-run")
+    if config.objective.timestep_sampling == "ltx2" and config.model.family != "ltx2":
+        raise SipoError("objective.timestep_sampling=ltx2 is the LTX-2 trainer's density over LTX-2's token count and "
+                        "unshifted sigmas; set model.family=ltx2, or objective.timestep_sampling=uniform")
     if tc.keep_best == "held_out_accuracy" and not (config.data.validation_path or config.data.validation_fraction):
         raise SipoError("train.keep_best=held_out_accuracy needs held-out pairs; set data.validation_fraction "
                         "(e.g. 0.05) or data.validation_path")

@@ -778,7 +778,7 @@ def run_eval(config, options: EvalOptions) -> list[ScorerSummary]:
             print(f"sipo: {moved}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    adapter = adapter_from_config(config.model).to(device)
+    adapter = adapter_from_config(config.model, config.data).to(device)
 
     def cast(model: DiffusionAdapter) -> None:
         prepare_for_sampling(model, options.dtype)

@@ -183,8 +183,43 @@ def reference_predictor(adapter: DiffusionAdapter, denoiser: nn.Module, referenc
     return reference_predict
 
 
-#: ``objective.timestep_sampling``: how the trainer draws ``t`` (SPEC 10; Esser et al. 2024, SD3 paper 3.1)
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
+#: ``objective.timestep_sampling``: how the trainer draws ``t`` (SPEC 10; Esser et al. 2024, SD3 paper 3.1;
+#: ``ltx2``: Lightricks' LTX-2 trainer, `ltx2_sigmas`)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "ltx2")
+
+
+def ltx2_shift(tokens: int, min_tokens: int = 1024, max_tokens: int = 4096, min_shift: float = 0.95,
+               max_shift: float = 2.05) -> float:
+    """The mean of LTX-2's logit-normal noise level: linear in the video's token count through
+    (1024, 0.95) and (4096, 2.05), ``1.5`` at 2560; not clamped outside that range, as in the trainer
+    (ltx-trainer timestep_samplers.py ``_get_shift_for_sequence_length``): 6144 tokens give 2.78."""
+    slope = (max_shift - min_shift) / (max_tokens - min_tokens)
+    return min_shift + slope * (tokens - min_tokens)
+
+
+#: the trainer's stretch bounds: the 99.9th and 0.5th percentiles of the standard normal (times std)
+LTX2_UPPER_QUANTILE, LTX2_LOWER_QUANTILE = 3.0902, -2.5758
+
+
+def ltx2_sigmas(normal: Tensor, uniform: Tensor, coin: Tensor, tokens: int, std: float = 1.0, eps: float = 1e-3,
+                uniform_prob: float = 0.1) -> Tensor:
+    """LTX-2's training noise levels ``sigma`` in ``[0, 1]`` from standard draws (ltx-trainer
+    ShiftedLogitNormalTimestepSampler, its defaults std 1, eps 1e-3, uniform_prob 0.1).
+
+    ``normal``, ``uniform``, ``coin``: ``N(0, 1)``, ``U[0, 1)``, ``U[0, 1)`` draws, one per sample. With
+    ``mu = ltx2_shift(tokens)``: ``l = sigmoid(mu + std * normal)``, stretched between the logit-normal's
+    0.5th and 99.9th percentiles, ``z = (l - sigmoid(mu - 2.5758 std)) / (sigmoid(mu + 3.0902 std) -
+    sigmoid(mu - 2.5758 std))``, reflected below ``eps`` (``2 eps - z``) and clamped to ``[0, 1]``; where
+    ``coin <= uniform_prob`` (10%) the level is ``eps + (1 - eps) * uniform`` instead. So for
+    ``eps <= x < 1`` the CDF is ``0.1 (x - eps) / (1 - eps) + 0.9 P(2 eps - x <= z <= x)``.
+    """
+    mu = ltx2_shift(tokens)
+    upper = torch.sigmoid(torch.tensor(mu + LTX2_UPPER_QUANTILE * std, dtype=torch.float64))
+    lower = torch.sigmoid(torch.tensor(mu + LTX2_LOWER_QUANTILE * std, dtype=torch.float64))
+    z = (torch.sigmoid(normal.double() * std + mu) - lower) / (upper - lower)
+    stretched = torch.where(z >= eps, z, 2 * eps - z).clamp(0.0, 1.0)
+    flat = (1.0 - eps) * uniform.double() + eps
+    return torch.where(coin.double() > uniform_prob, stretched, flat)
 
 
 def sample_noise_level_fractions(
@@ -205,6 +240,22 @@ def sample_noise_level_fractions(
         v = torch.rand((count,), generator=generator, dtype=torch.float64)
         return 1.0 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1.0 + v)
     raise ValueError(f"sampling must be logit_normal or mode here, got {sampling!r}")
+
+
+def _ltx2_timesteps(x0_shape: torch.Size, num_train_timesteps: int, generator: torch.Generator, t_low: int,
+                    t_high: int) -> Tensor:
+    """`ltx2_sigmas` for a batch of LTX-2 latents ``[B, C, F, h, w]`` (patch size 1: ``F h w`` tokens), as
+    the nearest training index of the unshifted grid ``sigma_t = (t + 1) / T``: ``t = round(sigma T) - 1``."""
+    if len(x0_shape) != 5:
+        raise ValueError(f"timestep_sampling='ltx2' draws for LTX-2 video latents [B, C, F, h, w], got {tuple(x0_shape)}")
+    if (t_low, t_high) != (0, num_train_timesteps):
+        raise ValueError(f"timestep_sampling='ltx2' draws over all {num_train_timesteps} timesteps only")
+    batch = x0_shape[0]
+    normal = torch.randn((batch,), generator=generator, dtype=torch.float64)
+    uniform = torch.rand((batch,), generator=generator, dtype=torch.float64)
+    coin = torch.rand((batch,), generator=generator, dtype=torch.float64)
+    sigma = ltx2_sigmas(normal, uniform, coin, math.prod(x0_shape[2:]))
+    return (sigma * num_train_timesteps).round().long().sub(1).clamp(0, num_train_timesteps - 1)
 
 
 def draw_pair_noise(
@@ -231,6 +282,8 @@ def draw_pair_noise(
     batch = x0_shape[0]
     if timestep_sampling == "uniform":
         timesteps = torch.randint(t_low, t_high, (batch,), generator=generator)
+    elif timestep_sampling == "ltx2":
+        timesteps = _ltx2_timesteps(x0_shape, num_train_timesteps, generator, t_low, t_high)
     elif timestep_sampling in TIMESTEP_SAMPLINGS:
         if (t_low, t_high) != (0, num_train_timesteps):
             raise ValueError(f"timestep_sampling={timestep_sampling!r} draws over all {num_train_timesteps} timesteps only")

@@ -339,3 +339,73 @@ def shifted_grid_flow_schedule(
         a=schedule.a, b=schedule.b, prediction_type="flow", num_inference_steps=num_inference_steps,
         inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
     )
+
+
+def terminal_stretch(sigma: Tensor, last: float, shift_terminal: float | None) -> Tensor:
+    """FlowMatchEulerDiscreteScheduler's ``stretch_shift_to_terminal``: ``1 - (1 - sigma) / c`` with
+    ``c = (1 - last) / (1 - shift_terminal)``, so the grid's last sigma ``last`` lands on ``shift_terminal``.
+    ``shift_terminal`` None or 0: unchanged."""
+    if not shift_terminal:
+        return sigma
+    return 1.0 - (1.0 - sigma) * (1.0 - shift_terminal) / (1.0 - last)
+
+
+def ltx2_flow_schedule(
+    num_train_timesteps: int = 1000, mu: float = 2.05, shift_terminal: float | None = 0.1, num_inference_steps: int = 30
+) -> GaussianSchedule:
+    """Rectified flow trained on unshifted sigmas, sampled on LTX2Pipeline's shifted, stretched grid (LTX-2).
+
+    Training: ``sigma_t = (t + 1) / T`` (Lightricks' trainer draws sigma itself, unshifted), ``a = 1 - sigma``,
+    ``b = sigma``. Inference (LTX2Pipeline with its scheduler config): ``tau_k = linspace(1, 1/n, n)``,
+    ``sigma_k = g(tau_k)``, ``g(tau) = stretch(exponential_time_shift(mu, tau))`` where `terminal_stretch` takes
+    the last point ``exponential_time_shift(mu, 1/n)`` to ``shift_terminal`` (0.1); then 0. Below the last
+    point ``g`` is the straight line ``g(tau) = shift_terminal * n * tau`` to ``g(0) = 0`` (the stretched curve
+    itself goes negative there). The previous step ``s`` of SPEC 3 is one step lower in ``tau``:
+    ``sigma_s = g(g^-1(sigma_t) - 1/n)``, 0 where that is ``<= 0`` (past the last step, where the weight is
+    undefined). On the grid's points this is exactly the next inference sigma.
+    """
+    sigma = flow_sigmas(num_train_timesteps, 1.0)
+    n = num_inference_steps
+    last = float(exponential_time_shift(mu, torch.tensor([1.0 / n]))[0])
+
+    def inverse_shift(value: Tensor) -> Tensor:  # tau with exponential_time_shift(mu, tau) = value in (0, 1]
+        return 1.0 / (1.0 + math.exp(mu) * (1.0 / value - 1.0))
+
+    if shift_terminal:
+        shifted = 1.0 - (1.0 - sigma) * (1.0 - last) / (1.0 - shift_terminal)  # the stretch inverted
+        on_curve = sigma >= shift_terminal
+        tau = torch.where(on_curve, inverse_shift(torch.where(on_curve, shifted, torch.ones_like(shifted))),
+                          sigma / (shift_terminal * n))
+    else:
+        tau = inverse_shift(sigma)
+    tau_s = tau - 1.0 / n
+    curve = terminal_stretch(exponential_time_shift(mu, tau_s), last, shift_terminal)
+    line = (shift_terminal or 0.0) * n * tau_s
+    sigma_s = torch.where(tau_s >= 1.0 / n, curve, line) if shift_terminal else curve
+    sigma_s = torch.where(tau_s > 0, sigma_s, torch.zeros_like(sigma_s))
+    return GaussianSchedule(
+        a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
+        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    )
+
+
+def two_shift_flow_schedule(
+    num_train_timesteps: int = 1000, train_shift: float = 3.0, inference_shift: float = 5.0, num_inference_steps: int = 50
+) -> GaussianSchedule:
+    """Rectified flow trained on one constant shift and sampled on another (HunyuanVideo 1.5).
+
+    Training: ``sigma_t = shift_train(u_t)``, ``u_t = (t + 1) / T``, ``shift_c(u) = c u / (1 + (c - 1) u)``
+    (`flow_sigmas`; Tencent's train.py shifts its noise levels by ``train_timestep_shift`` 3.0). Inference
+    (HunyuanVideo15Pipeline): ``tau_k = linspace(1, 0, n + 1)[:-1] = 1 - k / n``, ``sigma_k =
+    shift_inference(tau_k)`` (its FlowMatchEulerDiscreteScheduler's ``shift``, 5.0 at 480p), then 0. The
+    previous step ``s`` of SPEC 3 is one step lower in ``tau``: ``tau_t = shift_inference^-1(sigma_t)``,
+    ``1 / tau_t = 1 + c (1 / sigma_t - 1)``, ``sigma_s = shift_inference(tau_t - 1/n)`` (0 past the last
+    step). On the grid's own points this is exactly the next smaller inference sigma.
+    """
+    sigma = flow_sigmas(num_train_timesteps, train_shift)
+    tau = 1.0 / (1.0 + inference_shift * (1.0 / sigma - 1.0))
+    sigma_s = exponential_time_shift(math.log(inference_shift), tau - 1.0 / num_inference_steps)
+    return GaussianSchedule(
+        a=1.0 - sigma, b=sigma, prediction_type="flow", num_inference_steps=num_inference_steps,
+        inference_previous_a=1.0 - sigma_s, inference_previous_b=sigma_s,
+    )

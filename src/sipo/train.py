@@ -709,7 +709,7 @@ def build_model(config: SipoConfig, adapter: DiffusionAdapter | None) -> tuple[D
     (``None`` here), for a full fine-tune a frozen copy of the denoiser."""
     tc = config.train
     if adapter is None:
-        adapter = adapter_from_config(config.model)
+        adapter = adapter_from_config(config.model, config.data)
     adapter.freeze_encoders()
     reference_denoiser = None
     if tc.finetune == "lora":

@@ -21,6 +21,8 @@ FAMILIES: dict[str, str] = {
     "flux2": "sipo.models.flux2:Flux2Adapter",
     "zimage": "sipo.models.zimage:ZImageAdapter",
     "qwenimage_edit": "sipo.models.qwenimage_edit:QwenImageEditPlusAdapter",
+    "ltx2": "sipo.models.ltx2:LTX2Adapter",
+    "hunyuanvideo15": "sipo.models.hunyuanvideo15:HunyuanVideo15Adapter",
 }
 
 
@@ -40,8 +42,16 @@ def load_adapter(family: str, path: str, **options) -> DiffusionAdapter:
     return cls.from_pretrained(path, **options)
 
 
-def adapter_from_config(model_config) -> DiffusionAdapter:
-    """Load the adapter a ``ModelConfig`` names, its encoders frozen: what train and analyze start from."""
+def adapter_from_config(model_config, data_config=None) -> DiffusionAdapter:
+    """Load the adapter a ``ModelConfig`` names, its encoders frozen: what train and analyze start from.
+
+    ``data_config`` (the run's ``DataConfig``): the clip size a video family trains and samples at, for a
+    family whose inference grid depends on it (ltx2: the shift grows with the token count); others ignore it.
+    """
+    clip = {}
+    if data_config is not None:
+        clip = dict(num_frames=data_config.num_frames, height=data_config.height or model_config.resolution,
+                    width=data_config.width or model_config.resolution)
     adapter = load_adapter(
         model_config.family,
         model_config.pretrained_path,
@@ -56,6 +66,7 @@ def adapter_from_config(model_config) -> DiffusionAdapter:
         guidance=model_config.guidance,
         # flow families whose scheduler shifts only at inference (flux, qwenimage): train on the shifted grid
         training_sigmas=model_config.training_sigmas,
+        **clip,
     )
     adapter.freeze_encoders()
     return adapter

@@ -71,7 +71,7 @@ class VideoAdapter(DiffusionAdapter):
         self.scheduler = scheduler
         self.text_encoder_device = text_encoder_device
         self.prompt_cache_size = max(0, int(prompt_cache_size))
-        self._prompt_memo: OrderedDict[str, Tensor] = OrderedDict()
+        self._prompt_memo: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
         self._prompt_pipeline = None
 
     # ------------------------------------------------------------------ loading
@@ -145,22 +145,30 @@ class VideoAdapter(DiffusionAdapter):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Prompts -> ``{"encoder_hidden_states": [N, L, dim]}`` on the denoiser's device.
 
-        With ``prompt_cache_size > 0`` each prompt is encoded once while it stays among the
-        ``prompt_cache_size`` most recently used ones (kept in host memory).
+        A family whose ``_encode_prompts_uncached`` returns a dict of ``[N, ...]`` tensors (LTX-2, HunyuanVideo
+        1.5: states and attention masks) gets that dict. With ``prompt_cache_size > 0`` each prompt is encoded
+        once while it stays among the ``prompt_cache_size`` most recently used ones (kept in host memory).
         """
         device = self.device
         if self.prompt_cache_size == 0:
-            return {"encoder_hidden_states": self._encode_prompts_uncached(prompts).to(device)}
+            encoded = self._encode_prompts_uncached(prompts)
+            if isinstance(encoded, dict):
+                return {name: value.to(device) for name, value in encoded.items()}
+            return {"encoder_hidden_states": encoded.to(device)}
         missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_memo))
         if missing:
-            for prompt, embedding in zip(missing, self._encode_prompts_uncached(missing).cpu()):
-                self._prompt_memo[prompt] = embedding
+            encoded = self._encode_prompts_uncached(missing)
+            if not isinstance(encoded, dict):
+                encoded = {"encoder_hidden_states": encoded}
+            for index, prompt in enumerate(missing):
+                self._prompt_memo[prompt] = {name: value[index].cpu() for name, value in encoded.items()}
         for prompt in prompts:
             self._prompt_memo.move_to_end(prompt)
-        stacked = torch.stack([self._prompt_memo[p] for p in prompts]).to(device)
+        names = self._prompt_memo[prompts[0]].keys()
+        stacked = {name: torch.stack([self._prompt_memo[p][name] for p in prompts]).to(device) for name in names}
         while len(self._prompt_memo) > self.prompt_cache_size:
             self._prompt_memo.popitem(last=False)
-        return {"encoder_hidden_states": stacked}
+        return stacked
 
     def check_video_shape(self, videos: Tensor) -> None:
         """Frames ``1 + k * temporal_ratio`` and sides divisible by the VAE's and patch's factors."""

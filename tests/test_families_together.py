@@ -235,7 +235,9 @@ def test_sipo_eval_on_a_video_family_scores_the_frame_average(video_runs, clip_s
     assert base.is_dir() and len(list(base.glob("frame_*.png"))) == 9  # the 9 frames the run trained on, 32x32
     video = load_picture(base)
     assert video.shape == (9, 3, 32, 32)
-    assert (load_picture(aligned) - video).abs().max() > 2 / 255  # the LoRA changed the clip
+    # the LoRA changed the clip: with the base weights the same seeds and sampler give a bit-identical clip, so
+    # any pixel that moved is the LoRA's (3 steps move LTX-2's tiny clip by 1/255 at most)
+    assert (load_picture(aligned) - video).abs().max() > 0
     # the reported score of a clip is the mean of its frames scored one by one as pictures
     scorer = load_scorer("pickscore", str(clip_scorer), torch.device("cpu"))
     by_frame = scorer.score(video, ["a moving gradient 0"] * 9)

@@ -151,17 +151,22 @@ def test_ctrl_c_in_iterates_or_sweeps_training_says_to_rerun_that_command(tiny_s
         return real_step(run, step)
 
     monkeypatch.setattr(train_module, "optimizer_step", signalled_step)
-    with pytest.raises(TrainingInterrupted, match=r"SIGINT in round 0's training after step 1; rerun the same sipo iterate"):
-        iterate(config, IterateOptions(pairs=pairs, out=tmp_path / "rounds", rounds=1, steps_per_round=2))
-    assert (tmp_path / "rounds" / "run" / "checkpoints" / "step-00000001").is_dir()
-    # sipo sweep trains inside itself too: the same sentence, with its own command
-    from sipo.sweep import run_sweep
+    # a test run started in the background (a non-interactive shell's `&`, some CI runners) inherits SIGINT
+    # ignored, and sipo leaves an ignored signal ignored: give this process the terminal's Ctrl-C back
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted, match=r"SIGINT in round 0's training after step 1; rerun the same sipo iterate"):
+            iterate(config, IterateOptions(pairs=pairs, out=tmp_path / "rounds", rounds=1, steps_per_round=2))
+        assert (tmp_path / "rounds" / "run" / "checkpoints" / "step-00000001").is_dir()
+        # sipo sweep trains inside itself too: the same sentence, with its own command
+        from sipo.sweep import run_sweep
 
-    manifest = write_jsonl_pairs(tmp_path / "data")
-    swept = write_tiny_config(tmp_path / "tiny.yaml", tiny_sd15_dir, manifest, tmp_path / "unused", **{"train.max_steps": 2})
-    with pytest.raises(TrainingInterrupted, match=r"SIGINT in cell objective.name=dpo,seed=0 after step 1; rerun the same sipo sweep"):
-        run_sweep(swept, {"objective.name": ["dpo"]}, [0], tmp_path / "sweep", progress=False)
-
+        manifest = write_jsonl_pairs(tmp_path / "data")
+        swept = write_tiny_config(tmp_path / "tiny.yaml", tiny_sd15_dir, manifest, tmp_path / "unused", **{"train.max_steps": 2})
+        with pytest.raises(TrainingInterrupted, match=r"SIGINT in cell objective.name=dpo,seed=0 after step 1; rerun the same sipo sweep"):
+            run_sweep(swept, {"objective.name": ["dpo"]}, [0], tmp_path / "sweep", progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 @pytest.mark.parametrize("command, flag", [
     (["iterate", "--prompts", "p.txt", "--rounds", "1", "--steps-per-round", "1", "--out", "o", "--eval-seeds"], "--eval-seeds"),

@@ -16,6 +16,9 @@ from sipo.models import FAMILIES, adapter_class, sampler_settings
 DOCUMENTED = {
     "sd15": (50, 7.5), "sdxl": (50, 5.0), "sd3": (28, 7.0), "flux": (28, 3.5), "qwenimage": (50, 4.0),
     "cogvideox": (50, 6.0), "wan": (50, 5.0),
+    # issue 28's families, each its diffusers pipeline's own __call__ defaults (diffusers 0.42.1)
+    "flux2": (50, 4.0), "zimage": (50, 5.0), "qwenimage_edit": (50, 4.0), "wan_i2v": (50, 5.0), "ltx2": (30, 3.0),
+    "hunyuanvideo15": (50, 6.0),
 }
 
 

@@ -44,12 +44,16 @@ def round_pairs(steps: int, batch_size: int) -> int:
     return steps * batch_size
 
 
-def run_rounds(job, tick=None) -> dict[str, Any]:
+def run_rounds(job, tick=None, *, runner) -> dict[str, Any]:
     """``job.rounds`` rounds of DPO (the job's objective) totalling ``train.max_steps`` steps; the
-    record is a single run's (its curve over every step), plus each round's pairs summary."""
+    record is a single run's (its curve over every step), plus each round's pairs summary. ``runner``
+    is the module that runs one fine-tune (sipo.demo.run, which calls this): its ``Evaluation``,
+    ``_context``, ``finish_run`` and ``train_quietly``, passed in rather than imported (no import circle)."""
     from sipo.config import load_config
     from sipo.demo.onpolicy import OnPolicySettings, make_onpolicy_pairs
-    from sipo.demo.run import Evaluation, _context, finish_run, train_quietly
+
+    Evaluation, _context, finish_run, train_quietly = (runner.Evaluation, runner._context, runner.finish_run,
+                                                       runner.train_quietly)
 
     started = time.perf_counter()
     base, reward, eval_set = _context(job)

@@ -252,9 +252,11 @@ def run_one(job: RunJob, tick=None) -> dict[str, Any]:
     from sipo.config import load_config
 
     if job.rounds > 1:
+        import sys
+
         from sipo.demo.iterative import run_rounds
 
-        return run_rounds(job, tick)
+        return run_rounds(job, tick, runner=sys.modules[__name__])
     started = time.perf_counter()
     base, reward, eval_set = _context(job)
     config = load_config(job.config_path, job.overrides)

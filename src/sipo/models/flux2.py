@@ -109,6 +109,7 @@ class Flux2Adapter(FlowImageAdapter):
     family = "flux2"
     pipeline_class_names = ("Flux2KleinPipeline", "Flux2Pipeline")
     pipeline_class_name = "Flux2KleinPipeline"
+    default_guidance_scale = 4.0  # Flux2Pipeline's and Flux2KleinPipeline's default (50 steps)
     components = {
         "transformer": "Flux2Transformer2DModel",
         "vae": "AutoencoderKLFlux2",
@@ -241,7 +242,7 @@ class Flux2Adapter(FlowImageAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -265,7 +266,8 @@ class Flux2Adapter(FlowImageAdapter):
                 extra["negative_prompt_embeds"] = self.encode_prompts([""] * len(prompts))["encoder_hidden_states"].to(dtype)
         images = self.pipeline()(
             prompt_embeds=states.to(dtype), height=height or self.resolution, width=width or self.resolution,
-            num_inference_steps=num_inference_steps, guidance_scale=scale, generator=generator, output_type="pt",
+            num_inference_steps=num_inference_steps or self.default_num_inference_steps, guidance_scale=scale,
+            generator=generator, output_type="pt",
             max_sequence_length=self.max_sequence_length, **extra, **pipeline_options,
         ).images
         return images.float().clamp(0, 1)

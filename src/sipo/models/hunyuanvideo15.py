@@ -297,7 +297,7 @@ class HunyuanVideo15Adapter(VideoAdapter):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | list[torch.Generator] | None = None,
-               num_inference_steps: int = 50, guidance_scale: float | None = None, height: int | None = None,
+               num_inference_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
                width: int | None = None, num_frames: int | None = None, negative_prompt: str = "",
                **pipeline_options: Any) -> Tensor:
         """Videos ``[B, F, 3, H, W]`` in ``[0, 1]`` through ``HunyuanVideo15Pipeline`` with its CFG guider at
@@ -329,7 +329,8 @@ class HunyuanVideo15Adapter(VideoAdapter):
             videos.append(pipe(
                 **trimmed(positive, slice(index, index + 1), ""), **unconditional,
                 num_frames=num_frames or self.default_num_frames, height=height or self.default_height,
-                width=width or self.default_width, num_inference_steps=num_inference_steps, generator=prompt_generator,
+                width=width or self.default_width, num_inference_steps=num_inference_steps or self.default_num_inference_steps,
+                generator=prompt_generator,
                 output_type="pt", **pipeline_options,
             ).frames)
         return torch.cat(videos).float().clamp(0, 1)

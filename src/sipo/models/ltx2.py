@@ -172,6 +172,7 @@ class LTX2Adapter(VideoAdapter):
     default_height = USUAL_HEIGHT
     default_width = USUAL_WIDTH
     default_guidance_scale = 3.0
+    default_num_inference_steps = 30  # LTX2Pipeline's default
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, connectors, audio_vae, vocoder,
                  num_inference_steps: int = 30, num_frames: int | None = None, height: int | None = None,
@@ -320,7 +321,7 @@ class LTX2Adapter(VideoAdapter):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None = None, num_inference_steps: int = 30,
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None, num_inference_steps: int | None = None,
                guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                num_frames: int | None = None, negative_prompt: str = "", **pipeline_options: Any) -> Tensor:
         """Videos ``[B, F, 3, H, W]`` in ``[0, 1]`` through ``LTX2Pipeline`` (video and audio together, the
@@ -348,7 +349,8 @@ class LTX2Adapter(VideoAdapter):
             prompt_embeds=embeds.to(device, dtype), prompt_attention_mask=mask.to(device),
             negative_prompt_embeds=negative.to(device, dtype), negative_prompt_attention_mask=negative_mask.to(device),
             num_frames=num_frames or self.default_num_frames, height=height or self.default_height,
-            width=width or self.default_width, num_inference_steps=num_inference_steps, frame_rate=FRAME_RATE,
+            width=width or self.default_width, num_inference_steps=num_inference_steps or self.default_num_inference_steps,
+            frame_rate=FRAME_RATE,
             guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
             generator=generator, output_type="pt", max_sequence_length=self.max_sequence_length, **pipeline_options,
         ).frames

@@ -266,7 +266,7 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -292,7 +292,7 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
             images.append(pipe(
                 image=to_pil(picture), prompt_embeds=state[None].to(dtype), prompt_embeds_mask=mask[None],
                 true_cfg_scale=scale, height=height or self.resolution, width=width or self.resolution,
-                num_inference_steps=num_inference_steps, generator=one_generator, output_type="pt",
+                num_inference_steps=num_inference_steps or self.default_num_inference_steps, generator=one_generator, output_type="pt",
                 **extra, **pipeline_options,
             ).images)
         return torch.cat(images).float().clamp(0, 1)

@@ -165,7 +165,7 @@ class WanI2VAdapter(WanAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -189,7 +189,7 @@ class WanI2VAdapter(WanAdapter):
             videos.append(pipe(
                 image=to_pil(picture), prompt_embeds=positive.to(dtype), negative_prompt_embeds=negative.to(dtype),
                 num_frames=num_frames or self.default_num_frames, height=height or int(picture.shape[-2]),
-                width=width or int(picture.shape[-1]), num_inference_steps=num_inference_steps,
+                width=width or int(picture.shape[-1]), num_inference_steps=num_inference_steps or self.default_num_inference_steps,
                 guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
                 generator=one_generator, output_type="pt", max_sequence_length=self.max_sequence_length,
                 **pipeline_options,

@@ -107,6 +107,7 @@ class ZImageAdapter(FlowImageAdapter):
     family = "zimage"
     pipeline_class_names = ("ZImagePipeline",)
     pipeline_class_name = "ZImagePipeline"
+    default_guidance_scale = 5.0  # ZImagePipeline's default (50 steps)
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
     components = {
         "transformer": "ZImageTransformer2DModel",
@@ -192,7 +193,7 @@ class ZImageAdapter(FlowImageAdapter):
         self,
         prompts: list[str],
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -217,7 +218,7 @@ class ZImageAdapter(FlowImageAdapter):
         images = self.pipeline()(
             prompt_embeds=caption_list(prompts), negative_prompt_embeds=negative,
             guidance_scale=scale, height=height or self.resolution,
-            width=width or self.resolution, num_inference_steps=num_inference_steps, generator=generator,
+            width=width or self.resolution, num_inference_steps=num_inference_steps or self.default_num_inference_steps, generator=generator,
             output_type="pt", max_sequence_length=self.max_sequence_length, **pipeline_options,
         ).images
         return images.float().clamp(0, 1)

@@ -97,6 +97,51 @@ def test_sweep_trains_every_cell_and_pools_seeds_per_configuration(swept):
         assert (folder / "compare" / name).is_file()
 
 
+def test_sweep_workers_train_the_same_cells_in_their_own_processes(setting, swept, tmp_path, capsys):
+    """--workers 2: both cells trained at once in spawned processes, to the weights one process trains
+    (up to float summation order: the workers run one torch thread each)."""
+    from safetensors.torch import load_file
+
+    from sipo.sweep import run_sweep
+
+    _, config, _, _ = setting
+    folder = tmp_path / "sweep"
+    result = run_sweep(config, GRID, [0], folder, overrides=["train.max_steps=1"], progress=False, workers=2)
+    assert result.status == {"objective.name=dpo,seed=0": "trained", "objective.name=sipo,seed=0": "trained"}
+    assert "2 of 2 cells to train, 2 at a time" in capsys.readouterr().out
+    for name in result.status:
+        mine = load_file(folder / name / "checkpoints" / "step-00000001" / "trainable.safetensors")
+        theirs = load_file(swept[0] / name / "checkpoints" / "step-00000001" / "trainable.safetensors")
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            torch.testing.assert_close(mine[key], value, rtol=1e-4, atol=1e-6)
+    # a rerun finds both finished: nothing is trained again
+    again = run_sweep(config, GRID, [0], folder, overrides=["train.max_steps=1"], progress=False, workers=2)
+    assert set(again.status.values()) == {"finished before"}
+
+
+def test_tie_tolerance_of_a_compare(tmp_path):
+    """write_comparison on hand-made scores: base 0.50 on every sample; run r 0.505, 0.52, 0.49, 0.50:
+    with --tie-tolerance 0.01, tie, win, loss, tie -> (0.5 + 1 + 0 + 0.5) / 4 = 0.5; without, 2.5 / 4."""
+    from sipo.compare import BASE, Model, write_comparison
+    from sipo.evaluate import Sample, image_path, save_picture
+
+    samples = [Sample(i, i, f"prompt {i}") for i in range(4)]
+    models = [Model(BASE, None, {}, "base"), Model("r", None, {}, "r")]
+    for folder in ("a", "b"):  # each compare reads its pictures under its own folder
+        for model in models:
+            for sample in samples:
+                save_picture(image_path(tmp_path / folder, model.folder, sample), torch.full((3, 4, 4), 0.5))
+    scores = {"s": np.array([[0.50, 0.50, 0.50, 0.50], [0.505, 0.52, 0.49, 0.50]])}
+    settings = {"description": "hand-made", "num_samples": 4, "seeds": [0, 1, 2, 3]}
+    tied = write_comparison(tmp_path / "a", settings, models, samples, scores, tie_tolerance=0.01, echo=False)
+    assert tied.summary["scorers"]["s"]["win_rate"]["r"][BASE]["rate"] == pytest.approx(0.5)
+    assert "within 0.01 of each other tie" in tied.summary["intervals"]
+    strict = write_comparison(tmp_path / "b", settings, models, samples, scores, echo=False)
+    assert strict.summary["scorers"]["s"]["win_rate"]["r"][BASE]["rate"] == pytest.approx(2.5 / 4)
+    assert (tmp_path / "a" / "summary.md").read_text().startswith("# sipo compare\n\nhand-made\n")
+
+
 def test_sweep_skips_finished_cells_and_resumes_a_killed_one_exactly(setting, tmp_path, capsys):
     """A one-cell sweep of 2 steps; its step-2 checkpoint and model card removed (killed after step 1):
     --print-commands names it with --resume, and the rerun continues from step 1 to the same weights."""

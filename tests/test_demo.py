@@ -179,20 +179,47 @@ def test_demo_config_and_settings_agree():
     assert set(FULL.sensitivity_methods) == set(FULL.stability_methods) == set(FULL.methods)
 
 
-def test_report_helpers():
-    from sipo.demo.report import final_line, paired_difference, verdict
+def test_the_demos_comparison_is_the_library_compare_of_its_runs(tmp_path):
+    """write_compares on made-up runs (3 methods x 2 seeds, 20 samples): the compare's pooled win rate of
+    each method over the base, per seed, is a hand count of wins with the demo's tie tolerance; the
+    final line reads it; entries come in the demo's method order; the page and the matrix exist."""
+    from sipo.compare import BASE
+    from sipo.demo.report import SCORER, final_line, write_compares
 
-    def entry(values):
-        return {"win_rate": sum(v for v in values) / len(values), "win_rate_std": 0.05,
-                "per_seed": [{"seed": s, "win_rate": v, "mean_reward": v} for s, v in enumerate(values)]}
-
-    summary = {"dpo": {"1000": entry([0.5, 0.6, 0.7])}, "dpo-cm": {"1000": entry([0.55, 0.6, 0.7])},
-               "sipo": {"1000": entry([0.6, 0.7, 0.7])}}
-    assert final_line(summary, 1000.0, ("dpo", "dpo-cm", "sipo")) == "win rate vs base: dpo=0.60 dpo-cm=0.62 sipo=0.67"
-    mean, std, diffs = paired_difference(summary, "sipo", "dpo", "1000", "win_rate")
-    assert diffs == pytest.approx([0.1, 0.1, 0.0]) and mean == pytest.approx(0.2 / 3)
-    text = verdict(summary, 1000.0)
-    assert "SIPO beat Diffusion-DPO by +0.067" in text and "|difference| >= Diffusion-DPO's own across-seed std 0.050" in text
+    generator = torch.Generator().manual_seed(0)
+    eval_set = EvalSet.make(2, 8, seed=3)
+    n = len(eval_set)
+    base_rewards = torch.rand(n, generator=generator)
+    results = []
+    for method in ("sipo", "dpo", "dpo-cm"):  # not in the demo's order: the compare orders them
+        for seed in (0, 1):
+            rewards = (base_rewards + 0.05 * torch.randn(n, generator=generator)).clamp(0, 1)
+            rewards[0] = base_rewards[0] + 0.005  # within the tie tolerance: half a win
+            results.append({"method": method, "beta": 3000.0, "seed": seed, "name": f"{method}-seed{seed}",
+                            "variant": "", "curve": [{"step": 4, "rewards": rewards.tolist()}],
+                            "images_at": {4: torch.rand(n, 1, 8, 8) * 2 - 1}})
+    base_images = torch.rand(n, 1, 8, 8) * 2 - 1
+    compares = write_compares(tmp_path, results, base_images, base_rewards, eval_set, 4, "made up",
+                              methods=("dpo", "dpo-cm", "sipo"))
+    summary = json.loads((tmp_path / "compare" / "mixed" / "summary.json").read_text())
+    assert summary["entries"] == ["dpo", "dpo-cm", "sipo", BASE]
+    rates = {}
+    for method in ("dpo", "dpo-cm", "sipo"):
+        cell = summary["scorers"][SCORER]["win_rate"][method][BASE]
+        hand = []
+        for seed in (0, 1):
+            mine = next(r for r in results if r["method"] == method and r["seed"] == seed)["curve"][0]["rewards"]
+            outcomes = [1.0 if a - b > TIE_TOLERANCE else 0.0 if b - a > TIE_TOLERANCE else 0.5
+                        for a, b in zip(mine, base_rewards.tolist())]
+            hand.append(sum(outcomes) / n)
+        assert cell["seeds"] == [0, 1] and cell["per_seed"] == pytest.approx(hand)
+        rates[method] = sum(hand) / 2
+        assert cell["rate"] == pytest.approx(rates[method])
+    line = final_line(compares["mixed"], ("dpo", "dpo-cm", "sipo"))
+    assert FINAL_LINE.match(line) and line == "win rate vs base: " + " ".join(f"{m}={r:.2f}" for m, r in rates.items())
+    for name in ("report.html", "win_matrix.png", "scores.csv", "summary.md"):
+        assert (tmp_path / "compare" / "mixed" / name).is_file()
+    assert len(list((tmp_path / "compare" / "mixed" / "images" / "sipo-seed1").glob("*.png"))) == n
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -209,15 +236,20 @@ def test_quick_demo_end_to_end_through_the_cli(tmp_path):
     lines = completed.stdout.strip().splitlines()
     assert FINAL_LINE.match(lines[-1]), lines[-5:]
     assert PENULTIMATE_LINE.match(lines[-2]), lines[-5:]
-    for name in ("report.md", "reward_vs_step.png", "win_rate_vs_beta.png", "samples.png", "w_profile.png",
-                 "w_profile.csv", "results.json", "base/model_index.json", "pairs/manifest.jsonl",
-                 "pairs_offpolicy/manifest.jsonl", "claims.json", "claim1_win_rate.png", "claim3_stability.png"):
+    for name in ("report.md", "reward_vs_step.png", "w_profile.png", "w_profile.csv", "results.json",
+                 "base/model_index.json", "pairs/manifest.jsonl", "pairs_offpolicy/manifest.jsonl", "claims.json",
+                 "claim1_win_rate.png", "claim3_stability.png", "compare/mixed/report.html",
+                 "compare/mixed/win_matrix.png", "compare/offpolicy/summary.json"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
-    summary = results["summary"]
+    compare = json.loads((out / "compare" / "mixed" / "summary.json").read_text())
+    assert results["compare"]["mixed"] == compare
     beta = f"{load_config(demo_config_path()).objective.beta:g}"
-    expected = " ".join(f"{m}={summary[m][beta]['win_rate']:.2f}" for m in ("dpo", "dpo-cm", "sipo"))
-    assert lines[-1] == f"win rate vs base: {expected}"
+    rates = {m: compare["scorers"]["digits-classifier"]["win_rate"][m]["base"] for m in ("dpo", "dpo-cm", "sipo")}
+    assert lines[-1] == "win rate vs base: " + " ".join(f"{m}={rates[m]['rate']:.2f}" for m in rates)
+    claims = json.loads((out / "claims.json").read_text())
+    for method, cell in rates.items():  # the claims pair the same per-seed numbers (sipo.evaluate.win_rate)
+        assert claims["win_rate"]["mixed"][method]["per_seed"] == pytest.approx(cell["per_seed"])
     assert "Diffusion-DPO" in completed.stdout and "SIPO" in completed.stdout
     report = (out / "report.md").read_text()
     assert "Wall time" in report and "win rate vs base" in report.lower()
@@ -228,7 +260,6 @@ def test_quick_demo_end_to_end_through_the_cli(tmp_path):
             long = method in QUICK.stability_methods and "offpolicy" not in str(run)
             steps = QUICK.max_steps * (QUICK.stability_factor if long else 1)
             assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
-    claims = json.loads((out / "claims.json").read_text())
     assert set(claims["win_rate"]) == {"mixed", "offpolicy"}
     # claim 3's long runs validated on their own held-out pairs; its columns are their logs' numbers
     assert (out / "pairs_heldout" / "manifest.jsonl").is_file() and "Claim 3 on held-out pairs" in report

@@ -12,6 +12,7 @@ from sipo.stats import (
     bootstrap_counts,
     bootstrap_win_matrix,
     bradley_terry,
+    paired_differences,
     pairwise_outcomes,
     ranks_of,
     t_interval,
@@ -96,3 +97,25 @@ def test_ranks_of_and_t_interval():
     mean, low, high = t_interval([0.1, 0.2, 0.3, 0.4, 0.5])
     assert mean == pytest.approx(0.3) and high - mean == pytest.approx(2.7764451 * math.sqrt(0.025 / 5), abs=1e-6)
     assert all(math.isnan(v) for v in t_interval([0.4])[1:])
+
+
+def test_a_tie_tolerance_makes_close_scores_half_wins_everywhere():
+    """Scores 0.50 vs 0.505, 0.52 and 0.49: with tolerance 0.01 the first is a tie (1/2), the others a
+    loss and a win, so A's rate over B is (0.5 + 0 + 1) / 3 = 0.5; without it A loses the first: 1/3."""
+    scores = np.array([[0.50, 0.50, 0.50], [0.505, 0.52, 0.49]])
+    assert win_matrix(scores)[0, 1] == pytest.approx(1 / 3)
+    assert win_matrix(scores, tolerance=0.01)[0, 1] == pytest.approx(0.5)
+    rates, low, high = bootstrap_win_matrix(scores, tolerance=0.01, num_resamples=200)
+    assert rates[0, 1] == pytest.approx(0.5) and low[0, 1] <= 0.5 <= high[0, 1]
+    # the same outcomes drive the ranking: with the tie, two equally strong models
+    ranking = bootstrap_bradley_terry(scores, tolerance=0.01, num_resamples=50)
+    assert ranking["strength"] == pytest.approx([0.0, 0.0], abs=1e-8)
+
+
+def test_paired_differences_use_only_shared_seeds():
+    """Seeds 0, 1, 2 against 1, 2, 3: differences on 1 and 2 only, 0.2 and 0.4; mean 0.3, sd 0.1414,
+    t_{0.975, 1} = 12.7062: half-width 12.7062 * 0.1414 / sqrt(2) = 1.2706."""
+    result = paired_differences({0: 0.9, 1: 0.7, 2: 0.8}, {1: 0.5, 2: 0.4, 3: 0.0})
+    assert result["seeds"] == [1, 2] and result["per_seed"] == pytest.approx([0.2, 0.4])
+    assert result["mean"] == pytest.approx(0.3)
+    assert (result["low"], result["high"]) == pytest.approx((0.3 - 1.27062, 0.3 + 1.27062), abs=1e-4)

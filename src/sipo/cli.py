@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--base", action="store_true", help="compare the base model too (sampled once, reused)")
     compare.add_argument("--labels", default=None, help="comma-separated names of the runs (default: their folder names)")
     _add_sampling_arguments(compare, default_output="<first run's folder>/../compare")
+    _add_tie_tolerance(compare)
 
     sweep = commands.add_parser("sweep", help="one run per cell of a grid of overrides and seeds, resumable, then "
                                 "sipo compare of every cell with seeds pooled")
@@ -106,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--print-commands", action="store_true",
                        help="print one `sipo train` line per unfinished cell (for a scheduler) and exit")
     sweep.add_argument("--no-base", action="store_true", help="leave the base model out of the compare")
+    sweep.add_argument("--workers", type=int, default=1,
+                       help="cells trained at once, each in its own process with cores/N torch threads (small models on "
+                            "CPUs; on GPUs give each cell its own device with --print-commands and a scheduler)")
     _add_sampling_arguments(sweep, None, prompts_flag="--compare-prompts", required=False, seeds_flag="--compare-seeds")
+    _add_tie_tolerance(sweep)
     pairs = commands.add_parser("pairs", help="sample K pictures per prompt, score them, write the best/worst as pairs sipo train reads")
     _add_config_arguments(pairs)
     _add_pairs_arguments(pairs)
@@ -168,6 +173,11 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, default_output: str
                         help="guidance (default: the family's; FLUX model.guidance, Qwen-Image's true_cfg 4.0)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model weights while sampling")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_tie_tolerance(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tie-tolerance", type=float, default=0.0,
+                        help="two scores closer than this are a tie, half a win each (default 0: only equal scores)")
 
 
 def _add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
@@ -331,15 +341,16 @@ def main(argv: list[str] | None = None) -> int:
             config = _compare_config(args.config, runs, overrides)
             run_compare(config, CompareOptions(
                 runs=runs, base=args.base, output_dir=Path(args.output_dir) if args.output_dir else None,
-                labels=[s.strip() for s in args.labels.split(",")] if args.labels else None, **_sampling_options(args)))
+                labels=[s.strip() for s in args.labels.split(",")] if args.labels else None,
+                tie_tolerance=args.tie_tolerance, **_sampling_options(args)))
         elif args.command == "sweep":
             from sipo.evaluate import parse_seeds
             from sipo.sweep import parse_grid, run_sweep
 
             run_sweep(args.config, parse_grid(args.grid), parse_seeds(args.seeds), args.output_dir,
                       overrides=args.overrides, print_commands=args.print_commands,
-                      compare_options=_sampling_options(args) if args.prompts else None, base=not args.no_base,
-                      progress=not args.no_progress)
+                      compare_options=dict(_sampling_options(args), tie_tolerance=args.tie_tolerance) if args.prompts else None,
+                      base=not args.no_base, progress=not args.no_progress, workers=args.workers)
         elif args.command == "pairs":
             from sipo.config import load_config
             from sipo.pairs import make_pairs

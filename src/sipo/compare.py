@@ -75,6 +75,8 @@ class CompareOptions:
     #: pooled entries (sipo sweep): configuration -> {training seed: run label}; None: every model on its own
     groups: dict[str, dict[int, str]] | None = None
     num_resamples: int = 2000
+    #: two scores closer than this are a tie (half a win each) in the win rates and the ranking
+    tie_tolerance: float = 0.0
 
 
 @dataclass
@@ -151,6 +153,8 @@ def _check_options(config, options: CompareOptions) -> None:
         raise SipoError(f"--scorer-path names {unknown[0]}, which is not in --scorers {options.scorers}; add it to --scorers")
     if options.num_resamples < 1:
         raise SipoError("num_resamples must be at least 1")
+    if not options.tie_tolerance >= 0:
+        raise SipoError(f"--tie-tolerance {options.tie_tolerance} is negative; pass 0 (only equal scores tie) or more")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -212,33 +216,53 @@ def run_compare(config, options: CompareOptions) -> CompareResult:
                                               options.progress).double().cpu().numpy() for m in models])
         del scorer
 
+    settings = {"model": str(config.model.pretrained_path), "family": config.model.family,
+                "prompts": options.prompts, "num_prompts": len(prompts), "seeds": options.seeds,
+                "num_samples": len(samples), "num_inference_steps": options.num_inference_steps,
+                "guidance_scale": options.guidance_scale, "dtype": options.dtype, **sizes}
+    return write_comparison(output_dir, settings, models, samples, scores, groups=options.groups,
+                            num_resamples=options.num_resamples, tie_tolerance=options.tie_tolerance)
+
+
+def write_comparison(output_dir: Path, settings: dict[str, Any], models: list[Model], samples, scores: dict[str, np.ndarray],
+                     groups: dict[str, dict[int, str]] | None = None, num_resamples: int = 2000,
+                     tie_tolerance: float = 0.0, echo: bool = True) -> CompareResult:
+    """The statistics and every output of a compare, from pictures already under
+    ``<output_dir>/images/<model.folder>/`` (:func:`sipo.evaluate.image_path`) and their ``scores``
+    (scorer -> ``[models, samples]``): what `sipo compare` writes after sampling, and what a caller with
+    its own pictures and scores (the demo: its reward on its fixed noise) writes through the same code.
+    ``settings`` describes the sampling (its keys as :func:`settings_line` reads them)."""
     labels = [m.label for m in models]
-    if options.groups:
-        entries, per_scorer = pooled_statistics(scores, labels, options.groups)
+    if groups:
+        entries, per_scorer = pooled_statistics(scores, labels, groups, tie_tolerance)
     else:
         entries = labels
-        per_scorer = {name: model_statistics(values, labels, options.num_resamples) for name, values in scores.items()}
+        per_scorer = {name: model_statistics(values, labels, num_resamples, tolerance=tie_tolerance)
+                      for name, values in scores.items()}
+    note = POOLED_NOTE if groups else MODELS_NOTE.replace("2000 resamples", f"{num_resamples} resamples")
+    if tie_tolerance:
+        note += f"; scores within {tie_tolerance:g} of each other tie"
     summary = {
-        "settings": {"model": str(config.model.pretrained_path), "family": config.model.family,
-                     "prompts": options.prompts, "num_prompts": len(prompts), "seeds": options.seeds,
-                     "num_samples": len(samples), "num_inference_steps": options.num_inference_steps,
-                     "guidance_scale": options.guidance_scale, "dtype": options.dtype, **sizes},
-        "models": [{"label": m.label, "run": m.run, "weights_sha256": None if m.run is None else m.key["weights"],
+        "settings": settings,
+        "models": [{"label": m.label, "run": m.run, "weights_sha256": None if m.run is None else m.key.get("weights"),
                     "checkpoint": m.key.get("checkpoint"), "images": f"images/{m.folder}"} for m in models],
         "entries": entries,
-        "groups": {c: {str(s): lbl for s, lbl in runs.items()} for c, runs in options.groups.items()} if options.groups else None,
-        "intervals": POOLED_NOTE if options.groups else MODELS_NOTE,
+        "groups": {c: {str(s): lbl for s, lbl in runs.items()} for c, runs in groups.items()} if groups else None,
+        "intervals": note,
+        "tie_tolerance": tie_tolerance,
         "scorers": per_scorer,
     }
     summary = _finite(summary)
+    output_dir.mkdir(parents=True, exist_ok=True)
     write_scores_csv(output_dir / "scores.csv", samples, models, scores, output_dir)
     table = markdown_summary(summary)
     (output_dir / "summary.md").write_text(f"# sipo compare\n\n{settings_line(summary)}\n\n{table}\n")
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_win_matrix(output_dir / "win_matrix.png", summary)
     write_html(output_dir / "report.html", summary, samples, models, scores, output_dir)
-    print(table)
-    print(f"report.html, summary, scores and win-rate matrix in {output_dir}")
+    if echo:
+        print(table)
+        print(f"report.html, summary, scores and win-rate matrix in {output_dir}")
     return CompareResult(output_dir, summary, scores)
 
 
@@ -266,15 +290,17 @@ POOLED_NOTE = ("configurations pooled over training seeds: each statistic is com
                "rank range: best and worst rank over seeds")
 
 
-def model_statistics(scores: np.ndarray, labels: list[str], num_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """One scorer's ``{"means", "win_rate", "ranking"}`` over models ``labels`` (rows of ``scores``)."""
+def model_statistics(scores: np.ndarray, labels: list[str], num_resamples: int = 2000, seed: int = 0,
+                     tolerance: float = 0.0) -> dict[str, Any]:
+    """One scorer's ``{"means", "win_rate", "ranking"}`` over models ``labels`` (rows of ``scores``);
+    scores within ``tolerance`` tie."""
     from sipo.stats import bootstrap_bradley_terry, bootstrap_counts, bootstrap_win_matrix, percentile_interval
 
     counts = bootstrap_counts(scores.shape[1], num_resamples, seed)
     means = scores.mean(axis=1)
     low, high = percentile_interval(counts @ scores.T / scores.shape[1], 0.95)
-    rates, rate_low, rate_high = bootstrap_win_matrix(scores, counts=counts)
-    ranking = bootstrap_bradley_terry(scores, counts=counts)
+    rates, rate_low, rate_high = bootstrap_win_matrix(scores, counts=counts, tolerance=tolerance)
+    ranking = bootstrap_bradley_terry(scores, counts=counts, tolerance=tolerance)
     return {
         "means": {lbl: {"mean": float(means[i]), "low": float(low[i]), "high": float(high[i])} for i, lbl in enumerate(labels)},
         "win_rate": {a: {b: None if i == j else {"rate": float(rates[i, j]), "low": float(rate_low[i, j]),
@@ -292,9 +318,10 @@ def _ranking_rows(labels: list[str], ranking: dict[str, np.ndarray]) -> list[dic
     return sorted(rows, key=lambda r: (r["rank"], r["entry"]))
 
 
-def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str],
-                      groups: dict[str, dict[int, str]]) -> tuple[list[str], dict[str, Any]]:
-    """``(entries, per scorer statistics)`` for configurations pooled over training seeds (module docstring)."""
+def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str], groups: dict[str, dict[int, str]],
+                      tolerance: float = 0.0) -> tuple[list[str], dict[str, Any]]:
+    """``(entries, per scorer statistics)`` for configurations pooled over training seeds (module docstring);
+    scores within ``tolerance`` tie. Every interval carries ``per_seed`` and the ``seeds`` it came from."""
     from sipo.evaluate import bootstrap_ci
     from sipo.stats import bradley_terry, ranks_of, t_interval, win_matrix
 
@@ -312,13 +339,14 @@ def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str],
             return index[BASE]
         return members[entry].get(seed)
 
-    def interval(values: list[float]) -> dict[str, float]:
+    def interval(values: list[float], of_seeds: list[int]) -> dict[str, Any]:
         mean, low, high = t_interval(values)
-        return {"mean": mean, "low": low, "high": high, "per_seed": [float(v) for v in values]}
+        return {"mean": mean, "low": low, "high": high, "per_seed": [float(v) for v in values], "seeds": list(of_seeds)}
 
     out: dict[str, Any] = {}
     for name, values in scores.items():
-        means = {e: interval([float(values[rows_of(e, s)].mean()) for s in seeds if rows_of(e, s) is not None])
+        means = {e: interval([float(values[rows_of(e, s)].mean()) for s in seeds if rows_of(e, s) is not None],
+                             [s for s in seeds if rows_of(e, s) is not None])
                  for e in entries if e not in shared}
         for e in shared:  # one model, no training seed: its interval is the bootstrap over (prompt, seed)
             low, high = bootstrap_ci(values[index[e]])
@@ -328,14 +356,14 @@ def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str],
         for a in entries:
             rates[a] = {}
             for b in entries:
-                per_seed = [float(win_matrix(values[[rows_of(a, s), rows_of(b, s)]])[0, 1]) for s in seeds
-                            if a != b and rows_of(a, s) is not None and rows_of(b, s) is not None]
-                summary = interval(per_seed) if per_seed else None
+                both = [s for s in seeds if a != b and rows_of(a, s) is not None and rows_of(b, s) is not None]
+                per_seed = [float(win_matrix(values[[rows_of(a, s), rows_of(b, s)]], tolerance)[0, 1]) for s in both]
+                summary = interval(per_seed, both) if per_seed else None
                 # a rate lies in [0, 1]: the t-interval is cut there (which end it excludes 0.5 from is unchanged)
                 rates[a][b] = None if summary is None else {
                     "rate": summary["mean"], "low": max(0.0, summary["low"]) if math.isfinite(summary["low"]) else summary["low"],
                     "high": min(1.0, summary["high"]) if math.isfinite(summary["high"]) else summary["high"],
-                    "per_seed": summary["per_seed"]}
+                    "per_seed": summary["per_seed"], "seeds": summary["seeds"]}
         strengths: dict[str, list[float]] = {e: [] for e in entries}
         ranks: dict[str, list[int]] = {e: [] for e in entries}
         for s in seeds:
@@ -343,7 +371,7 @@ def pooled_statistics(scores: dict[str, np.ndarray], labels: list[str],
             if len(present) < 2:
                 continue
             rows = [rows_of(e, s) for e in present]
-            outcomes = np.stack([[win_matrix(values[[i, j]])[0, 1] * values.shape[1] if i != j else 0.0 for j in rows]
+            outcomes = np.stack([[win_matrix(values[[i, j]], tolerance)[0, 1] * values.shape[1] if i != j else 0.0 for j in rows]
                                  for i in rows])
             theta = bradley_terry(outcomes, prior=0.5)
             for e, t, r in zip(present, theta, ranks_of(theta)):
@@ -386,6 +414,8 @@ def _fmt_ci(cell: dict | None, key: str) -> str:
 
 def settings_line(summary: dict) -> str:
     s = summary["settings"]
+    if s.get("description"):  # pictures sampled by the caller (write_comparison), described by it
+        return s["description"]
     return (f"model {s['model']} ({s['family']}); {s['num_prompts']} prompts x {len(s['seeds'])} seeds = "
             f"{s['num_samples']} pictures per model; {s['num_inference_steps']} steps; guidance {s['guidance_scale']}; "
             f"{s['dtype']}")
@@ -548,7 +578,7 @@ const fmt = v => (v === null || v === undefined) ? "n/a" : v.toFixed(4);
 const esc = t => String(t).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 const ci = c => `<span class="ci">[${fmt(c.low)}, ${fmt(c.high)}]</span>`;
 const st = S.settings;
-document.getElementById("settings").textContent =
+document.getElementById("settings").textContent = st.description ? `${st.description}. ${S.intervals}.` :
   `model ${st.model} (${st.family}); ${st.num_prompts} prompts x ${st.seeds.length} seeds = ${st.num_samples} pictures per model; ` +
   `${st.num_inference_steps} steps; guidance ${st.guidance_scale}; ${st.dtype}. ${S.intervals}.`;
 let tables = "";

@@ -34,6 +34,17 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return mean, mean - half, mean + half
 
 
+def paired_differences(values: dict[int, float], others: dict[int, float],
+                       confidence: float = 0.95) -> dict[str, object]:
+    """``values[s] - others[s]`` on the training seeds ``s`` both hold (the same seed: the same LoRA
+    initialisation, data order, timesteps and noise), with the :func:`t_interval` of their mean:
+    ``{"mean", "low", "high", "seeds", "per_seed"}``."""
+    seeds = sorted(set(values) & set(others))
+    differences = [float(values[s]) - float(others[s]) for s in seeds]
+    mean, low, high = t_interval(differences, confidence)
+    return {"mean": mean, "low": low, "high": high, "seeds": seeds, "per_seed": differences}
+
+
 def pairwise_outcomes(scores: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
     """``[M, M, N]``: ``outcomes[a, b, n]`` = 1 if model ``a`` beats ``b`` on sample ``n`` by more than
     ``tolerance``, 0 if it loses by more, 1/2 otherwise; ``outcomes[a, b] + outcomes[b, a] = 1``."""
@@ -69,10 +80,11 @@ def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[n
 
 
 def bootstrap_win_matrix(scores: np.ndarray, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0,
-                         counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rates, low, high)``, each ``[M, M]``: the win rates of :func:`win_matrix` and their paired
-    percentile-bootstrap intervals (resampling samples, :func:`bootstrap_counts`)."""
-    outcomes = pairwise_outcomes(scores)
+                         counts: np.ndarray | None = None, tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rates, low, high)``, each ``[M, M]``: the win rates of :func:`win_matrix` (scores within
+    ``tolerance`` tie) and their paired percentile-bootstrap intervals (resampling samples,
+    :func:`bootstrap_counts`)."""
+    outcomes = pairwise_outcomes(scores, tolerance)
     counts = bootstrap_counts(outcomes.shape[2], num_resamples, seed) if counts is None else counts
     resampled = np.einsum("abn,rn->rab", outcomes, counts) / outcomes.shape[2]
     low, high = percentile_interval(resampled, confidence)
@@ -108,15 +120,16 @@ def bradley_terry(wins: np.ndarray, prior: float = 0.0, tolerance: float = 1e-10
 
 
 def bootstrap_bradley_terry(scores: np.ndarray, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0,
-                            prior: float = 0.5, counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                            prior: float = 0.5, counts: np.ndarray | None = None,
+                            tolerance: float = 0.0) -> dict[str, np.ndarray]:
     """The Bradley-Terry ranking of ``scores`` ``[M, N]`` with paired-bootstrap intervals.
 
-    Each sample gives every pair of models one outcome (:func:`pairwise_outcomes`); the fit is
+    Each sample gives every pair of models one outcome (:func:`pairwise_outcomes` with ``tolerance``); the fit is
     :func:`bradley_terry` with ``prior``. Returns ``strength`` (``[M]``, log-strength, mean 0), its
     percentile interval ``low``/``high``, ``rank`` (1 = strongest) and ``rank_low``/``rank_high``:
     the ``(1 -+ confidence) / 2`` quantiles of each model's rank over the resamples.
     """
-    outcomes = pairwise_outcomes(scores)
+    outcomes = pairwise_outcomes(scores, tolerance)
     counts = bootstrap_counts(outcomes.shape[2], num_resamples, seed) if counts is None else counts
     strength = bradley_terry(outcomes.sum(axis=2), prior)
     resampled = bradley_terry(np.einsum("abn,rn->rab", outcomes, counts), prior)

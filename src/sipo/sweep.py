@@ -16,6 +16,12 @@ its newest checkpoint stopped; a cell without a run starts. ``sweep.json`` recor
 overrides the sweep was started with: a rerun with others stops (cells of two sweeps are never
 mixed); more grid values or seeds add cells.
 
+Workers (``--workers N``): N cells at once, each in its own spawned process with ``cores / N`` torch
+threads and one progress bar over all their steps (:func:`run_cells`). On a CPU a small model spends its
+time in per-op overhead, where two one-thread processes beat one two-thread process; the demo trains its
+fine-tunes this way. The cells share the device: on GPUs give each cell its own with
+``--print-commands`` and a scheduler.
+
 The compare (``--compare-prompts``): every cell and the base on the same prompts and seeds
 (:mod:`sipo.compare`), a configuration's runs pooled over training seeds with the t-interval over
 seeds (:func:`sipo.stats.t_interval`, as the demo's claims), into ``<output_dir>/compare``.
@@ -23,12 +29,16 @@ seeds (:func:`sipo.stats.t_interval`, as the demo's claims), into ``<output_dir>
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import queue as queue_module
 import shlex
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sipo.errors import SipoError, TrainingInterrupted
 
@@ -174,9 +184,91 @@ def check_record(output_dir: Path, config: str | None, overrides: list[str]) -> 
                             f", not of this one; pass another --output-dir, or the same config and overrides to continue it")
 
 
+def _by_name(work: dict[str, Callable], cell: Cell, tick=None) -> Any:
+    return work[cell.name](cell, tick=tick)
+
+
+# ----------------------------------------------------------------------------- running cells
+def _worker_setup(workers: int) -> None:
+    """A spawned worker's torch threads (the machine's cores shared by the workers) and quiet libraries."""
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("diffusers", "accelerate", "peft", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _in_worker(work: Callable, cell: Cell, ticks) -> Any:
+    return work(cell, tick=(lambda: ticks.put(1)) if ticks is not None else None)
+
+
+def run_cells(cells: list[Cell], work: Callable[..., Any], steps: dict[str, int], workers: int = 1,
+              progress: bool = True, description: str | None = None) -> dict[str, Any]:
+    """``work(cell, tick=...)`` for every cell, ``workers`` at a time, with one progress bar over the
+    cells' optimizer ``steps`` (``tick()`` once per step); returns cell name -> what ``work`` returned.
+
+    ``workers == 1`` runs in this process, in order. More run in ``spawn``ed processes
+    (:func:`_worker_setup`): ``work`` and the cells must pickle (a module-level function, or a
+    :func:`functools.partial` of one), and so must what ``work`` returns."""
+    from tqdm.auto import tqdm
+
+    if workers < 1:
+        raise SipoError(f"--workers {workers}: pass 1 or more")
+    bar = tqdm(total=sum(int(steps[c.name]) for c in cells), desc=description or f"train {len(cells)} cells",
+               disable=not progress, dynamic_ncols=True, unit="step")
+    results: dict[str, Any] = {}
+    if workers == 1:
+        for cell in cells:
+            bar.set_postfix_str(cell.name)
+            results[cell.name] = work(cell, tick=lambda: bar.update(1))
+        bar.close()
+        return results
+
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                           initializer=_worker_setup, initargs=(workers,)) as pool:
+        ticks = manager.Queue()
+        pending = {pool.submit(_in_worker, work, cell, ticks): cell for cell in cells}
+        while pending:
+            done, _ = wait(set(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = pending.pop(future)
+                results[cell.name] = future.result()
+                bar.set_postfix_str(f"done {cell.name}")
+            with contextlib.suppress(queue_module.Empty):
+                while True:
+                    ticks.get_nowait()
+                    bar.update(1)
+    bar.close()
+    return {cell.name: results[cell.name] for cell in cells}
+
+
+def train_cell(cell: Cell, config_arg: str | None, overrides: list[str], output_dir: Path, state: str,
+               tick: Callable[[], None] | None = None) -> int:
+    """One cell's `sipo train` (resumed or started over as its ``state`` says); returns its steps."""
+    from sipo.config import load_config
+    from sipo.train import train
+
+    config = load_config(config_arg, overrides + cell_overrides(cell, output_dir))
+    callback = (lambda step, adapter: tick()) if tick is not None else None
+    try:
+        result = train(config, resume=state == "started", overwrite=state == "unstarted", progress=False,
+                       step_callback=callback)
+    except TrainingInterrupted as stopped:  # train's advice (--resume, --overwrite) is not this command's
+        raise stopped.rerun(f"cell {cell.name}", "sipo sweep") from stopped
+    return int(result.steps)
+
+
 def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list[int], output_dir: str | Path,
               overrides: list[str] | None = None, print_commands: bool = False, compare_options: dict | None = None,
-              base: bool = True, progress: bool = True) -> SweepResult:
+              base: bool = True, progress: bool = True, workers: int = 1) -> SweepResult:
     """Train every unfinished cell (module docstring), then compare them when ``compare_options`` names
     ``prompts``; with ``print_commands`` only print the unfinished cells' `sipo train` lines."""
     from sipo.config import load_config
@@ -207,7 +299,20 @@ def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list
                                                   "seeds": list(seeds), "cells": [c.name for c in cells]}, indent=2))
     from sipo.train import train
 
-    for number, cell in enumerate(cells, 1):
+    if workers > 1:
+        todo = [cell for cell in cells if states[cell.name] != "finished"]
+        for cell in cells:
+            if states[cell.name] == "finished":
+                result.status[cell.name] = "finished before"
+        # a resumed cell's bar counts all its steps: the ticks of the steps before its checkpoint never come
+        work = {cell.name: functools.partial(train_cell, config_arg=config_arg, overrides=overrides,
+                                             output_dir=output_dir, state=states[cell.name]) for cell in todo}
+        print(f"sweep: {len(todo)} of {len(cells)} cells to train, {workers} at a time")
+        run_cells(todo, functools.partial(_by_name, work), {c.name: configs[c.name].train.max_steps for c in todo},
+                  workers=workers, progress=progress, description="sweep")
+        for cell in todo:
+            result.status[cell.name] = "resumed" if states[cell.name] == "started" else "trained"
+    for number, cell in enumerate(cells if workers == 1 else [], 1):
         state = states[cell.name]
         if state == "finished":
             result.status[cell.name] = "finished before"

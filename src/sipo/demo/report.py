@@ -1,8 +1,12 @@
-"""The demo's numbers, table, verdict, plots and ``report.md``.
+"""The demo's comparisons, table, plots and ``report.md``.
 
-Statistics: every figure is a mean over seeds; "std" is the sample standard deviation across
-seeds (``ddof=1``; undefined, shown as ``-``, with one seed). SIPO vs DPO is compared *paired*:
-the same seed means the same LoRA initialisation, data order, timesteps and noise.
+The comparison of the fine-tunes with the base is the library's `sipo compare`
+(:func:`sipo.compare.write_comparison`) on the demo's own pictures and reward: one folder per pair
+source (``compare/<source>/``: summary.md, summary.json, win_matrix.png, report.html with every
+picture side by side), each configuration pooled over its training seeds with the t-interval over
+seeds, as `sipo sweep` pools its cells. The claims (:mod:`sipo.demo.claims`) pair the same per-seed
+numbers. The demo keeps only what is its own: the reward-vs-step curves, the w(t) profile and the
+report's prose.
 """
 
 from __future__ import annotations
@@ -14,15 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from sipo.demo.evaluate import TIE_TOLERANCE, EvalSet, win_rate
+from sipo.demo.evaluate import TIE_TOLERANCE
 from sipo.plotting import pyplot
 
 LABELS = {"dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M", "sipo": "SIPO"}
 COLORS = {"dpo": "tab:blue", "dpo-cm": "tab:orange", "sipo": "tab:green"}
-
-
-def _std(values: list[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+#: the demo's reward as the compare names it (the `digits-classifier` scorer of sipo.rewards)
+SCORER = "digits-classifier"
 
 
 def _history_mean(history: list[dict[str, float]], key: str) -> float:
@@ -30,131 +32,92 @@ def _history_mean(history: list[dict[str, float]], key: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def summarise(results: list[dict[str, Any]], base_rewards, methods, betas) -> dict[str, dict[str, Any]]:
-    """``summary[method][str(beta)]``: mean reward, win rate vs base, their std over seeds, per-seed values."""
-    import torch
-
-    summary: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        summary[method] = {}
-        for beta in betas:
-            runs = sorted((r for r in results if r["method"] == method and r["beta"] == beta), key=lambda r: r["seed"])
-            per_seed = []
-            for run in runs:
-                rewards = torch.tensor(run["rewards"])
-                per_seed.append({
-                    "seed": run["seed"],
-                    "mean_reward": float(rewards.mean()),
-                    "win_rate": win_rate(rewards, base_rewards),
-                    "masked_fraction": _history_mean(run["history"], "masked_fraction"),
-                    "mean_weight": _history_mean(run["history"], "mean_weight"),
-                    "implicit_acc_last": run["history"][-1].get("implicit_acc", float("nan")) if run["history"] else float("nan"),
-                    "grad_norm": _history_mean(run["history"], "grad_norm"),
-                    "wall_seconds": run["wall_seconds"],
-                })
-            rewards = [p["mean_reward"] for p in per_seed]
-            wins = [p["win_rate"] for p in per_seed]
-            summary[method][f"{beta:g}"] = {
-                "beta": beta,
-                "mean_reward": float(np.mean(rewards)),
-                "mean_reward_std": _std(rewards),
-                "win_rate": float(np.mean(wins)),
-                "win_rate_std": _std(wins),
-                "masked_fraction": float(np.mean([p["masked_fraction"] for p in per_seed])),
-                "mean_weight": float(np.mean([p["mean_weight"] for p in per_seed])),
-                "per_seed": per_seed,
-            }
-    return summary
-
-
 def _fmt(value: float, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def table_rows(summary: dict[str, dict[str, Any]]) -> list[list[str]]:
-    rows = []
-    for method, by_beta in summary.items():
-        for key, entry in by_beta.items():
-            rows.append([
-                LABELS.get(method, method), key,
-                f"{_fmt(entry['mean_reward'])} ± {_fmt(entry['mean_reward_std'])}",
-                f"{_fmt(entry['win_rate'])} ± {_fmt(entry['win_rate_std'])}",
-                _fmt(entry["masked_fraction"], 3),
-                _fmt(entry["mean_weight"], 3),
-                str(len(entry["per_seed"])),
-            ])
-    return rows
+# ----------------------------------------------------------------------------- the compares
+def source_of(result: dict[str, Any]) -> str:
+    """The compare a run belongs to: its pair source, or its variant (field runs, on-policy arms)."""
+    return result.get("variant") or "mixed"
 
 
-HEADER = ["method", "beta", "mean reward ± std", "win rate vs base ± std", "masked frac.", "mean w", "seeds"]
+def entry_names(results: list[dict[str, Any]]) -> dict[tuple[str, str, float], str]:
+    """``(source, method, beta) -> entry``: the method's name, with ``beta=B`` where the source ran it at several."""
+    betas: dict[tuple[str, str], set[float]] = {}
+    for r in results:
+        betas.setdefault((source_of(r), r["method"]), set()).add(float(r["beta"]))
+    return {(source, method, beta): method if len(values) == 1 else f"{method} beta={beta:g}"
+            for (source, method), values in betas.items() for beta in values}
 
 
-def format_table(summary: dict[str, dict[str, Any]], context: dict[str, Any]) -> str:
-    rows = [HEADER] + table_rows(summary)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    lines = ["", f"sipo demo: {context['eval_samples']} fixed prompts+noise per model; base mean reward "
-             f"{context['base_mean_reward']:.3f}; wall time {context['wall_seconds']:.0f} s"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
-        if i == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    lines.append("")
-    lines.append(verdict(summary, context["default_beta"]))
-    lines.append(f"report: {context.get('report_path', 'report.md')}")
-    return "\n".join(lines)
+def write_compares(output_dir: Path, results: list[dict[str, Any]], base_images, base_rewards, eval_set,
+                   step: int, description: str, methods: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One `sipo compare` per pair source in ``output_dir/compare/<source>/``, of the base and every run at
+    ``step`` (the eval set's pictures and rewards then), configurations pooled over seeds, rewards within
+    :data:`TIE_TOLERANCE` tying; entries in the order of ``methods`` (then as they come), then beta.
+    Returns source -> :class:`sipo.compare.CompareResult`."""
+    from sipo.compare import BASE, Model, prompt_key, write_comparison
+    from sipo.demo.claims import rewards_at
+    from sipo.evaluate import Sample, image_path, save_picture
+    from sipo.models.digits import digit_prompt
+
+    prompts = [digit_prompt(int(label)) for label in eval_set.labels]
+    # picture i: the eval set's prompt i from its initial noise i (the "seed" the page shows)
+    samples = [Sample(prompt_key(prompt), i, prompt) for i, prompt in enumerate(prompts)]
+
+    def save(folder: Path, name: str, images) -> None:
+        for sample, image in zip(samples, images):
+            save_picture(image_path(folder, name, sample), ((image + 1) / 2).clamp(0, 1).expand(3, -1, -1))
+
+    names = entry_names(results)
+    order = {method: i for i, method in enumerate(dict.fromkeys([*methods, *(r["method"] for r in results)]))}
+    results = sorted(results, key=lambda r: (order[r["method"]], float(r["beta"]), r["seed"]))
+    compares = {}
+    for source in dict.fromkeys(source_of(r) for r in results):
+        runs = [r for r in results if source_of(r) == source]
+        folder = output_dir / "compare" / source
+        save(folder, BASE, base_images)
+        models, rows, groups = [Model(BASE, None, {}, BASE)], [np.asarray(base_rewards, dtype=np.float64)], {}
+        for r in runs:
+            entry = names[(source, r["method"], float(r["beta"]))]
+            label = f"{entry},seed={r['seed']}"
+            save(folder, r["name"], r["images_at"][step])
+            models.append(Model(label, r.get("run_dir"), {}, r["name"]))
+            rows.append(rewards_at(r, step).double().numpy())
+            groups.setdefault(entry, {})[int(r["seed"])] = label
+        settings = {"description": f"{description}; pairs: {source}", "family": "digits", "num_samples": len(samples),
+                    "seeds": list(range(len(samples))), "step": step}
+        compares[source] = write_comparison(folder, settings, models, samples, {SCORER: np.stack(rows)}, groups=groups,
+                                            tie_tolerance=TIE_TOLERANCE, echo=False)
+    return compares
 
 
-def final_line(summary: dict[str, dict[str, Any]], default_beta: float, methods) -> str:
-    """``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN`` (means over seeds at the default beta)."""
-    key = f"{default_beta:g}"
-    parts = [f"{method}={summary[method][key]['win_rate']:.2f}" for method in methods]
-    return "win rate vs base: " + " ".join(parts)
+def win_rates(compare, entry: str) -> dict[str, Any]:
+    """The entry's pooled win rate over the base in a compare's summary: ``rate``, ``low``, ``high``, ``per_seed``, ``seeds``."""
+    from sipo.compare import BASE
+
+    return compare.summary["scorers"][SCORER]["win_rate"][entry][BASE]
 
 
-def paired_difference(summary, method: str, other: str, beta_key: str, metric: str) -> tuple[float, float, list[float]]:
-    """Mean and std over seeds of ``metric(method) - metric(other)`` on the same seeds."""
-    a = {p["seed"]: p[metric] for p in summary[method][beta_key]["per_seed"]}
-    b = {p["seed"]: p[metric] for p in summary[other][beta_key]["per_seed"]}
-    differences = [a[s] - b[s] for s in sorted(set(a) & set(b))]
-    return float(np.mean(differences)), _std(differences), differences
+def final_line(compare, methods) -> str:
+    """``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN``: the compare's pooled win rates (means over seeds)."""
+    return "win rate vs base: " + " ".join(f"{method}={win_rates(compare, method)['rate']:.2f}" for method in methods)
 
 
-def verdict(summary: dict[str, dict[str, Any]], default_beta: float) -> str:
-    """One plain paragraph: did SIPO beat DPO, by how much, and is it more than seed noise."""
-    if "sipo" not in summary or "dpo" not in summary:
-        return ""
-    lines = []
-    for key in summary["sipo"]:
-        mean, std, diffs = paired_difference(summary, "sipo", "dpo", key, "win_rate")
-        r_mean, r_std, _ = paired_difference(summary, "sipo", "dpo", key, "mean_reward")
-        n = len(diffs)
-        if n > 1 and std > 0:
-            t_stat = mean / (std / math.sqrt(n))
-            noise = "consistent across seeds" if all(d > 0 for d in diffs) or all(d < 0 for d in diffs) else "not consistent across seeds"
-            significance = f", paired t = {t_stat:.2f} over {n} seeds ({noise})"
-        else:
-            significance = " (one seed: no estimate of seed noise)" if n == 1 else ""
-        tag = " (default)" if float(key) == default_beta else ""
-        if mean > 0:
-            outcome = f"SIPO beat Diffusion-DPO by {mean:+.3f} win rate vs base"
-        elif mean < 0:
-            outcome = f"SIPO did not beat Diffusion-DPO: {mean:+.3f} win rate vs base"
-        else:
-            outcome = "SIPO tied with Diffusion-DPO on win rate vs base"
-        spread = summary["dpo"][key].get("win_rate_std", float("nan"))
-        scale = ""
-        if math.isfinite(spread) and mean != 0:
-            scale = (f"; |difference| {'<' if abs(mean) < spread else '>='} Diffusion-DPO's own across-seed std "
-                     f"{spread:.3f}")
-        lines.append(
-            f"beta {key}{tag}: {outcome} (per seed {', '.join(f'{d:+.3f}' for d in diffs)}){significance}{scale}; "
-            f"mean reward difference {r_mean:+.4f}."
-        )
-    return "\n".join(lines)
+def printed_table(compare, context: dict[str, Any]) -> str:
+    """What the demo prints before its claims: the mixed pairs' compare (ranking, means, win-rate matrix)."""
+    from sipo.compare import markdown_summary
+
+    return "\n".join(["", f"sipo demo: {context['eval_samples']} fixed prompts+noise per model; base mean reward "
+                      f"{context['base_mean_reward']:.3f}; wall time {context['wall_seconds']:.0f} s", "",
+                      markdown_summary(compare.summary), "", f"report: {context.get('report_path', 'report.md')}"])
 
 
 # ----------------------------------------------------------------------------- plots
 def plot_reward_vs_step(path: Path, results, methods, betas, base_reward: float) -> None:
+    from sipo.stats import t_interval
+
     plt = pyplot()
     fig, axes = plt.subplots(1, len(betas), figsize=(4.2 * len(betas), 3.4), sharey=True, squeeze=False)
     for ax, beta in zip(axes[0], betas):
@@ -164,74 +127,18 @@ def plot_reward_vs_step(path: Path, results, methods, betas, base_reward: float)
                 continue
             steps = [p["step"] for p in runs[0]["curve"]]
             values = np.array([[p["mean_reward"] for p in r["curve"]] for r in runs])
-            mean = values.mean(axis=0)
-            ax.plot(steps, mean, marker="o", ms=3, color=COLORS.get(method), label=LABELS.get(method, method))
+            band = np.array([t_interval(column) for column in values.T])  # [steps, (mean, low, high)]
+            ax.plot(steps, band[:, 0], marker="o", ms=3, color=COLORS.get(method), label=LABELS.get(method, method))
             if len(runs) > 1:
-                std = values.std(axis=0, ddof=1)
-                ax.fill_between(steps, mean - std, mean + std, color=COLORS.get(method), alpha=0.15)
+                ax.fill_between(steps, band[:, 1], band[:, 2], color=COLORS.get(method), alpha=0.15)
         ax.axhline(base_reward, color="grey", ls="--", lw=1, label="base")
         ax.set_title(f"beta = {beta:g}")
         ax.set_xlabel("optimizer step")
     axes[0][0].set_ylabel("mean reward of samples")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Reward vs step (mean over seeds, band = ±1 std)", fontsize=10)
+    fig.suptitle("Reward vs step (mean over seeds, band = 95% t-interval over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_win_rate_vs_beta(path: Path, summary, methods, betas) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for i, method in enumerate(methods):
-        keys = [f"{b:g}" for b in betas]
-        mean = [summary[method][k]["win_rate"] for k in keys]
-        std = [summary[method][k]["win_rate_std"] for k in keys]
-        std = [0.0 if not math.isfinite(s) else s for s in std]
-        offset = 1.0 + 0.04 * (i - 1)  # small horizontal offset so the error bars do not overlap
-        ax.errorbar([b * offset for b in betas], mean, yerr=std, marker="o", capsize=3,
-                    color=COLORS.get(method), label=LABELS.get(method, method))
-    ax.axhline(0.5, color="grey", ls="--", lw=1, label="= base")
-    ax.set_xscale("log")
-    ax.set_xticks(list(betas))
-    ax.set_xticklabels([f"{b:g}" for b in betas])
-    ax.minorticks_off()
-    ax.set_xlabel("beta")
-    ax.set_ylabel("win rate vs base")
-    ax.set_title("Sensitivity to beta (mean ± std over seeds)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _mosaic(images, labels, per_class: int) -> np.ndarray:
-    """Columns = digits 0-9, rows = the first ``per_class`` eval samples of each digit."""
-    tiles = np.ones((per_class, 10, images.shape[-2], images.shape[-1]))
-    for digit in range(10):
-        index = np.nonzero(labels == digit)[0][:per_class]
-        for row, i in enumerate(index):
-            tiles[row, digit] = (images[i, 0] + 1) / 2
-    h, w = images.shape[-2:]
-    canvas = np.ones((per_class * (h + 1) - 1, 10 * (w + 1) - 1))
-    for row in range(per_class):
-        for col in range(10):
-            canvas[row * (h + 1):row * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = tiles[row, col]
-    return canvas
-
-
-def plot_samples(path: Path, panels: list[tuple[str, Any, Any]], eval_set: EvalSet, per_class: int = 4) -> None:
-    plt = pyplot()
-    labels = eval_set.labels.numpy()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 1.9), squeeze=False)
-    for ax, (title, images, rewards) in zip(axes[0], panels):
-        ax.imshow(_mosaic(images.numpy(), labels, per_class), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"{title}\nmean reward {float(rewards.mean()):.3f}", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("Same prompts (columns: digits 0-9) and same initial noise in every panel", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
@@ -258,41 +165,35 @@ def plot_w_profile(path: Path, off, on, tau: float) -> None:
 
 
 # ----------------------------------------------------------------------------- report.md
-def write_report(output_dir: Path, context, summary, results, base_images, base_rewards, eval_set,
-                 profile_off, profile_on, analysis=None) -> Path:
-    import torch
-
-    methods = list(summary)
-    betas = [summary[methods[0]][k]["beta"] for k in summary[methods[0]]]
-    default_key = f"{context['default_beta']:g}"
+def write_report(output_dir: Path, context, results, compares, profile_off, profile_on, analysis=None) -> Path:
+    """``report.md`` with its plots; ``results`` are the mixed pairs' runs at step ``max_steps``,
+    ``compares`` :func:`write_compares`'s."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    betas = sorted({float(r["beta"]) for r in results})
     plot_reward_vs_step(output_dir / "reward_vs_step.png", results, methods, betas, context["base_mean_reward"])
-    plot_win_rate_vs_beta(output_dir / "win_rate_vs_beta.png", summary, methods, betas)
-    first_seed = min(r["seed"] for r in results)
-    panels = [("base", base_images, base_rewards)]
-    for method in methods:
-        run = next(r for r in results if r["method"] == method and f"{r['beta']:g}" == default_key and r["seed"] == first_seed)
-        panels.append((f"{LABELS.get(method, method)} (beta {default_key}, seed {first_seed})", run["images"], torch.tensor(run["rewards"])))
-    per_class = max(1, min(4, len(eval_set) // 10))
-    plot_samples(output_dir / "samples.png", panels, eval_set, per_class)
     tau = context["config"]["objective"]["tau"]
     plot_w_profile(output_dir / "w_profile.png", profile_off, profile_on, tau)
     _write_profile_csv(output_dir / "w_profile.csv", profile_off, profile_on, tau)
 
     (output_dir / "results.json").write_text(json.dumps({
-        "context": context, "summary": summary,
+        "context": context, "compare": {source: compare.summary for source, compare in compares.items()},
         "curves": [{k: r[k] for k in ("method", "beta", "seed", "curve", "steps", "wall_seconds")} for r in results],
     }, indent=2, default=str))
 
-    rows = [HEADER] + table_rows(summary)
-    table = "\n".join("| " + " | ".join(row) + " |" for row in rows[:1]) + "\n"
-    table += "|" + "---|" * len(HEADER) + "\n"
-    table += "\n".join("| " + " | ".join(row) + " |" for row in rows[1:])
-    per_seed = ["| method | beta | seed | mean reward | win rate vs base | masked frac. | mean w | wall s |", "|---|---|---|---|---|---|---|---|"]
-    for method in methods:
-        for key, entry in summary[method].items():
-            for p in entry["per_seed"]:
-                per_seed.append(f"| {LABELS.get(method, method)} | {key} | {p['seed']} | {p['mean_reward']:.4f} | "
-                                f"{p['win_rate']:.3f} | {_fmt(p['masked_fraction'])} | {_fmt(p['mean_weight'])} | {p['wall_seconds']:.0f} |")
+    from sipo.compare import markdown_summary
+
+    names = entry_names(results)
+    main = compares.get("mixed") or next(iter(compares.values()))
+    per_seed = ["| method | beta | seed | mean reward | win rate vs base | masked frac. | mean w | wall s |",
+                "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["beta"], r["seed"])):
+        rates = win_rates(main, names[(source_of(r), r["method"], float(r["beta"]))])
+        rate = dict(zip(rates["seeds"], rates["per_seed"])).get(int(r["seed"]), float("nan"))
+        per_seed.append(f"| {LABELS.get(r['method'], r['method'])} | {r['beta']:g} | {r['seed']} | "
+                        f"{float(np.mean(r['rewards'])):.4f} | {rate:.3f} | {_fmt(_history_mean(r['history'], 'masked_fraction'))} | "
+                        f"{_fmt(_history_mean(r['history'], 'mean_weight'))} | {r['wall_seconds']:.0f} |")
+    table = markdown_summary(main.summary).replace("\n## ", "\n### ").replace("## ", "### ", 1)
+    others = ", ".join(f"[{source}](compare/{source}/report.html)" for source in compares if compares[source] is not main)
     timings = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in context["timings"].items())
     cfg = context["config"]
     pairs = context["pairs"]
@@ -315,23 +216,19 @@ machine slows this down). Pretraining {"was read from the cache" if context["pre
 |---|---|
 {timings}
 
-## Result
+## Result: `sipo compare` of the base and every fine-tune on the mixed pairs
 
 {table}
 
-Mean reward: the reward averaged over the {context["eval_samples"]} samples, then over seeds. Win rate vs base: the
-fraction of prompts where the fine-tune's sample scores higher than the base model's sample from
-the same initial noise (rewards within {TIE_TOLERANCE} count as a tie, half a win); 0.5 = no change.
-± is the sample standard deviation over seeds. Masked fraction and mean w are the trainer's
-logged averages over training (w = the pair's importance weight, docs/spec.md section 3).
+The reward is the scorer (`{SCORER}`); a win rate counts, per prompt and initial noise, whether the
+row's sample scores higher than the column's (rewards within {TIE_TOLERANCE} tie, half a win); 0.5 = no
+change. Each configuration is pooled over its training seeds: the mean over seeds with the 95%
+t-interval over seeds. The same comparison as a page, every sample side by side with its reward,
+sortable: [compare/mixed/report.html](compare/mixed/report.html){f"; the other pair sources: {others}" if others else ""}.
 
-{verdict(summary, context["default_beta"]).replace(chr(10), chr(10) + chr(10))}
+![win-rate matrix]({Path(main.output_dir).relative_to(output_dir) / "win_matrix.png"})
 
 ![reward vs step](reward_vs_step.png)
-
-![win rate vs beta](win_rate_vs_beta.png)
-
-![samples](samples.png)
 
 ## The task
 
@@ -376,7 +273,11 @@ bucket holding t < T/50 has no defined weight: its previous step is x0 itself).
 
 {chr(10).join(per_seed)}
 
-Files: `results.json` (everything above), `runs/<method>-beta<beta>-seed<seed>/` (each run's
+Masked fraction and mean w are the trainer's logged averages over training (w = the pair's
+importance weight, docs/spec.md section 3).
+
+Files: `results.json` (everything above), `compare/<pairs>/` (each compare's summary.json, scores.csv,
+pictures and page), `runs/<method>-beta<beta>-seed<seed>/` (each run's
 config, LoRA weights, metrics.jsonl, TensorBoard logs), `base/` and `pairs/` (so that
 `sipo train --config configs/demo.yaml` re-runs one fine-tune by hand).
 """

@@ -12,22 +12,25 @@ The steps, in order (each a function you can call on its own):
 5b. with ``--full`` or ``--onpolicy``, the on-policy question (issue 27): the same methods on pairs
    sampled from the base itself (:mod:`sipo.demo.onpolicy`), with stored noise, and as 2 rounds of
    iterative DPO (:mod:`sipo.demo.iterative`);
-6. write ``report.md`` + plots (:mod:`sipo.demo.report`), print the table and the final line
-   ``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN`` (means over seeds at the default beta).
+6. compare every fine-tune with the base through the library's `sipo compare` (per pair source, its
+   configurations pooled over seeds: :func:`sipo.demo.report.write_compares`), write ``report.md`` +
+   plots (:mod:`sipo.demo.report`), the claims (:mod:`sipo.demo.claims`), print the table and the
+   final line ``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN`` (means over seeds at the default beta).
 
-The fine-tunes run in ``workers`` processes of one torch thread each: on two cores the tiny model
-spends its time in per-op overhead, where two single-threaded processes beat one two-threaded one.
+The fine-tunes are the cells of a sweep, run by the library's :func:`sipo.sweep.run_cells` in
+``workers`` processes of one torch thread each: on two cores the tiny model spends its time in per-op
+overhead, where two single-threaded processes beat one two-threaded one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
 import platform
-import queue as queue_module
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -225,6 +228,8 @@ class Evaluation:
         self.job, self.reward, self.eval_set, self.last_step, self.tick = job, reward, eval_set, last_step, tick
         self.curve: list[dict[str, Any]] = []
         self.images = self.rewards = self.policy = None
+        #: step -> the eval set's pictures then (the compare shows a long run's at the short runs' step)
+        self.images_at: dict[int, Any] = {}
 
     def __call__(self, step: int, adapter) -> None:
         from sipo.demo.evaluate import sample_and_score
@@ -234,6 +239,7 @@ class Evaluation:
         self.policy = adapter
         if step % self.job.eval_every == 0 or step == self.last_step:
             self.images, self.rewards = sample_and_score(adapter, self.reward, self.eval_set, self.job.sampling_steps)
+            self.images_at[step] = self.images
             self.curve.append({"step": step, "mean_reward": float(self.rewards.mean()), "rewards": self.rewards.tolist()})
 
 
@@ -285,13 +291,14 @@ def finish_run(job: RunJob, config, evaluation: Evaluation, history, steps: int,
     }
     # each run's numbers on disk as soon as it ends, so an interrupted sweep keeps what it finished
     (Path(job.run_dir) / "result.json").write_text(json.dumps(record, default=float))
-    return {**record, "images": evaluation.images}
+    return {**record, "images": evaluation.images, "images_at": evaluation.images_at}
 
 
-def _worker_main(job: RunJob, progress_queue) -> dict[str, Any]:
+def run_cell(jobs: dict[str, RunJob], cell, tick=None) -> dict[str, Any]:
+    """The demo's work for one cell of :func:`sipo.sweep.run_cells`: its job, in one torch thread."""
     setup_torch(1)
     _quiet()
-    return run_one(job, tick=(lambda: progress_queue.put(1)) if progress_queue is not None else None)
+    return run_one(jobs[cell.name], tick=tick)
 
 
 def _quiet() -> None:
@@ -304,40 +311,24 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def job_cell(job: RunJob):
+    """The job as a cell of the library's sweep (:class:`sipo.sweep.Cell`): its configuration is the pair
+    source with the method and beta (what the compare pools over seeds), its overrides the job's."""
+    from sipo.sweep import Cell
+
+    return Cell(job.name, f"{job.variant or 'mixed'}/{job.method}-beta{job.beta:g}", tuple(job.overrides), job.seed)
+
+
 def run_sweep(jobs: list[RunJob], workers: int, progress: bool = True) -> list[dict[str, Any]]:
-    """Every job, in ``workers`` spawned processes (or in this one when ``workers == 1``), with one bar."""
-    from tqdm.auto import tqdm
+    """Every job, as the cells of :func:`sipo.sweep.run_cells` (``workers`` processes, one bar over all
+    their steps), in the order of ``jobs``."""
+    from sipo.sweep import run_cells
 
-    total = sum(int(load_steps(job)) for job in jobs)
-    bar = tqdm(total=total, desc=f"fine-tune {len(jobs)} runs", disable=not progress, dynamic_ncols=True, unit="step")
-    results: list[dict[str, Any]] = []
-    if workers <= 1:
-        for job in jobs:
-            bar.set_postfix_str(job.name)
-            results.append(run_one(job, tick=lambda: bar.update(1)))
-        bar.close()
-        return results
-
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        ticks = manager.Queue()
-        pending = {pool.submit(_worker_main, job, ticks) for job in jobs}
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                result = future.result()
-                results.append(result)
-                bar.set_postfix_str(f"done {result['name']}")
-            with contextlib.suppress(queue_module.Empty):
-                while True:
-                    ticks.get_nowait()
-                    bar.update(1)
-    bar.close()
-    order = {job.name: i for i, job in enumerate(jobs)}
-    return sorted(results, key=lambda r: order[r["name"]])
+    cells = [job_cell(job) for job in jobs]
+    done = run_cells(cells, functools.partial(run_cell, {job.name: job for job in jobs}),
+                     {job.name: load_steps(job) for job in jobs}, workers=workers, progress=progress,
+                     description=f"fine-tune {len(jobs)} runs")
+    return [done[job.name] for job in jobs]
 
 
 def load_steps(job: RunJob) -> int:
@@ -502,19 +493,15 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
 
     for result in results:
         result["curve"].insert(0, {"step": 0, "mean_reward": float(base_rewards.mean()), "rewards": base_rewards.tolist()})
-    # the per-method/beta table of the mixed pairs, at step max_steps
-    at_max = []
-    for result in results:
-        if result["source"] != "mixed":
-            continue
-        view = dict(result, rewards=claims_module.rewards_at(result, max_steps).tolist(),
-                    curve=[p for p in result["curve"] if p["step"] <= max_steps])
-        at_max.append(view)
-    swept_methods = [m for m in settings.methods if m in settings.sensitivity_methods and "mixed" in settings.sensitivity_sources]
-    summary = report.summarise(at_max, base_rewards, swept_methods, settings.betas) if swept_methods else {}
-    for method in settings.methods:
-        if method not in summary:
-            summary.update(report.summarise(at_max, base_rewards, [method], [default_beta]))
+    # every run against the base through the library's compare, per pair source, at step max_steps
+    compares = report.write_compares(
+        output_dir, results, base_images, base_rewards, eval_set, max_steps,
+        f"the demo's {len(eval_set)} evaluation prompts, each from its own fixed initial noise (the seed shown), DDIM "
+        f"{settings.sampling_steps} steps; every run at step {max_steps}; reward: the digit reader", settings.methods)
+    # the mixed pairs' runs at step max_steps (the long runs' curves cut there), for the report's plots
+    at_max = [dict(result, rewards=claims_module.rewards_at(result, max_steps).tolist(),
+                   curve=[p for p in result["curve"] if p["step"] <= max_steps])
+              for result in results if result["source"] == "mixed"]
     claims = {
         "win_rate": claims_module.claim_win_rate(results, base_rewards, settings.sources, settings.methods, default_beta, max_steps),
         "beta_sensitivity": claims_module.claim_beta_sensitivity(
@@ -560,10 +547,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         },
     }
     context["report_path"] = str(output_dir / "report.md")
-    report_results = [r for r in at_max if r["method"] in swept_methods] or at_max
-    report_summary = {m: summary[m] for m in swept_methods} if swept_methods else summary
-    report.write_report(output_dir, context, report_summary, report_results, base_images, base_rewards, eval_set,
-                        profile_off, profile_on, analysis=analysis)
+    report.write_report(output_dir, context, at_max, compares, profile_off, profile_on, analysis=analysis)
     claims_text = claims_module.claims_markdown(claims, context)
     claim_files = claims_module.plot_claims(output_dir, claims, context)
     weights_text = "\n".join(
@@ -574,14 +558,14 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
         handle.write("How off-policy each pair source is (base model's pair weights, all timestep buckets):\n\n"
                      f"| pairs | mean log w | masked at tau {config.objective.tau:g} |\n|---|---|---|\n{weights_text}\n")
     (output_dir / "claims.json").write_text(json.dumps(_jsonable(claims), indent=2))
-    table = report.format_table(summary, context)
-    print(table)
+    main_source = "mixed" if "mixed" in settings.sources else settings.sources[0]
+    print(report.printed_table(compares[main_source], context))
     print(claims_text)
-    line = report.final_line(summary, default_beta, HEADLINE_METHODS)
-    print(claims_module.penultimate_line(claims, "mixed" if "mixed" in settings.sources else settings.sources[0]))
+    line = report.final_line(compares[main_source], HEADLINE_METHODS)
+    print(claims_module.penultimate_line(claims, main_source))
     print(line)
-    return {"summary": summary, "claims": claims, "context": context, "final_line": line,
-            "report": str(output_dir / "report.md")}
+    return {"compare": {source: c.summary for source, c in compares.items()}, "claims": claims, "context": context,
+            "final_line": line, "report": str(output_dir / "report.md")}
 
 
 def field_jobs(settings: DemoSettings, config_path, config_overrides, base_dir: Path, pair_sets, output_dir: Path,

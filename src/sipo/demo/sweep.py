@@ -11,7 +11,11 @@ overrides on configs/demo.yaml):
 - ``dpo-cm`` (mask only), tau grid; and ``dpo``, the baseline;
 - two diagnostics: the timestep band t >= 100 alone, and SIPO's reweighting alone (tau = 0).
 
-Writes ``sweep.json``, ``sweep.md`` (the table docs/defaults.md quotes) and prints the table.
+The runs are cells of the library's sweep (:func:`sipo.demo.run.run_sweep` ->
+:func:`sipo.sweep.run_cells`); every variant's win rate over the base is the library compare's pooled
+statistic (:func:`sipo.compare.pooled_statistics`: the mean over seeds with its 95% t-interval over
+seeds), its difference to DPO :func:`sipo.stats.paired_differences`. Writes ``sweep.json``,
+``sweep.md`` (the table docs/defaults.md quotes) and prints the table.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def run_defaults_sweep(output_dir: Path, seeds=(0, 1, 2), workers: int = 2, quic
                        progress: bool = True) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from sipo.config import load_config
-    from sipo.demo.evaluate import EvalSet, sample_and_score, win_rate
+    from sipo.demo.evaluate import EvalSet, sample_and_score
     from sipo.demo.pairs import make_pairs
     from sipo.demo.pretrain import load_digit_images, pretrain
     from sipo.demo.reward import DigitReward
@@ -60,7 +64,7 @@ def run_defaults_sweep(output_dir: Path, seeds=(0, 1, 2), workers: int = 2, quic
     from sipo.demo.settings import demo_config_path, setup_torch
     from sipo.models.digits import DigitsAdapter
 
-    import torch
+    import numpy as np
 
     started = time.perf_counter()
     settings = QUICK if quick else DemoSettings()
@@ -105,24 +109,30 @@ def run_defaults_sweep(output_dir: Path, seeds=(0, 1, 2), workers: int = 2, quic
             ))
     results = run_sweep(jobs, workers, progress=progress)
 
+    from sipo.compare import BASE, pooled_statistics
+    from sipo.demo.evaluate import TIE_TOLERANCE
+    from sipo.stats import paired_differences
+
+    labels = [BASE] + [r["name"] for r in results]
+    scores = np.stack([base_rewards.double().numpy()] + [np.asarray(r["rewards"], dtype=np.float64) for r in results])
+    groups = {label: {int(r["seed"]): r["name"] for r in results if r["variant"] == label} for label, _, _ in cells}
+    _, statistics = pooled_statistics({"reward": scores}, labels, groups, tolerance=TIE_TOLERANCE)
+    statistics = statistics["reward"]
+    per_seed = {label: dict(zip(statistics["win_rate"][label][BASE]["seeds"], statistics["win_rate"][label][BASE]["per_seed"]))
+                for label in groups}
     rows = []
     for label, method, overrides in cells:
-        runs = sorted((r for r in results if r["variant"] == label), key=lambda r: r["seed"])
-        wins = [win_rate(torch.tensor(r["rewards"]), base_rewards) for r in runs]
-        rewards = [float(torch.tensor(r["rewards"]).mean()) for r in runs]
-        masked = [_mean([h.get("masked_fraction", math.nan) for h in r["history"]]) for r in runs]
-        weights = [_mean([h.get("mean_weight", math.nan) for h in r["history"]]) for r in runs]
+        runs = [r for r in results if r["variant"] == label]
+        wins, means = statistics["win_rate"][label][BASE], statistics["means"][label]
+        vs_dpo = paired_differences(per_seed[label], per_seed["dpo"])
         rows.append({
             "variant": label, "method": method, "overrides": overrides,
-            "win_rate": _mean(wins), "win_rate_std": _std(wins), "win_rate_per_seed": wins,
-            "mean_reward": _mean(rewards), "mean_reward_std": _std(rewards),
-            "masked_fraction": _mean(masked), "mean_weight": _mean(weights),
+            "win_rate": [wins["rate"], wins["low"], wins["high"]], "win_rate_per_seed": wins["per_seed"],
+            "vs_dpo": [vs_dpo["mean"], vs_dpo["low"], vs_dpo["high"]],
+            "mean_reward": [means["mean"], means["low"], means["high"]],
+            "masked_fraction": _mean([_mean([h.get("masked_fraction", math.nan) for h in r["history"]]) for r in runs]),
+            "mean_weight": _mean([_mean([h.get("mean_weight", math.nan) for h in r["history"]]) for r in runs]),
         })
-    dpo = next(r for r in rows if r["variant"] == "dpo")
-    for row in rows:
-        diffs = [a - b for a, b in zip(row["win_rate_per_seed"], dpo["win_rate_per_seed"])]
-        row["vs_dpo"] = _mean(diffs)
-        row["vs_dpo_std"] = _std(diffs)
     record = {
         "command": "python -m sipo.demo.sweep" + (" --quick" if quick else "") + f" --output-dir {output_dir}",
         "beta": beta, "seeds": list(seeds), "max_steps": max_steps, "eval_samples": len(eval_set),
@@ -169,28 +179,20 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _std(values) -> float:
-    values = [v for v in values if math.isfinite(v)]
-    if len(values) < 2:
-        return math.nan
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def format_table(record: dict[str, Any]) -> str:
     lines = [
         f"`{record['command']}` - beta {record['beta']:g}, {len(record['seeds'])} seeds, {record['max_steps']} steps, "
         f"{record['eval_samples']} eval samples; base mean reward {record['base_mean_reward']:.3f}; "
         f"wall {record['wall_seconds']:.0f} s",
         "",
-        "| variant | win rate vs base ± std | SIPO/C&M - DPO (paired) ± std | mean reward ± std | masked frac. | mean w |",
+        "| variant | win rate vs base [95% CI] | minus DPO (paired) [95% CI] | mean reward [95% CI] | masked frac. | mean w |",
         "|---|---|---|---|---|---|",
     ]
-    fmt = lambda v, d=3: "-" if not math.isfinite(v) else f"{v:.{d}f}"  # noqa: E731
+    fmt = lambda v, d=3: "-" if v is None or not math.isfinite(v) else f"{v:.{d}f}"  # noqa: E731
+    ci = lambda m, lo, hi, d=3: f"{fmt(m, d)} [{fmt(lo, d)}, {fmt(hi, d)}]"  # noqa: E731
     for row in record["rows"]:
         lines.append(
-            f"| {row['variant']} | {fmt(row['win_rate'])} ± {fmt(row['win_rate_std'])} | "
-            f"{fmt(row['vs_dpo'])} ± {fmt(row['vs_dpo_std'])} | {fmt(row['mean_reward'], 4)} ± {fmt(row['mean_reward_std'], 4)} | "
+            f"| {row['variant']} | {ci(*row['win_rate'])} | {ci(*row['vs_dpo'])} | {ci(*row['mean_reward'], d=4)} | "
             f"{fmt(row['masked_fraction'])} | {fmt(row['mean_weight'])} |"
         )
     stats = record.get("weight_distribution")

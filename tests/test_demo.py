@@ -215,7 +215,7 @@ def test_the_demos_comparison_is_the_library_compare_of_its_runs(tmp_path):
         assert cell["seeds"] == [0, 1] and cell["per_seed"] == pytest.approx(hand)
         rates[method] = sum(hand) / 2
         assert cell["rate"] == pytest.approx(rates[method])
-    line = final_line(compares["mixed"], ("dpo", "dpo-cm", "sipo"))
+    line = final_line(compares["mixed"], ("dpo", "dpo-cm", "sipo"), 3000.0)
     assert FINAL_LINE.match(line) and line == "win rate vs base: " + " ".join(f"{m}={r:.2f}" for m, r in rates.items())
     for name in ("report.html", "win_matrix.png", "scores.csv", "summary.md"):
         assert (tmp_path / "compare" / "mixed" / name).is_file()

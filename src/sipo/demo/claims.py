@@ -8,7 +8,10 @@
 
 Every comparison is paired per seed (the same seed means the same LoRA initialisation, data order,
 timesteps and noise for every method), and its interval is the t-interval of the per-seed paired
-differences: ``mean +- t_{0.975, n-1} * sd / sqrt(n)``. A claim counts as *supported* only when the
+differences, ``mean +- t_{0.975, n-1} * sd / sqrt(n)``: the library's
+:func:`sipo.stats.paired_differences`, as `sipo sweep` pools its seeds. A win rate vs base is
+:func:`sipo.evaluate.win_rate` with the demo's tie tolerance, the number the demo's compare
+(:func:`sipo.demo.report.write_compares`) pools. A claim counts as *supported* only when the
 interval excludes zero in the claimed direction, *contradicted* when it excludes zero the other
 way, and *not resolved* otherwise. Nothing here trains; it reads the runs of :mod:`sipo.demo.run`.
 """
@@ -24,7 +27,7 @@ import torch
 
 from sipo.demo.evaluate import win_rate
 from sipo.plotting import pyplot
-from sipo.stats import t_interval  # the library's interval over seeds (sipo sweep pools seeds with it too)
+from sipo.stats import paired_differences, t_interval  # the library's intervals over seeds, as sipo sweep's
 
 LABELS = {
     "dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M (paper reading)", "sipo": "SIPO (paper reading)",
@@ -48,6 +51,12 @@ def rewards_at(result: dict[str, Any], step: int) -> torch.Tensor:
 
 def _runs(results, source: str, method: str, beta: float) -> dict[int, dict[str, Any]]:
     return {r["seed"]: r for r in results if r["source"] == source and r["method"] == method and r["beta"] == beta}
+
+
+def _paired(values: dict[int, float], others: dict[int, float]) -> tuple[tuple[float, float, float], list[float]]:
+    """``((mean, low, high), per-seed differences)`` of ``values - others`` on their shared seeds."""
+    difference = paired_differences(values, others)
+    return (difference["mean"], difference["low"], difference["high"]), difference["per_seed"]
 
 
 def _fmt_ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
@@ -78,14 +87,13 @@ def claim_win_rate(results, base_rewards, sources, methods, beta: float, step: i
             wins = {s: win_rate(rewards_at(r, step), base_rewards) for s, r in _runs(results, source, method, beta).items()}
             if not wins:
                 continue
-            seeds = sorted(set(wins) & set(dpo))
-            differences = [wins[s] - dpo[s] for s in seeds]
+            minus_dpo, differences = _paired(wins, dpo)
             rows[method] = {
                 "per_seed": [wins[s] for s in sorted(wins)],
                 "win_rate": t_interval(list(wins.values())),
-                "minus_dpo": t_interval(differences) if method != "dpo" else None,
+                "minus_dpo": minus_dpo if method != "dpo" else None,
                 "minus_dpo_per_seed": differences,
-                "verdict": _verdict(*t_interval(differences)[1:], claimed_positive=True) if method != "dpo" else "",
+                "verdict": _verdict(*minus_dpo[1:], claimed_positive=True) if method != "dpo" else "",
             }
         out[source] = rows
     return out
@@ -110,9 +118,7 @@ def claim_beta_sensitivity(results, base_rewards, sources, methods, betas, step:
         for method, spread in spreads.items():
             row = {"spread": t_interval(list(spread.values())), "win_rate_by_beta": by_beta[method]}
             if method != "dpo" and "dpo" in spreads:
-                seeds = sorted(set(spread) & set(spreads["dpo"]))
-                differences = [spread[s] - spreads["dpo"][s] for s in seeds]
-                row["minus_dpo"] = t_interval(differences)
+                row["minus_dpo"], _ = _paired(spread, spreads["dpo"])
                 row["verdict"] = _verdict(*row["minus_dpo"][1:], claimed_positive=False)
             rows[method] = row
         if rows:
@@ -162,10 +168,9 @@ def _held_out_rows(runs: dict[str, dict[int, dict[str, Any]]], short_steps: int 
             row["verdict"] = "DPO degrades: " + _verdict(*row["drop"][1:], claimed_positive=True)
         elif "dpo" in per_method:
             dpo = per_method["dpo"]
-            seeds = sorted(set(curves) & set(dpo))
-            row["minus_dpo_drop"] = t_interval([drop[s] - _peak_drop(dpo[s][HELD_OUT_ACCURACY]) for s in seeds])
-            row["final_minus_dpo"] = t_interval([curves[s][HELD_OUT_ACCURACY][final] - dpo[s][HELD_OUT_ACCURACY][final]
-                                                 for s in seeds])
+            row["minus_dpo_drop"], _ = _paired(drop, {s: _peak_drop(c[HELD_OUT_ACCURACY]) for s, c in dpo.items()})
+            row["final_minus_dpo"], _ = _paired({s: c[HELD_OUT_ACCURACY][final] for s, c in curves.items()},
+                                                {s: c[HELD_OUT_ACCURACY][final] for s, c in dpo.items() if final in c[HELD_OUT_ACCURACY]})
             row["verdict"] = (f"drops less than DPO: {_verdict(*row['minus_dpo_drop'][1:], claimed_positive=False)}; "
                               f"ends above DPO: {_verdict(*row['final_minus_dpo'][1:], claimed_positive=True)}")
         rows[method] = row
@@ -206,8 +211,7 @@ def claim_stability(results, sources, methods, beta: float, long_steps: int,
             if method == "dpo":
                 row["verdict"] = "DPO degrades: " + _verdict(*row["drop"][1:], claimed_positive=True)
             elif "dpo" in drops:
-                seeds = sorted(set(drop) & set(drops["dpo"]))
-                row["minus_dpo"] = t_interval([drop[s] - drops["dpo"][s] for s in seeds])
+                row["minus_dpo"], _ = _paired(drop, drops["dpo"])
                 row["verdict"] = _verdict(*row["minus_dpo"][1:], claimed_positive=False)
             rows[method] = row
         if rows:
@@ -228,9 +232,9 @@ def claim_which_objective(results, base_rewards, sources, methods, dpo_beta: flo
             if not runs:
                 continue
             wins = {s: win_rate(rewards_at(r, step), base_rewards) for s, r in runs.items()}
-            differences = [wins[s] - dpo[s] for s in sorted(set(wins) & set(dpo))]
+            minus_dpo, differences = _paired(wins, dpo)
             rows[method] = {"beta": next(iter(runs.values()))["beta"], "per_seed": [wins[s] for s in sorted(wins)],
-                            "win_rate": t_interval(list(wins.values())), "minus_dpo": t_interval(differences),
+                            "win_rate": t_interval(list(wins.values())), "minus_dpo": minus_dpo,
                             "minus_dpo_per_seed": differences}
         if rows:
             out[source] = rows
@@ -341,11 +345,11 @@ def claim_onpolicy(results, base_rewards, beta: float, step: int, notes=()) -> d
         entry: dict[str, Any] = {"question": question, "a": list(a), "b": list(b)}
         if a in per_seed and b in per_seed:
             seeds = sorted(set(per_seed[a]) & set(per_seed[b]))
-            win = [per_seed[a][s][0] - per_seed[b][s][0] for s in seeds]
-            reward = [per_seed[a][s][1] - per_seed[b][s][1] for s in seeds]
-            entry.update(seeds=seeds, win_rate_diff=t_interval(win), mean_reward_diff=t_interval(reward),
+            win_diff, win = _paired(*({s: v[0] for s, v in per_seed[arm].items()} for arm in (a, b)))
+            reward_diff, reward = _paired(*({s: v[1] for s, v in per_seed[arm].items()} for arm in (a, b)))
+            entry.update(seeds=seeds, win_rate_diff=win_diff, mean_reward_diff=reward_diff,
                          win_rate_diff_per_seed=win, mean_reward_diff_per_seed=reward,
-                         answer_win_rate=_answer(*t_interval(win)[1:]), answer_mean_reward=_answer(*t_interval(reward)[1:]))
+                         answer_win_rate=_answer(*win_diff[1:]), answer_mean_reward=_answer(*reward_diff[1:]))
         questions.append(entry)
     return {"beta": beta, "step": step, "arms": arms, "questions": questions, "notes": list(notes)}
 

@@ -100,9 +100,16 @@ def win_rates(compare, entry: str) -> dict[str, Any]:
     return compare.summary["scorers"][SCORER]["win_rate"][entry][BASE]
 
 
-def final_line(compare, methods) -> str:
-    """``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN``: the compare's pooled win rates (means over seeds)."""
-    return "win rate vs base: " + " ".join(f"{method}={win_rates(compare, method)['rate']:.2f}" for method in methods)
+def entry_of(compare, method: str, beta: float) -> str:
+    """The compare's entry of ``method`` at ``beta`` (named as :func:`entry_names` names it)."""
+    return method if method in compare.summary["entries"] else f"{method} beta={beta:g}"
+
+
+def final_line(compare, methods, beta: float) -> str:
+    """``win rate vs base: dpo=0.NN dpo-cm=0.NN sipo=0.NN``: the compare's pooled win rates (means over
+    seeds) at ``beta``."""
+    return "win rate vs base: " + " ".join(f"{method}={win_rates(compare, entry_of(compare, method, beta))['rate']:.2f}"
+                                           for method in methods)
 
 
 def printed_table(compare, context: dict[str, Any]) -> str:
@@ -187,7 +194,7 @@ def write_report(output_dir: Path, context, results, compares, profile_off, prof
     per_seed = ["| method | beta | seed | mean reward | win rate vs base | masked frac. | mean w | wall s |",
                 "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["beta"], r["seed"])):
-        rates = win_rates(main, names[(source_of(r), r["method"], float(r["beta"]))])
+        rates = win_rates(compares[source_of(r)], names[(source_of(r), r["method"], float(r["beta"]))])
         rate = dict(zip(rates["seeds"], rates["per_seed"])).get(int(r["seed"]), float("nan"))
         per_seed.append(f"| {LABELS.get(r['method'], r['method'])} | {r['beta']:g} | {r['seed']} | "
                         f"{float(np.mean(r['rewards'])):.4f} | {rate:.3f} | {_fmt(_history_mean(r['history'], 'masked_fraction'))} | "

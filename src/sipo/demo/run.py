@@ -501,7 +501,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
     # the mixed pairs' runs at step max_steps (the long runs' curves cut there), for the report's plots
     at_max = [dict(result, rewards=claims_module.rewards_at(result, max_steps).tolist(),
                    curve=[p for p in result["curve"] if p["step"] <= max_steps])
-              for result in results if result["source"] == "mixed"]
+              for result in results if result["source"] == "mixed" and not result["variant"]]
     claims = {
         "win_rate": claims_module.claim_win_rate(results, base_rewards, settings.sources, settings.methods, default_beta, max_steps),
         "beta_sensitivity": claims_module.claim_beta_sensitivity(
@@ -561,7 +561,7 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
     main_source = "mixed" if "mixed" in settings.sources else settings.sources[0]
     print(report.printed_table(compares[main_source], context))
     print(claims_text)
-    line = report.final_line(compares[main_source], HEADLINE_METHODS)
+    line = report.final_line(compares[main_source], HEADLINE_METHODS, default_beta)
     print(claims_module.penultimate_line(claims, main_source))
     print(line)
     return {"compare": {source: c.summary for source, c in compares.items()}, "claims": claims, "context": context,

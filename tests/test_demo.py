@@ -273,3 +273,15 @@ def test_quick_demo_end_to_end_through_the_cli(tmp_path):
         assert held_out["final_accuracy"][0] == pytest.approx(records[-1]["held_out/accuracy"])
         assert records[-1]["held_out/pairs"] == QUICK.held_out_pairs
     assert not (out / "runs" / f"dpo-cm-beta{beta}-seed0" / "validation.jsonl").exists()  # short runs: none
+    # the demo's runs are ordinary runs: `sipo compare` samples and scores them as any family's
+    from sipo.cli import main
+
+    prompts = tmp_path / "digits.txt"
+    prompts.write_text("a handwritten digit 3\na handwritten digit 8\n")
+    runs = [str(out / "runs" / f"{m}-beta{beta}-seed0") for m in ("dpo", "sipo")]
+    assert main(["compare", *runs, "--base", "--prompts", str(prompts), "--seeds", "0,1", "--scorers",
+                 "digits-classifier", "--tie-tolerance", "0.01", "--num-inference-steps", "4",
+                 "--output-dir", str(tmp_path / "compare"), "--no-progress"]) == 0
+    compared = json.loads((tmp_path / "compare" / "summary.json").read_text())
+    assert compared["entries"] == ["base", f"dpo-beta{beta}-seed0", f"sipo-beta{beta}-seed0"]
+    assert compared["settings"]["guidance_scale"] == 1.0 and compared["tie_tolerance"] == 0.01

@@ -50,7 +50,7 @@ def test_onpolicy_pairs_are_the_best_and_worst_of_k_base_samples_regenerated_fro
         samples = {}
         for seed in range(2 * 10**9 + i * k, 2 * 10**9 + i * k + k):
             x_t = torch.randn((1, 1, 8, 8), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-            picture = base.sample([i % 10], noise=x_t, num_inference_steps=steps)
+            picture = base.sample_labels([i % 10], noise=x_t, num_inference_steps=steps)
             samples[seed] = np.round((picture[0, 0].clamp(-1, 1).numpy() + 1) / 2 * 255).astype(np.int16)
         by_score = sorted(samples, key=lambda s: float(samples[s].mean()))
         assert row["chosen_seed"] == by_score[-1] and row["rejected_seed"] == by_score[0]
@@ -180,7 +180,7 @@ def test_iterative_round_two_samples_its_pairs_from_round_one_policy_and_resumes
         x_t = torch.randn((1, 1, 8, 8), generator=torch.Generator("cpu").manual_seed(row["chosen_seed"]))
         label = [parse_digit_prompt(row["prompt"])]
         levels = png_levels(run_dir / "round2_pairs" / row["chosen"])
-        as_policy, as_base = (np.round((m.sample(label, noise=x_t, num_inference_steps=2)[0, 0].numpy() + 1) / 2 * 255)
+        as_policy, as_base = (np.round((m.sample_labels(label, noise=x_t, num_inference_steps=2)[0, 0].numpy() + 1) / 2 * 255)
                               for m in (policy, base))
         assert np.abs(levels - as_policy).max() <= 1
         differs_from_base |= bool(np.abs(levels - as_base).max() > 1)

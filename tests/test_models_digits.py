@@ -144,19 +144,32 @@ class TestDigits(AdapterContract):
     def test_sample_is_a_function_of_the_noise(self, adapter):
         labels = torch.tensor([0, 3, 9])
         noise = torch.randn(3, 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1))
-        first = adapter.sample(labels, noise=noise, num_inference_steps=4)
-        again = adapter.sample(labels, noise=noise.clone(), num_inference_steps=4)
+        first = adapter.sample_labels(labels, noise=noise, num_inference_steps=4)
+        again = adapter.sample_labels(labels, noise=noise.clone(), num_inference_steps=4)
         assert first.shape == (3, 1, RESOLUTION, RESOLUTION)
         assert torch.equal(first, again)
         assert first.min() >= -1 and first.max() <= 1
-        other = adapter.sample(labels, noise=-noise, num_inference_steps=4)
+        other = adapter.sample_labels(labels, noise=-noise, num_inference_steps=4)
         assert not torch.equal(first, other)
         # a generator instead of explicit noise draws the same x_T as torch.randn on that seed
-        drawn = adapter.sample(labels, generator=torch.Generator().manual_seed(1), num_inference_steps=4)
+        drawn = adapter.sample_labels(labels, generator=torch.Generator().manual_seed(1), num_inference_steps=4)
         assert torch.equal(first, drawn)
         # batching changes only float rounding (convolutions pick kernels by batch size)
-        split = adapter.sample(labels, noise=noise, num_inference_steps=4, batch_size=2)
+        split = adapter.sample_labels(labels, noise=noise, num_inference_steps=4, batch_size=2)
         torch.testing.assert_close(split, first, rtol=0, atol=1e-4)
+
+    def test_sample_takes_prompts_and_a_generator_per_picture_as_every_family(self, adapter):
+        """What eval, compare, pairs and validation call: picture i from its prompt and its own
+        generator, [B, 3, H, W] in [0, 1]; equal to sample_labels on the x_T each generator draws."""
+        prompts = [digit_prompt(2), digit_prompt(7)]
+        pictures = adapter.sample(prompts, generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+                                  num_inference_steps=3, guidance_scale=1.0)
+        assert pictures.shape == (2, 3, RESOLUTION, RESOLUTION) and 0 <= pictures.min() and pictures.max() <= 1
+        noise = torch.cat([torch.randn(1, 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
+        grey = adapter.sample_labels(torch.tensor([2, 7]), noise=noise, num_inference_steps=3)
+        torch.testing.assert_close(pictures, ((grey + 1) / 2).expand(-1, 3, -1, -1), rtol=0, atol=1e-6)
+        with pytest.raises(SipoError, match="without classifier-free guidance"):
+            adapter.sample(prompts, num_inference_steps=3, guidance_scale=7.5)
 
     def test_save_pretrained_round_trip(self, adapter, tmp_path):
         adapter.save_pretrained(tmp_path / "copy")

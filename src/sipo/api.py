@@ -79,13 +79,15 @@ def compare(config: SipoConfig, runs: list[str | Path], prompts: str, *, base: b
 
 def sweep(config: str | Path, grid: dict[str, list], seeds: list[int], output_dir: str | Path, *,
           overrides: list[str] | None = None, compare_prompts: str | Path | None = None, base: bool = True,
-          progress: bool = True, **compare_options: Any):
+          progress: bool = True, workers: int = 1, **compare_options: Any):
     """``sipo sweep``: train one run per combination of ``grid`` (``{"objective.name": ["dpo", "sipo"]}``)
     and training seed under ``output_dir`` (finished cells skipped, stopped ones resumed), then compare
     them with ``compare_prompts`` (the seeds pooled per configuration); ``config`` is a YAML path or a
     packaged config's name, with ``overrides`` as `sipo train` takes them (each cell re-applies them, so
     an objective preset resolves as on the command line). ``compare_options``: the fields of
-    :class:`sipo.compare.CompareOptions` (``scorers``, ``scorer_paths``, ``seeds``, ...). Returns a
+    :class:`sipo.compare.CompareOptions` (``scorers``, ``scorer_paths``, ``seeds``, ``tie_tolerance``, ...);
+    ``workers``: cells trained at once, each in its own process (:func:`sipo.sweep.run_cells`; call it from
+    under ``if __name__ == "__main__":``, as every spawned process re-imports the calling script). Returns a
     :class:`sipo.sweep.SweepResult`."""
     from sipo.sweep import run_sweep
 
@@ -96,7 +98,9 @@ def sweep(config: str | Path, grid: dict[str, list], seeds: list[int], output_di
         compare_options["scorers"] = [s.strip() for s in compare_options["scorers"].split(",") if s.strip()]
     options = {**compare_options, "prompts": str(compare_prompts)} if compare_prompts is not None else None
     return run_sweep(config, grid, [int(s) for s in seeds], output_dir, overrides=overrides, compare_options=options,
-                     base=base, progress=progress)
+                     base=base, progress=progress, workers=workers)
+
+
 def pairs(config: SipoConfig, prompts: str, out: str | Path, checkpoint: str | Path | None = None, **options: Any):
     """``sipo pairs``: sample ``samples_per_prompt`` pictures per prompt from the base model (or the run in
     ``checkpoint``), score them, and write the chosen pairs as ``<out>/pairs.jsonl`` (``data.format=jsonl``);

@@ -41,7 +41,7 @@ def sample_and_score(
     adapter: DigitsAdapter, reward: DigitReward, eval_set: EvalSet, num_inference_steps: int
 ) -> tuple[Tensor, Tensor]:
     """``(images [N, 1, r, r], rewards [N])`` of the adapter's current denoiser on the eval set."""
-    images = adapter.sample(eval_set.labels, noise=eval_set.noise, num_inference_steps=num_inference_steps)
+    images = adapter.sample_labels(eval_set.labels, noise=eval_set.noise, num_inference_steps=num_inference_steps)
     return images, reward(images, eval_set.labels)
 
 

@@ -94,7 +94,7 @@ def make_onpolicy_pairs(
         labels = torch.tensor([i % 10 for i in indices]).repeat_interleave(k)  # [count * K], prompt-major
         seeds = torch.tensor([sample_seed(settings, i, j) for i in indices for j in range(k)])
         noise = torch.cat([initial_noise(int(seed), resolution) for seed in seeds])
-        images = quantize(policy.sample(labels, noise=noise, num_inference_steps=settings.sampling_steps))
+        images = quantize(policy.sample_labels(labels, noise=noise, num_inference_steps=settings.sampling_steps))
         rewards = reward(images, labels).reshape(count, k)
         best, worst = rewards.argmax(dim=1), rewards.argmin(dim=1)
         for row in range(count):

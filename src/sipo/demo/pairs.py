@@ -120,7 +120,7 @@ def make_pairs(
             images = real_images[picks].clone()
             if (~is_real).any():
                 fake = ~is_real
-                images[fake] = early.sample(labels[fake], noise=noise[fake], num_inference_steps=settings.sampling_steps)
+                images[fake] = early.sample_labels(labels[fake], noise=noise[fake], num_inference_steps=settings.sampling_steps)
             images = quantize(images)
             sides.append((images, reward(images, labels), is_real, torch.where(is_real, picks, -1)))
         (img_a, r_a, real_a, at_a), (img_b, r_b, real_b, at_b) = sides

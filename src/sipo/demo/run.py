@@ -416,8 +416,8 @@ def run_demo(output_dir: Path, quick: bool = False, settings: DemoSettings | Non
     n = min(settings.profile_pairs, len(pairs.prompts))
     generator = torch.Generator().manual_seed(settings.eval_seed + 1)
     labels = pairs.labels[:n]
-    own_w = base.sample(labels, generator=generator, num_inference_steps=settings.sampling_steps)
-    own_l = base.sample(labels, generator=generator, num_inference_steps=settings.sampling_steps)
+    own_w = base.sample_labels(labels, generator=generator, num_inference_steps=settings.sampling_steps)
+    own_l = base.sample_labels(labels, generator=generator, num_inference_steps=settings.sampling_steps)
     profile_options = dict(weight_norm=config.objective.weight_norm, pair_weight=config.objective.pair_weight)
     profile_off = weight_profile(base, labels, pairs.chosen[:n], pairs.rejected[:n], settings.profile_buckets, seed=0,
                                  **profile_options)

@@ -101,7 +101,8 @@ class DigitsAdapter(DiffusionAdapter):
     """The digits UNet behind the adapter protocol; pixel space, epsilon-prediction, class labels."""
 
     family = "digits"
-    default_num_inference_steps = 25  # DDIM on 16 px digits; no classifier-free guidance (class labels)
+    default_num_inference_steps = 25  # DDIM on 16 px digits
+    default_guidance_scale = 1.0  # no classifier-free guidance: the class label conditions every step
     pipeline_class_names = (PIPELINE_CLASS_NAME,)
     # Attention projections plus the ResNet convolutions: the tiny UNet has one attention block per
     # side, so LoRA on attention alone would leave most of the network out of reach.
@@ -231,6 +232,28 @@ class DigitsAdapter(DiffusionAdapter):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(
+        self,
+        prompts: list[str],
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> Tensor:
+        """Pictures ``[B, 3, H, W]`` in ``[0, 1]`` for prompts "a handwritten digit N", as every family's
+        ``sample`` gives them to eval, compare, pairs and validation: picture ``i``'s initial noise is
+        drawn from ``generator[i]`` (a list: one per picture, as diffusers' pipelines take it), then
+        :meth:`sample_labels`. The model has no classifier-free guidance: ``guidance_scale`` is 1 or None."""
+        if guidance_scale is not None and float(guidance_scale) != 1.0:
+            raise SipoError(f"the digits model samples without classifier-free guidance, so guidance {guidance_scale:g} "
+                            "cannot apply; leave --guidance-scale out (or pass 1)")
+        labels = self.labels(list(prompts))
+        shape = (1, 1, self.resolution, self.resolution)
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(labels)
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        grey = self.sample_labels(labels, noise=noise, num_inference_steps=num_inference_steps or self.default_num_inference_steps)
+        return ((grey + 1) / 2).expand(-1, 3, -1, -1).contiguous()
+
+    @torch.no_grad()
+    def sample_labels(
         self,
         labels: Tensor | list[int],
         noise: Tensor | None = None,

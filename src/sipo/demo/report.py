@@ -210,9 +210,9 @@ def write_report(output_dir: Path, context, results, compares, profile_off, prof
     text = f"""# sipo demo report{" (--quick)" if context["quick"] else ""}
 
 Diffusion-DPO, DPO-C&M and SIPO fine-tune the same tiny digits diffusion model on the same
-off-policy preference pairs, over a beta sweep and several seeds; each fine-tune is scored on the
+off-policy preference pairs over {len(context["settings"]["seeds"])} seed(s) and beta(s) {", ".join(f"{b:g}" for b in betas)}; each fine-tune is scored on the
 same {context["eval_samples"]} prompts and initial noises as the base model. Written by `sipo demo`
-({"quick variant" if context["quick"] else "full run"}); every number below was measured in this run.
+({"quick variant" if context["quick"] else "default or full mode"}); every number below was measured in this run.
 
 **Wall time: {context["wall_seconds"]:.0f} s** on {machine["cpu_count"]} CPU cores
 ({machine["workers"]} fine-tuning process(es), {machine["torch_threads_per_process"]} torch thread each; load average

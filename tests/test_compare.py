@@ -118,6 +118,8 @@ def test_sweep_workers_train_the_same_cells_in_their_own_processes(setting, swep
     # a rerun finds both finished: nothing is trained again
     again = run_sweep(config, GRID, [0], folder, overrides=["train.max_steps=1"], progress=False, workers=2)
     assert set(again.status.values()) == {"finished before"}
+    with pytest.raises(SipoError, match=r"--workers 0: pass 1 or more"):
+        run_sweep(config, GRID, [0], tmp_path / "none", progress=False, workers=0)
 
 
 def test_tie_tolerance_of_a_compare(tmp_path):
@@ -140,6 +142,10 @@ def test_tie_tolerance_of_a_compare(tmp_path):
     strict = write_comparison(tmp_path / "b", settings, models, samples, scores, echo=False)
     assert strict.summary["scorers"]["s"]["win_rate"]["r"][BASE]["rate"] == pytest.approx(2.5 / 4)
     assert (tmp_path / "a" / "summary.md").read_text().startswith("# sipo compare\n\nhand-made\n")
+    from sipo.compare import CompareOptions, _check_options
+
+    with pytest.raises(SipoError, match="--tie-tolerance -0.5 is negative; pass 0"):
+        _check_options(None, CompareOptions(runs=["a", "b"], prompts="p.txt", tie_tolerance=-0.5))
 
 
 def test_sweep_skips_finished_cells_and_resumes_a_killed_one_exactly(setting, tmp_path, capsys):

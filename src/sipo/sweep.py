@@ -217,7 +217,7 @@ def run_cells(cells: list[Cell], work: Callable[..., Any], steps: dict[str, int]
     from tqdm.auto import tqdm
 
     if workers < 1:
-        raise SipoError(f"--workers {workers}: pass 1 or more")
+        raise SipoError(f"--workers {workers}: pass 1 or more (the cells trained at once)")
     bar = tqdm(total=sum(int(steps[c.name]) for c in cells), desc=description or f"train {len(cells)} cells",
                disable=not progress, dynamic_ncols=True, unit="step")
     results: dict[str, Any] = {}
@@ -276,6 +276,8 @@ def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list
 
     overrides = list(overrides or [])
     config_arg = _config_argument(config)
+    if workers < 1:
+        raise SipoError(f"--workers {workers}: pass 1 or more (the cells trained at once)")
     if not seeds:
         raise SipoError("--seeds is empty; pass the training seeds, e.g. --seeds 0,1")
     output_dir = Path(output_dir)

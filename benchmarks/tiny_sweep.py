@@ -1,7 +1,7 @@
 """A 3-objective x 2-seed `sipo sweep` and its compare on the tiny random-weight SD1.5, timed (issue 29).
 
     python benchmarks/tiny_sweep.py runs/tiny --setup-only    # only write the tiny model, pairs, scorers, config, prompts
-    python benchmarks/tiny_sweep.py runs/tiny [--screenshot docs/figures/compare-page.png]
+    python benchmarks/tiny_sweep.py runs/tiny [--screenshot docs/figures/compare-page.png] [--workers 2]
 
 Writes under DIR: ``sd15/`` (the tiny SD1.5 of tests/tiny_models.py), ``data/pairs.jsonl`` (8 pairs),
 ``pickscore/`` and ``aesthetic/`` (tiny random scorers of tests/tiny_scorers.py), ``tiny.yaml`` (4
@@ -44,8 +44,8 @@ def set_up(root: Path) -> None:
     (root / "prompts.txt").write_text(PROMPTS)
 
 
-def sweep_command(root: Path) -> list[str]:
-    return ["sipo", "sweep", "--config", f"{root}/tiny.yaml", "--grid", "objective.name=dpo,dpo-cm,sipo",
+def sweep_command(root: Path, workers: int = 1) -> list[str]:
+    return ["sipo", "sweep", "--workers", str(workers), "--config", f"{root}/tiny.yaml", "--grid", "objective.name=dpo,dpo-cm,sipo",
             "--seeds", "0,1", "--output-dir", f"{root}/sweep", "--compare-prompts", f"{root}/prompts.txt",
             "--compare-seeds", "0,1", "--scorers", "pickscore,aesthetic", "--scorer-path", f"pickscore={root}/pickscore",
             "--scorer-path", f"aesthetic={root}/aesthetic", "--num-inference-steps", "4", "--no-progress"]
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--setup-only", action="store_true")
     parser.add_argument("--screenshot", type=Path, default=None, help="save a screenshot of the compare's report.html")
+    parser.add_argument("--workers", type=int, default=1, help="sipo sweep --workers: cells trained at once")
     args = parser.parse_args()
     set_up(args.root)
     if args.setup_only:
@@ -76,7 +77,7 @@ def main() -> None:
         return
     if (args.root / "sweep").exists():
         raise SystemExit(f"{args.root}/sweep exists: delete it to time a sweep from scratch")
-    command = sweep_command(args.root)
+    command = sweep_command(args.root, args.workers)
     print("$ " + " ".join(command))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", *command[0:1], *command[1:]], check=True)

@@ -251,15 +251,16 @@ def run_cells(cells: list[Cell], work: Callable[..., Any], steps: dict[str, int]
 
 
 def train_cell(cell: Cell, config_arg: str | None, overrides: list[str], output_dir: Path, state: str,
-               tick: Callable[[], None] | None = None) -> int:
-    """One cell's `sipo train` (resumed or started over as its ``state`` says); returns its steps."""
+               tick: Callable[[], None] | None = None, progress: bool = False) -> int:
+    """One cell's `sipo train` (resumed or started over as its ``state`` says), with train's own progress
+    bar when ``progress``; ``tick()`` after each step; returns its steps."""
     from sipo.config import load_config
     from sipo.train import train
 
     config = load_config(config_arg, overrides + cell_overrides(cell, output_dir))
     callback = (lambda step, adapter: tick()) if tick is not None else None
     try:
-        result = train(config, resume=state == "started", overwrite=state == "unstarted", progress=False,
+        result = train(config, resume=state == "started", overwrite=state == "unstarted", progress=progress,
                        step_callback=callback)
     except TrainingInterrupted as stopped:  # train's advice (--resume, --overwrite) is not this command's
         raise stopped.rerun(f"cell {cell.name}", "sipo sweep") from stopped
@@ -299,8 +300,6 @@ def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list
     check_output_dir(output_dir, name="--output-dir")
     (output_dir / RECORD).write_text(json.dumps({"config": config_arg, "overrides": overrides, "grid": grid,
                                                   "seeds": list(seeds), "cells": [c.name for c in cells]}, indent=2))
-    from sipo.train import train
-
     if workers > 1:
         todo = [cell for cell in cells if states[cell.name] != "finished"]
         for cell in cells:
@@ -321,10 +320,7 @@ def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list
             print(f"sweep: cell {number}/{len(cells)} {cell.name}: finished before, skipped")
             continue
         print(f"sweep: cell {number}/{len(cells)} {cell.name}: {'resuming' if state == 'started' else 'training'}")
-        try:
-            train(configs[cell.name], resume=state == "started", overwrite=state == "unstarted", progress=progress)
-        except TrainingInterrupted as stopped:  # train's advice (--resume, --overwrite) is not this command's
-            raise stopped.rerun(f"cell {cell.name}", "sipo sweep") from stopped
+        train_cell(cell, config_arg, overrides, output_dir, state, progress=progress)
         result.status[cell.name] = "resumed" if state == "started" else "trained"
 
     if compare_options and compare_options.get("prompts"):

@@ -122,6 +122,55 @@ def test_sweep_workers_train_the_same_cells_in_their_own_processes(setting, swep
         run_sweep(config, GRID, [0], tmp_path / "none", progress=False, workers=0)
 
 
+@pytest.mark.parametrize("how", ["SIGTERM to the sweep alone", "Ctrl-C to the process group"])
+def test_a_stopped_sweep_with_workers_checkpoints_every_running_cell_and_starts_no_other(setting, tmp_path, how):
+    """SIGTERM to the `sipo sweep --workers 2` process alone (as Kubernetes sends it; the sweep passes it on),
+    or SIGINT to its whole process group (Ctrl-C in a terminal: every worker hears it, and the sweep's
+    passing it on arrives as the same stop): both running cells finish their step and checkpoint it (no
+    logged step lost), the third cell never starts, the command says to rerun itself and exits 128 +
+    the signal; --print-commands then resumes both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, config, _, _ = setting
+    folder = tmp_path / "sweep"
+    grid = "objective.name=dpo,dpo-cm,sipo"
+    command = [sys.executable, "-m", "sipo", "sweep", "--config", str(config), "--grid", grid, "--seeds", "0",
+               "--output-dir", str(folder), "--workers", "2", "--no-progress", "train.max_steps=100000",
+               "train.checkpoint_every=100000", "train.log_every=1"]
+    signum = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
+    # its own session (a process group to signal), with SIGINT back where pytest runs in the background
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    cells = [folder / f"objective.name={name},seed=0" for name in ("dpo", "dpo-cm", "sipo")]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        logged = [len((c / "metrics.jsonl").read_text().splitlines()) if (c / "metrics.jsonl").is_file() else 0
+                  for c in cells[:2]]
+        if min(logged) >= 3:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[0][-3000:]
+    if signum == signal.SIGTERM:
+        os.kill(process.pid, signum)
+    else:
+        os.killpg(process.pid, signum)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 128 + signum, output[-3000:]
+    assert "rerun the same sipo sweep command" in output, output[-3000:]
+    for cell in cells[:2]:
+        checkpoints = sorted((cell / "checkpoints").glob("step-*"))
+        last_logged = json.loads((cell / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+        assert checkpoints and int(checkpoints[-1].name.split("-")[1]) == last_logged >= 3
+    assert not (cells[2] / "checkpoints").exists()
+    again = subprocess.run([*command, "--print-commands"], capture_output=True, text=True, timeout=240)
+    lines = again.stdout.strip().splitlines()
+    assert len(lines) == 3 and sum(line.endswith(" --resume") for line in lines) == 2, again.stdout + again.stderr
+
+
 def test_tie_tolerance_of_a_compare(tmp_path):
     """write_comparison on hand-made scores: base 0.50 on every sample; run r 0.505, 0.52, 0.49, 0.50:
     with --tie-tolerance 0.01, tie, win, loss, tie -> (0.5 + 1 + 0 + 0.5) / 4 = 0.5; without, 2.5 / 4."""

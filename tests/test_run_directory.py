@@ -297,3 +297,15 @@ def test_the_ranks_of_one_launch_share_its_lock_and_other_launches_do_not(tmp_pa
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_stop_crosses_a_process_boundary_whole():
+    """TrainingInterrupted pickles with its signal and step (a `sipo sweep --workers` cell's comes back
+    through its future); request_stop with no training running does nothing."""
+    import pickle
+
+    from sipo.train import request_stop
+
+    stopped = pickle.loads(pickle.dumps(TrainingInterrupted("stopped by SIGTERM after step 3", signal.SIGTERM, 3)))
+    assert (str(stopped), stopped.signum, stopped.step) == ("stopped by SIGTERM after step 3", signal.SIGTERM, 3)
+    request_stop()  # no training in this process: no effect, no error

@@ -42,6 +42,10 @@ class TrainingInterrupted(SipoError):
         self.signum = signum
         self.step = step
 
+    def __reduce__(self):
+        # crosses process boundaries whole (a `sipo sweep --workers` cell stopped in its own process)
+        return type(self), (self.args[0], self.signum, self.step)
+
     def rerun(self, where: str, command: str) -> "TrainingInterrupted":
         """The same stop as a command that trains inside itself (``sipo iterate``, ``sipo sweep``) words it:
         ``--resume`` and ``--overwrite`` are ``sipo train``'s flags, and that command continues by itself."""

@@ -189,31 +189,84 @@ def _by_name(work: dict[str, Callable], cell: Cell, tick=None) -> Any:
 
 
 # ----------------------------------------------------------------------------- running cells
-def _worker_setup(workers: int) -> None:
-    """A spawned worker's torch threads (the machine's cores shared by the workers) and quiet libraries."""
+class _RecordStop:
+    """A worker's SIGINT/SIGTERM handler outside `sipo.train` (loading a cell, between cells): the stop is
+    kept, `sipo.train` adopts it (it stops before the cell's first step), and no further cell starts. A
+    worker never dies of the signal, so the pool never breaks while the others checkpoint."""
+
+    signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+
+_RECORDED_STOP = _RecordStop()
+
+
+def _worker_setup(workers: int, interruptible: bool) -> None:
+    """A spawned worker's torch threads (the machine's cores shared by the workers), quiet libraries, and
+    its stop signals (:class:`_RecordStop`; SIGINT only where the parent did not ignore it)."""
     import logging
+    import signal
     import warnings
 
     import torch
 
+    signal.signal(signal.SIGTERM, _RECORDED_STOP)
+    if interruptible:
+        signal.signal(signal.SIGINT, _RECORDED_STOP)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     for name in ("diffusers", "accelerate", "peft", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _in_worker(work: Callable, cell: Cell, ticks) -> Any:
-    return work(cell, tick=(lambda: ticks.put(1)) if ticks is not None else None)
+def _ignore_stop_signals() -> None:
+    """The manager's process outlives a Ctrl-C or SIGTERM: the workers still tick while they checkpoint."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+#: what a worker returns for a cell it did not start because the sweep was stopped first
+NOT_STARTED = "not started: the sweep was stopped"
+
+
+def _in_worker(work: Callable, cell: Cell, ticks, stop) -> Any:
+    if stop.is_set() or _RECORDED_STOP.signum:  # queued before the stop: not started, so the rerun starts it
+        return NOT_STARTED
+
+    def tick() -> None:
+        with contextlib.suppress(OSError, EOFError):  # progress only: never what breaks a cell
+            ticks.put(1)
+            if stop.is_set():  # the sweep was stopped and this process did not hear it: stop after this step
+                from sipo.train import request_stop
+
+                request_stop()
+
+    try:
+        return work(cell, tick=tick)
+    except TrainingInterrupted as error:  # this worker starts no further cell, whoever else heard the signal
+        _RECORDED_STOP.signum = _RECORDED_STOP.signum or error.signum
+        raise
 
 
 def run_cells(cells: list[Cell], work: Callable[..., Any], steps: dict[str, int], workers: int = 1,
-              progress: bool = True, description: str | None = None) -> dict[str, Any]:
+              progress: bool = True, description: str | None = None, command: str = "sipo sweep") -> dict[str, Any]:
     """``work(cell, tick=...)`` for every cell, ``workers`` at a time, with one progress bar over the
     cells' optimizer ``steps`` (``tick()`` once per step); returns cell name -> what ``work`` returned.
 
     ``workers == 1`` runs in this process, in order. More run in ``spawn``ed processes
     (:func:`_worker_setup`): ``work`` and the cells must pickle (a module-level function, or a
-    :func:`functools.partial` of one), and so must what ``work`` returns."""
+    :func:`functools.partial` of one), and so must what ``work`` returns.
+
+    Stopping (workers > 1): Ctrl-C reaches every worker from the terminal; a SIGTERM or SIGINT sent to
+    this process alone reaches them through a shared flag their step callback reads
+    (:func:`sipo.train.request_stop`: no second signal, which would mean "exit at once"). Each running
+    cell finishes its step, checkpoints and raises :class:`~sipo.errors.TrainingInterrupted`, no further
+    cell starts, and the first such error is raised here once every worker has stopped (``command``:
+    what to rerun, in its sentence)."""
     from tqdm.auto import tqdm
 
     if workers < 1:
@@ -229,24 +282,59 @@ def run_cells(cells: list[Cell], work: Callable[..., Any], steps: dict[str, int]
         return results
 
     import multiprocessing
+    import signal
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing.managers import SyncManager
 
     context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                                           initializer=_worker_setup, initargs=(workers,)) as pool:
-        ticks = manager.Queue()
-        pending = {pool.submit(_in_worker, work, cell, ticks): cell for cell in cells}
-        while pending:
-            done, _ = wait(set(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                cell = pending.pop(future)
-                results[cell.name] = future.result()
-                bar.set_postfix_str(f"done {cell.name}")
-            with contextlib.suppress(queue_module.Empty):
-                while True:
-                    ticks.get_nowait()
-                    bar.update(1)
-    bar.close()
+    interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    manager = SyncManager(ctx=context)
+    manager.start(_ignore_stop_signals)
+    stop, ticks = manager.Event(), manager.Queue()
+    signalled: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        signalled.append(signum)
+        stop.set()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    stopped: TrainingInterrupted | None = None
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_setup,
+                                 initargs=(workers, interruptible)) as pool:
+            pending = {pool.submit(_in_worker, work, cell, ticks, stop): cell for cell in cells}
+            while pending:
+                done, _ = wait(set(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    cell = pending.pop(future)
+                    try:
+                        results[cell.name] = future.result()
+                    except TrainingInterrupted as error:  # the others checkpoint too before it is raised
+                        stopped = stopped or error
+                        stop.set()
+                        continue
+                    except BaseException:
+                        stop.set()
+                        raise
+                    bar.set_postfix_str(f"done {cell.name}")
+                with contextlib.suppress(queue_module.Empty, OSError, EOFError):
+                    while True:
+                        ticks.get_nowait()
+                        bar.update(1)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        manager.shutdown()
+        bar.close()
+    if stopped is not None:
+        raise stopped
+    not_started = [cell.name for cell in cells if results.get(cell.name) == NOT_STARTED]
+    if not_started:  # stopped between cells: nothing was running to say so
+        name = signal.Signals(signalled[0]).name if signalled else "a signal"
+        raise TrainingInterrupted(f"stopped by {name} before {len(not_started)} cell(s) started ({not_started[0]}, ...); "
+                                  f"rerun the same {command} command to continue", signum=signalled[0] if signalled
+                                  else signal.SIGTERM, step=0)
     return {cell.name: results[cell.name] for cell in cells}
 
 

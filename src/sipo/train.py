@@ -826,7 +826,8 @@ def start_writing(run: Run) -> None:
 # ----------------------------------------------------------------------------- stop signals
 class _StopSignals:
     """SIGTERM (what SLURM and Kubernetes send before SIGKILL) and SIGINT set a flag that the loop
-    reads after the step in flight; a second signal exits at once."""
+    reads after the step in flight; a second signal exits at once. :func:`request_stop` sets the same
+    flag without a signal."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -854,6 +855,22 @@ class _StopSignals:
         return self.signum is not None
 
 
+#: the stop flags of the trainings running in this process (one, or none)
+_ACTIVE_STOPS: list[_StopSignals] = []
+
+
+def request_stop(signum: int | None = None) -> None:
+    """Stop the training running in this process after its current step, checkpointing it, as a first
+    SIGTERM would (``signum``: the signal its message names; SIGTERM by default). Not a second signal:
+    a stop already asked for stays the one it was. Called from a step callback (a `sipo sweep --workers`
+    cell whose sweep was stopped); nothing happens when no training runs."""
+    import signal
+
+    for stop in _ACTIVE_STOPS:
+        if stop.signum is None:
+            stop.signum = int(signum or signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def stop_signals() -> Iterator[_StopSignals]:
     """Install the handlers for the loop's duration (main thread only: elsewhere Python cannot)."""
@@ -867,9 +884,13 @@ def stop_signals() -> Iterator[_StopSignals]:
     # a signal the process was started ignoring (nohup, a shell's background job) stays ignored
     previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGTERM, signal.SIGINT)
                 if signal.getsignal(signum) is not signal.SIG_IGN}
+    # a stop that arrived before these handlers, kept by the caller's (a sweep worker's sipo.sweep._RecordStop)
+    stop.signum = next((getattr(h, "signum", None) for h in previous.values() if getattr(h, "signum", None)), None)
+    _ACTIVE_STOPS.append(stop)
     try:
         yield stop
     finally:
+        _ACTIVE_STOPS.remove(stop)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -279,3 +279,15 @@ def test_report_to_a_tracker_that_is_not_installed(config_path, capsys, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     assert _cli_error(capsys, ["train", "--config", str(config_path), "train.report_to=wandb"]) == (
         "train.report_to=wandb needs the wandb package; pip install wandb, or set train.report_to=none")
+
+
+def test_a_rectified_flow_family_stops_on_another_scheduler():
+    """flux, flux2, zimage, hunyuanvideo15 and ltx2 share the check: a DDPM config stops in one sentence."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from sipo.models.base import require_flow_match_scheduler
+
+    require_flow_match_scheduler("flux", FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(SipoError, match=r"^the scheduler is a DDPMScheduler; the zimage family trains rectified-flow "
+                                        r"models: use the model's own FlowMatchEulerDiscreteScheduler config$"):
+        require_flow_match_scheduler("zimage", DDPMScheduler())

@@ -95,6 +95,14 @@ def epsilon_or_v_schedule(family: str, scheduler: Any, num_inference_steps: int)
     return vp_schedule(scheduler.alphas_cumprod, prediction_type, num_inference_steps)
 
 
+def require_flow_match_scheduler(family: str, scheduler: Any) -> None:
+    """Stop in one sentence unless ``scheduler`` is a FlowMatch scheduler: a rectified-flow family's
+    schedule and sampler are read from the model's own (the counterpart of :func:`epsilon_or_v_schedule`)."""
+    if not type(scheduler).__name__.startswith("FlowMatch"):
+        raise SipoError(f"the scheduler is a {type(scheduler).__name__}; the {family} family trains rectified-flow models: "
+                        "use the model's own FlowMatchEulerDiscreteScheduler config")
+
+
 def is_local_path(path: str | Path) -> bool:
     """A path we must find on disk (never sent to the hub): it exists, or it is written like a path."""
     text = str(path)

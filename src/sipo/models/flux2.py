@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning
+from sipo.models.base import Conditioning, require_flow_match_scheduler
 from sipo.models.flow_image import FlowImageAdapter
 from sipo.schedules import dynamic_shift_flow_schedule, flow_schedule
 
@@ -146,9 +146,7 @@ class Flux2Adapter(FlowImageAdapter):
         self.lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
                                     *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(single)))
         config = self.scheduler.config
-        if not type(self.scheduler).__name__.startswith("FlowMatch"):
-            raise SipoError(f"the scheduler is a {type(self.scheduler).__name__}; flux2 trains rectified-flow models: "
-                            "use the model's own FlowMatchEulerDiscreteScheduler config")
+        require_flow_match_scheduler(self.family, self.scheduler)
         num_train_timesteps = int(config.num_train_timesteps)
         if config.get("use_dynamic_shifting"):
             if config.get("time_shift_type", "exponential") != "exponential":

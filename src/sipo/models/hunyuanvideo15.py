@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning, check_lora_state_dict
+from sipo.models.base import Conditioning, check_lora_state_dict, require_flow_match_scheduler
 from sipo.models.video import VideoAdapter, load_component
 from sipo.schedules import two_shift_flow_schedule
 
@@ -177,11 +177,7 @@ class HunyuanVideo15Adapter(VideoAdapter):
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2, tokenizer_2, guider=None,
                  num_inference_steps: int = 50, **options: Any):
         super().__init__(transformer, vae, text_encoder, tokenizer, scheduler, **options)
-        if not type(scheduler).__name__.startswith("FlowMatch"):
-            raise SipoError(
-                f"the scheduler is a {type(scheduler).__name__}; the hunyuanvideo15 family trains rectified-flow "
-                "models: use the model's own FlowMatchEulerDiscreteScheduler config"
-            )
+        require_flow_match_scheduler(self.family, scheduler)
         self.text_encoder_2, self.tokenizer_2, self.guider = text_encoder_2, tokenizer_2, guider
         self.temporal_compression = int(vae.config.temporal_compression_ratio)
         self.vae_scale_spatial = int(vae.config.spatial_compression_ratio)

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from sipo.errors import SipoError
-from sipo.models.base import Conditioning
+from sipo.models.base import Conditioning, require_flow_match_scheduler
 from sipo.models.video import VideoAdapter, load_component
 from sipo.schedules import ltx2_flow_schedule, resolution_shift_mu
 
@@ -178,11 +178,7 @@ class LTX2Adapter(VideoAdapter):
                  num_inference_steps: int = 30, num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, **options: Any):
         super().__init__(transformer, vae, text_encoder, tokenizer, scheduler, **options)
-        if not type(scheduler).__name__.startswith("FlowMatch"):
-            raise SipoError(
-                f"the scheduler is a {type(scheduler).__name__}; the ltx2 family trains rectified-flow models: "
-                "use the model's own FlowMatchEulerDiscreteScheduler config"
-            )
+        require_flow_match_scheduler(self.family, scheduler)
         self.connectors, self.audio_vae, self.vocoder = connectors, audio_vae, vocoder
         self.temporal_compression = int(vae.temporal_compression_ratio)
         self.vae_scale_spatial = int(vae.spatial_compression_ratio)

@@ -39,8 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sipo.errors import SipoError
-from sipo.models.base import Conditioning
+from sipo.models.base import Conditioning, require_flow_match_scheduler
 from sipo.models.flow_image import FlowImageAdapter
 from sipo.schedules import (
     GaussianSchedule,
@@ -131,9 +130,7 @@ class ZImageAdapter(FlowImageAdapter):
         super().__init__(parts, num_inference_steps=num_inference_steps, resolution=resolution,
                          text_encoder_device=text_encoder_device)
         config = self.scheduler.config
-        if not type(self.scheduler).__name__.startswith("FlowMatch"):
-            raise SipoError(f"the scheduler is a {type(self.scheduler).__name__}; zimage trains rectified-flow models: "
-                            "use the model's own FlowMatchEulerDiscreteScheduler config")
+        require_flow_match_scheduler(self.family, self.scheduler)
         num_train_timesteps = int(config.num_train_timesteps)
         self.mu = None
         if config.get("use_dynamic_shifting"):

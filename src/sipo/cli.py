@@ -262,27 +262,11 @@ def _one_sentence(error: SipoError) -> str:
     return " ".join(text.split())
 
 
-def _quiet_libraries() -> None:
-    """sipo shows its own progress; the libraries' per-file loading bars and notices are noise here."""
-    import logging
-
-    for name in ("transformers", "diffusers", "accelerate", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as transformers_logging
-        from diffusers.utils import logging as diffusers_logging
-
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    from sipo.models import quiet_libraries
+
+    quiet_libraries()
     config = None
     try:
         if args.command == "train":

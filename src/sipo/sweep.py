@@ -206,18 +206,18 @@ _RECORDED_STOP = _RecordStop()
 def _worker_setup(workers: int, interruptible: bool) -> None:
     """A spawned worker's torch threads (the machine's cores shared by the workers), quiet libraries, and
     its stop signals (:class:`_RecordStop`; SIGINT only where the parent did not ignore it)."""
-    import logging
     import signal
     import warnings
 
     import torch
 
+    from sipo.models import quiet_libraries
+
     signal.signal(signal.SIGTERM, _RECORDED_STOP)
     if interruptible:
         signal.signal(signal.SIGINT, _RECORDED_STOP)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    for name in ("diffusers", "accelerate", "peft", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

@@ -302,11 +302,11 @@ def run_cell(jobs: dict[str, RunJob], cell, tick=None) -> dict[str, Any]:
 
 
 def _quiet() -> None:
-    import logging
     import warnings
 
-    for name in ("diffusers", "accelerate", "peft", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from sipo.models import quiet_libraries
+
+    quiet_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 

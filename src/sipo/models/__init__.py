@@ -26,6 +26,25 @@ FAMILIES: dict[str, str] = {
 }
 
 
+def quiet_libraries() -> None:
+    """sipo shows its own progress; the libraries' per-file loading bars and notices are noise here (the
+    CLI, and every process a sweep or the demo spawns, which starts without the CLI's setting)."""
+    import logging
+
+    for name in ("transformers", "diffusers", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as transformers_logging
+        from diffusers.utils import logging as diffusers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def adapter_class(family: str) -> type[DiffusionAdapter]:
     """The adapter class of ``family``; an unknown name stops with the list of known ones."""
     if family not in FAMILIES:
@@ -86,4 +105,4 @@ def sampler_settings(model_config, num_inference_steps: int | None = None,
     return settings
 
 
-__all__ = ["adapter_from_config", "sampler_settings", "add_lora", "FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]
+__all__ = ["adapter_from_config", "quiet_libraries", "sampler_settings", "add_lora", "FAMILIES", "DiffusionAdapter", "EncodedPairs", "adapter_class", "load_adapter", "lora_disabled"]

@@ -339,13 +339,15 @@ def run_cells(cells: list[Cell], work: Callable[..., Any], steps: dict[str, int]
 
 
 def train_cell(cell: Cell, config_arg: str | None, overrides: list[str], output_dir: Path, state: str,
-               tick: Callable[[], None] | None = None, progress: bool = False) -> int:
+               tick: Callable[[], None] | None = None, progress: bool = False, config=None) -> int:
     """One cell's `sipo train` (resumed or started over as its ``state`` says), with train's own progress
-    bar when ``progress``; ``tick()`` after each step; returns its steps."""
+    bar when ``progress``; ``tick()`` after each step; returns its steps. ``config``: the cell's, when the
+    caller loaded it already (a worker process loads its own)."""
     from sipo.config import load_config
     from sipo.train import train
 
-    config = load_config(config_arg, overrides + cell_overrides(cell, output_dir))
+    if config is None:
+        config = load_config(config_arg, overrides + cell_overrides(cell, output_dir))
     callback = (lambda step, adapter: tick()) if tick is not None else None
     try:
         result = train(config, resume=state == "started", overwrite=state == "unstarted", progress=progress,
@@ -408,7 +410,7 @@ def run_sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list
             print(f"sweep: cell {number}/{len(cells)} {cell.name}: finished before, skipped")
             continue
         print(f"sweep: cell {number}/{len(cells)} {cell.name}: {'resuming' if state == 'started' else 'training'}")
-        train_cell(cell, config_arg, overrides, output_dir, state, progress=progress)
+        train_cell(cell, config_arg, overrides, output_dir, state, progress=progress, config=configs[cell.name])
         result.status[cell.name] = "resumed" if state == "started" else "trained"
 
     if compare_options and compare_options.get("prompts"):
